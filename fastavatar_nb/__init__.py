@@ -1,0 +1,2 @@
+"""fastavatar-nb."""
+__version__ = "0.1.0"

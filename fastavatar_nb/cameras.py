@@ -1,0 +1,244 @@
+"""Batched pinhole cameras in gsplat's convention.
+
+Convention (package-wide):
+
+- ``viewmats [..., C, 4, 4]``: OpenCV **world-to-camera** matrices (camera looks along +z,
+  +x right, +y down).
+- ``Ks [..., C, 3, 3]``: pixel intrinsics; pixel ``(i, j)`` (column, row) has its centre at
+  ``(i + 0.5, j + 0.5)``, so resizing an image by ``s`` scales ``fx, fy, cx, cy`` by ``s``.
+- NeRSemble/VHAP ``transform_matrix`` is an OpenGL **camera-to-world** (camera looks along
+  -z, +y up). :func:`opengl_c2w_to_viewmat` is the one place that converts it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["Cameras", "opengl_c2w_to_viewmat", "viewmat_to_opengl_c2w", "look_at_viewmat", "intrinsics"]
+
+_GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
+
+
+def opengl_c2w_to_viewmat(c2w: Tensor) -> Tensor:
+    """OpenGL camera-to-world ``[..., 4, 4]`` -> OpenCV world-to-camera ``[..., 4, 4]``.
+
+    ``viewmat = inverse(c2w @ diag(1, -1, -1, 1))``: flip the camera's y and z axes, then invert.
+    """
+    flip = _GL_TO_CV.to(c2w)
+    return torch.linalg.inv(c2w @ flip)
+
+
+def viewmat_to_opengl_c2w(viewmats: Tensor) -> Tensor:
+    """Inverse of :func:`opengl_c2w_to_viewmat`."""
+    return torch.linalg.inv(viewmats) @ _GL_TO_CV.to(viewmats)
+
+
+def intrinsics(fx: Tensor | float, fy: Tensor | float, cx: Tensor | float, cy: Tensor | float) -> Tensor:
+    """Build ``[..., 3, 3]`` pixel intrinsics from broadcastable focal lengths and principal points."""
+    fx, fy, cx, cy = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float32) for v in (fx, fy, cx, cy)))
+    K = torch.zeros(fx.shape + (3, 3))
+    K[..., 0, 0], K[..., 1, 1], K[..., 0, 2], K[..., 1, 2], K[..., 2, 2] = fx, fy, cx, cy, 1.0
+    return K
+
+
+def look_at_viewmat(eye: Tensor, target: Tensor | None = None, up: Tensor | None = None) -> Tensor:
+    """OpenCV world-to-camera matrices for cameras at ``eye [..., 3]`` looking at ``target``.
+
+    ``up`` is the world up direction (default +y, NeRSemble's); image rows run against it.
+    """
+    eye = torch.as_tensor(eye, dtype=torch.float32)
+    target = torch.zeros_like(eye) if target is None else torch.as_tensor(target, dtype=eye.dtype).expand_as(eye)
+    up = torch.tensor([0.0, 1.0, 0.0]).expand_as(eye) if up is None else torch.as_tensor(up, dtype=eye.dtype).expand_as(eye)
+    z = target - eye
+    z = z / z.norm(dim=-1, keepdim=True)
+    x = torch.linalg.cross(-up, z)  # camera +x (right) = down x forward; camera +y is down
+    xn = x.norm(dim=-1, keepdim=True)
+    if (xn < 1e-8).any():
+        raise ValueError("look_at_viewmat: viewing direction is parallel to 'up'; choose another up vector")
+    x = x / xn
+    y = torch.linalg.cross(z, x)
+    R = torch.stack([x, y, z], dim=-2)  # rows: camera axes in world coordinates
+    V = torch.zeros(eye.shape[:-1] + (4, 4))
+    V[..., :3, :3] = R
+    V[..., :3, 3] = -(R @ eye[..., None])[..., 0]
+    V[..., 3, 3] = 1.0
+    return V
+
+
+@dataclass
+class Cameras:
+    """A batch of pinhole cameras sharing one image size.
+
+    Attributes:
+        viewmats: ``[..., C, 4, 4]`` OpenCV world-to-camera.
+        Ks: ``[..., C, 3, 3]`` pixel intrinsics.
+        width: image width in pixels.
+        height: image height in pixels.
+    """
+
+    viewmats: Tensor
+    Ks: Tensor
+    width: int
+    height: int
+
+    def __post_init__(self) -> None:
+        if self.viewmats.ndim < 3 or self.viewmats.shape[-2:] != (4, 4):
+            raise ValueError(f"Cameras.viewmats must be [..., C, 4, 4], got {tuple(self.viewmats.shape)}")
+        if self.Ks.shape[:-2] != self.viewmats.shape[:-2] or self.Ks.shape[-2:] != (3, 3):
+            raise ValueError(
+                f"Cameras.Ks must be [..., C, 3, 3] matching viewmats {tuple(self.viewmats.shape)}, "
+                f"got {tuple(self.Ks.shape)}"
+            )
+        if int(self.width) <= 0 or int(self.height) <= 0:
+            raise ValueError(f"Cameras need a positive image size, got {self.width}x{self.height}")
+        self.width, self.height = int(self.width), int(self.height)
+        if not (torch.isfinite(self.viewmats).all() and torch.isfinite(self.Ks).all()):
+            raise ValueError("Cameras contain non-finite values (NaN or inf) in viewmats or Ks")
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def batch_shape(self) -> torch.Size:
+        """All leading dimensions including the camera dimension C."""
+        return self.viewmats.shape[:-2]
+
+    def __len__(self) -> int:
+        return self.viewmats.shape[-3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.viewmats.device
+
+    def to(self, *args, **kwargs) -> Cameras:
+        return Cameras(self.viewmats.to(*args, **kwargs), self.Ks.to(*args, **kwargs), self.width, self.height)
+
+    def __getitem__(self, index) -> Cameras:
+        """Select cameras along the camera dimension C (keeps it: ``cams[3]`` is a batch of one)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1) if index != -1 else slice(-1, None)
+        return Cameras(self.viewmats[..., index, :, :], self.Ks[..., index, :, :], self.width, self.height)
+
+    @staticmethod
+    def cat(items: list[Cameras]) -> Cameras:
+        """Concatenate along the camera dimension (all must share the image size)."""
+        sizes = {(c.width, c.height) for c in items}
+        if len(sizes) != 1:
+            raise ValueError(f"Cameras.cat needs one image size, got {sorted(sizes)}")
+        return Cameras(torch.cat([c.viewmats for c in items], -3), torch.cat([c.Ks for c in items], -3),
+                       items[0].width, items[0].height)
+
+    @property
+    def camtoworlds(self) -> Tensor:
+        """``[..., C, 4, 4]`` OpenCV camera-to-world matrices."""
+        return torch.linalg.inv(self.viewmats)
+
+    @property
+    def centers(self) -> Tensor:
+        """``[..., C, 3]`` camera centres in world coordinates."""
+        return self.camtoworlds[..., :3, 3]
+
+    @property
+    def opengl_c2w(self) -> Tensor:
+        """``[..., C, 4, 4]`` OpenGL camera-to-world (NeRSemble's ``transform_matrix``)."""
+        return viewmat_to_opengl_c2w(self.viewmats)
+
+    def resize(self, width: int, height: int) -> Cameras:
+        """Cameras for the same views at another image size: intrinsics scale with the image."""
+        sx, sy = width / self.width, height / self.height
+        K = self.Ks.clone()
+        K[..., 0, :] *= sx
+        K[..., 1, :] *= sy
+        return Cameras(self.viewmats.clone(), K, width, height)
+
+    def project(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Project world points ``[..., N, 3]`` into every camera.
+
+        Returns:
+            ``(pixels [..., C, N, 2], depths [..., C, N])``: pixel coordinates with centres at
+            ``+0.5`` (gsplat's convention) and camera-space z.
+        """
+        pc = torch.einsum("...cij,...nj->...cni", self.viewmats[..., :3, :3], points) + self.viewmats[..., None, :3, 3]
+        z = pc[..., 2]
+        uv = torch.einsum("...cij,...cnj->...cni", self.Ks[..., :2, :], pc) / z[..., None]
+        return uv, z
+
+    # ------------------------------------------------------------- builders
+    @staticmethod
+    def from_opengl_c2w(c2w: Tensor, Ks: Tensor, width: int, height: int) -> Cameras:
+        """From NeRSemble/VHAP OpenGL camera-to-world matrices ``[..., C, 4, 4]``."""
+        c2w = torch.as_tensor(c2w, dtype=torch.float32)
+        return Cameras(opengl_c2w_to_viewmat(c2w), torch.as_tensor(Ks, dtype=torch.float32), width, height)
+
+    @staticmethod
+    def nersemble_rig(width: int | None = None, height: int | None = None,
+                      path: str | os.PathLike | None = None) -> Cameras:
+        """The 16-camera NeRSemble rig (VHAP export of subject 306; metres, head at the origin).
+
+        Args:
+            width, height: image size (default the rig's 550x802); intrinsics are scaled to it.
+                Give one of them to keep the 550:802 aspect (the other is rounded).
+            path: a rig JSON (``{"width", "height", "cameras": [{"fl_x", "fl_y", "cx", "cy",
+                "c2w_opengl"}, ...]}``); default the copy shipped with the package.
+        """
+        if path is None:
+            text = resources.files("fastavatar_nb.assets").joinpath("nersemble_rig.json").read_text()
+            src = "the packaged nersemble_rig.json"
+        else:
+            p = Path(path)
+            if not p.is_file():
+                raise FileNotFoundError(f"rig file {p} does not exist")
+            text, src = p.read_text(), str(p)
+        rig = json.loads(text)
+        try:
+            cams = sorted(rig["cameras"], key=lambda c: c["camera_index"])
+            c2w = torch.tensor([c["c2w_opengl"] for c in cams], dtype=torch.float32)
+            Ks = intrinsics(*(torch.tensor([c[k] for c in cams]) for k in ("fl_x", "fl_y", "cx", "cy")))
+            W, H = int(rig["width"]), int(rig["height"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{src}: not a rig file ({e!r} missing or malformed)") from e
+        out = Cameras.from_opengl_c2w(c2w, Ks, W, H)
+        if width is None and height is None:
+            return out
+        if height is None:
+            height = round(width * H / W)
+        if width is None:
+            width = round(height * W / H)
+        return out.resize(width, height)
+
+    @staticmethod
+    def orbit(n: int, width: int, height: int, radius: float = 1.1, pitch_deg: float = 0.0,
+              yaw_range_deg: tuple[float, float] = (0.0, 360.0), fov_y_deg: float = 15.0,
+              target: tuple[float, float, float] = (0.0, 0.0, 0.0), endpoint: bool = False) -> Cameras:
+        """``n`` cameras on a horizontal circle around ``target`` (turntable), starting in front of the face.
+
+        Yaw 0 looks at the face from +z (NeRSemble's frontal camera); positive pitch looks down
+        from above. ``fov_y_deg`` is the vertical field of view (NeRSemble's is about 22 degrees
+        for 802 rows at f = 2048 px; 15 degrees frames a head at 1.1 m).
+        """
+        if n < 1:
+            raise ValueError(f"Cameras.orbit needs n >= 1, got {n}")
+        yaws = torch.linspace(math.radians(yaw_range_deg[0]), math.radians(yaw_range_deg[1]), n + (0 if endpoint else 1))
+        yaws = yaws if endpoint else yaws[:-1]
+        return Cameras.from_spherical(yaws, torch.full_like(yaws, math.radians(pitch_deg)), radius, width, height,
+                                      fov_y_deg, target)
+
+    @staticmethod
+    def from_spherical(yaw: Tensor, pitch: Tensor, radius: float | Tensor, width: int, height: int,
+                       fov_y_deg: float = 15.0, target: tuple[float, float, float] = (0.0, 0.0, 0.0)) -> Cameras:
+        """Cameras at yaw/pitch (radians) and distance ``radius`` looking at ``target`` (world up +y)."""
+        yaw, pitch = torch.as_tensor(yaw, dtype=torch.float32), torch.as_tensor(pitch, dtype=torch.float32)
+        r = torch.as_tensor(radius, dtype=torch.float32)
+        t = torch.tensor(target, dtype=torch.float32)
+        eye = torch.stack([r * torch.cos(pitch) * torch.sin(yaw), r * torch.sin(pitch),
+                           r * torch.cos(pitch) * torch.cos(yaw)], -1) + t
+        V = look_at_viewmat(eye, t.expand_as(eye))
+        f = 0.5 * height / math.tan(math.radians(fov_y_deg) / 2)
+        K = intrinsics(f, f, width / 2, height / 2).expand(V.shape[:-2] + (3, 3)).clone()
+        return Cameras(V, K, width, height)

@@ -1,0 +1,328 @@
+"""A pure-PyTorch, differentiable, tile-based 3D Gaussian Splatting rasterizer.
+
+This is the reference renderer of fastavatar-nb: it runs on CPU and GPU, needs no
+compilation, and follows gsplat's conventions closely enough that the two agree to
+about 1e-3 per pixel. It is written to be read; notebook 01 derives it step by step.
+
+The pipeline, one function per step (shapes use ``B`` for flattened batch, ``C``
+cameras, ``N`` Gaussians):
+
+1. :func:`world_to_camera` -- means and covariances into each camera's frame.
+2. :func:`perspective_projection` -- EWA splatting: 2D means and covariances
+   ``Sigma' = J W Sigma W^T J^T`` with the Jacobian ``J`` of the pinhole projection.
+3. :func:`conics_from_covariances` -- add the 0.3 px low-pass and invert (the "conic").
+4. :func:`screen_radii` -- opacity-aware 3-sigma extent per axis, and culling
+   (near plane, degenerate, off-screen, too transparent).
+5. :mod:`~fastavatar_nb.render.sh` -- view-dependent colour from spherical harmonics.
+6. :func:`bin_tiles` -- list every (tile, Gaussian) overlap, sorted by tile then depth.
+7. :func:`alpha_blend` -- front-to-back compositing, paper Eq. (1):
+   ``C = sum_d c_d a_d prod_{j<d} (1 - a_j)``, with gsplat's rules (alpha capped at
+   0.999, contributions below 1/255 skipped, a pixel stops once its transmittance
+   would fall to 1e-4).
+
+Only steps 2, 3, 5 and 7 carry gradients; the integer bookkeeping (4, 6) does not.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..gaussians import covariance
+from .sh import sh_to_color
+
+__all__ = [
+    "ALPHA_MAX", "ALPHA_MIN", "TRANSMITTANCE_MIN",
+    "world_to_camera", "perspective_projection", "conics_from_covariances", "screen_radii",
+    "TileBins", "bin_tiles", "alpha_blend", "rasterize",
+]
+
+ALPHA_MAX = 0.999
+"""Largest alpha a single Gaussian may contribute (gsplat)."""
+ALPHA_MIN = 1.0 / 255.0
+"""Contributions below this alpha are skipped (gsplat)."""
+TRANSMITTANCE_MIN = 1e-4
+"""A pixel stops accumulating before its transmittance would fall to this value (gsplat)."""
+EXTENT_SIGMAS = 3.33
+"""Screen extent in standard deviations before the opacity-aware tightening (gsplat)."""
+
+
+def world_to_camera(means: Tensor, covars: Tensor, viewmats: Tensor) -> tuple[Tensor, Tensor]:
+    """Transform Gaussians into camera frames.
+
+    Args:
+        means: ``[B, N, 3]`` world centres.
+        covars: ``[B, N, 3, 3]`` world covariances.
+        viewmats: ``[B, C, 4, 4]`` OpenCV world-to-camera.
+
+    Returns:
+        ``means_c [B, C, N, 3]`` and ``covars_c [B, C, N, 3, 3]`` (``R Sigma R^T``).
+    """
+    R = viewmats[..., :3, :3]  # [B, C, 3, 3]
+    t = viewmats[..., :3, 3]  # [B, C, 3]
+    means_c = torch.einsum("bcij,bnj->bcni", R, means) + t[:, :, None, :]
+    covars_c = torch.einsum("bcij,bnjk,bclk->bcnil", R, covars, R)
+    return means_c, covars_c
+
+
+def perspective_projection(means_c: Tensor, covars_c: Tensor, Ks: Tensor, width: int,
+                           height: int) -> tuple[Tensor, Tensor]:
+    """EWA projection of camera-space Gaussians through a pinhole camera.
+
+    ``mean2d = (fx x/z + cx, fy y/z + cy)`` and ``Sigma2d = J Sigma_c J^T`` with
+    ``J = [[fx/z, 0, -fx x/z^2], [0, fy/z, -fy y/z^2]]``. As in gsplat, ``x/z`` and ``y/z``
+    inside ``J`` are clipped to 30% beyond the field of view, so Gaussians far outside the
+    image do not blow up.
+
+    Args:
+        means_c: ``[B, C, N, 3]``; covars_c: ``[B, C, N, 3, 3]``; Ks: ``[B, C, 3, 3]``.
+
+    Returns:
+        ``means2d [B, C, N, 2]`` (pixels, centres at +0.5) and ``covars2d [B, C, N, 2, 2]``.
+    """
+    x, y, z = means_c.unbind(-1)
+    fx, fy = Ks[..., 0, 0, None], Ks[..., 1, 1, None]  # [B, C, 1]
+    cx, cy = Ks[..., 0, 2, None], Ks[..., 1, 2, None]
+    tan_fovx, tan_fovy = 0.5 * width / fx, 0.5 * height / fy
+    lim_x_pos = (width - cx) / fx + 0.3 * tan_fovx
+    lim_x_neg = cx / fx + 0.3 * tan_fovx
+    lim_y_pos = (height - cy) / fy + 0.3 * tan_fovy
+    lim_y_neg = cy / fy + 0.3 * tan_fovy
+    tx = z * torch.minimum(torch.maximum(x / z, -lim_x_neg), lim_x_pos)
+    ty = z * torch.minimum(torch.maximum(y / z, -lim_y_neg), lim_y_pos)
+    zero = torch.zeros_like(z)
+    J = torch.stack([fx / z, zero, -fx * tx / (z * z), zero, fy / z, -fy * ty / (z * z)], -1)
+    J = J.reshape(z.shape + (2, 3))
+    covars2d = J @ covars_c @ J.transpose(-1, -2)
+    means2d = torch.stack([fx * x / z + cx, fy * y / z + cy], -1)
+    return means2d, covars2d
+
+
+def conics_from_covariances(covars2d: Tensor, eps2d: float = 0.3) -> tuple[Tensor, Tensor, Tensor]:
+    """Add the screen-space low-pass ``eps2d * I`` and invert.
+
+    Returns:
+        ``conics [..., 3]`` = ``(a, b, c)`` of the inverse covariance ``[[a, b], [b, c]]``,
+        the blurred covariances ``[..., 2, 2]``, and their determinants ``[...]`` (``<= 0``
+        marks a degenerate Gaussian).
+    """
+    blurred = covars2d + eps2d * torch.eye(2, dtype=covars2d.dtype, device=covars2d.device)
+    a, b, c = blurred[..., 0, 0], 0.5 * (blurred[..., 0, 1] + blurred[..., 1, 0]), blurred[..., 1, 1]
+    det = a * c - b * b
+    safe = torch.where(det > 0, det, torch.ones_like(det))
+    conics = torch.stack([c / safe, -b / safe, a / safe], -1)
+    return conics, blurred, det
+
+
+@torch.no_grad()
+def screen_radii(means2d: Tensor, covars2d: Tensor, det: Tensor, depths: Tensor, opacities: Tensor,
+                 width: int, height: int, near_plane: float = 0.01, far_plane: float = 1e10) -> Tensor:
+    """Per-axis pixel extent of each projected Gaussian; 0 where it is culled.
+
+    The extent is ``ceil(k * sigma_axis)`` with ``k = min(3.33, sqrt(2 ln(opacity * 255)))``:
+    beyond it the Gaussian's alpha is below 1/255 and would be skipped anyway.
+
+    Args:
+        means2d ``[..., 2]``, covars2d ``[..., 2, 2]`` (blurred), det ``[...]``,
+        depths ``[...]`` (camera z), opacities ``[...]``.
+
+    Returns:
+        ``radii [..., 2]`` int64.
+    """
+    op = opacities.clamp_min(1e-12)
+    extend = torch.clamp(torch.sqrt(2.0 * torch.log((op / ALPHA_MIN).clamp_min(1.0))), max=EXTENT_SIGMAS)
+    rx = torch.ceil(extend * torch.sqrt(covars2d[..., 0, 0].clamp_min(0)))
+    ry = torch.ceil(extend * torch.sqrt(covars2d[..., 1, 1].clamp_min(0)))
+    keep = (depths > near_plane) & (depths < far_plane) & (det > 0) & (opacities >= ALPHA_MIN)
+    keep &= (rx > 0) | (ry > 0)
+    mx, my = means2d[..., 0], means2d[..., 1]
+    keep &= (mx + rx > 0) & (mx - rx < width) & (my + ry > 0) & (my - ry < height)
+    keep &= torch.isfinite(mx) & torch.isfinite(my)
+    radii = torch.stack([rx, ry], -1).nan_to_num(0.0).to(torch.int64)
+    return radii * keep[..., None]
+
+
+@dataclass
+class TileBins:
+    """Every (tile, Gaussian) overlap, sorted by image, then tile, then depth.
+
+    Attributes:
+        gaussian_ids: ``[M]`` index into the flattened ``[I * N]`` projected Gaussians.
+        tile_ids: ``[M]`` global tile index ``image * tiles_per_image + ty * tiles_x + tx``.
+        segment_starts: ``[M]`` position in these arrays of the first overlap of the same tile.
+        tiles_x, tiles_y: tile grid size per image; num_images: ``I``; tile_size: pixels.
+    """
+
+    gaussian_ids: Tensor
+    tile_ids: Tensor
+    segment_starts: Tensor
+    tiles_x: int
+    tiles_y: int
+    num_images: int
+    tile_size: int
+
+    @property
+    def counts_per_tile(self) -> Tensor:
+        """``[I, tiles_y, tiles_x]`` number of Gaussians overlapping each tile."""
+        n = self.num_images * self.tiles_x * self.tiles_y
+        counts = torch.bincount(self.tile_ids, minlength=n)
+        return counts.reshape(self.num_images, self.tiles_y, self.tiles_x)
+
+
+@torch.no_grad()
+def bin_tiles(means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height: int,
+              tile_size: int = 16) -> TileBins:
+    """List the tiles each Gaussian touches and sort the overlaps for blending.
+
+    Args:
+        means2d: ``[I, N, 2]`` pixel centres of the Gaussians in each of ``I`` images.
+        radii: ``[I, N, 2]`` per-axis extents from :func:`screen_radii` (0 = culled).
+        depths: ``[I, N]`` camera z, the sort key within a tile (front to back).
+
+    Returns:
+        :class:`TileBins`.
+    """
+    n_images, N = depths.shape
+    tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
+    dev = means2d.device
+    # Sort the Gaussians of each image front to back once; overlaps are generated in this
+    # order, and a stable sort by tile keeps it inside every tile.
+    order = torch.argsort(depths.masked_fill(radii[..., 0] <= 0, float("inf")), dim=-1)
+    flat = (order + torch.arange(n_images, device=dev)[:, None] * N).reshape(-1)  # [I*N], image-major, by depth
+    m = means2d.reshape(-1, 2)[flat] / tile_size
+    r = radii.reshape(-1, 2)[flat].to(means2d.dtype) / tile_size
+    x0 = torch.floor(m[:, 0] - r[:, 0]).clamp(0, tiles_x).long()
+    x1 = torch.ceil(m[:, 0] + r[:, 0]).clamp(0, tiles_x).long()
+    y0 = torch.floor(m[:, 1] - r[:, 1]).clamp(0, tiles_y).long()
+    y1 = torch.ceil(m[:, 1] + r[:, 1]).clamp(0, tiles_y).long()
+    nx = x1 - x0
+    counts = nx * (y1 - y0) * (radii.reshape(-1, 2)[flat, 0] > 0)
+    total = int(counts.sum())
+    owner = torch.repeat_interleave(torch.arange(flat.numel(), device=dev), counts, output_size=total)
+    first = torch.cumsum(counts, 0) - counts
+    k = torch.arange(total, device=dev) - first[owner]
+    nxo = nx[owner]
+    tx = x0[owner] + k % nxo.clamp_min(1)
+    ty = y0[owner] + k // nxo.clamp_min(1)
+    image = flat[owner] // N
+    tile_ids = image * (tiles_x * tiles_y) + ty * tiles_x + tx
+    tile_ids, perm = torch.sort(tile_ids, stable=True)
+    gaussian_ids = flat[owner][perm]
+    _, seg_counts = torch.unique_consecutive(tile_ids, return_counts=True)
+    seg_first = torch.cumsum(seg_counts, 0) - seg_counts
+    segment_starts = torch.repeat_interleave(seg_first, seg_counts, output_size=total)
+    return TileBins(gaussian_ids, tile_ids, segment_starts, tiles_x, tiles_y, n_images, tile_size)
+
+
+def alpha_blend(bins: TileBins, means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor,
+                width: int, height: int) -> tuple[Tensor, Tensor]:
+    """Front-to-back alpha compositing of the binned Gaussians (paper Eq. 1).
+
+    For overlap ``d`` of a tile and each pixel ``p`` of that tile:
+    ``alpha_d = min(0.999, o_d exp(-sigma_d(p)))`` with
+    ``sigma = 0.5 (a dx^2 + c dy^2) + b dx dy`` (skipped below 1/255); the transmittance
+    ``T_d = prod_{j<d} (1 - alpha_j)``; the weight ``w_d = alpha_d T_d`` while
+    ``T_d (1 - alpha_d) > 1e-4``, else 0 (the pixel is done). Each pixel's value is
+    ``sum_d w_d f_d``.
+
+    Implementation: alphas are computed for the flat list of overlaps ``[M, P]``
+    (``P = tile_size^2`` pixels); then every tile's depth-sorted list is padded with
+    transparent entries to the longest list, ``[tiles, L, P]``, so the transmittance is a
+    cumulative product along ``L`` and the sum over Gaussians is one batched matrix product.
+
+    Args:
+        bins: from :func:`bin_tiles`.
+        means2d: ``[I, N, 2]``; conics: ``[I, N, 3]``; opacities: ``[I, N]``.
+        features: ``[I, N, F]`` per-Gaussian values to composite (e.g. RGB and depth).
+
+    Returns:
+        ``(features [I, H, W, F], alphas [I, H, W])``, premultiplied (no background).
+    """
+    F_ = features.shape[-1]
+    ts = bins.tile_size
+    P = ts * ts
+    dtype, dev = means2d.dtype, means2d.device
+    g = bins.gaussian_ids
+    M = g.numel()
+    n_tiles = bins.num_images * bins.tiles_x * bins.tiles_y
+    out = torch.zeros(n_tiles, P, F_ + 1, dtype=dtype, device=dev)
+    if M > 0:
+        # alpha of every (overlap, pixel) pair: [M, ts (rows), ts (columns)]
+        local = bins.tile_ids % (bins.tiles_x * bins.tiles_y)
+        offs = torch.arange(ts, device=dev, dtype=dtype) + 0.5  # pixel centres inside a tile
+        mu = means2d.reshape(-1, 2)[g]
+        con = conics.reshape(-1, 3)[g]
+        dx = ((local % bins.tiles_x) * ts).to(dtype)[:, None] + offs - mu[:, 0:1]  # [M, ts]
+        dy = ((local // bins.tiles_x) * ts).to(dtype)[:, None] + offs - mu[:, 1:2]  # [M, ts]
+        a, b, c = con[:, 0:1], con[:, 1:2], con[:, 2:3]
+        neg_sigma = (-0.5 * a * dx * dx)[:, None, :] + (-0.5 * c * dy * dy)[:, :, None] \
+            - (b * dy)[:, :, None] * dx[:, None, :]
+        alpha = torch.clamp_max(opacities.reshape(-1)[g][:, None, None] * torch.exp(neg_sigma), ALPHA_MAX)
+        alpha = alpha * (alpha >= ALPHA_MIN)
+        # pad each tile's list to L entries: [S, L, P] for the S non-empty tiles
+        with torch.no_grad():
+            tiles, counts = torch.unique_consecutive(bins.tile_ids, return_counts=True)
+            S, L = tiles.numel(), int(counts.max())
+            seg = torch.repeat_interleave(torch.arange(S, device=dev), counts, output_size=M)
+            slot = seg * L + (torch.arange(M, device=dev) - bins.segment_starts)
+        alpha_p = torch.zeros(S * L, P, dtype=dtype, device=dev).index_copy(0, slot, alpha.reshape(M, P))
+        alpha_p = alpha_p.reshape(S, L, P)
+        feat_p = torch.zeros(S * L, F_ + 1, dtype=dtype, device=dev).index_copy(
+            0, slot, torch.cat([features.reshape(-1, F_)[g], torch.ones(M, 1, dtype=dtype, device=dev)], -1))
+        # transmittance before each entry, then stop once it would fall below 1e-4
+        T_incl = torch.cumprod(1.0 - alpha_p, dim=1)
+        T = torch.cat([torch.ones_like(T_incl[:, :1]), T_incl[:, :-1]], dim=1)
+        w = alpha_p * T * (T_incl > TRANSMITTANCE_MIN).detach()  # [S, L, P]
+        per_tile = torch.bmm(w.transpose(1, 2), feat_p.reshape(S, L, F_ + 1))  # [S, P, F+1]
+        out = out.index_copy(0, tiles, per_tile)
+    img = out.reshape(bins.num_images, bins.tiles_y, bins.tiles_x, ts, ts, F_ + 1)
+    img = img.permute(0, 1, 3, 2, 4, 5).reshape(bins.num_images, bins.tiles_y * ts, bins.tiles_x * ts, F_ + 1)
+    img = img[:, :height, :width]
+    return img[..., :F_], img[..., F_]
+
+
+def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, sh: Tensor, viewmats: Tensor,
+              Ks: Tensor, width: int, height: int, sh_degree: int = 3, tile_size: int = 16,
+              near_plane: float = 0.01, far_plane: float = 1e10, eps2d: float = 0.3,
+              return_meta: bool = False):
+    """Render ``B`` Gaussian sets, each from its ``C`` cameras (all steps above).
+
+    Args:
+        means ``[B, N, 3]``, quats ``[B, N, 4]`` (wxyz), scales ``[B, N, 3]`` (activated),
+        opacities ``[B, N]`` (activated), sh ``[B, N, 16, 3]``,
+        viewmats ``[B, C, 4, 4]``, Ks ``[B, C, 3, 3]``.
+
+    Returns:
+        ``colors [B, C, H, W, 3]`` (premultiplied, no background), ``alphas [B, C, H, W]``,
+        ``depths [B, C, H, W]`` (expected camera z, 0 where nothing is drawn), and with
+        ``return_meta`` a dict with ``means2d, conics, radii, depths`` per Gaussian and the
+        :class:`TileBins`.
+    """
+    B, N = means.shape[:2]
+    C = viewmats.shape[1]
+    covars = covariance(quats, scales)  # [B, N, 3, 3]
+    means_c, covars_c = world_to_camera(means, covars, viewmats)
+    means2d, covars2d = perspective_projection(means_c, covars_c, Ks, width, height)
+    conics, blurred, det = conics_from_covariances(covars2d, eps2d)
+    depths = means_c[..., 2]  # [B, C, N]
+    op = opacities[:, None, :].expand(B, C, N)
+    radii = screen_radii(means2d, blurred, det, depths, op, width, height, near_plane, far_plane)
+    campos = torch.linalg.inv(viewmats)[..., :3, 3]  # [B, C, 3]
+    dirs = means[:, None, :, :] - campos[:, :, None, :]  # [B, C, N, 3]
+    colors = sh_to_color(sh[:, None].expand(B, C, N, 16, 3), dirs, sh_degree)  # [B, C, N, 3]
+    n_images = B * C
+    bins = bin_tiles(means2d.reshape(n_images, N, 2), radii.reshape(n_images, N, 2), depths.reshape(n_images, N), width, height, tile_size)
+    feats = torch.cat([colors, depths[..., None]], -1).reshape(n_images, N, 4)
+    out, alphas = alpha_blend(bins, means2d.reshape(n_images, N, 2), conics.reshape(n_images, N, 3), op.reshape(n_images, N), feats,
+                              width, height)
+    rgb = out[..., :3].reshape(B, C, height, width, 3)
+    alphas = alphas.reshape(B, C, height, width)
+    zsum = out[..., 3].reshape(B, C, height, width)
+    exp_depth = torch.where(alphas > 1e-10, zsum / alphas.clamp_min(1e-10), torch.zeros_like(zsum))
+    if return_meta:
+        meta = {"means2d": means2d, "conics": conics, "radii": radii, "depths": depths, "bins": bins}
+        return rgb, alphas, exp_depth, meta
+    return rgb, alphas, exp_depth

@@ -24,12 +24,14 @@ from ..gaussians import Gaussians
 from .gsplat_backend import gsplat_status, rasterize_gsplat
 from .torch_rasterizer import rasterize as rasterize_torch
 
-__all__ = ["Backend", "RenderOutput", "render", "resolve_backend", "composite"]
+__all__ = ["Backend", "DEFAULT_TILE_SIZE", "RenderOutput", "render", "resolve_backend", "composite"]
 
 Backend = Literal["auto", "torch", "gsplat"]
 _BACKENDS = ("auto", "torch", "gsplat")
 log = logging.getLogger("fastavatar_nb.render")
 _announced: set[tuple[str, str]] = set()
+DEFAULT_TILE_SIZE = {"torch": 4, "gsplat": 16}
+"""Tile edge in pixels per backend when ``render(tile_size=None)``."""
 
 
 @dataclass
@@ -101,7 +103,7 @@ def _background(background, batch_shape: torch.Size, dtype, device) -> Tensor:
 
 
 def render(gaussians: Gaussians, cameras: Cameras, background: float | Tensor | tuple | None = 1.0,
-           backend: Backend = "auto", sh_degree: int = 3, tile_size: int = 16) -> RenderOutput:
+           backend: Backend = "auto", sh_degree: int = 3, tile_size: int | None = None) -> RenderOutput:
     """Render Gaussians from cameras.
 
     Batching: the Gaussians' batch shape broadcasts with the cameras' leading shape (all but
@@ -115,7 +117,9 @@ def render(gaussians: Gaussians, cameras: Cameras, background: float | Tensor | 
             default white (NeRSemble's); ``None`` for black.
         backend: ``"auto"``, ``"torch"`` or ``"gsplat"``.
         sh_degree: highest SH band used (0-3).
-        tile_size: tile edge in pixels.
+        tile_size: tile edge in pixels; default :data:`DEFAULT_TILE_SIZE` of the backend (gsplat
+            16; torch 4, which is fastest for the torch rasterizer because its cost grows with
+            tile area times overlaps, see ``benchmarks/render.py``).
 
     Returns:
         :class:`RenderOutput` with ``colors [..., C, H, W, 3]``, ``alphas`` and ``depths``
@@ -127,7 +131,7 @@ def render(gaussians: Gaussians, cameras: Cameras, background: float | Tensor | 
         raise TypeError(f"render expects a Cameras, got {type(cameras).__name__}")
     if sh_degree not in (0, 1, 2, 3):
         raise ValueError(f"sh_degree must be 0..3, got {sh_degree}")
-    if tile_size < 1:
+    if tile_size is not None and tile_size < 1:
         raise ValueError(f"tile_size must be positive, got {tile_size}")
     gaussians.validate(check_values=True)
     if cameras.device != gaussians.device:
@@ -136,6 +140,7 @@ def render(gaussians: Gaussians, cameras: Cameras, background: float | Tensor | 
     if not (focal > 0).all():
         raise ValueError("camera intrinsics must have positive focal lengths (Ks[..., 0, 0] and Ks[..., 1, 1])")
     name = resolve_backend(backend, gaussians.device)
+    tile_size = tile_size or DEFAULT_TILE_SIZE[name]
 
     gb = gaussians.batch_shape
     cb = cameras.viewmats.shape[:-3]

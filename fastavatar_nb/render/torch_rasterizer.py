@@ -37,7 +37,7 @@ from .sh import sh_to_color
 __all__ = [
     "ALPHA_MAX", "ALPHA_MIN", "TRANSMITTANCE_MIN",
     "world_to_camera", "perspective_projection", "conics_from_covariances", "screen_radii",
-    "TileBins", "bin_tiles", "alpha_blend", "rasterize",
+    "TileBins", "bin_tiles", "BlendWeights", "alpha_blend", "rasterize",
 ]
 
 ALPHA_MAX = 0.999
@@ -217,6 +217,37 @@ def bin_tiles(means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height
     return TileBins(gaussian_ids, tile_ids, segment_starts, tiles_x, tiles_y, n_images, tile_size)
 
 
+class BlendWeights(torch.autograd.Function):
+    """Blending weights ``w_d = alpha_d T_d`` along dim 1, ``T_d = prod_{j<d} (1 - alpha_j)``.
+
+    Entries whose inclusive transmittance ``T_d (1 - alpha_d)`` is at most 1e-4 get weight 0
+    (the pixel is done, gsplat's rule); that cut-off is not differentiated.
+
+    Forward is two lines of PyTorch; the backward is written out because autograd's
+    ``cumprod`` backward is slow on CPU. With ``g_d = dL/dw_d``:
+    ``dL/dalpha_d = g_d T_d - (sum_{j>d} g_j w_j) / (1 - alpha_d)``, the suffix sum being the
+    total minus an inclusive cumulative sum (``tests/test_render.py`` checks it against finite
+    differences).
+    """
+
+    @staticmethod
+    def forward(ctx, alpha: Tensor) -> Tensor:
+        T_incl = torch.cumprod(1.0 - alpha, dim=1)
+        T = torch.cat([torch.ones_like(T_incl[:, :1]), T_incl[:, :-1]], dim=1)
+        T = T * (T_incl > TRANSMITTANCE_MIN)
+        w = alpha * T
+        ctx.save_for_backward(alpha, T, w)
+        return w
+
+    @staticmethod
+    def backward(ctx, grad_w: Tensor) -> Tensor:
+        alpha, T, w = ctx.saved_tensors
+        gw = grad_w * w
+        csum = torch.cumsum(gw, dim=1)
+        suffix = csum[:, -1:] - csum  # sum over later entries j > d
+        return grad_w * T - suffix / (1.0 - alpha)
+
+
 def alpha_blend(bins: TileBins, means2d: Tensor, conics: Tensor, opacities: Tensor, features: Tensor,
                 width: int, height: int) -> tuple[Tensor, Tensor]:
     """Front-to-back alpha compositing of the binned Gaussians (paper Eq. 1).
@@ -272,10 +303,7 @@ def alpha_blend(bins: TileBins, means2d: Tensor, conics: Tensor, opacities: Tens
         alpha_p = alpha_p.reshape(S, L, P)
         feat_p = torch.zeros(S * L, F_ + 1, dtype=dtype, device=dev).index_copy(
             0, slot, torch.cat([features.reshape(-1, F_)[g], torch.ones(M, 1, dtype=dtype, device=dev)], -1))
-        # transmittance before each entry, then stop once it would fall below 1e-4
-        T_incl = torch.cumprod(1.0 - alpha_p, dim=1)
-        T = torch.cat([torch.ones_like(T_incl[:, :1]), T_incl[:, :-1]], dim=1)
-        w = alpha_p * T * (T_incl > TRANSMITTANCE_MIN).detach()  # [S, L, P]
+        w = BlendWeights.apply(alpha_p)  # [S, L, P]: alpha_d T_d, 0 once the pixel is done
         per_tile = torch.bmm(w.transpose(1, 2), feat_p.reshape(S, L, F_ + 1))  # [S, P, F+1]
         out = out.index_copy(0, tiles, per_tile)
     img = out.reshape(bins.num_images, bins.tiles_y, bins.tiles_x, ts, ts, F_ + 1)

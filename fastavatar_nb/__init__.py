@@ -1,2 +1,55 @@
-"""fastavatar-nb."""
+"""fastavatar-nb: FastAvatar (one face image -> a 3D Gaussian Splatting head) for Jupyter.
+
+Typical use in a notebook::
+
+    import fastavatar_nb as fa
+    preset = fa.presets.get("auto")          # "smoke" on a CPU, "full" on a CUDA GPU
+    out = fa.render(gaussians, cameras)      # colors [..., C, H, W, 3], alphas, depths
+
+Core objects (:class:`Gaussians`, :class:`Cameras`, :func:`render`) are imported here;
+the stage modules (``presets``, ``data``, ``fitting``, ``template``, ``metrics``,
+``viewers``, ...) load on first use so ``import fastavatar_nb`` stays quick.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+from .cameras import Cameras
+from .gaussians import Gaussians
+from .render import RenderOutput, render
+
 __version__ = "0.1.0"
+__all__ = ["Cameras", "Gaussians", "RenderOutput", "render", "__version__"]
+
+_LAZY = {"presets", "data", "fitting", "template", "metrics", "viewers", "cli", "report", "ply", "gaussians",
+         "cameras"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'fastavatar_nb' has no attribute {name!r}")
+
+
+def _default_logging() -> None:
+    """Show the package's INFO lines (e.g. which renderer was chosen and why) on stderr.
+
+    Only when the application configured nothing for ``fastavatar_nb``; silence it with
+    ``logging.getLogger("fastavatar_nb").setLevel(logging.WARNING)``.
+    """
+    log = logging.getLogger(__name__)
+    if log.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[fastavatar_nb] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+_default_logging()

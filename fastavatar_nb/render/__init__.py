@@ -78,7 +78,7 @@ def resolve_backend(backend: Backend = "auto", device: torch.device | str = "cpu
     key = (choice, why)
     if backend == "auto" and key not in _announced:
         _announced.add(key)
-        log.info("fastavatar_nb.render: using the %s backend (%s)", choice, why)
+        log.info("render: using the %s backend (%s)", choice, why)
     return choice
 
 

@@ -1,0 +1,77 @@
+# fastavatar-nb: the two commands are `make run` and `make test` (see README.md).
+#
+#   make run     set up .venv if needed, then execute every notebook headless at PRESET (default auto:
+#                full on a CUDA GPU, smoke on CPU) into runs/<preset>/ with a report (fastavatar-nb run)
+#   make test    set up .venv if needed, check that committed notebooks are clean, then run pytest over
+#                tests/ and `--nbval-lax` over notebooks/NN_*.ipynb at the smoke preset in a temporary run folder
+#                (kept, and named, when something fails)
+#   make strip   remove outputs and execution counts from the notebooks (before committing)
+#   make lint    ruff over the package, tests and scripts
+#   make venv    only set up .venv: `python3 -m venv .venv` and `pip install -e '.[test]'`; skipped while
+#                .venv holds a stamp of the current pyproject.toml's hash
+#
+# Variables: PRESET=smoke|full|auto (make run), ARGS="--only 02..04 --force" (extra `fastavatar-nb run`
+# arguments), PYTEST_ARGS="-x -k presets" (extra pytest arguments), PIP_ARGS="..." (extra pip install
+# arguments, e.g. an extra index for CPU-only torch wheels), PYTHON=python3, VENV=.venv.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PRESET ?= auto
+ARGS ?=
+PYTEST_ARGS ?=
+PIP_ARGS ?=
+SANITIZE := tests/nbval_sanitize.cfg
+
+.PHONY: help venv run test strip lint
+
+help:
+	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
+
+venv:
+	@set -euo pipefail; \
+	hash=$$($(PYTHON) -c "import hashlib; print(hashlib.sha256(open('pyproject.toml', 'rb').read()).hexdigest()[:16])"); \
+	stamp="$(VENV)/.fastavatar-nb-installed-$$hash"; \
+	if [ -x "$(BIN)/python" ] && [ -f "$$stamp" ]; then \
+	  echo "venv: $(VENV) is up to date with pyproject.toml ($$hash)"; exit 0; \
+	fi; \
+	if [ ! -x "$(BIN)/python" ]; then \
+	  echo "venv: creating $(VENV) with $(PYTHON) -m venv"; \
+	  $(PYTHON) -m venv "$(VENV)"; \
+	fi; \
+	echo "venv: installing the package and its test tools: pip install -e '.[test]' $(PIP_ARGS)"; \
+	echo "venv: (the first install brings torch and takes a few minutes)"; \
+	"$(BIN)/python" -m pip install --quiet --progress-bar off -e '.[test]' $(PIP_ARGS); \
+	rm -f "$(VENV)"/.fastavatar-nb-installed-*; \
+	touch "$$stamp"; \
+	echo "venv: ready ($(VENV), pyproject.toml $$hash)"
+
+run: venv
+	@echo "run: $(BIN)/fastavatar-nb run --preset $(PRESET) $(ARGS)"
+	@"$(BIN)/fastavatar-nb" run --preset $(PRESET) $(ARGS)
+
+test: venv
+	@echo "test: checking that committed notebooks are clean (scripts/check_notebooks.py)"
+	@"$(BIN)/python" scripts/check_notebooks.py
+	@set -euo pipefail; \
+	run_dir=$$(mktemp -d "$${TMPDIR:-/tmp}/fastavatar-nb-test.XXXXXX"); \
+	shopt -s nullglob; notebooks=(notebooks/[0-9][0-9]_*.ipynb); \
+	if [ $${#notebooks[@]} -gt 0 ]; then \
+	  nbval=(--nbval-lax --nbval-current-env --nbval-sanitize-with $(SANITIZE)); \
+	  echo "test: pytest tests/ and --nbval-lax over $${#notebooks[@]} notebook(s)"; \
+	else \
+	  nbval=(); \
+	  echo "test: pytest tests/ (no notebooks/NN_*.ipynb yet, so nbval has nothing to run)"; \
+	fi; \
+	echo "test: FASTAVATAR_PRESET=smoke FASTAVATAR_RUN_DIR=$$run_dir (removed if everything passes)"; \
+	rc=0; FASTAVATAR_PRESET=smoke FASTAVATAR_RUN_DIR="$$run_dir" \
+	  "$(BIN)/python" -m pytest tests "$${notebooks[@]}" "$${nbval[@]}" $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 0 ]; then rm -rf "$$run_dir"; else echo "test: failed (pytest exit $$rc); run folder kept: $$run_dir"; fi; \
+	exit $$rc
+
+strip: venv
+	@"$(BIN)/python" scripts/check_notebooks.py --strip
+
+lint: venv
+	@"$(BIN)/ruff" check fastavatar_nb tests scripts

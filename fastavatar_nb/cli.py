@@ -1,0 +1,455 @@
+"""``fastavatar-nb``: run the notebooks headless and report, from a terminal.
+
+Commands:
+
+- ``fastavatar-nb run [--preset smoke|full|auto] [--only 02..04|01,03] [--out runs/] [--force]``
+  executes ``notebooks/NN_name.ipynb`` in order with nbclient, each in a fresh kernel whose
+  working directory is the notebooks folder and whose environment carries
+  ``FASTAVATAR_PRESET`` (the resolved name) and ``FASTAVATAR_RUN_DIR`` (the run folder).
+  Executed copies go to ``<run folder>/executed/NN_name.ipynb``; ``<run folder>/run_status.json``
+  records each notebook's status, time and a hash of its cells, and a later ``run`` skips the
+  notebooks that succeeded with unchanged cells (``--force`` reruns them). It ends with a
+  summary, writes ``report.md`` / ``report.html`` into the run folder (see
+  ``fastavatar_nb.report``) and exits 1 if any notebook failed, naming the notebook, the
+  failing cell and the error.
+- ``fastavatar-nb report [--preset ...] [--out ...]`` rewrites the report of a run folder.
+- ``fastavatar-nb presets`` prints every preset's one-line description.
+
+The run folder is ``<--out>/<preset name>`` when ``--out`` is given, else
+``FASTAVATAR_RUN_DIR`` when set, else ``<repository>/runs/<preset name>`` (see
+``fastavatar_nb.presets.get``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from fastavatar_nb import presets, report
+
+if TYPE_CHECKING:
+    from nbformat import NotebookNode
+
+__all__ = ["NotebookResult", "build_parser", "discover_notebooks", "execute_notebook", "main", "parse_only"]
+
+NOTEBOOK_PATTERN = re.compile(r"^(\d{2})_[A-Za-z0-9_-]+\.ipynb$")
+STATUS_FILE = "run_status.json"
+Status = Literal["ok", "failed", "skipped"]
+
+
+class CliError(Exception):
+    """A usage problem reported as one line and exit code 2 (never a traceback)."""
+
+
+@dataclass
+class NotebookResult:
+    """What happened to one notebook in one ``run``."""
+
+    name: str
+    """File stem, e.g. ``"02_template_construction"``."""
+    status: Status
+    """"ok", "failed", or "skipped" (succeeded earlier with the same cells)."""
+    seconds: float
+    """Wall time of the execution (of the earlier one when skipped)."""
+    executed: Path | None
+    """The executed copy, or ``None`` when the notebook could not be read."""
+    error: str = ""
+    """``ErrorName: message`` of the failure; empty otherwise."""
+    cell_index: int | None = None
+    """Index in ``notebook.cells`` of the failing cell (markdown cells counted), when known."""
+    cell_source: str = ""
+    """First lines of the failing cell's source."""
+
+
+def discover_notebooks(folder: Path) -> list[Path]:
+    """``NN_name.ipynb`` files directly in ``folder``, sorted by name; ``[]`` when it does not exist."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and NOTEBOOK_PATTERN.match(p.name))
+
+
+def parse_only(spec: str, available: Sequence[int]) -> list[int]:
+    """Notebook numbers selected by ``spec``: comma-separated numbers and ``A..B`` ranges (inclusive).
+
+    ``"02..04"`` -> ``[2, 3, 4]``, ``"01,03"`` -> ``[1, 3]``. Every number must be one of
+    ``available``; a range keeps only the available numbers inside it and must hit one.
+
+    Raises:
+        CliError: malformed spec, an unknown number, or a range that selects nothing.
+    """
+    chosen: set[int] = set()
+    valid = ", ".join(f"{n:02d}" for n in sorted(available)) or "none"
+    for raw in spec.split(","):
+        token = raw.strip()
+        match = re.fullmatch(r"(\d+)\s*\.\.\s*(\d+)", token)
+        if match:
+            lo, hi = int(match.group(1)), int(match.group(2))
+            if lo > hi:
+                raise CliError(f"--only: range {token!r} is empty (start after end)")
+            hit = [n for n in available if lo <= n <= hi]
+            if not hit:
+                raise CliError(f"--only: range {token!r} matches no notebook; available: {valid}")
+            chosen.update(hit)
+        elif re.fullmatch(r"\d+", token):
+            number = int(token)
+            if number not in available:
+                raise CliError(f"--only: no notebook numbered {token!r}; available: {valid}")
+            chosen.add(number)
+        else:
+            raise CliError(
+                f"--only: cannot read {token!r}; use numbers and ranges such as '02..04' or '01,03'"
+            )
+    return sorted(chosen)
+
+
+def _cells_hash(path: Path) -> str:
+    """sha256 of the cells' types and sources (outputs and metadata ignored)."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    digest = hashlib.sha256()
+    for cell in data.get("cells", []):
+        source = cell.get("source", "")
+        source = "".join(source) if isinstance(source, list) else str(source)
+        digest.update(cell.get("cell_type", "").encode() + b"\0" + source.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def execute_notebook(
+    source: Path,
+    executed: Path,
+    env: dict[str, str],
+    timeout: int | None = None,
+    on_cell: Callable[[int, int], None] | None = None,
+) -> NotebookResult:
+    """Execute ``source`` top to bottom in a fresh kernel and write the result to ``executed``.
+
+    Args:
+        source: the notebook file.
+        executed: where the executed copy (outputs included, also when a cell failed) is written.
+        env: the kernel's full environment.
+        timeout: seconds allowed per cell; ``None`` for no limit.
+        on_cell: optional callable ``(cell_index, num_cells)`` called after each cell.
+
+    Returns:
+        A :class:`NotebookResult` with status "ok" or "failed" (never raises for a failing cell,
+        a dead kernel, a cell timeout or an unreadable notebook).
+    """
+    import nbformat
+    from jupyter_client.kernelspec import NoSuchKernel
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+
+    name = source.stem
+    start = time.perf_counter()
+    try:
+        nb = nbformat.read(source, as_version=4)
+    except (OSError, ValueError) as err:  # nbformat's NotJSONError and ValidationError are ValueErrors
+        return NotebookResult(name, "failed", 0.0, None, error=f"cannot read {source}: {err}")
+
+    failed_cell: list[int] = []
+    num_cells = len(nb.cells)
+
+    def cell_done(cell: object, cell_index: int, execute_reply: object) -> None:
+        if on_cell is not None:
+            on_cell(cell_index, num_cells)
+
+    def cell_error(cell: object, cell_index: int, execute_reply: object) -> None:
+        failed_cell.append(cell_index)
+
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name=nb.metadata.get("kernelspec", {}).get("name", "python3"),
+        resources={"metadata": {"path": str(source.parent)}},
+        on_cell_executed=cell_done,
+        on_cell_error=cell_error,
+    )
+    error = ""
+    try:
+        client.execute(env=env)
+    except CellExecutionError as err:
+        error = f"{err.ename}: {err.evalue}"
+    except CellTimeoutError as err:
+        error = f"CellTimeoutError: {str(err).splitlines()[0] if str(err) else 'cell timed out'}"
+    except DeadKernelError as err:
+        error = f"DeadKernelError: {err}"
+    except NoSuchKernel as err:
+        error = f"NoSuchKernel: no Jupyter kernel named {err.name!r} (install ipykernel in this environment)"
+    seconds = time.perf_counter() - start
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, executed)
+    if not error:
+        return NotebookResult(name, "ok", seconds, executed)
+    index = failed_cell[0] if failed_cell else _first_error_cell(nb)
+    lines = nb.cells[index].source.splitlines() if index is not None else []
+    head = "\n".join(lines[:5]) + ("\n..." if len(lines) > 5 else "")
+    return NotebookResult(name, "failed", seconds, executed, error=error, cell_index=index, cell_source=head)
+
+
+def _first_error_cell(nb: NotebookNode) -> int | None:
+    for index, cell in enumerate(nb.cells):
+        if any(out.get("output_type") == "error" for out in cell.get("outputs", [])):
+            return index
+    return None
+
+
+def _load_status(path: Path) -> dict:
+    if not path.exists():
+        return {"notebooks": {}}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CliError(f"{path} is not valid JSON ({err}); delete it or run with --force") from err
+    if not isinstance(data, dict) or not isinstance(data.get("notebooks"), dict):
+        raise CliError(f"{path} does not look like a run status file; delete it or run with --force")
+    return data
+
+
+def _save_status(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _resolve_preset(args: argparse.Namespace) -> presets.Preset:
+    try:
+        name = presets.get(args.preset, allow_cpu=args.allow_cpu).name
+        overrides = {"run_dir": Path(args.out) / name} if args.out is not None else {}
+        return presets.get(name, allow_cpu=args.allow_cpu, **overrides)
+    except presets.PresetError as err:
+        raise CliError(str(err)) from err
+
+
+def _fmt_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``fastavatar-nb run``; returns the exit code."""
+    from tqdm.auto import tqdm
+
+    preset = _resolve_preset(args)
+    notebooks_dir = Path(args.notebooks).resolve() if args.notebooks else presets.project_root() / "notebooks"
+    found = discover_notebooks(notebooks_dir)
+    if not found:
+        print(f"No notebooks to run: {notebooks_dir} has no NN_name.ipynb files.")
+        return 0
+    numbers = [int(NOTEBOOK_PATTERN.match(p.name).group(1)) for p in found]  # type: ignore[union-attr]
+    if args.only:
+        wanted = set(parse_only(args.only, numbers))
+        found = [p for p, n in zip(found, numbers, strict=True) if n in wanted]
+
+    run_dir = preset.run_dir
+    executed_dir = run_dir / "executed"
+    status_path = run_dir / STATUS_FILE
+    try:
+        status = _load_status(status_path)
+    except CliError:
+        if not args.force:
+            raise
+        status = {"notebooks": {}}
+    print(f"Preset {preset.describe()}")
+    print(f"Notebooks: {notebooks_dir} ({len(found)} selected). Run folder: {run_dir}")
+
+    plan: list[tuple[Path, str, bool]] = []
+    for path in found:
+        digest = _cells_hash(path)
+        prev = status["notebooks"].get(path.stem, {})
+        done = (
+            prev.get("status") == "ok"
+            and prev.get("cells_sha256") == digest
+            and (run_dir / (prev.get("executed") or "")).is_file()
+        )
+        plan.append((path, digest, done and not args.force))
+    if args.dry_run:
+        for path, _, skip in plan:
+            print(f"  {path.name}: {'skip (done earlier, same cells)' if skip else 'run'}")
+        return 0
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    preset.save()
+    env = {
+        **os.environ,
+        presets.PRESET_ENV: preset.name,
+        presets.RUN_DIR_ENV: str(run_dir),
+    }
+    if args.allow_cpu:
+        env[presets.ALLOW_CPU_FULL_ENV] = "1"
+    status["preset"] = preset.name
+    results: list[NotebookResult] = []
+    # disable=None: a live bar on a terminal only; logs (CI) get the one-line [ok]/[FAILED] records.
+    bar = tqdm(plan, unit="notebook", desc="notebooks", file=sys.stdout, dynamic_ncols=True, disable=None)
+    for path, digest, skip in bar:
+        if skip:
+            prev = status["notebooks"][path.stem]
+            results.append(
+                NotebookResult(
+                    path.stem, "skipped", float(prev.get("seconds", 0.0)), run_dir / prev["executed"]
+                )
+            )
+            bar.write(f"[skip] {path.name}: succeeded earlier with the same cells (--force reruns it)")
+            continue
+        bar.set_postfix_str(path.stem)
+
+        def on_cell(index: int, total: int, stem: str = path.stem) -> None:
+            bar.set_postfix_str(f"{stem} cell {index + 1}/{total}")
+
+        try:
+            result = execute_notebook(
+                path, executed_dir / path.name, env, timeout=args.timeout, on_cell=on_cell
+            )
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"\nInterrupted during {path.name}; finished notebooks are recorded in {status_path}.")
+            print("Run the same command again to resume (notebooks that succeeded are skipped).")
+            return 130
+        results.append(result)
+        entry = {
+            "status": result.status,
+            "seconds": round(result.seconds, 3),
+            "executed": str(result.executed.relative_to(run_dir)) if result.executed else None,
+            "cells_sha256": digest,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "error": result.error,
+            "cell_index": result.cell_index,
+        }
+        status["notebooks"][path.stem] = entry
+        _save_status(status_path, status)
+        tag = "ok" if result.status == "ok" else "FAILED"
+        bar.write(f"[{tag}] {path.name} in {_fmt_seconds(result.seconds)}")
+        if result.status == "failed" and args.fail_fast:
+            break
+    bar.close()
+
+    md_path, _ = report.write_report(run_dir)
+    _print_summary(results, run_dir, md_path)
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+def _print_summary(results: list[NotebookResult], run_dir: Path, md_path: Path) -> None:
+    width = max((len(r.name) for r in results), default=8)
+    print("\nSummary")
+    for r in results:
+        took = _fmt_seconds(r.seconds) + (" (earlier run)" if r.status == "skipped" else "")
+        print(f"  {r.name:<{width}}  {r.status:<7}  {took}")
+    counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
+    total = sum(r.seconds for r in results if r.status != "skipped")
+    print(
+        f"{counts['ok']} ran ok, {counts['skipped']} skipped, {counts['failed']} failed; "
+        f"{_fmt_seconds(total)} executing."
+    )
+    print(f"Executed notebooks: {run_dir / 'executed'}")
+    print(f"Metrics: {run_dir / 'metrics'}  Figures: {run_dir / 'figures'}")
+    print(f"Report: {md_path} (and report.html)")
+    for r in results:
+        if r.status != "failed":
+            continue
+        where = f"cell {r.cell_index}" if r.cell_index is not None else "before any cell ran"
+        print(f"\nFAILED {r.name}.ipynb at {where}: {r.error}")
+        if r.cell_source:
+            print("  " + r.cell_source.replace("\n", "\n  "))
+        if r.executed:
+            print(f"  full traceback in {r.executed}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``fastavatar-nb report``; returns the exit code."""
+    run_dir = _resolve_preset(args).run_dir
+    if not run_dir.is_dir():
+        raise CliError(f"run folder {run_dir} does not exist; run `fastavatar-nb run` first")
+    md_path, html_path = report.write_report(run_dir)
+    print(f"Wrote {md_path} and {html_path}")
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    """``fastavatar-nb presets``; returns the exit code."""
+    for name in presets.PRESET_NAMES:
+        if name != "auto":
+            print(presets.base(name).describe())
+    auto = presets.get("auto").name
+    print(f"auto: {auto} on this machine (full when CUDA is available, else smoke)")
+    return 0
+
+
+def _add_preset_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset",
+        choices=presets.PRESET_NAMES,
+        default="auto",
+        help="preset to run at: smoke (CPU), full (CUDA), auto = full if CUDA is available else smoke (default)",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="parent of the run folder: the run goes to DIR/<preset> "
+        "(default: $FASTAVATAR_RUN_DIR if set, else <repository>/runs/<preset>)",
+    )
+    parser.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="allow --preset full without CUDA (very slow: days on a CPU)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fastavatar-nb`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="fastavatar-nb",
+        description="FastAvatar notebooks from the terminal: run them headless and write a run report.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = sub.add_parser(
+        "run",
+        help="execute the notebooks headless and write a report",
+        description="Execute notebooks/NN_name.ipynb in order (fresh kernel each, working directory "
+        "notebooks/), write executed copies to <run folder>/executed/, skip notebooks that "
+        "already succeeded with the same cells, and write <run folder>/report.md.",
+    )
+    _add_preset_args(run)
+    run.add_argument("--only", metavar="SPEC", help="notebook numbers: '02..04', '01,03' or '00,02..04'")
+    run.add_argument("--force", action="store_true", help="rerun notebooks that succeeded earlier")
+    run.add_argument("--fail-fast", action="store_true", help="stop at the first failing notebook")
+    run.add_argument(
+        "--timeout", type=int, default=None, metavar="S", help="seconds allowed per cell (default: none)"
+    )
+    run.add_argument(
+        "--notebooks", metavar="DIR", default=None, help="notebooks folder (default: <repository>/notebooks)"
+    )
+    run.add_argument("--dry-run", action="store_true", help="list what would run or be skipped, run nothing")
+    run.set_defaults(func=cmd_run)
+    rep = sub.add_parser("report", help="rewrite report.md/report.html of a run folder")
+    _add_preset_args(rep)
+    rep.set_defaults(func=cmd_report)
+    pre = sub.add_parser("presets", help="describe the presets")
+    pre.set_defaults(func=cmd_presets)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastavatar-nb`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except CliError as err:
+        print(f"fastavatar-nb: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

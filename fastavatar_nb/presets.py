@@ -1,0 +1,364 @@
+"""Presets: the one switch every notebook and the CLI read.
+
+A :class:`Preset` fixes every size that decides how long a run takes (subjects, image
+size, number of Gaussians ``K``, iteration and epoch counts), the device and renderer
+backend, the seed, and the run folder where artifacts go. Notebooks start with::
+
+    preset = fa.presets.get(os.environ.get("FASTAVATAR_PRESET", "auto"))
+    print(fa.presets.setup(preset))
+
+Names:
+
+- ``"smoke"``: CPU, pure-PyTorch renderer, a dozen small subjects. Minutes on a laptop;
+  used by CI (``make test``) and Binder.
+- ``"full"``: CUDA, gsplat renderer, paper scale (417 subjects, K = 10,144, 5,000 fit
+  iterations, 300 refinement iterations).
+- ``"auto"``: ``"full"`` when ``torch.cuda.is_available()``, else ``"smoke"``.
+
+Asking for ``"full"`` on a machine without CUDA raises :class:`PresetError`: at paper
+scale the CPU renderer would need days. Pass ``allow_cpu=True`` (or set the environment
+variable ``FASTAVATAR_ALLOW_CPU_FULL=1``) to get it anyway, on ``device="cpu"`` with the
+``"torch"`` backend, e.g. to inspect its numbers.
+
+Run folder: ``preset.run_dir`` defaults to ``<root>/runs/<name>`` where ``<root>`` is the
+nearest ancestor of the current directory (itself included) that holds both
+``pyproject.toml`` and ``fastavatar_nb/`` (the repository checkout, so notebooks running in
+``notebooks/`` and the CLI running at the top share one folder), or the current directory
+when there is none. The environment variable ``FASTAVATAR_RUN_DIR`` overrides it (the CLI
+and ``make test`` set it); a ``run_dir=`` argument to :func:`get` overrides both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import random
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Backend",
+    "Device",
+    "PRESET_NAMES",
+    "Preset",
+    "PresetError",
+    "PresetName",
+    "base",
+    "get",
+    "project_root",
+    "setup",
+]
+
+Device = Literal["cpu", "cuda"]
+Backend = Literal["torch", "gsplat"]
+PresetName = Literal["smoke", "full"]
+PRESET_NAMES: tuple[str, ...] = (*get_args(PresetName), "auto")
+"""Every name :func:`get` accepts."""
+
+RUN_DIR_ENV = "FASTAVATAR_RUN_DIR"
+PRESET_ENV = "FASTAVATAR_PRESET"
+ALLOW_CPU_FULL_ENV = "FASTAVATAR_ALLOW_CPU_FULL"
+
+
+class PresetError(ValueError):
+    """A preset name, override or environment that cannot give a working preset."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Every size and switch of one run. Frozen: derive variants with :meth:`replace`."""
+
+    name: str
+    """Preset name ("smoke", "full"); also the default run folder's last component."""
+    device: Device
+    """Where tensors live: "cpu" or "cuda". Notebooks pass ``preset.torch_device`` down."""
+    backend: Backend
+    """Renderer backend for ``fastavatar_nb.render.render``: "torch" (any device) or "gsplat" (CUDA)."""
+    num_subjects: int
+    """Subjects in the dataset, training and test together."""
+    num_test_subjects: int
+    """Subjects held out for evaluation (never seen by the decoder or encoder training)."""
+    image_width: int
+    """Width in pixels of every image the stages see (NeRSemble frames are 550 wide)."""
+    image_height: int
+    """Height in pixels (NeRSemble frames are 802 high)."""
+    num_gaussians: int
+    """K, Gaussians per head; the paper's 10,144 is one per face of FLAME-with-teeth."""
+    fit_iterations: int
+    """Optimisation steps of each per-subject 3DGS fit (template construction)."""
+    fit_batch_size: int
+    """Subjects optimised together in one batched fit."""
+    decoder_epochs: int
+    """Passes over every (subject, view) pair when training the auto-decoder and codes ``w``."""
+    encoder_epochs: int
+    """Passes over the training subjects when distilling the image encoder to the codes ``w``."""
+    refine_iterations: int
+    """Test-time refinement steps on the single input view (paper default 300)."""
+    num_views: int = 16
+    """Cameras per subject (the NeRSemble rig has 16)."""
+    latent_dim: int = 512
+    """Size of a subject's latent code ``w``."""
+    embed_dim: int = 32
+    """Size of each Gaussian's embedding ``e_k``."""
+    seed: int = 0
+    """Seed for torch, numpy and random (see :func:`setup`) and for the synthetic data."""
+    run_dir: Path = field(default=Path("runs"))
+    """Folder for this run's artifacts (dataset, fits, weights, metrics/, figures/)."""
+
+    def __post_init__(self) -> None:
+        if self.device not in get_args(Device):
+            raise PresetError(
+                f"Preset {self.name!r}: device must be one of {get_args(Device)}, got {self.device!r}"
+            )
+        if self.backend not in get_args(Backend):
+            raise PresetError(
+                f"Preset {self.name!r}: backend must be one of {get_args(Backend)}, got {self.backend!r}"
+            )
+        if self.backend == "gsplat" and self.device != "cuda":
+            raise PresetError(
+                f"Preset {self.name!r}: backend 'gsplat' needs device 'cuda', got {self.device!r}"
+            )
+        positive = (
+            "num_subjects", "image_width", "image_height", "num_gaussians", "fit_iterations",
+            "fit_batch_size", "num_views", "latent_dim", "embed_dim",
+        )  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise PresetError(f"Preset {self.name!r}: {name} must be a positive int, got {value!r}")
+        for name in ("decoder_epochs", "encoder_epochs", "refine_iterations", "num_test_subjects", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise PresetError(f"Preset {self.name!r}: {name} must be a non-negative int, got {value!r}")
+        if self.num_test_subjects >= self.num_subjects:
+            raise PresetError(
+                f"Preset {self.name!r}: num_test_subjects ({self.num_test_subjects}) must be smaller than "
+                f"num_subjects ({self.num_subjects}) so that some subjects are left for training"
+            )
+        object.__setattr__(self, "run_dir", Path(self.run_dir))
+
+    @property
+    def num_train_subjects(self) -> int:
+        """Subjects used for the template, the decoder and the encoder."""
+        return self.num_subjects - self.num_test_subjects
+
+    @property
+    def torch_device(self) -> torch.device:
+        """``torch.device(self.device)``."""
+        return torch.device(self.device)
+
+    @property
+    def metrics_dir(self) -> Path:
+        """``run_dir / "metrics"``: one flat JSON of numbers per notebook (see ``fastavatar_nb.report``)."""
+        return self.run_dir / "metrics"
+
+    @property
+    def figures_dir(self) -> Path:
+        """``run_dir / "figures"``: PNG figures linked from the run report."""
+        return self.run_dir / "figures"
+
+    def replace(self, **changes: Any) -> Preset:
+        """A copy with some fields changed; unknown field names raise :class:`PresetError`."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise PresetError(f"Unknown preset field(s) {unknown}; fields are {sorted(known)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field (``run_dir`` as a string)."""
+        out = dataclasses.asdict(self)
+        out["run_dir"] = str(self.run_dir)
+        return out
+
+    def save(self, path: str | os.PathLike[str] | None = None) -> Path:
+        """Write :meth:`to_dict` as JSON (default ``run_dir / "preset.json"``) and return the path."""
+        target = Path(path) if path is not None else self.run_dir / "preset.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Preset:
+        """Read a preset written by :meth:`save`."""
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise PresetError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PresetError(f"{path}: unknown preset field(s) {unknown}")
+        return cls(**data)
+
+    def describe(self) -> str:
+        """One line for a notebook's setup cell, e.g. ``smoke: 12 subjects (10 train / 2 test) ...``."""
+        return (
+            f"{self.name}: {self.num_subjects} subjects ({self.num_train_subjects} train / "
+            f"{self.num_test_subjects} test) x {self.num_views} views at {self.image_width}x{self.image_height}, "
+            f"K={self.num_gaussians:,} Gaussians, fit {self.fit_iterations:,} it (batch {self.fit_batch_size}), "
+            f"decoder {self.decoder_epochs} ep, encoder {self.encoder_epochs} ep, "
+            f"refine {self.refine_iterations} it, device={self.device}, backend={self.backend}, "
+            f"seed={self.seed}, run_dir={self.run_dir}"
+        )
+
+
+_BASE: dict[str, Preset] = {
+    "smoke": Preset(
+        name="smoke",
+        device="cpu",
+        backend="torch",
+        num_subjects=12,
+        num_test_subjects=2,
+        image_width=69,
+        image_height=100,
+        num_gaussians=2_500,
+        fit_iterations=200,
+        fit_batch_size=4,
+        decoder_epochs=20,
+        encoder_epochs=50,
+        refine_iterations=50,
+        run_dir=Path("runs") / "smoke",
+    ),
+    "full": Preset(
+        name="full",
+        device="cuda",
+        backend="gsplat",
+        num_subjects=417,
+        num_test_subjects=7,
+        image_width=275,
+        image_height=401,
+        num_gaussians=10_144,
+        fit_iterations=5_000,
+        fit_batch_size=16,
+        decoder_epochs=400,
+        encoder_epochs=200,
+        refine_iterations=300,
+        run_dir=Path("runs") / "full",
+    ),
+}
+
+
+def project_root(start: str | os.PathLike[str] | None = None) -> Path:
+    """The repository checkout containing ``start`` (default: the current directory), else ``start``.
+
+    The checkout is the nearest ancestor (``start`` included) holding both ``pyproject.toml``
+    and a ``fastavatar_nb/`` folder.
+    """
+    here = Path(start if start is not None else Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "fastavatar_nb").is_dir():
+            return folder
+    return here
+
+
+def base(name: str) -> Preset:
+    """The preset ``name`` ("smoke" or "full") as defined, without any environment check or override.
+
+    Its ``run_dir`` is the relative ``runs/<name>``; use :func:`get` to run with it.
+    """
+    key = str(name).strip().lower()
+    if key not in _BASE:
+        raise PresetError(f"Unknown preset {name!r}; defined presets are {', '.join(_BASE)}")
+    return _BASE[key]
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def get(name: str = "auto", *, allow_cpu: bool | None = None, **overrides: Any) -> Preset:
+    """The preset called ``name`` ("smoke", "full" or "auto"), with its run folder resolved.
+
+    Args:
+        name: "smoke", "full", or "auto" (= "full" when CUDA is available, else "smoke").
+            Case and surrounding spaces are ignored.
+        allow_cpu: return "full" even without CUDA (on device "cpu", backend "torch") instead
+            of raising. ``None`` reads the environment variable ``FASTAVATAR_ALLOW_CPU_FULL``.
+        **overrides: field values replacing the preset's (e.g. ``num_subjects=4``); unknown
+            field names raise.
+
+    Returns:
+        A :class:`Preset` whose ``run_dir`` is absolute: ``overrides["run_dir"]`` when given,
+        else ``FASTAVATAR_RUN_DIR`` when set, else ``project_root() / "runs" / name``.
+
+    Raises:
+        PresetError: unknown ``name`` (the message lists the valid ones), unknown override
+            field, or "full" requested without CUDA and without ``allow_cpu``.
+    """
+    key = str(name).strip().lower()
+    if key not in PRESET_NAMES:
+        raise PresetError(f"Unknown preset {name!r}; valid names are {', '.join(PRESET_NAMES)}")
+    cuda = torch.cuda.is_available()
+    if key == "auto":
+        key = "full" if cuda else "smoke"
+    preset = _BASE[key]
+    if preset.device == "cuda" and not cuda:
+        if allow_cpu is None:
+            allow_cpu = _env_flag(ALLOW_CPU_FULL_ENV)
+        if not allow_cpu:
+            raise PresetError(
+                f"Preset {key!r} is sized for a CUDA GPU ({preset.num_subjects} subjects, "
+                f"K={preset.num_gaussians:,}, {preset.fit_iterations:,} fit iterations) and CUDA is not "
+                f"available here: on CPU it would take days. Use 'smoke' (or 'auto'), or pass "
+                f"allow_cpu=True / set {ALLOW_CPU_FULL_ENV}=1 to run it on CPU anyway."
+            )
+        warnings.warn(
+            f"Preset {key!r} runs on CPU with the torch backend because CUDA is not available: "
+            "expect it to be very slow.",
+            stacklevel=2,
+        )
+        preset = preset.replace(device="cpu", backend="torch")
+    run_dir_env = os.environ.get(RUN_DIR_ENV, "").strip()
+    if "run_dir" in overrides:
+        run_dir = Path(overrides["run_dir"]).expanduser()
+    elif run_dir_env:
+        run_dir = Path(run_dir_env).expanduser()
+    else:
+        run_dir = project_root() / "runs" / preset.name
+    overrides = {**overrides, "run_dir": run_dir.resolve()}
+    return preset.replace(**overrides)
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def setup(preset: Preset, *, save: bool = True) -> str:
+    """Seed torch, numpy and random with ``preset.seed``, create the run folder, report the environment.
+
+    Args:
+        preset: the preset of this notebook or script.
+        save: also write the preset to ``preset.run_dir / "preset.json"`` (the run report reads it).
+
+    Returns:
+        A few lines to print in the setup cell: versions of Python, torch, numpy, gsplat and
+        fastavatar-nb, the device (with the GPU's name on CUDA), the backend and the preset.
+    """
+    random.seed(preset.seed)
+    np.random.seed(preset.seed)
+    torch.manual_seed(preset.seed)  # seeds every CUDA device too
+    preset.run_dir.mkdir(parents=True, exist_ok=True)
+    if save:
+        preset.save()
+    device = preset.device
+    if preset.device == "cuda" and torch.cuda.is_available():
+        device = f"cuda ({torch.cuda.get_device_name(0)})"
+    return "\n".join(
+        [
+            f"python {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__} | "
+            f"gsplat {_version('gsplat')} | fastavatar-nb {_version('fastavatar-nb')}",
+            f"device {device} | backend {preset.backend} | seed {preset.seed}",
+            f"preset {preset.describe()}",
+        ]
+    )

@@ -1,0 +1,69 @@
+"""Shared pytest fixtures: seeds, the test device, the shared data folder, and the ``gpu`` marker.
+
+- Every test starts from ``random``, ``numpy`` and ``torch`` seeded with 0 (autouse fixture).
+- ``device``: ``torch.device("cpu")`` by default; ``pytest --device cuda`` (or the environment
+  variable ``FASTAVATAR_TEST_DEVICE=cuda``) asks for CUDA, and tests using the fixture are
+  skipped when CUDA is not available.
+- ``shared_dir``: the project's shared folder beside the repository (``<repo>/../shared``),
+  skipping the test when it is absent.
+- Tests marked ``@pytest.mark.gpu`` are skipped when ``torch.cuda.is_available()`` is False.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+"""``<repository>/../shared``: data and docs shared by the project (may be absent)."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=os.environ.get("FASTAVATAR_TEST_DEVICE", "cpu"),
+        help="device for tests using the `device` fixture (default: $FASTAVATAR_TEST_DEVICE or cpu)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """The device tests run on: cpu unless cuda was requested (and is available)."""
+    name = request.config.getoption("--device")
+    if name == "cuda" and not torch.cuda.is_available():
+        pytest.skip("--device cuda was requested but CUDA is not available")
+    return torch.device(name)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """``<repository>/../shared``; skips the test when the folder is absent."""
+    if not SHARED_DIR.is_dir():
+        pytest.skip(f"shared folder {SHARED_DIR} is absent")
+    return SHARED_DIR

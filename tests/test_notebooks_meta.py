@@ -1,0 +1,145 @@
+"""Notebook hygiene: scripts/check_notebooks.py itself, and every committed notebook against the house rules.
+
+Rules for ``notebooks/NN_name.ipynb`` (style guide, sections 3 and "Pull-request checklist"):
+clean (no execution counts, small outputs, no attachments), a Python 3 kernel, a setup cell (first
+or second code cell) reading the one preset switch ``FASTAVATAR_PRESET`` through
+``fastavatar_nb.presets.get`` (and no other cell reading it), and no absolute paths.
+"""
+
+from __future__ import annotations
+
+import configparser
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def _load_checker() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("check_notebooks", REPO / "scripts" / "check_notebooks.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("check_notebooks", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+check = _load_checker()
+
+
+def _dirty_notebook(path: Path, payload_kb: int = 1) -> Path:
+    nb = new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    md = new_markdown_cell("![x](attachment:x.png)")
+    md["attachments"] = {"x.png": {"image/png": "iVBORw0KGgo="}}
+    code = new_code_cell("print('x' * 10)", execution_count=3)
+    code.outputs = [new_output("stream", name="stdout", text="x" * (payload_kb * 1000))]
+    code.metadata["execution"] = {"iopub.status.busy": "2026-11-23T19:00:00Z"}
+    nb.cells = [md, code]
+    nbformat.write(nb, path)
+    return path
+
+
+def test_check_flags_counts_attachments_and_large_outputs(tmp_path: Path) -> None:
+    path = _dirty_notebook(tmp_path / "01_dirty.ipynb", payload_kb=250)
+    problems = check.check_notebook(path, max_output_kb=200)
+    text = "\n".join(problems)
+    assert "execution counts in cell(s) [1]" in text
+    assert "attachments in cell(s) [0]" in text
+    assert "more than 200 kB" in text
+    assert check.check_notebook(path, max_output_kb=300) == problems[:2]
+
+
+def test_strip_cleans_and_is_idempotent(tmp_path: Path) -> None:
+    path = _dirty_notebook(tmp_path / "01_dirty.ipynb")
+    assert check.strip_notebook(path) is True
+    nb = nbformat.read(path, as_version=4)
+    assert nb.cells[1].outputs == [] and nb.cells[1].execution_count is None
+    assert "execution" not in nb.cells[1].metadata and "widgets" not in nb.metadata
+    assert nb.cells[1].source == "print('x' * 10)" and nb.metadata.kernelspec.name == "python3"
+    before = path.read_bytes()
+    assert check.strip_notebook(path) is False
+    assert path.read_bytes() == before
+    # Attachments are content, not output: strip keeps them and the check still reports them.
+    assert [p for p in check.check_notebook(path) if "attachments" not in p] == []
+
+
+def test_check_output_cells_keep_their_reference_output(tmp_path: Path) -> None:
+    nb = new_notebook()
+    marked = new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(2 + 2)", execution_count=2)
+    marked.outputs = [new_output("stream", name="stdout", text="4\n")]
+    plain = new_code_cell("print(1)", execution_count=1)
+    plain.outputs = [new_output("stream", name="stdout", text="1\n")]
+    nb.cells = [marked, plain]
+    path = tmp_path / "01_marked.ipynb"
+    nbformat.write(nb, path)
+    assert check.check_notebook(path) == [f"{path}: execution counts in cell(s) [1] (run `make strip`)"]
+    assert check.strip_notebook(path) is True
+    cells = nbformat.read(path, as_version=4).cells
+    assert cells[0].execution_count == 2 and cells[0].outputs[0]["text"] == "4\n"
+    assert cells[1].execution_count is None and cells[1].outputs == []
+    assert check.check_notebook(path) == []
+
+
+def test_check_rejects_broken_json(tmp_path: Path) -> None:
+    path = tmp_path / "01_broken.ipynb"
+    path.write_text("{ not json")
+    assert "not a valid notebook" in check.check_notebook(path)[0]
+
+
+def test_main_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert check.main([str(tmp_path)]) == 0
+    assert "nothing to check" in capsys.readouterr().out
+    assert check.main([str(tmp_path / "missing")]) == 1
+    path = _dirty_notebook(tmp_path / "01_dirty.ipynb")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    _dirty_notebook(tmp_path / ".ipynb_checkpoints" / "01_dirty-checkpoint.ipynb")
+    assert check.main([str(tmp_path)]) == 1
+    assert "1 notebook(s)" in capsys.readouterr().err
+    assert check.main(["--strip", str(tmp_path)]) == 0
+    assert check.main([str(path)]) == 1  # the attachment remains
+    nb = nbformat.read(path, as_version=4)
+    nb.cells = nb.cells[1:]
+    nbformat.write(nb, path)
+    assert check.main([str(tmp_path)]) == 0
+    assert "1 notebook(s) clean" in capsys.readouterr().out
+
+
+def test_sanitize_file_parses_and_scrubs() -> None:
+    config = configparser.ConfigParser()
+    config.read(REPO / "tests" / "nbval_sanitize.cfg")
+    assert config.sections()
+    text = "torch 2.14.1 | took 12.3 s at 0x7f3a in /tmp/pytest-1/run | 4.5it/s"
+    for section in config.sections():
+        text = re.sub(config[section]["regex"], config[section]["replace"], text)
+    assert text == "torch VERSION | took DURATION at 0xADDRESS in TMPPATH | RATE"
+
+
+def _code_cells(nb: nbformat.NotebookNode) -> list[str]:
+    return [c.source for c in nb.cells if c.cell_type == "code"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_committed_notebook_follows_the_rules(path: Path) -> None:
+    assert check.check_notebook(path) == []
+    nb = nbformat.read(path, as_version=4)
+    assert nb.metadata.get("kernelspec", {}).get("name") == "python3", "kernelspec must be python3"
+    code = _code_cells(nb)
+    setup = "\n".join(code[:2])
+    assert "FASTAVATAR_PRESET" in setup and "presets.get(" in setup, (
+        "the setup cell (first or second code cell) must read the preset switch: "
+        'preset = fa.presets.get(os.environ.get("FASTAVATAR_PRESET", "auto"))'
+    )
+    sources = "\n".join(code)
+    assert sources.count("FASTAVATAR_PRESET") == 1, "one switch per notebook: read FASTAVATAR_PRESET once"
+    assert not re.search(r"['\"]/(work|home|scratch|Users)/", sources), "no absolute paths in notebooks"
+    assert "fastavatar_nb" in sources

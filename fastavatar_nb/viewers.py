@@ -1,0 +1,963 @@
+"""Notebook viewers: an orbit viewer rendered server-side, plotly figures and image grids.
+
+Everything here returns an object (a plotly ``go.Figure``, a ``PIL.Image.Image``, an
+:class:`OrbitViewer` or :class:`LiveCurves`); the notebook decides to display it. Nothing
+needs a live frontend: without one (headless ``nbval``, ``nbconvert --execute``, a plain
+script) every object still displays a static picture and nothing raises.
+
+Conventions: world units are metres, world +y is up and the face looks towards +z (the
+package-wide convention of :mod:`fastavatar_nb.cameras`); angles given to the viewer are in
+degrees, yaw 0 looks at the face from +z, positive pitch looks down from above.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from plotly.subplots import make_subplots
+from torch import Tensor
+
+from .cameras import Cameras
+from .gaussians import Gaussians, quat_to_rotmat
+
+if TYPE_CHECKING:
+    from .render import Backend
+
+__all__ = [
+    "OrbitViewer", "LiveCurves", "scatter_gaussians", "ellipsoids", "camera_frusta", "camera_frusta_traces",
+    "splat_figure", "sh_sphere", "image_grid", "colorize", "to_uint8", "png_bytes", "in_notebook_kernel",
+    "setup_plotly",
+]
+
+RenderFn = Callable[..., Any]
+"""``render(gaussians, cameras, background=..., backend=..., sh_degree=...)`` returning an object with
+``colors [..., C, H, W, 3]`` and ``backend: str`` (:func:`fastavatar_nb.render.render`)."""
+
+LiveMode = Literal["auto", "display", "none"]
+PlotlyMode = Literal["embedded", "cdn", "mimetype"]
+_PLOTLY_RENDERERS = {
+    "embedded": "plotly_mimetype+notebook",
+    "cdn": "plotly_mimetype+notebook_connected",
+    "mimetype": "plotly_mimetype",
+}
+
+
+def setup_plotly(mode: PlotlyMode = "embedded") -> str:
+    """Choose how plotly figures are written into notebook outputs; call once in a setup cell.
+
+    In a Jupyter kernel plotly's default writes only its own JSON mimetype, which JupyterLab and
+    VS Code draw but ``nbconvert --to html`` (and GitHub) cannot, so exported notebooks lose every
+    figure. The modes add an HTML version next to it:
+
+    - ``"embedded"``: plotly.js is embedded once in the notebook (about 4.7 MB in the *executed*
+      notebook); figures show in exported HTML even offline.
+    - ``"cdn"``: the HTML loads plotly.js from a CDN (small files; the reader needs internet).
+    - ``"mimetype"``: plotly's kernel default (JupyterLab/VS Code only).
+
+    Returns:
+        The plotly renderer string now in use (``plotly.io.renderers.default``).
+    """
+    import plotly.io as pio
+
+    if mode not in _PLOTLY_RENDERERS:
+        raise ValueError(f"setup_plotly mode must be one of {sorted(_PLOTLY_RENDERERS)}, got {mode!r}")
+    pio.renderers.default = _PLOTLY_RENDERERS[mode]
+    return pio.renderers.default
+
+
+# ----------------------------------------------------------------------------- small utilities
+def in_notebook_kernel() -> bool:
+    """True inside a Jupyter kernel (where ``IPython.display`` reaches a notebook), else False."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    ip = get_ipython()
+    return ip is not None and getattr(ip, "kernel", None) is not None
+
+
+def to_uint8(image: Tensor | np.ndarray) -> np.ndarray:
+    """An image ``[H, W, 3]`` or ``[H, W]`` (float in [0, 1], or uint8) -> uint8 numpy array.
+
+    Floats are clipped to [0, 1]; tensors are detached and moved to the CPU.
+    """
+    if isinstance(image, Tensor):
+        image = image.detach().to("cpu")
+        image = image.numpy() if image.dtype == torch.uint8 else image.float().numpy()
+    arr = np.asarray(image)
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
+        raise ValueError(f"image must be [H, W], [H, W, 3] or [H, W, 4], got shape {arr.shape}")
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.dtype == np.uint8:
+        return arr
+    return (np.clip(np.nan_to_num(arr.astype(np.float32)), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def png_bytes(image: Tensor | np.ndarray | Image.Image, compress_level: int = 1) -> bytes:
+    """Encode an image (see :func:`to_uint8`) or a PIL image as PNG bytes."""
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(to_uint8(image))
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+# Eight samples of matplotlib's viridis, interpolated linearly (no matplotlib dependency).
+_VIRIDIS = np.array([
+    [68, 1, 84], [70, 50, 127], [54, 92, 141], [39, 127, 142],
+    [31, 161, 135], [74, 194, 109], [159, 218, 58], [253, 231, 37],
+], dtype=np.float32)
+
+
+def colorize(values: Tensor | np.ndarray, vmin: float = 0.0, vmax: float | None = None) -> np.ndarray:
+    """Map a scalar image ``[H, W]`` to viridis colours ``[H, W, 3]`` uint8.
+
+    Args:
+        values: ``[H, W]`` scalars (an error map, a depth, a count).
+        vmin: value drawn dark purple.
+        vmax: value drawn yellow (default the maximum, or ``vmin + 1`` for a constant image).
+    """
+    if isinstance(values, Tensor):
+        values = values.detach().to("cpu").float().numpy()
+    v = np.asarray(values, dtype=np.float32)
+    if v.ndim != 2:
+        raise ValueError(f"colorize expects a scalar image [H, W], got shape {v.shape}")
+    if vmax is None:
+        finite = v[np.isfinite(v)]
+        vmax = float(finite.max()) if finite.size else vmin + 1.0
+    if vmax <= vmin:
+        vmax = vmin + 1.0
+    t = np.clip(np.nan_to_num((v - vmin) / (vmax - vmin)), 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    i0 = np.minimum(np.floor(t).astype(np.int64), len(_VIRIDIS) - 2)
+    f = (t - i0)[..., None]
+    rgb = _VIRIDIS[i0] * (1.0 - f) + _VIRIDIS[i0 + 1] * f
+    return (rgb + 0.5).astype(np.uint8)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def image_grid(images: Sequence[Tensor | np.ndarray] | Tensor, titles: Sequence[str] | None = None,
+               cols: int = 4, *, min_height: int = 160, pad: int = 6, font_size: int = 14,
+               vmax: float | None = None) -> Image.Image:
+    """Lay images out in a grid with a title above each (render / ground truth / error rows).
+
+    Args:
+        images: N images, a sequence of ``[H, W, 3]`` colour images (float in [0, 1] or uint8)
+            and/or ``[H, W]`` scalar images (drawn with :func:`colorize`, e.g. an error map), or a
+            tensor ``[N, H, W, 3]``. Sizes may differ.
+        titles: N strings (or ``None`` for no titles).
+        cols: images per row.
+        min_height: small images are enlarged by an integer factor (nearest neighbour, so pixels
+            stay visible) until the tallest is at least this many pixels high.
+        pad: white space between cells, in pixels.
+        font_size: title size in pixels.
+        vmax: colour scale maximum for scalar images (default each image's maximum).
+
+    Returns:
+        A ``PIL.Image.Image`` (RGB); notebooks display it as a PNG, ``.save(path)`` writes it.
+    """
+    if isinstance(images, Tensor):
+        if images.ndim not in (3, 4):
+            raise ValueError(f"images tensor must be [N, H, W, 3] or [N, H, W], got {tuple(images.shape)}")
+        images = list(images)
+    images = list(images)
+    if not images:
+        raise ValueError("image_grid needs at least one image")
+    if titles is not None and len(titles) != len(images):
+        raise ValueError(f"image_grid got {len(images)} images but {len(titles)} titles")
+    if cols < 1:
+        raise ValueError(f"cols must be >= 1, got {cols}")
+    arrays = []
+    for i, img in enumerate(images):
+        try:
+            a = to_uint8(img) if not _is_scalar_image(img) else colorize(img, vmax=vmax)
+        except ValueError as e:
+            raise ValueError(f"image_grid: image {i}: {e}") from e
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, -1)
+        arrays.append(a[..., :3])
+    tallest = max(a.shape[0] for a in arrays)
+    factor = max(1, math.ceil(min_height / tallest))
+    pils = [Image.fromarray(a).resize((a.shape[1] * factor, a.shape[0] * factor), Image.NEAREST) for a in arrays]
+    cell_w = max(p.width for p in pils)
+    cell_h = max(p.height for p in pils)
+    font = _font(font_size)
+    title_h = font_size + 6 if titles is not None else 0
+    cols = min(cols, len(pils))
+    rows = math.ceil(len(pils) / cols)
+    grid = Image.new("RGB", (cols * cell_w + (cols + 1) * pad, rows * (cell_h + title_h) + (rows + 1) * pad),
+                     (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for i, p in enumerate(pils):
+        r, c = divmod(i, cols)
+        x0 = pad + c * (cell_w + pad)
+        y0 = pad + r * (cell_h + title_h + pad)
+        if titles is not None:
+            draw.text((x0 + cell_w // 2, y0 + title_h // 2), str(titles[i]), fill=(0, 0, 0), font=font, anchor="mm")
+        grid.paste(p, (x0 + (cell_w - p.width) // 2, y0 + title_h))
+    return grid
+
+
+def _is_scalar_image(img: Tensor | np.ndarray) -> bool:
+    shape = tuple(img.shape)
+    return len(shape) == 2 or (len(shape) == 3 and shape[-1] == 1 and not _is_uint8(img))
+
+
+def _is_uint8(img: Tensor | np.ndarray) -> bool:
+    return img.dtype in (torch.uint8, np.uint8)
+
+
+# ----------------------------------------------------------------------------- plotly 3D helpers
+def _scene_extent(fig: go.Figure) -> np.ndarray | None:
+    """``[3]`` data ranges (x, y, z) over every 3D trace of ``fig``, or None when it has no points."""
+    lo, hi = np.full(3, np.inf), np.full(3, -np.inf)
+    for tr in fig.data:
+        if not isinstance(tr, (go.Scatter3d, go.Mesh3d)) or tr.x is None:
+            continue
+        xyz = [np.array([np.nan if v is None else v for v in a], dtype=np.float64) for a in (tr.x, tr.y, tr.z)]
+        for i, a in enumerate(xyz):
+            if np.isfinite(a).any():
+                lo[i], hi[i] = min(lo[i], np.nanmin(a)), max(hi[i], np.nanmax(a))
+    return hi - lo if np.isfinite(lo).all() else None
+
+
+def _scene_layout(fig: go.Figure, height: int = 520) -> go.Figure:
+    """Metric axes with equal scale, world +y up, looking at the face from the front-right.
+
+    The aspect ratio follows the data (like plotly's ``aspectmode="data"``) but is normalised so
+    the longest axis has length 1 and the viewpoint stays outside the box even for elongated
+    scenes (a Gaussian with a camera far away).
+    """
+    ext = _scene_extent(fig)
+    scene: dict[str, Any] = dict(
+        xaxis_title="x (m)", yaxis_title="y (m, up)", zaxis_title="z (m)",
+        camera=dict(up=dict(x=0, y=1, z=0), eye=dict(x=0.9, y=0.5, z=1.6)),
+    )
+    if ext is None or not (ext > 0).any():
+        scene["aspectmode"] = "cube"
+    else:
+        r = np.maximum(ext / ext.max(), 0.05)
+        scene["aspectmode"] = "manual"
+        scene["aspectratio"] = dict(x=float(r[0]), y=float(r[1]), z=float(r[2]))
+    fig.update_layout(height=height, margin=dict(l=0, r=0, t=50, b=0),
+                      legend=dict(yanchor="top", y=0.98, xanchor="left", x=0.01), scene=scene)
+    return fig
+
+
+def scatter_gaussians(gaussians: Gaussians, max_points: int = 20_000, *, size_range: tuple[float, float] = (1.5, 7.0),
+                      min_opacity: float = 0.0, seed: int = 0, name: str = "Gaussians",
+                      fig: go.Figure | None = None) -> go.Figure:
+    """3D scatter of Gaussian centres coloured by their DC (view-independent) colour.
+
+    Marker size (in screen pixels) grows with the Gaussian's mean scale, mapped from the 5th-95th
+    percentile of ``log(mean scale)`` onto ``size_range``.
+
+    Args:
+        gaussians: an unbatched set (K Gaussians); index a batch first (``g[i]``).
+        max_points: at most this many centres are drawn (a seeded random subset).
+        size_range: smallest and largest marker size in pixels.
+        min_opacity: Gaussians with opacity below this are left out.
+        seed: seed of the subset choice.
+        name: legend name of the trace.
+        fig: add the trace to this figure (e.g. one from :func:`camera_frusta`) instead of a new one.
+
+    Returns:
+        The figure, with one ``Scatter3d`` trace added.
+    """
+    if gaussians.batch_shape:
+        raise ValueError(f"scatter_gaussians draws one set; got batch_shape {tuple(gaussians.batch_shape)}: "
+                         "index it first (gaussians[i])")
+    if max_points < 1:
+        raise ValueError(f"max_points must be >= 1, got {max_points}")
+    g = gaussians.detach().to("cpu", torch.float32)
+    keep = torch.nonzero(g.opacities >= min_opacity).squeeze(-1)
+    if keep.numel() > max_points:
+        gen = torch.Generator().manual_seed(seed)
+        keep = keep[torch.randperm(keep.numel(), generator=gen)[:max_points].sort().values]
+    means = g.means[keep].numpy()
+    rgb = (g.dc_colors[keep].numpy() * 255 + 0.5).astype(np.uint8)
+    log_s = g.log_scales[keep].mean(-1).numpy()
+    if log_s.size:
+        lo, hi = np.percentile(log_s, 5), np.percentile(log_s, 95)
+        t = np.clip((log_s - lo) / (hi - lo), 0, 1) if hi > lo else np.full_like(log_s, 0.5)
+    else:
+        t = log_s
+    sizes = size_range[0] + t * (size_range[1] - size_range[0])
+    custom = np.stack([keep.numpy(), g.opacities[keep].numpy(), g.scales[keep].mean(-1).numpy() * 1000], -1)
+    trace = go.Scatter3d(
+        x=means[:, 0], y=means[:, 1], z=means[:, 2], mode="markers", name=name,
+        marker=dict(size=sizes, color=[f"rgb({r},{gg},{b})" for r, gg, b in rgb], opacity=0.9, line=dict(width=0)),
+        customdata=custom,
+        hovertemplate="Gaussian %{customdata[0]:.0f}<br>opacity %{customdata[1]:.2f}"
+                      "<br>mean scale %{customdata[2]:.1f} mm<extra></extra>",
+    )
+    fig = go.Figure() if fig is None else fig
+    fig.add_trace(trace)
+    if fig.layout.title.text is None:
+        fig.update_layout(title=f"{name}: {len(keep)} of {g.num_gaussians} centres (colour = DC colour)")
+    return _scene_layout(fig)
+
+
+def _frustum_polyline(camtoworld: np.ndarray, K: np.ndarray, width: int, height: int, size: float) -> np.ndarray:
+    """Points (rows, NaN = pen up) tracing one frustum: 4 edges, the image rectangle, an 'up' triangle."""
+    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+
+    def at(u: float, v: float) -> np.ndarray:  # pixel (u, v) at depth `size`, in world coordinates
+        pc = np.array([(u - cx) / fx * size, (v - cy) / fy * size, size, 1.0])
+        return (camtoworld @ pc)[:3]
+
+    o = camtoworld[:3, 3]
+    c = [at(0, 0), at(width, 0), at(width, height), at(0, height)]
+    up = [at(0.3 * width, 0), at(0.5 * width, -0.25 * height), at(0.7 * width, 0)]  # row 0 is the image top
+    nan = np.full(3, np.nan)
+    pts = [o, c[0], nan, o, c[1], nan, o, c[2], nan, o, c[3], nan, c[0], c[1], c[2], c[3], c[0], nan, *up, nan]
+    return np.stack(pts)
+
+
+def camera_frusta_traces(cameras: Cameras, *, size: float = 0.1, color: str = "#1f77b4",
+                         labels: Sequence[str] | None = None, name: str = "cameras") -> list[go.Scatter3d]:
+    """Plotly traces drawing each camera as a wire pyramid plus a labelled centre marker.
+
+    Args:
+        cameras: C cameras (``viewmats [C, 4, 4]``; no further batch dimensions).
+        size: depth of the drawn image plane in metres.
+        color: line and marker colour.
+        labels: C names shown next to the centres (default ``"0" .. "C-1"``), e.g. camera ids.
+        name: legend name.
+
+    Returns:
+        Two traces: the frusta (all cameras in one line trace; a small triangle marks the image top)
+        and the centres (markers with text labels).
+    """
+    if cameras.viewmats.ndim != 3:
+        raise ValueError(f"camera_frusta expects cameras [C, 4, 4], got viewmats {tuple(cameras.viewmats.shape)}")
+    C = len(cameras)
+    labels = [str(i) for i in range(C)] if labels is None else [str(s) for s in labels]
+    if len(labels) != C:
+        raise ValueError(f"camera_frusta got {C} cameras but {len(labels)} labels")
+    c2w = cameras.camtoworlds.detach().to("cpu", torch.float64).numpy()
+    Ks = cameras.Ks.detach().to("cpu", torch.float64).numpy()
+    lines = np.concatenate([_frustum_polyline(c2w[i], Ks[i], cameras.width, cameras.height, size)
+                            for i in range(C)])
+    centres = c2w[:, :3, 3]
+
+    def col(a: np.ndarray) -> list[float | None]:
+        return [None if not np.isfinite(v) else float(v) for v in a]
+
+    return [
+        go.Scatter3d(x=col(lines[:, 0]), y=col(lines[:, 1]), z=col(lines[:, 2]), mode="lines", name=name,
+                     line=dict(color=color, width=3), hoverinfo="skip", legendgroup=name),
+        go.Scatter3d(x=centres[:, 0], y=centres[:, 1], z=centres[:, 2], mode="markers+text", text=labels,
+                     textposition="top center", marker=dict(size=3, color=color), name=f"{name} (centres)",
+                     hovertemplate="camera %{text}<br>(%{x:.2f}, %{y:.2f}, %{z:.2f}) m<extra></extra>",
+                     legendgroup=name, showlegend=False),
+    ]
+
+
+def camera_frusta(cameras: Cameras, *, size: float = 0.1, color: str = "#1f77b4",
+                  labels: Sequence[str] | None = None, name: str = "cameras",
+                  fig: go.Figure | None = None) -> go.Figure:
+    """A figure of camera frusta (see :func:`camera_frusta_traces`), or those traces added to ``fig``.
+
+    Combine with a point cloud in either order::
+
+        fig = camera_frusta(cams, fig=scatter_gaussians(g))
+    """
+    fig = go.Figure() if fig is None else fig
+    fig.add_traces(camera_frusta_traces(cameras, size=size, color=color, labels=labels, name=name))
+    if fig.layout.title.text is None:
+        fig.update_layout(title=f"{len(cameras)} cameras (triangle = image top)")
+    return _scene_layout(fig)
+
+
+def _unit_sphere(rings: int, segments: int) -> tuple[np.ndarray, np.ndarray]:
+    """Latitude-longitude unit sphere: vertices ``[V, 3]`` and triangles ``[T, 3]``."""
+    theta = np.linspace(0, np.pi, rings + 1)
+    phi = np.linspace(0, 2 * np.pi, segments, endpoint=False)
+    th, ph = np.meshgrid(theta, phi, indexing="ij")
+    verts = np.stack([np.sin(th) * np.cos(ph), np.cos(th), np.sin(th) * np.sin(ph)], -1).reshape(-1, 3)
+    tris = []
+    for r in range(rings):
+        for s in range(segments):
+            a, b = r * segments + s, r * segments + (s + 1) % segments
+            c, d = a + segments, b + segments
+            tris += [(a, c, b), (b, c, d)]
+    return verts, np.array(tris)
+
+
+def ellipsoids(gaussians: Gaussians, nsigma: float = 2.0, max_gaussians: int = 400, *, resolution: int = 8,
+               seed: int = 0, name: str = "ellipsoids", fig: go.Figure | None = None) -> go.Figure:
+    """The Gaussians drawn as solid ellipsoids at ``nsigma`` standard deviations, in their DC colour.
+
+    The ellipsoid of Gaussian k is ``{mu_k + nsigma R_k S_k u : |u| = 1}``, the level set of its
+    density through ``nsigma`` standard deviations along each principal axis.
+
+    Args:
+        gaussians: an unbatched set.
+        nsigma: size of the drawn surface in standard deviations.
+        max_gaussians: at most this many (a seeded random subset).
+        resolution: rings of the sphere mesh (``2 * resolution`` segments around).
+        seed: seed of the subset.
+        name: legend name.
+        fig: add to this figure instead of a new one.
+
+    Returns:
+        The figure with one ``Mesh3d`` trace added.
+    """
+    if gaussians.batch_shape:
+        raise ValueError(f"ellipsoids draws one set; got batch_shape {tuple(gaussians.batch_shape)}: "
+                         "index it first (gaussians[i])")
+    g = gaussians.detach().to("cpu", torch.float32)
+    idx = torch.arange(g.num_gaussians)
+    if g.num_gaussians > max_gaussians:
+        idx = torch.randperm(g.num_gaussians, generator=torch.Generator().manual_seed(seed))[:max_gaussians].sort().values
+    M = (quat_to_rotmat(g.quats[idx]) * g.scales[idx][:, None, :] * nsigma).numpy()  # [n, 3, 3] = nsigma R S
+    verts, tris = _unit_sphere(resolution, 2 * resolution)
+    V = np.einsum("nij,vj->nvi", M, verts) + g.means[idx].numpy()[:, None, :]  # [n, V, 3]
+    n = len(idx)
+    faces = (tris[None] + (np.arange(n) * len(verts))[:, None, None]).reshape(-1, 3)
+    rgb = (g.dc_colors[idx].numpy() * 255 + 0.5).astype(np.uint8)
+    face_colors = [f"rgb({r},{gg},{b})" for r, gg, b in np.repeat(rgb, len(tris), axis=0)]
+    V = V.reshape(-1, 3)
+    fig = go.Figure() if fig is None else fig
+    fig.add_trace(go.Mesh3d(x=V[:, 0], y=V[:, 1], z=V[:, 2], i=faces[:, 0], j=faces[:, 1], k=faces[:, 2],
+                            facecolor=face_colors, flatshading=False, name=name, showlegend=True,
+                            hoverinfo="skip", lighting=dict(ambient=0.6, diffuse=0.6, specular=0.1)))
+    if fig.layout.title.text is None:
+        fig.update_layout(title=f"{n} of {g.num_gaussians} Gaussians as {nsigma:g}-sigma ellipsoids")
+    return _scene_layout(fig)
+
+
+def sh_sphere(sh: Tensor, degree: int = 3, *, resolution: int = 40, title: str | None = None) -> go.Figure:
+    """The colour a set of SH coefficients shows from every direction, painted on a unit sphere.
+
+    The sphere point in direction ``p`` has the colour a camera placed in direction ``p`` (looking
+    back at the Gaussian, viewing direction ``-p``) sees: ``max(SH(-p) . sh + 0.5, 0)`` clamped to 1.
+
+    Args:
+        sh: ``[16, 3]`` coefficients of one Gaussian (DC first).
+        degree: SH bands used (0-3).
+        resolution: rings of the sphere mesh.
+        title: figure title.
+    """
+    from .render.sh import sh_to_color
+
+    if tuple(sh.shape) != (16, 3):
+        raise ValueError(f"sh_sphere expects one Gaussian's coefficients [16, 3], got {tuple(sh.shape)}")
+    verts, tris = _unit_sphere(resolution, 2 * resolution)
+    dirs = torch.from_numpy(verts).to(torch.float32)
+    rgb = sh_to_color(sh.detach().to("cpu", torch.float32), -dirs, degree).clamp(0, 1).numpy()
+    rgb8 = (rgb * 255 + 0.5).astype(np.uint8)
+    fig = go.Figure(go.Mesh3d(
+        x=verts[:, 0], y=verts[:, 1], z=verts[:, 2], i=tris[:, 0], j=tris[:, 1], k=tris[:, 2],
+        vertexcolor=[f"rgb({r},{g},{b})" for r, g, b in rgb8], hoverinfo="skip",
+        lighting=dict(ambient=1.0, diffuse=0.0, specular=0.0),
+    ))
+    fig.update_layout(title=title or f"colour seen from each direction (SH degree {degree})")
+    return _scene_layout(fig, height=420)
+
+
+def _ellipse_points(mean: np.ndarray, cov: np.ndarray, k: float, n: int = 48) -> np.ndarray:
+    lam, vec = np.linalg.eigh(cov)
+    t = np.linspace(0, 2 * np.pi, n)
+    circle = np.stack([np.cos(t), np.sin(t)])  # [2, n]
+    return (mean[:, None] + vec @ (np.sqrt(np.clip(lam, 0, None))[:, None] * k * circle)).T
+
+
+def splat_figure(image: Tensor | np.ndarray, means2d: Tensor | None = None, covars2d: Tensor | None = None, *,
+                 nsigmas: Sequence[float] = (1.0, 2.0, 3.0), radii: Tensor | None = None,
+                 tile_size: int | None = None, tile_counts: Tensor | None = None,
+                 highlight_tiles: Sequence[tuple[int, int]] = (), title: str | None = None,
+                 display_width: int = 420) -> go.Figure:
+    """An image in pixel coordinates with projected Gaussians and the tile grid drawn over it.
+
+    Pixel ``(u, v)`` (column, row) covers ``[u, u+1] x [v, v+1]``, so its centre is at ``+0.5``
+    like the renderer's; rows grow downwards.
+
+    Args:
+        image: ``[H, W, 3]`` (float in [0, 1] or uint8) or ``[H, W]`` scalar (colorized).
+        means2d: ``[N, 2]`` pixel centres of the Gaussians.
+        covars2d: ``[N, 2, 2]`` screen covariances; each is drawn as ellipses at ``nsigmas``.
+        nsigmas: the standard-deviation levels drawn.
+        radii: ``[N, 2]`` per-axis extents: the boxes ``mean +- radius`` are drawn dashed.
+        tile_size: draw the tile grid with this tile edge (pixels).
+        tile_counts: ``[tiles_y, tiles_x]`` numbers written in each tile (zeros left out).
+        highlight_tiles: ``(tx, ty)`` tiles shaded in orange.
+        title: figure title.
+        display_width: width of the drawn figure in screen pixels.
+    """
+    img = colorize(image) if _is_scalar_image(image) else to_uint8(image)
+    H, W = img.shape[:2]
+    fig = go.Figure(go.Image(z=img[..., :3], x0=0.5, y0=0.5, dx=1, dy=1, hoverinfo="x+y+z"))
+    levels = ["#d62728", "#ff7f0e", "#9467bd", "#8c564b"]
+    if means2d is not None and covars2d is not None:
+        mu = means2d.detach().to("cpu", torch.float64).numpy().reshape(-1, 2)
+        cov = covars2d.detach().to("cpu", torch.float64).numpy().reshape(-1, 2, 2)
+        if len(cov) != len(mu):
+            raise ValueError(f"splat_figure: {len(mu)} means2d but {len(cov)} covars2d")
+        for li, k in enumerate(nsigmas):
+            pts = []
+            for m, c in zip(mu, cov, strict=True):
+                pts += [_ellipse_points(m, c, k), np.full((1, 2), np.nan)]
+            p = np.concatenate(pts)
+            fig.add_trace(go.Scatter(x=p[:, 0], y=p[:, 1], mode="lines", name=f"{k:g} sigma",
+                                     line=dict(color=levels[li % len(levels)], width=1.5), hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=mu[:, 0], y=mu[:, 1], mode="markers", name="centre",
+                                 marker=dict(symbol="x", size=6, color="black")))
+    if radii is not None and means2d is not None:
+        mu = means2d.detach().to("cpu", torch.float64).numpy().reshape(-1, 2)
+        r = radii.detach().to("cpu", torch.float64).numpy().reshape(-1, 2)
+        if len(r) != len(mu):
+            raise ValueError(f"splat_figure: {len(mu)} means2d but {len(r)} radii")
+        xs, ys = [], []
+        for (mx, my), (rx, ry) in zip(mu, r, strict=True):
+            if rx <= 0 and ry <= 0:
+                continue
+            xs += [mx - rx, mx + rx, mx + rx, mx - rx, mx - rx, None]
+            ys += [my - ry, my - ry, my + ry, my + ry, my - ry, None]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name="extent (radii)",
+                                 line=dict(color="#2ca02c", width=1.5, dash="dash"), hoverinfo="skip"))
+    if tile_size is not None:
+        xs, ys = [], []
+        for x in range(0, W + 1, tile_size):
+            xs += [x, x, None]
+            ys += [0, H, None]
+        for y in range(0, H + 1, tile_size):
+            xs += [0, W, None]
+            ys += [y, y, None]
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", name=f"{tile_size}px tiles",
+                                 line=dict(color="rgba(0,0,0,0.35)", width=1), hoverinfo="skip"))
+        for tx, ty in highlight_tiles:
+            fig.add_shape(type="rect", x0=tx * tile_size, x1=min((tx + 1) * tile_size, W), y0=ty * tile_size,
+                          y1=min((ty + 1) * tile_size, H), fillcolor="rgba(255,127,14,0.35)", line_width=0)
+        if tile_counts is not None:
+            cnt = tile_counts.detach().to("cpu").numpy() if isinstance(tile_counts, Tensor) else np.asarray(tile_counts)
+            ty, tx = np.nonzero(cnt)
+            fig.add_trace(go.Scatter(x=(tx + 0.5) * tile_size, y=(ty + 0.5) * tile_size, mode="text",
+                                     text=[str(int(c)) for c in cnt[ty, tx]], name="Gaussians per tile",
+                                     textfont=dict(size=12, color="black"), hoverinfo="skip"))
+    fig.update_xaxes(range=[0, W], showgrid=False, title_text="u (pixels)", constrain="domain")
+    fig.update_yaxes(range=[H, 0], showgrid=False, title_text="v (pixels)", scaleanchor="x", constrain="domain")
+    fig.update_layout(title=title, width=display_width + 160, height=int(display_width * H / W) + 110,
+                      margin=dict(l=50, r=10, t=70, b=40), legend=dict(x=1.02, y=1))
+    return fig
+
+
+# ----------------------------------------------------------------------------- live training curves
+class LiveCurves:
+    """Training curves that redraw while a loop runs, one panel per named value.
+
+    In a Jupyter kernel the figure is shown on the first :meth:`update` and then replaced in
+    place (an IPython display handle, redrawn at most every ``min_interval_s`` seconds), which
+    works in JupyterLab, VS Code and ``nbconvert --execute`` alike and leaves the final figure
+    in the saved notebook. Outside a kernel nothing is displayed; :meth:`figure` returns the
+    curves. (plotly's ``FigureWidget`` is not used: plotly >= 6 needs the optional ``anywidget``
+    package for it and widget state does not survive an HTML export.)
+
+    Example::
+
+        curves = LiveCurves("fitting")
+        for step in range(n):
+            ...
+            curves.update(step, loss=loss.item(), psnr=psnr)
+        curves.finish()          # final redraw
+        fig = curves.figure()    # the static figure (e.g. to save)
+
+    Args:
+        title: figure title.
+        log_y: logarithmic y axes.
+        min_interval_s: least time between redraws during the loop.
+        mode: ``"auto"`` (live when in a kernel), ``"display"`` (always call IPython.display),
+            ``"none"`` (record only).
+        height: figure height in pixels.
+        cols: panels per row.
+    """
+
+    def __init__(self, title: str = "training curves", *, log_y: bool = False, min_interval_s: float = 1.0,
+                 mode: LiveMode = "auto", height: int = 300, cols: int = 3) -> None:
+        if mode not in ("auto", "display", "none"):
+            raise ValueError(f"LiveCurves mode must be 'auto', 'display' or 'none', got {mode!r}")
+        self.title = title
+        self.log_y = log_y
+        self.min_interval_s = float(min_interval_s)
+        self.height = height
+        self.cols = cols
+        self.live = mode == "display" or (mode == "auto" and in_notebook_kernel())
+        self.history: dict[str, tuple[list[int], list[float]]] = {}
+        """Recorded curves: name -> (steps, values)."""
+        self._handle = None
+        self._last_draw = -math.inf
+
+    def update(self, step: int, **values: float | Tensor) -> None:
+        """Record ``values`` (floats or 0-d tensors) at ``step`` and redraw if it is time to."""
+        if not values:
+            raise ValueError("LiveCurves.update needs at least one named value, e.g. update(step, loss=0.1)")
+        for k, v in values.items():
+            try:
+                x = float(v)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise TypeError(f"LiveCurves.update: value {k!r} is not a scalar ({type(v).__name__})") from e
+            steps, vals = self.history.setdefault(k, ([], []))
+            steps.append(int(step))
+            vals.append(x)
+        if self.live and time.perf_counter() - self._last_draw >= self.min_interval_s:
+            self._draw()
+
+    def last(self, name: str) -> float:
+        """The most recent value recorded for ``name``."""
+        if name not in self.history:
+            raise KeyError(f"LiveCurves has no curve {name!r}; recorded: {sorted(self.history)}")
+        return self.history[name][1][-1]
+
+    def figure(self) -> go.Figure:
+        """The curves so far as a static figure (one panel per value, sharing the step axis)."""
+        names = list(self.history)
+        n = max(1, len(names))
+        cols = min(self.cols, n)
+        rows = math.ceil(n / cols)
+        fig = make_subplots(rows=rows, cols=cols, subplot_titles=names or [""], horizontal_spacing=0.08,
+                            vertical_spacing=0.15)
+        for i, k in enumerate(names):
+            steps, vals = self.history[k]
+            r, c = divmod(i, cols)
+            fig.add_trace(go.Scatter(x=steps, y=vals, mode="lines", name=k, showlegend=False), row=r + 1, col=c + 1)
+            fig.update_xaxes(title_text="step", row=r + 1, col=c + 1)
+            if self.log_y:
+                fig.update_yaxes(type="log", row=r + 1, col=c + 1)
+        fig.update_layout(title=self.title, height=self.height * rows, margin=dict(l=50, r=20, t=60, b=40))
+        return fig
+
+    def finish(self) -> None:
+        """Redraw the live figure once more with every recorded value (call after the loop).
+
+        Returns nothing, so that a notebook cell ending in ``curves.finish()`` does not show the
+        curves a second time; :meth:`figure` gives the static figure.
+        """
+        if self.live:
+            self._draw()
+
+    def _draw(self) -> None:
+        from IPython.display import display
+
+        # A raw mime bundle, not the figure: plotly's _ipython_display_ ignores display ids, so
+        # updating a displayed figure in place would append a new output each time.
+        bundle = _figure_bundle(self.figure())
+        if self._handle is None:
+            self._handle = display(bundle, raw=True, display_id=True)
+        else:
+            self._handle.update(bundle, raw=True)
+        self._last_draw = time.perf_counter()
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, Any]:
+        return _figure_bundle(self.figure())
+
+
+def _figure_bundle(fig: go.Figure) -> dict[str, Any]:
+    """The mime bundle plotly's default renderers make for ``fig``.
+
+    Unlike ``fig._repr_mimebundle_()``, which re-activates every renderer on each call (the
+    ``notebook`` renderer then embeds plotly.js, about 4.7 MB, into the notebook again each
+    time), this activates pending renderers once, as ``fig.show()`` does.
+    """
+    import plotly.io as pio
+
+    build = getattr(pio.renderers, "_build_mime_bundle", None)  # plotly's own, stable since plotly 4
+    bundle = dict(fig._repr_mimebundle_() if build is None else build(fig.to_dict()))
+    # Outside a kernel plotly's default renderer may be empty: keep the figure JSON and a text line.
+    bundle.setdefault("application/vnd.plotly.v1+json", fig.to_plotly_json())
+    bundle.setdefault("text/plain", f"plotly Figure: {fig.layout.title.text or 'untitled'}")
+    return bundle
+
+
+# ----------------------------------------------------------------------------- orbit viewer
+def _default_render() -> RenderFn:
+    from .render import render  # imported late: viewers work with any render function
+
+    return render
+
+
+class OrbitViewer:
+    """An orbit viewer for any :class:`~fastavatar_nb.gaussians.Gaussians`, rendered server-side.
+
+    The view is a camera on a sphere around ``target`` (yaw, pitch, distance sliders) rendered
+    with :func:`fastavatar_nb.render.render`; the image is shown as a PNG in an
+    ``ipywidgets.Image``. A ``Play`` button spins a turntable. While a slider moves or the
+    turntable plays, frames are rendered at ``interactive_scale`` times the resolution and a
+    full-resolution frame follows ``refine_delay_s`` seconds after the motion stops. A label
+    shows the backend, milliseconds per frame and the resolution.
+
+    Dragging the image (left/right = yaw, up/down = pitch, wheel = distance) works when the
+    optional package ``ipyevents`` is installed (it is not a dependency); the sliders always work.
+
+    Without a widget frontend (headless ``nbval``, exported HTML, a terminal) displaying the
+    viewer shows a static PNG of the current view instead (see :meth:`_repr_mimebundle_`).
+
+    Args:
+        gaussians: an unbatched set (index a batch first, ``g[i]``), on any device.
+        width, height: full-resolution frame size in pixels.
+        backend: renderer backend (``"auto"``, ``"torch"``, ``"gsplat"``).
+        yaw_deg, pitch_deg: initial view (degrees; yaw 0 looks from +z at the face).
+        distance: camera distance in metres (default: the scene's bounding sphere fills the view).
+        fov_y_deg: vertical field of view.
+        target: orbit centre (default the centre of the 2-98 percentile box of the means).
+        background: background colour passed to ``render``.
+        sh_degree: SH bands used.
+        interactive_scale: resolution factor while moving (``1.0`` disables previews).
+        refine_delay_s: idle time after which the full-resolution frame is rendered.
+        play_step_deg: yaw step per turntable frame.
+        play_interval_ms: time between turntable frames.
+        tile_size: rasterizer tile size passed to ``render``; ``None``: ``render``'s per-backend
+            default (:data:`fastavatar_nb.render.DEFAULT_TILE_SIZE`).
+        render_fn: the render function (default :func:`fastavatar_nb.render.render`); it is called
+            with ``tile_size=`` only when a tile size is in effect.
+    """
+
+    def __init__(self, gaussians: Gaussians, width: int = 256, height: int = 256, backend: Backend = "auto", *,
+                 yaw_deg: float = 0.0, pitch_deg: float = 0.0, distance: float | None = None,
+                 fov_y_deg: float = 15.0, target: Sequence[float] | None = None, background: float = 1.0,
+                 sh_degree: int = 3, interactive_scale: float = 0.5, refine_delay_s: float = 0.3,
+                 play_step_deg: float = 6.0, play_interval_ms: int = 120, tile_size: int | None = None,
+                 render_fn: RenderFn | None = None) -> None:
+        import ipywidgets as widgets
+
+        if not isinstance(gaussians, Gaussians):
+            raise TypeError(f"OrbitViewer needs a Gaussians, got {type(gaussians).__name__}")
+        if gaussians.batch_shape:
+            raise ValueError(f"OrbitViewer shows one set; got batch_shape {tuple(gaussians.batch_shape)}: "
+                             "index it first (gaussians[i])")
+        if width < 8 or height < 8:
+            raise ValueError(f"OrbitViewer frame must be at least 8x8 pixels, got {width}x{height}")
+        if not 0.0 < interactive_scale <= 1.0:
+            raise ValueError(f"interactive_scale must be in (0, 1], got {interactive_scale}")
+        self.gaussians = gaussians.detach()
+        self.width, self.height = int(width), int(height)
+        self.backend = backend
+        self.fov_y_deg = float(fov_y_deg)
+        self.background = background
+        self.sh_degree = sh_degree
+        self.interactive_scale = float(interactive_scale)
+        self.refine_delay_s = float(refine_delay_s)
+        self.play_step_deg = float(play_step_deg)
+        if render_fn is None:
+            render_fn = _default_render()
+        if tile_size is not None and tile_size < 1:
+            raise ValueError(f"tile_size must be positive, got {tile_size}")
+        self._render_fn = render_fn
+        self._render_kwargs: dict[str, Any] = {} if tile_size is None else {"tile_size": int(tile_size)}
+
+        m = self.gaussians.means.to("cpu", torch.float32)
+        lo, hi = torch.quantile(m, 0.02, dim=0), torch.quantile(m, 0.98, dim=0)
+        self.target = tuple(float(v) for v in ((lo + hi) / 2 if target is None else torch.as_tensor(target)))
+        radius = max(float((hi - lo).norm()) / 2, 3.0 * float(self.gaussians.scales.max()), 1e-3)
+        d0 = radius / math.sin(math.radians(self.fov_y_deg) / 2) * 1.1 if distance is None else float(distance)
+        if not d0 > 0:
+            raise ValueError(f"OrbitViewer distance must be positive, got {d0}")
+
+        self._image_widget = widgets.Image(format="png", width=self.width, height=self.height)
+        self.yaw = widgets.FloatSlider(value=yaw_deg, min=-180, max=180, step=1, description="yaw",
+                                       continuous_update=True, readout_format=".0f")
+        self.pitch = widgets.FloatSlider(value=pitch_deg, min=-80, max=80, step=1, description="pitch",
+                                         continuous_update=True, readout_format=".0f")
+        self.distance = widgets.FloatSlider(value=d0, min=d0 / 4, max=d0 * 4, step=d0 / 100,
+                                            description="distance", continuous_update=True, readout_format=".2f")
+        self.play = widgets.Play(value=0, min=0, max=max(1, round(360 / self.play_step_deg)) - 1, step=1,
+                                 interval=play_interval_ms, repeat=True, description="turntable")
+        self.status = widgets.Label(value="")
+        self.drag_enabled = False
+        for s in (self.yaw, self.pitch, self.distance):
+            s.observe(self._on_slider, names="value")
+        self.play.observe(self._on_play, names="value")
+        self.play.observe(self._on_playing, names="playing")
+        self._play_yaw0 = float(yaw_deg)
+        self._suspend = False
+        self._dragging: tuple[float, float] | None = None
+        self._refine_handle = None
+        self._last_ms = 0.0
+        self._last_frame_t = -math.inf
+        self._frame: np.ndarray | None = None
+        self._frame_is_full = False
+        self._attach_drag()
+        self.widget = widgets.VBox([
+            self._image_widget,
+            widgets.HBox([self.play, self.status]),
+            self.yaw, self.pitch, self.distance,
+        ])
+        """The ipywidgets layout (image, turntable and status, three sliders)."""
+        self.refresh()
+
+    # ------------------------------------------------------------------ public API
+    def cameras(self, scale: float = 1.0) -> Cameras:
+        """The current view as a one-camera :class:`Cameras` at ``scale`` times the frame size."""
+        w, h = max(8, round(self.width * scale)), max(8, round(self.height * scale))
+        return Cameras.from_spherical(
+            torch.tensor([math.radians(self.yaw.value)]), torch.tensor([math.radians(self.pitch.value)]),
+            float(self.distance.value), w, h, self.fov_y_deg, self.target,
+        ).to(self.gaussians.device)
+
+    def set_view(self, yaw: float | None = None, pitch: float | None = None, distance: float | None = None) -> None:
+        """Move the camera (degrees, metres; ``None`` keeps a value) and render at full resolution."""
+        self._suspend = True
+        try:
+            if yaw is not None:
+                self.yaw.value = float(yaw)
+            if pitch is not None:
+                self.pitch.value = float(pitch)
+            if distance is not None:
+                if not distance > 0:
+                    raise ValueError(f"distance must be positive, got {distance}")
+                self.distance.value = float(distance)
+        finally:
+            self._suspend = False
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Render the current view at full resolution and show it."""
+        self._cancel_refine()
+        self._show(self._render(1.0), full=True)
+
+    def current_image(self) -> np.ndarray:
+        """The current view at full resolution, ``[height, width, 3]`` uint8 (rendered if needed)."""
+        if self._frame is None or not self._frame_is_full:
+            self.refresh()
+        return self._frame
+
+    def show(self) -> None:
+        """Display the viewer (``IPython.display.display(viewer)``)."""
+        from IPython.display import display
+
+        display(self)
+
+    @property
+    def last_ms(self) -> float:
+        """Milliseconds the last frame took to render."""
+        return self._last_ms
+
+    # ------------------------------------------------------------------ rendering
+    def _render(self, scale: float) -> np.ndarray:
+        cams = self.cameras(scale)
+        dev = self.gaussians.device
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = self._render_fn(self.gaussians, cams, background=self.background, backend=self.backend,
+                                  sh_degree=self.sh_degree, **self._render_kwargs)
+            img = out.colors[0]
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+        self._last_ms = (time.perf_counter() - t0) * 1000
+        self._last_frame_t = time.perf_counter()
+        self._last_backend = str(getattr(out, "backend", self.backend))
+        kind = "" if scale >= 1.0 else "  (preview)"
+        self.status.value = f"{self._last_backend} | {self._last_ms:.0f} ms/frame | {cams.width}x{cams.height}{kind}"
+        return to_uint8(img)
+
+    def _show(self, frame: np.ndarray, full: bool) -> None:
+        self._frame, self._frame_is_full = frame, full
+        self._image_widget.value = png_bytes(frame)
+
+    def _interactive_update(self) -> None:
+        """A view parameter changed: preview now, full resolution once motion stops."""
+        loop = _running_loop()
+        if loop is None or self.interactive_scale >= 1.0:
+            self.refresh()  # no event loop (tests, scripts): render the final frame directly
+            return
+        # Behind the frontend (frames arrive faster than they render): skip this one, the refine catches up.
+        if time.perf_counter() - self._last_frame_t >= 0.5 * self._last_ms / 1000:
+            self._show(self._render(self.interactive_scale), full=False)
+        self._cancel_refine()
+        self._refine_handle = loop.call_later(self.refine_delay_s, self._refine_if_idle)
+
+    def _refine_if_idle(self) -> None:
+        self._refine_handle = None
+        if self.play.playing or self._dragging is not None:
+            return
+        self.refresh()
+
+    def _cancel_refine(self) -> None:
+        if self._refine_handle is not None:
+            self._refine_handle.cancel()
+            self._refine_handle = None
+
+    # ------------------------------------------------------------------ widget callbacks
+    def _on_slider(self, change: dict) -> None:
+        if not self._suspend:
+            self._interactive_update()
+
+    def _on_play(self, change: dict) -> None:
+        yaw = (self._play_yaw0 + change["new"] * self.play_step_deg + 180.0) % 360.0 - 180.0
+        self.yaw.value = yaw  # triggers _on_slider
+
+    def _on_playing(self, change: dict) -> None:
+        if change["new"]:
+            self._play_yaw0 = float(self.yaw.value) - self.play.value * self.play_step_deg
+        else:
+            self.refresh()
+
+    def _attach_drag(self) -> None:
+        try:
+            from ipyevents import Event
+        except ImportError:
+            return
+        self._events = Event(source=self._image_widget,
+                             watched_events=["mousedown", "mouseup", "mousemove", "mouseleave", "wheel"],
+                             prevent_default_action=True)
+        self._events.on_dom_event(self._on_drag_event)
+        self.drag_enabled = True
+
+    def _on_drag_event(self, event: dict) -> None:
+        """ipyevents DOM event -> view change (0.5 degree per pixel; wheel zooms by 10 %)."""
+        kind = event.get("type")
+        if kind == "mousedown":
+            self._dragging = (float(event["offsetX"]), float(event["offsetY"]))
+        elif kind == "mousemove" and self._dragging is not None:
+            x, y = float(event["offsetX"]), float(event["offsetY"])
+            dx, dy = x - self._dragging[0], y - self._dragging[1]
+            self._dragging = (x, y)
+            self._suspend = True
+            try:
+                self.yaw.value = (self.yaw.value - 0.5 * dx + 180.0) % 360.0 - 180.0
+                self.pitch.value = float(np.clip(self.pitch.value + 0.5 * dy, self.pitch.min, self.pitch.max))
+            finally:
+                self._suspend = False
+            self._interactive_update()
+        elif kind in ("mouseup", "mouseleave") and self._dragging is not None:
+            self._dragging = None
+            self.refresh()
+        elif kind == "wheel":
+            factor = 1.1 if float(event.get("deltaY", 0.0)) > 0 else 1 / 1.1
+            self.distance.value = float(np.clip(self.distance.value * factor, self.distance.min, self.distance.max))
+
+    # ------------------------------------------------------------------ display
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, Any]:
+        """The widget for live frontends plus a PNG of the current view for everything else."""
+        bundle = dict(self.widget._repr_mimebundle_(include=include, exclude=exclude) or {})
+        bundle["image/png"] = base64.b64encode(png_bytes(self.current_image(), compress_level=6)).decode("ascii")
+        bundle["text/plain"] = (f"OrbitViewer(K={self.gaussians.num_gaussians}, yaw={self.yaw.value:.0f}, "
+                                f"pitch={self.pitch.value:.0f}, distance={self.distance.value:.2f}; {self.status.value})")
+        return bundle
+
+    def __repr__(self) -> str:
+        return (f"OrbitViewer(K={self.gaussians.num_gaussians}, {self.width}x{self.height}, "
+                f"backend={self.backend!r})")
+
+
+def _running_loop():
+    import asyncio
+
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -1,0 +1,25 @@
+"""Data: the in-memory :class:`MultiViewSubject`, the NeRSemble/VHAP folder format and datasets.
+
+``synthetic`` (procedural heads) and ``plots`` (figures) are imported on demand:
+``from fastavatar_nb.data import synthetic``.
+"""
+
+from .nersemble import (
+    VAL_CAMERA,
+    MissingSubjectFileError,
+    SubjectDataset,
+    SubjectFormatError,
+    default_num_test,
+    list_subject_dirs,
+    read_subject,
+    split_subjects,
+    write_split,
+    write_subject,
+)
+from .subject import MultiViewSubject, resize_images, stack_subjects, target_size
+
+__all__ = [
+    "MultiViewSubject", "resize_images", "stack_subjects", "target_size",
+    "SubjectFormatError", "MissingSubjectFileError", "read_subject", "write_subject", "list_subject_dirs",
+    "split_subjects", "write_split", "default_num_test", "SubjectDataset", "VAL_CAMERA",
+]

@@ -287,3 +287,19 @@ def test_gsplat_and_torch_backends_agree(scene):
     for k in grads["torch"]:
         a, b = grads["torch"][k], grads["gsplat"][k]
         assert (a - b).abs().mean() < 1e-3 * max(1.0, b.abs().mean().item()), k
+
+
+def test_automatic_tile_size_changes_speed_not_the_image():
+    from fastavatar_nb.render.torch_rasterizer import auto_tile_size
+
+    g = random_scene(300, seed=7, spread=0.6)
+    cam = identity_camera(W=70, H=50, f=60.0)
+    auto = render(g, cam, backend="torch")
+    for ts in (4, 16):
+        torch.testing.assert_close(render(g, cam, backend="torch", tile_size=ts).colors, auto.colors,
+                                   atol=1e-12, rtol=0)
+    # tiny Gaussians -> small tiles; huge Gaussians -> large tiles
+    m = torch.zeros(10, 2)
+    assert auto_tile_size(m, torch.full((10, 2), 1)) == 4
+    assert auto_tile_size(m + 100, torch.full((10, 2), 40)) == 16
+    assert auto_tile_size(m, torch.zeros(10, 2, dtype=torch.long)) == 16  # nothing visible

@@ -30,8 +30,9 @@ Backend = Literal["auto", "torch", "gsplat"]
 _BACKENDS = ("auto", "torch", "gsplat")
 log = logging.getLogger("fastavatar_nb.render")
 _announced: set[tuple[str, str]] = set()
-DEFAULT_TILE_SIZE = {"torch": 4, "gsplat": 16}
-"""Tile edge in pixels per backend when ``render(tile_size=None)``."""
+DEFAULT_TILE_SIZE: dict[str, int | None] = {"torch": None, "gsplat": 16}
+"""Tile edge in pixels per backend when ``render(tile_size=None)``; ``None``: the torch
+rasterizer picks 4, 8 or 16 from the Gaussians' screen size (``torch_rasterizer.auto_tile_size``)."""
 
 
 @dataclass
@@ -118,8 +119,8 @@ def render(gaussians: Gaussians, cameras: Cameras, background: float | Tensor | 
         backend: ``"auto"``, ``"torch"`` or ``"gsplat"``.
         sh_degree: highest SH band used (0-3).
         tile_size: tile edge in pixels; default :data:`DEFAULT_TILE_SIZE` of the backend (gsplat
-            16; torch 4, which is fastest for the torch rasterizer because its cost grows with
-            tile area times overlaps, see ``benchmarks/render.py``).
+            16; torch: chosen from the Gaussians' screen size, because its cost grows with tile
+            area times overlaps, see ``benchmarks/render.py``).
 
     Returns:
         :class:`RenderOutput` with ``colors [..., C, H, W, 3]``, ``alphas`` and ``depths``
@@ -141,6 +142,8 @@ def render(gaussians: Gaussians, cameras: Cameras, background: float | Tensor | 
         raise ValueError("camera intrinsics must have positive focal lengths (Ks[..., 0, 0] and Ks[..., 1, 1])")
     name = resolve_backend(backend, gaussians.device)
     tile_size = tile_size or DEFAULT_TILE_SIZE[name]
+    if name == "gsplat" and tile_size is None:
+        tile_size = 16
 
     gb = gaussians.batch_shape
     cb = cameras.viewmats.shape[:-3]

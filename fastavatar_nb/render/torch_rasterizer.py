@@ -37,7 +37,7 @@ from .sh import sh_to_color
 __all__ = [
     "ALPHA_MAX", "ALPHA_MIN", "TRANSMITTANCE_MIN",
     "world_to_camera", "perspective_projection", "conics_from_covariances", "screen_radii",
-    "TileBins", "bin_tiles", "BlendWeights", "alpha_blend", "rasterize",
+    "TILE_OVERHEAD_PX", "TileBins", "auto_tile_size", "bin_tiles", "BlendWeights", "alpha_blend", "rasterize",
 ]
 
 ALPHA_MAX = 0.999
@@ -143,6 +143,41 @@ def screen_radii(means2d: Tensor, covars2d: Tensor, det: Tensor, depths: Tensor,
     keep &= torch.isfinite(mx) & torch.isfinite(my)
     radii = torch.stack([rx, ry], -1).nan_to_num(0.0).to(torch.int64)
     return radii * keep[..., None]
+
+
+TILE_OVERHEAD_PX = 14.0
+"""Fixed cost of one (tile, Gaussian) overlap in the torch rasterizer, in units of per-pixel work
+(fitted to ``benchmarks/render.py`` on a 2-core CPU)."""
+
+
+@torch.no_grad()
+def auto_tile_size(means2d: Tensor, radii: Tensor, candidates: tuple[int, ...] = (4, 8, 16)) -> int:
+    """The tile edge with the lowest estimated blending cost for this set of projected Gaussians.
+
+    Cost model: ``M(t) * (t^2 + TILE_OVERHEAD_PX)`` where ``M(t)`` is the number of
+    (tile, Gaussian) overlaps with tiles of edge ``t`` (exact, from the extents) and ``t^2``
+    the pixels each overlap evaluates. Small tiles waste fewer pixels around small Gaussians;
+    large ones have fewer overlaps. On the 10k-Gaussian head of ``benchmarks/render.py`` this
+    picks 4 px at 69x100 and 138x200 and 8 px at 275x401, the measured optimum in five of the
+    six benchmark cases (in the sixth, 2.5k Gaussians at 138x200, it picks 8 px, measured
+    1.36x slower than 4 px).
+
+    Args:
+        means2d: ``[..., 2]`` projected centres; radii: ``[..., 2]`` extents (0 = culled).
+    """
+    r = radii.reshape(-1, 2).to(means2d.dtype)
+    m = means2d.reshape(-1, 2)
+    vis = r[:, 0] > 0
+    if not vis.any():
+        return candidates[-1]
+    r, m = r[vis], m[vis]
+
+    def cost(t: int) -> float:
+        nx = torch.ceil((m[:, 0] + r[:, 0]) / t) - torch.floor((m[:, 0] - r[:, 0]) / t)
+        ny = torch.ceil((m[:, 1] + r[:, 1]) / t) - torch.floor((m[:, 1] - r[:, 1]) / t)
+        return float((nx * ny).sum()) * (t * t + TILE_OVERHEAD_PX)
+
+    return min(candidates, key=cost)
 
 
 @dataclass
@@ -313,7 +348,7 @@ def alpha_blend(bins: TileBins, means2d: Tensor, conics: Tensor, opacities: Tens
 
 
 def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, sh: Tensor, viewmats: Tensor,
-              Ks: Tensor, width: int, height: int, sh_degree: int = 3, tile_size: int = 16,
+              Ks: Tensor, width: int, height: int, sh_degree: int = 3, tile_size: int | None = None,
               near_plane: float = 0.01, far_plane: float = 1e10, eps2d: float = 0.3,
               return_meta: bool = False):
     """Render ``B`` Gaussian sets, each from its ``C`` cameras (all steps above).
@@ -322,6 +357,8 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, s
         means ``[B, N, 3]``, quats ``[B, N, 4]`` (wxyz), scales ``[B, N, 3]`` (activated),
         opacities ``[B, N]`` (activated), sh ``[B, N, 16, 3]``,
         viewmats ``[B, C, 4, 4]``, Ks ``[B, C, 3, 3]``.
+
+    ``tile_size=None`` picks it from the Gaussians' screen size (:func:`auto_tile_size`).
 
     Returns:
         ``colors [B, C, H, W, 3]`` (premultiplied, no background), ``alphas [B, C, H, W]``,
@@ -342,6 +379,8 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, s
     dirs = means[:, None, :, :] - campos[:, :, None, :]  # [B, C, N, 3]
     colors = sh_to_color(sh[:, None].expand(B, C, N, 16, 3), dirs, sh_degree)  # [B, C, N, 3]
     n_images = B * C
+    if tile_size is None:
+        tile_size = auto_tile_size(means2d, radii)
     bins = bin_tiles(means2d.reshape(n_images, N, 2), radii.reshape(n_images, N, 2), depths.reshape(n_images, N), width, height, tile_size)
     feats = torch.cat([colors, depths[..., None]], -1).reshape(n_images, N, 4)
     out, alphas = alpha_blend(bins, means2d.reshape(n_images, N, 2), conics.reshape(n_images, N, 3), op.reshape(n_images, N), feats,

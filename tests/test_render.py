@@ -301,5 +301,5 @@ def test_automatic_tile_size_changes_speed_not_the_image():
     # tiny Gaussians -> small tiles; huge Gaussians -> large tiles
     m = torch.zeros(10, 2)
     assert auto_tile_size(m, torch.full((10, 2), 1)) == 4
-    assert auto_tile_size(m + 100, torch.full((10, 2), 40)) == 16
+    assert auto_tile_size(m + 100, torch.full((10, 2), 200)) == 16
     assert auto_tile_size(m, torch.zeros(10, 2, dtype=torch.long)) == 16  # nothing visible

@@ -5,6 +5,10 @@
 #   make test    set up .venv if needed, check that committed notebooks are clean, then run pytest over
 #                tests/ and `--nbval-lax` over notebooks/NN_*.ipynb at the smoke preset in a temporary run folder
 #                (kept, and named, when something fails)
+#                The browser check (tests/browser, marker `browser`) runs JupyterLab in headless Chromium;
+#                it is skipped when no Chromium is found, except on CI (CI=true), where Debian's `chromium`
+#                is installed with apt-get when missing and FASTAVATAR_REQUIRE_BROWSER=1 makes a missing
+#                browser a failure. Its screenshots: runs/ci-artifacts/browser/ (or $FASTAVATAR_ARTIFACTS_DIR)
 #   make strip   remove outputs and execution counts from the notebooks (before committing)
 #   make lint    ruff over the package, tests and scripts
 #   make venv    only set up .venv: `python3 -m venv .venv` and `pip install -e '.[test]'`; skipped while
@@ -24,7 +28,7 @@ PYTEST_ARGS ?=
 PIP_ARGS ?=
 SANITIZE := tests/nbval_sanitize.cfg
 
-.PHONY: help venv run test strip lint
+.PHONY: help venv browser-deps run test strip lint
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -47,11 +51,22 @@ venv:
 	touch "$$stamp"; \
 	echo "venv: ready ($(VENV), pyproject.toml $$hash)"
 
+# On CI only: Chromium for the browser check (root, or sudo). Elsewhere nothing is installed.
+browser-deps:
+	@set -euo pipefail; \
+	if [ "$${CI:-}" = "true" ] && ! command -v chromium >/dev/null 2>&1; then \
+	  echo "browser-deps: CI without Chromium: apt-get install -y chromium (for tests/browser)"; \
+	  sudo=""; if [ "$$(id -u)" -ne 0 ]; then sudo="sudo"; fi; \
+	  $$sudo apt-get update -qq; \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium >/dev/null; \
+	  echo "browser-deps: $$(chromium --version 2>/dev/null)"; \
+	fi
+
 run: venv
 	@echo "run: $(BIN)/fastavatar-nb run --preset $(PRESET) $(ARGS)"
 	@"$(BIN)/fastavatar-nb" run --preset $(PRESET) $(ARGS)
 
-test: venv
+test: venv browser-deps
 	@echo "test: checking that committed notebooks are clean (scripts/check_notebooks.py)"
 	@"$(BIN)/python" scripts/check_notebooks.py
 	@set -euo pipefail; \
@@ -65,7 +80,8 @@ test: venv
 	  echo "test: pytest tests/ (no notebooks/NN_*.ipynb yet, so nbval has nothing to run)"; \
 	fi; \
 	echo "test: FASTAVATAR_PRESET=smoke FASTAVATAR_RUN_DIR=$$run_dir (removed if everything passes)"; \
-	rc=0; FASTAVATAR_PRESET=smoke FASTAVATAR_RUN_DIR="$$run_dir" \
+	require_browser=$${FASTAVATAR_REQUIRE_BROWSER:-$$([ "$${CI:-}" = "true" ] && echo 1 || echo 0)}; \
+	rc=0; FASTAVATAR_PRESET=smoke FASTAVATAR_RUN_DIR="$$run_dir" FASTAVATAR_REQUIRE_BROWSER=$$require_browser \
 	  "$(BIN)/python" -m pytest tests "$${notebooks[@]}" "$${nbval[@]}" $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 0 ]; then rm -rf "$$run_dir"; else echo "test: failed (pytest exit $$rc); run folder kept: $$run_dir"; fi; \
 	exit $$rc

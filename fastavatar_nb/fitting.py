@@ -1,0 +1,790 @@
+"""Per-subject 3DGS fits with a fixed, corresponded set of K Gaussians (paper section 3.2).
+
+Every subject's Gaussians start at its corresponded points (point ``k`` is the same place on
+every head) and are optimised with the standard 3DGS loss and per-parameter Adam learning
+rates (gsplat's ``simple_trainer``), but **without densification or pruning**: K stays fixed
+and Gaussian ``k`` keeps its identity, which is what lets :func:`fastavatar_nb.template.build_template`
+average the fits. A mild position regulariser keeps each Gaussian near its anchor point;
+:attr:`FitResult.drift` reports how far they moved anyway.
+
+Subjects are optimised in batches: parameters are ``[S, K, ...]`` tensors and one optimiser
+step renders one view of every subject in the batch (cameras ``[S, 1]``). The loss is the sum
+of the per-subject losses and Adam is element-wise, so a subject's fit does not depend on
+which other subjects share its batch (up to floating-point summation order).
+
+Region: the corresponded points cover the head (like FLAME's in NeRSemble), not the shoulders
+or whatever else the foreground masks contain. With ``FitConfig.region = "support"`` (default)
+the loss and the reported PSNR/SSIM use only the pixels the points can explain: background
+pixels (outside the mask) and foreground pixels inside the points' *support* (the region their
+initial Gaussians cover, :func:`support_masks`). ``"image"`` uses every pixel. Full-image
+PSNR is always reported as well (``*_psnr_image``).
+
+Views: a subject's training views are all its views except ``FitConfig.holdout_view``
+(camera 8, NeRSemble's validation camera), on which the fit is evaluated. Each subject visits
+its training views in a fresh random order every epoch; the order is a pure function of
+``(seed, subject index, epoch)`` (numpy ``SeedSequence``), so a run resumed from a checkpoint
+sees exactly the views an uninterrupted run would.
+
+Checkpoints (``checkpoint=`` a folder): ``fit_state.json`` (config, subject ids, progress,
+Adam hyper-parameters) and ``fit_state.safetensors`` (parameters, Adam moments and step
+counts, finished fits, metrics and loss histories), written atomically every
+``checkpoint_every`` steps and after each batch of subjects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .cameras import Cameras
+from .data.subject import MultiViewSubject, stack_subjects
+from .gaussians import Gaussians, knn_spacing
+from .metrics import image_loss, psnr, ssim
+from .render import Backend, render, resolve_backend
+
+__all__ = [
+    "FitConfig", "FitResult", "fit_subjects", "estimate_normals", "sample_point_colors", "init_gaussians",
+    "train_views", "view_for_step", "SHORT_RUN_LRS", "evaluate_views", "support_masks", "region_weights", "Region",
+]
+
+Region = Literal["support", "image"]
+
+CHECKPOINT_JSON = "fit_state.json"
+CHECKPOINT_TENSORS = "fit_state.safetensors"
+_FORMAT = "fastavatar-nb fit checkpoint"
+_RESULT_FORMAT = "fastavatar-nb fits"
+_PARAM_NAMES = ("means", "log_scales", "quats", "opacity_logits", "sh0", "shN")
+_METRICS = ("init_train_psnr", "train_psnr", "train_ssim", "heldout_psnr", "heldout_ssim",
+            "train_psnr_image", "heldout_psnr_image")
+
+
+@dataclass
+class FitConfig:
+    """Settings of :func:`fit_subjects`. Learning rates follow gsplat's ``simple_trainer``."""
+
+    iterations: int = 200
+    """Optimiser steps per subject (each renders one training view of every subject in the batch)."""
+    batch_size: int = 4
+    """Subjects optimised together (parameters ``[S, K, ...]``)."""
+    scene_scale: float = 0.1
+    """Scene size in metres (about a head's radius); the means' learning rate is multiplied by it
+    and the position regulariser is measured in it."""
+    means_lr: float = 1.6e-4
+    """Adam learning rate of the centres, in units of ``scene_scale`` per step."""
+    means_lr_final: float = 0.01
+    """Factor the means' learning rate decays to (exponentially) by the last step (gsplat)."""
+    scales_lr: float = 5e-3
+    """Learning rate of the log-scales."""
+    quats_lr: float = 1e-3
+    """Learning rate of the (unnormalised) quaternions."""
+    opacities_lr: float = 5e-2
+    """Learning rate of the opacity logits."""
+    sh0_lr: float = 2.5e-3
+    """Learning rate of the SH DC coefficients."""
+    shN_lr: float = 2.5e-3 / 20
+    """Learning rate of the higher SH bands."""
+    sh_degree: int = 3
+    """Highest SH band optimised and rendered at the end."""
+    sh_degree_interval: int | None = None
+    """Steps between enabling SH bands (degree ``min(step // interval, sh_degree)``); ``None``:
+    ``iterations // (sh_degree + 2)``, so the last band switches on at 3/5 of the run (gsplat:
+    1000 of 30000)."""
+    ssim_lambda: float = 0.2
+    region: Region = "support"
+    """Pixels in the loss and metrics: ``"support"`` = background plus the foreground the points
+    cover (:func:`support_masks`), ``"image"`` = all."""
+    support_scale: float = 1.0
+    """Gaussian scale (times the clamped point spacing) used to draw the support region."""
+    """Loss ``(1 - ssim_lambda) L1 + ssim_lambda (1 - SSIM)`` on white background."""
+    position_reg_weight: float = 1.0
+    """Weight of ``mean_k |mu_k - anchor_k|^2 / scene_scale^2`` (per subject) keeping Gaussians near
+    their corresponded anchor points; 0 disables it."""
+    init_opacity: float = 0.5
+    """Initial opacity of every Gaussian."""
+    init_scale: float = 1.0
+    """Initial in-surface scale as a multiple of the mean distance to the 3 nearest points (that
+    distance is clamped at 3x its median over the subject, so isolated points stay small)."""
+    init_thickness: float = 0.1
+    """Initial scale along the normal relative to the in-surface scale (flat discs on the surface)."""
+    normal_neighbours: int = 16
+    """Neighbours used to estimate point normals (PCA)."""
+    holdout_view: int | None = 8
+    """View index excluded from training and evaluated (NeRSemble's val camera 8); ``None``: train on all."""
+    evaluate: bool = True
+    """Measure PSNR/SSIM of every training view before and after fitting and of the held-out view
+    (about ``2 C`` extra renders per subject); ``False`` leaves the metrics NaN (benchmarks)."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints (when a checkpoint folder is given)."""
+    tile_size: int | None = None
+    """Rasterizer tile size; ``None``: the backend's default (the torch rasterizer picks 4, 8 or 16
+    from the Gaussians' screen size)."""
+    seed: int = 0
+    """Seed of the view schedule."""
+
+    def validate(self) -> FitConfig:
+        """Raise ``ValueError`` naming the first bad field; returns ``self``."""
+        for name in ("iterations", "batch_size", "normal_neighbours", "checkpoint_every", "tile_size"):
+            v = getattr(self, name)
+            if name == "tile_size" and v is None:
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"FitConfig.{name} must be a positive int, got {v!r}")
+        if self.region not in ("support", "image"):
+            raise ValueError(f"FitConfig.region must be 'support' or 'image', got {self.region!r}")
+        for name in ("scene_scale", "means_lr_final", "init_scale", "init_thickness", "support_scale"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"FitConfig.{name} must be a positive number, got {v!r}")
+        for name in ("means_lr", "scales_lr", "quats_lr", "opacities_lr", "sh0_lr", "shN_lr", "position_reg_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"FitConfig.{name} must be a non-negative number, got {v!r}")
+        if not 0.0 <= self.ssim_lambda <= 1.0:
+            raise ValueError(f"FitConfig.ssim_lambda must be in [0, 1], got {self.ssim_lambda!r}")
+        if not 0.0 < self.init_opacity < 1.0:
+            raise ValueError(f"FitConfig.init_opacity must be in (0, 1), got {self.init_opacity!r}")
+        if self.sh_degree not in (0, 1, 2, 3):
+            raise ValueError(f"FitConfig.sh_degree must be 0..3, got {self.sh_degree!r}")
+        if self.sh_degree_interval is not None and (not isinstance(self.sh_degree_interval, int)
+                                                    or self.sh_degree_interval < 1):
+            raise ValueError(f"FitConfig.sh_degree_interval must be None or a positive int, got {self.sh_degree_interval!r}")
+        if self.holdout_view is not None and (not isinstance(self.holdout_view, int) or self.holdout_view < 0):
+            raise ValueError(f"FitConfig.holdout_view must be None or a view index >= 0, got {self.holdout_view!r}")
+        return self
+
+    def degree_at(self, step: int) -> int:
+        """SH degree used at optimiser step ``step`` (0-based)."""
+        interval = self.sh_degree_interval or max(1, self.iterations // (self.sh_degree + 2))
+        return min(step // interval, self.sh_degree)
+
+    def means_lr_at(self, step: int) -> float:
+        """Absolute learning rate of the means at ``step``: ``means_lr * scene_scale`` decaying
+        exponentially to ``means_lr_final`` times that at the last step."""
+        frac = step / max(1, self.iterations - 1)
+        return self.means_lr * self.scene_scale * self.means_lr_final ** frac
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @staticmethod
+    def for_preset(preset: Any, **overrides: Any) -> FitConfig:
+        """The config for a :class:`~fastavatar_nb.presets.Preset`: its ``fit_iterations``,
+        ``fit_batch_size`` and ``seed``; runs shorter than 1,000 steps use :data:`SHORT_RUN_LRS`
+        (gsplat's rates are tuned for 30,000 steps). ``overrides`` replace any field."""
+        kw: dict[str, Any] = {"iterations": preset.fit_iterations, "batch_size": preset.fit_batch_size,
+                              "seed": preset.seed}
+        if preset.fit_iterations < 1000:
+            kw.update(SHORT_RUN_LRS)
+        kw.update(overrides)
+        return FitConfig(**kw).validate()
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> FitConfig:
+        known = {f.name for f in dataclasses.fields(FitConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"FitConfig: unknown fields {unknown}")
+        return FitConfig(**d).validate()
+
+
+SHORT_RUN_LRS: dict[str, float] = {"means_lr": 1e-2, "scales_lr": 5e-2, "quats_lr": 1e-2, "sh0_lr": 5e-2,
+                                   "shN_lr": 2.5e-3}
+"""Learning rates for runs of a few hundred steps (the smoke preset), found by a sweep on the
+synthetic heads at 69x101, K = 2,500, 100 steps: training-view PSNR 28.7 dB against 23.8 dB
+with gsplat's rates (which assume 30,000 steps)."""
+
+
+# ----------------------------------------------------------------------------- initialisation
+def _knn_indices(points: Tensor, k: int, chunk: int = 2048) -> Tensor:
+    """Indices ``[K, k]`` of each point's ``k`` nearest other points (chunked ``cdist``)."""
+    out = []
+    for i in range(0, points.shape[0], chunk):
+        d = torch.cdist(points[i:i + chunk], points)
+        out.append(d.topk(k + 1, largest=False).indices[:, 1:])
+    return torch.cat(out)
+
+
+def estimate_normals(points: Tensor, k: int = 16, center: Tensor | None = None) -> Tensor:
+    """Unit surface normals of a point cloud by PCA of each point's neighbourhood.
+
+    The normal is the eigenvector of the smallest eigenvalue of the covariance of the point's
+    ``k`` nearest neighbours, oriented away from ``center`` (default: the centroid of the
+    points, i.e. outwards for a head).
+
+    Args:
+        points: ``[..., K, 3]``, K > k.
+        k: neighbours per point.
+        center: ``[..., 3]`` orientation centre.
+
+    Returns:
+        ``[..., K, 3]`` unit normals.
+    """
+    if points.ndim < 2 or points.shape[-1] != 3:
+        raise ValueError(f"estimate_normals: points must be [..., K, 3], got {tuple(points.shape)}")
+    K = points.shape[-2]
+    if K <= k:
+        raise ValueError(f"estimate_normals: need more than k={k} points, got K={K}")
+    flat = points.reshape(-1, K, 3)
+    if center is None:
+        centers = flat.mean(1)
+    else:
+        c = torch.as_tensor(center, dtype=points.dtype, device=points.device)
+        centers = c.expand(points.shape[:-2] + (3,)).reshape(-1, 3)
+    out = []
+    for p, c in zip(flat, centers, strict=True):
+        nb = p[_knn_indices(p, k)]                                  # [K, k, 3]
+        d = nb - nb.mean(1, keepdim=True)
+        cov = d.transpose(1, 2) @ d                                 # [K, 3, 3]
+        _, vecs = torch.linalg.eigh(cov.double())
+        n = vecs[..., 0].to(p.dtype)                                # smallest eigenvalue
+        sign = torch.where(((p - c) * n).sum(-1, keepdim=True) < 0, -1.0, 1.0)
+        out.append(n * sign)
+    return torch.stack(out).reshape(points.shape)
+
+
+def sample_point_colors(points: Tensor, normals: Tensor | None, images: Tensor, masks: Tensor,
+                        cameras: Cameras, mask_threshold: float = 0.5) -> Tensor:
+    """Colour of each point averaged over the views that see it.
+
+    Each point is projected into every view and the image is sampled bilinearly there. A view
+    counts when the point is in front of the camera, inside the image and inside the
+    foreground mask, weighted by ``cos^2`` of the angle between the normal and the direction
+    to the camera (back-facing views get weight 0; this stands in for an occlusion test on a
+    closed, mostly convex head). Points no view sees take the colour of the nearest point that
+    has one.
+
+    Args:
+        points: ``[K, 3]``; normals: ``[K, 3]`` unit (``None``: every view weight 1).
+        images: ``[C, H, W, 3]``; masks: ``[C, H, W]``; cameras: ``C`` cameras of that size.
+
+    Returns:
+        ``[K, 3]`` colours in [0, 1].
+    """
+    C, H, W = masks.shape
+    uv, z = cameras.project(points)                                   # [C, K, 2], [C, K]
+    grid = torch.stack([uv[..., 0] / W * 2 - 1, uv[..., 1] / H * 2 - 1], -1)[:, :, None, :]  # [C, K, 1, 2]
+    col = F.grid_sample(images.permute(0, 3, 1, 2), grid, mode="bilinear", align_corners=False)[..., 0]
+    col = col.permute(0, 2, 1)                                        # [C, K, 3]
+    m = F.grid_sample(masks[:, None], grid, mode="bilinear", align_corners=False)[:, 0, :, 0]  # [C, K]
+    inside = (z > 0) & (grid[..., 0, 0].abs() <= 1) & (grid[..., 0, 1].abs() <= 1) & (m > mask_threshold)
+    w = inside.to(points.dtype)
+    if normals is not None:
+        to_cam = cameras.centers[:, None, :] - points[None]            # [C, K, 3]
+        cos = (F.normalize(to_cam, dim=-1) * normals[None]).sum(-1)
+        w = w * cos.clamp_min(0) ** 2
+    total = w.sum(0)                                                  # [K]
+    colors = (w[..., None] * col).sum(0) / total.clamp_min(1e-12)[:, None]
+    seen = total > 1e-6
+    if not seen.any():
+        raise ValueError("sample_point_colors: no point projects into any view's foreground mask; "
+                         "check that points and cameras share a coordinate frame")
+    if not seen.all():
+        nearest = torch.cdist(points[~seen], points[seen]).argmin(1)
+        colors[~seen] = colors[seen][nearest]
+    return colors.clamp(0, 1)
+
+
+def init_gaussians(subject: MultiViewSubject, config: FitConfig | None = None,
+                   views: Sequence[int] | None = None) -> Gaussians:
+    """Initial Gaussians ``[K, ...]`` for one subject (3DGS initialisation, fixed K).
+
+    Centres at the corresponded points; flat discs tangent to the surface (normals from
+    :func:`estimate_normals`, in-surface scale ``init_scale`` times the mean 3-nearest-neighbour
+    spacing, thickness ``init_thickness`` of that); DC colour from the images
+    (:func:`sample_point_colors` over ``views``, default the training views); higher SH bands 0;
+    opacity ``init_opacity``.
+    """
+    config = config or FitConfig()
+    pts = subject.points
+    normals = estimate_normals(pts, k=config.normal_neighbours)
+    views = list(train_views(subject.num_views, config.holdout_view)) if views is None else list(views)
+    v = torch.tensor(views, device=pts.device)
+    cams = Cameras(subject.cameras.viewmats[v], subject.cameras.Ks[v], subject.width, subject.height)
+    colors = sample_point_colors(pts, normals, subject.images[v], subject.masks[v], cams)
+    g = Gaussians.from_points(pts, colors, scale=config.init_scale * _clamped_spacing(pts),
+                              opacity=config.init_opacity, normals=normals)
+    g.log_scales[..., 2] += math.log(config.init_thickness / 0.1)  # from_points makes discs of thickness 0.1
+    return g
+
+
+def _clamped_spacing(points: Tensor) -> Tensor:
+    """Mean 3-nearest-neighbour distance ``[..., K]``, clamped at 3x its median (isolated points)."""
+    sp = knn_spacing(points, k=3)
+    return torch.minimum(sp, 3.0 * sp.median(dim=-1, keepdim=True).values)
+
+
+@torch.no_grad()
+def support_masks(points: Tensor, cameras: Cameras, scale: float = 1.5, backend: Backend = "auto",
+                  tile_size: int | None = None) -> Tensor:
+    """The image region a set of corresponded points can explain, per view.
+
+    Renders opaque isotropic Gaussians at the points (scale ``scale`` times the clamped point
+    spacing) and maps their accumulated alpha to ``clamp((alpha - 0.25) / 0.5, 0, 1)``: 1 where
+    the points sample the surface densely, 0 where they do not (e.g. shoulders below FLAME's
+    neck, or a neck the jaw points only graze), a soft edge in between.
+
+    Args:
+        points: ``[K, 3]`` or ``[S, K, 3]``; cameras: ``[C]`` or ``[S, C]`` matching.
+
+    Returns:
+        ``[..., C, H, W]`` weights in [0, 1].
+    """
+    g = Gaussians.from_points(points, scale=scale * _clamped_spacing(points), opacity=0.99)
+    alpha = render(g, cameras, background=None, backend=backend, sh_degree=0, tile_size=tile_size).alphas
+    return ((alpha - 0.25) / 0.5).clamp(0.0, 1.0)
+
+
+def region_weights(masks: Tensor, support: Tensor) -> Tensor:
+    """Loss/metric weights ``1 - mask * (1 - support)``: background and supported foreground count."""
+    return 1.0 - masks * (1.0 - support)
+
+
+# ------------------------------------------------------------------------------- view schedule
+def train_views(num_views: int, holdout_view: int | None) -> list[int]:
+    """Training view indices: every view except ``holdout_view``."""
+    if holdout_view is not None and holdout_view >= num_views:
+        raise ValueError(f"holdout_view {holdout_view} does not exist for a subject with {num_views} views; "
+                         "set FitConfig.holdout_view=None to train on every view")
+    views = [c for c in range(num_views) if c != holdout_view]
+    if not views:
+        raise ValueError(f"no training views left: {num_views} views, holdout_view {holdout_view}")
+    return views
+
+
+def view_for_step(seed: int, subject_index: int, step: int, num_train_views: int) -> int:
+    """Position in the training-view list that subject ``subject_index`` renders at ``step``.
+
+    Epoch ``e = step // num_train_views`` visits every training view once in the order
+    ``default_rng(SeedSequence([seed, subject_index, e])).permutation(num_train_views)``.
+    """
+    epoch, pos = divmod(step, num_train_views)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, subject_index, epoch]))
+    return int(rng.permutation(num_train_views)[pos])
+
+
+# ----------------------------------------------------------------------------------- results
+@dataclass
+class FitResult:
+    """Fits of S subjects and how good they are.
+
+    Attributes:
+        subject_ids: ``S`` subject names, in the order of every ``[S, ...]`` tensor.
+        gaussians: fitted Gaussians ``[S, K, ...]``.
+        anchors: ``[S, K, 3]`` the corresponded points each fit started from.
+        init_train_psnr: ``[S]`` mean PSNR over the training views of the initial Gaussians.
+        train_psnr, train_ssim: ``[S]`` means over the training views after fitting, over the
+            pixels of ``config.region``.
+        heldout_psnr, heldout_ssim: ``[S]`` on the held-out view (NaN without one), same region.
+        train_psnr_image, heldout_psnr_image: ``[S]`` the same PSNRs over every pixel.
+        loss_history, psnr_history: ``[S, iterations]`` training loss and PSNR of the view
+            rendered at each step.
+        config: the :class:`FitConfig` used.
+        backend: renderer backend used.
+        seconds: wall time of the optimisation (summed over resumed sessions).
+    """
+
+    subject_ids: list[str]
+    gaussians: Gaussians
+    anchors: Tensor
+    init_train_psnr: Tensor
+    train_psnr: Tensor
+    train_ssim: Tensor
+    heldout_psnr: Tensor
+    heldout_ssim: Tensor
+    train_psnr_image: Tensor
+    heldout_psnr_image: Tensor
+    loss_history: Tensor
+    psnr_history: Tensor
+    config: FitConfig
+    backend: str = "torch"
+    seconds: float = 0.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def drift(self) -> Tensor:
+        """``[S, K]`` distance in metres of each fitted centre from its anchor point."""
+        return (self.gaussians.means.detach() - self.anchors).norm(dim=-1)
+
+    def drift_stats(self) -> dict[str, Tensor]:
+        """Per-subject drift summary in millimetres: ``mean, median, p95, max`` each ``[S]``."""
+        d = self.drift.float() * 1000.0
+        return {"mean_mm": d.mean(-1), "median_mm": d.median(-1).values,
+                "p95_mm": torch.quantile(d, 0.95, dim=-1), "max_mm": d.amax(-1)}
+
+    def table(self) -> list[dict[str, float | str]]:
+        """One row per subject: ids, PSNR/SSIM (train and held-out), initial PSNR and drift."""
+        ds = self.drift_stats()
+        rows = []
+        for i, sid in enumerate(self.subject_ids):
+            rows.append({
+                "subject": sid,
+                "init_train_psnr": float(self.init_train_psnr[i]),
+                "train_psnr": float(self.train_psnr[i]), "train_ssim": float(self.train_ssim[i]),
+                "heldout_psnr": float(self.heldout_psnr[i]), "heldout_ssim": float(self.heldout_ssim[i]),
+                "train_psnr_image": float(self.train_psnr_image[i]),
+                "heldout_psnr_image": float(self.heldout_psnr_image[i]),
+                "drift_mean_mm": float(ds["mean_mm"][i]), "drift_p95_mm": float(ds["p95_mm"][i]),
+            })
+        return rows
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write every tensor to one safetensors file (config and ids in its JSON metadata)."""
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"gaussians.{k}": v for k, v in self.gaussians.detach().parameters().items()}
+        tensors["anchors"] = self.anchors
+        for name in (*_METRICS, "loss_history", "psnr_history"):
+            tensors[name] = getattr(self, name)
+        meta = {"format": _RESULT_FORMAT, "subject_ids": json.dumps(self.subject_ids),
+                "config": self.config.to_json(), "backend": self.backend, "seconds": repr(self.seconds),
+                "extra": json.dumps(self.extra)}
+        _atomic_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path, meta)
+        return path
+
+    @staticmethod
+    def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> FitResult:
+        """Read a file written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no fits at {path}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        if meta.get("format") != _RESULT_FORMAT:
+            raise ValueError(f"{path}: not a fits file written by FitResult.save (format {meta.get('format')!r})")
+        t = load_file(str(path), device=str(device))
+        g = Gaussians(**{k: t[f"gaussians.{k}"] for k in ("means", "log_scales", "quats", "opacity_logits", "sh")})
+        return FitResult(
+            subject_ids=json.loads(meta["subject_ids"]), gaussians=g, anchors=t["anchors"],
+            **{name: t[name] for name in (*_METRICS, "loss_history", "psnr_history")},
+            config=FitConfig.from_dict(json.loads(meta["config"])), backend=meta.get("backend", "torch"),
+            seconds=float(meta.get("seconds", "0")), extra=json.loads(meta.get("extra", "{}")),
+        )
+
+
+def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_views(gaussians: Gaussians, images: Tensor, cameras: Cameras, views: Sequence[int],
+                   weights: Tensor | None = None, backend: Backend = "auto", sh_degree: int = 3,
+                   views_per_render: int = 4, tile_size: int | None = None) -> dict[str, Tensor]:
+    """PSNR and SSIM of batched fits on the given views (white background).
+
+    Args:
+        gaussians: ``[S, K, ...]``; images: ``[S, C, H, W, 3]``; cameras: ``[S, C]``.
+        views: view indices to evaluate.
+        weights: optional ``[S, C, H, W]`` pixel weights (e.g. :func:`region_weights`) for
+            ``psnr`` and ``ssim``.
+
+    Returns:
+        Dict of ``[S, V]`` per-view values: ``psnr`` and ``ssim`` (weighted by ``weights``; SSIM
+        with 11-pixel Gaussian windows, 'valid') and ``psnr_image`` (every pixel).
+    """
+    out: dict[str, list[Tensor]] = {"psnr": [], "ssim": [], "psnr_image": []}
+    vs = list(views)
+    H, W = images.shape[-3:-1]
+    pad = "valid" if min(H, W) >= 11 else "same"
+    for i in range(0, len(vs), views_per_render):
+        v = torch.tensor(vs[i:i + views_per_render], device=images.device)
+        cams = Cameras(cameras.viewmats[:, v], cameras.Ks[:, v], cameras.width, cameras.height)
+        r = render(gaussians, cams, background=1.0, backend=backend, sh_degree=sh_degree, tile_size=tile_size)
+        pred = r.colors.clamp(0, 1)
+        gt = images[:, v]
+        w = None if weights is None else weights[:, v]
+        out["psnr"].append(psnr(pred, gt, mask=w))
+        out["ssim"].append(ssim(pred, gt, padding=pad, mask=w))
+        out["psnr_image"].append(psnr(pred, gt))
+    return {k: torch.cat(v, 1) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------- fitting
+class _Checkpoint:
+    """A checkpoint folder: ``fit_state.json`` + ``fit_state.safetensors``."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.json = self.folder / CHECKPOINT_JSON
+        self.tensors = self.folder / CHECKPOINT_TENSORS
+
+    def exists(self) -> bool:
+        return self.json.exists() or self.tensors.exists()
+
+    def load(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        if not (self.json.is_file() and self.tensors.is_file()):
+            raise ValueError(f"incomplete checkpoint in {self.folder}: need both {CHECKPOINT_JSON} and "
+                             f"{CHECKPOINT_TENSORS}; pass overwrite=True to start afresh")
+        try:
+            state = json.loads(self.json.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{self.json}: not valid JSON ({e}); pass overwrite=True to start afresh") from e
+        if state.get("format") != _FORMAT:
+            raise ValueError(f"{self.json} is not a fit checkpoint (format {state.get('format')!r}); "
+                             "choose another folder or pass overwrite=True")
+        return state, load_file(str(self.tensors))
+
+    def save(self, state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _atomic_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, self.tensors,
+                     {"format": _FORMAT})
+        _atomic_write_text(self.json, json.dumps({"format": _FORMAT, **state}, indent=1))
+
+
+def _subject_ids(subjects: Sequence[MultiViewSubject]) -> list[str]:
+    ids = getattr(subjects, "subject_ids", None)
+    ids = list(ids) if ids is not None else [s.subject_id for s in subjects]
+    dup = sorted({s for s in ids if ids.count(s) > 1})
+    if dup:
+        raise ValueError(f"fit_subjects: subject ids must be unique, repeated: {dup}")
+    return ids
+
+
+def _split_params(g: Gaussians) -> dict[str, Tensor]:
+    return {"means": g.means, "log_scales": g.log_scales, "quats": g.quats, "opacity_logits": g.opacity_logits,
+            "sh0": g.sh[..., :1, :], "shN": g.sh[..., 1:, :]}
+
+
+def _join_params(p: dict[str, Tensor]) -> Gaussians:
+    return Gaussians(p["means"], p["log_scales"], p["quats"], p["opacity_logits"], torch.cat([p["sh0"], p["shN"]], -2))
+
+
+def _make_optimizer(params: dict[str, Tensor], config: FitConfig) -> torch.optim.Adam:
+    lrs = {"means": config.means_lr_at(0), "log_scales": config.scales_lr, "quats": config.quats_lr,
+           "opacity_logits": config.opacities_lr, "sh0": config.sh0_lr, "shN": config.shN_lr}
+    # eps as in gsplat: tiny, so steps are normalised even for faint gradients
+    return torch.optim.Adam([{"params": [params[n]], "lr": lrs[n], "name": n} for n in _PARAM_NAMES], eps=1e-15)
+
+
+def _optimizer_tensors(opt: torch.optim.Adam) -> dict[str, Tensor]:
+    out = {}
+    sd = opt.state_dict()
+    for i, name in enumerate(_PARAM_NAMES):
+        st = sd["state"].get(i)
+        if st is None:
+            continue
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            out[f"opt.{name}.{key}"] = torch.as_tensor(st[key]).reshape(-1) if key == "step" else st[key]
+    return out
+
+
+def _load_optimizer(opt: torch.optim.Adam, tensors: dict[str, Tensor], device: torch.device) -> None:
+    sd = opt.state_dict()
+    state = {}
+    for i, name in enumerate(_PARAM_NAMES):
+        if f"opt.{name}.step" in tensors:
+            state[i] = {"step": tensors[f"opt.{name}.step"].reshape(()).clone(),
+                        "exp_avg": tensors[f"opt.{name}.exp_avg"].to(device),
+                        "exp_avg_sq": tensors[f"opt.{name}.exp_avg_sq"].to(device)}
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None = None, backend: Backend = "auto",
+                 device: torch.device | str | None = None, checkpoint: str | os.PathLike | None = None,
+                 overwrite: bool = False, progress: bool = True,
+                 callback: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+    """Fit K corresponded Gaussians to each subject (fixed K, no densification or pruning).
+
+    Args:
+        subjects: S subjects (a list or a lazy dataset such as ``SubjectDataset``; read one
+            batch at a time). Subjects in one batch need equal views, image size and K.
+        config: settings (default :class:`FitConfig`).
+        backend: renderer backend (``"auto"``, ``"torch"``, ``"gsplat"``).
+        device: where to optimise (default: the first subject's device).
+        checkpoint: folder for a resumable checkpoint, or ``None``. When it already holds a
+            checkpoint of the same config and subjects the run resumes from it (a finished one
+            returns at once); a different checkpoint raises unless ``overwrite``.
+        overwrite: discard an existing, different checkpoint in ``checkpoint`` and start afresh.
+        progress: show a tqdm progress bar.
+        callback: called after every step with a dict: ``step`` (steps done in this batch),
+            ``iterations``, ``batch_start`` (index of the batch's first subject), ``subject_ids``,
+            ``loss``, ``l1``, ``ssim``, ``psnr`` (``[S_batch]`` tensors for the rendered views) and
+            ``sh_degree``.
+
+    Returns:
+        A :class:`FitResult`.
+    """
+    from tqdm.auto import tqdm
+
+    config = (config or FitConfig()).validate()
+    ids = _subject_ids(subjects)
+    n = len(ids)
+    if n == 0:
+        raise ValueError("fit_subjects: no subjects given")
+    dev = torch.device(device) if device is not None else subjects[0].device
+    backend_name = resolve_backend(backend, dev)
+    T, bs = config.iterations, config.batch_size
+
+    # ---- resume or start
+    ckpt = _Checkpoint(checkpoint) if checkpoint is not None else None
+    state: dict[str, Any] = {"num_done": 0, "batch_start": None, "step": 0, "seconds": 0.0}
+    saved: dict[str, Tensor] = {}
+    if ckpt is not None and ckpt.exists():
+        if overwrite:
+            for p in (ckpt.json, ckpt.tensors):
+                p.unlink(missing_ok=True)
+        else:
+            st, saved = ckpt.load()
+            if st.get("config") != json.loads(config.to_json()) or st.get("subject_ids") != ids:
+                raise ValueError(
+                    f"{ckpt.folder} holds a checkpoint of another fit (different config or subjects); "
+                    "use another folder or pass overwrite=True to discard it")
+            state.update({k: st[k] for k in ("num_done", "batch_start", "step", "seconds")})
+
+    hist_loss = saved.get("hist.loss", torch.full((n, T), float("nan")))
+    hist_psnr = saved.get("hist.psnr", torch.full((n, T), float("nan")))
+    done: dict[str, Tensor] = {k[5:]: v for k, v in saved.items() if k.startswith("done.")}
+
+    def checkpoint_tensors(cur: dict[str, Tensor] | None, opt: torch.optim.Adam | None) -> dict[str, Tensor]:
+        t = {"hist.loss": hist_loss, "hist.psnr": hist_psnr, **{f"done.{k}": v for k, v in done.items()}}
+        if cur is not None:
+            t.update({f"cur.{k}": v for k, v in cur.items()})
+            t.update(_optimizer_tensors(opt))
+        return t
+
+    def save(cur: dict[str, Tensor] | None, opt: torch.optim.Adam | None, seconds: float) -> None:
+        if ckpt is None:
+            return
+        ckpt.save({"config": json.loads(config.to_json()), "subject_ids": ids, "num_done": state["num_done"],
+                   "batch_start": state["batch_start"], "step": state["step"], "seconds": seconds,
+                   "backend": backend_name,
+                   "view_schedule": "numpy default_rng(SeedSequence([seed, subject_index, epoch])).permutation",
+                   "optimizer": {"type": "Adam", "eps": 1e-15, "betas": [0.9, 0.999],
+                                 "lr": {g["name"]: g["lr"] for g in opt.param_groups} if opt else None}},
+                  checkpoint_tensors(cur, opt))
+
+    total_steps = (math.ceil(n / bs) * T)
+    first_batch = state["num_done"] // bs
+    bar = tqdm(total=total_steps, initial=first_batch * T + (state["step"] if state["batch_start"] is not None else 0),
+               desc="fitting subjects", disable=not progress, unit="step")
+    t_session = time.perf_counter()
+    seconds0 = float(state["seconds"])
+    try:
+        for b0 in range(state["num_done"], n, bs):
+            idx = list(range(b0, min(n, b0 + bs)))
+            batch = [subjects[i].to(dev) for i in idx]
+            got = [s.subject_id for s in batch]
+            if got != [ids[i] for i in idx]:
+                raise ValueError(f"fit_subjects: subjects changed while fitting (expected {[ids[i] for i in idx]}, got {got})")
+            images, masks, cams, anchors = stack_subjects(batch)
+            S, C = images.shape[:2]
+            weights = None
+            if config.region == "support":
+                weights = region_weights(masks, support_masks(anchors, cams, config.support_scale, backend_name,
+                                                              config.tile_size))
+            tv = train_views(C, config.holdout_view)
+            resuming = state["batch_start"] == b0 and "cur.means" in saved
+            if resuming:
+                params = {k: saved[f"cur.{k}"].to(dev).clone() for k in _PARAM_NAMES}
+                step0 = int(state["step"])
+            else:
+                init = Gaussians.stack([init_gaussians(s, config) for s in batch])
+                params = _split_params(init.clone())
+                step0 = 0
+            for v in params.values():
+                v.requires_grad_(True)
+            opt = _make_optimizer(params, config)
+            if resuming:
+                _load_optimizer(opt, saved, dev)
+                for grp in opt.param_groups:
+                    if grp["name"] == "means":
+                        grp["lr"] = config.means_lr_at(step0)
+            nan = torch.full((S,), float("nan"), device=dev)
+            init_psnr = (saved["cur.init_train_psnr"].to(dev) if resuming and "cur.init_train_psnr" in saved
+                         else nan if not config.evaluate else evaluate_views(_join_params(params).detach(), images, cams, tv, weights, backend_name,
+                                             0, tile_size=config.tile_size)["psnr"].mean(1))
+            state["batch_start"] = b0
+            ar = torch.arange(S, device=dev)
+            for step in range(step0, T):
+                pos = torch.tensor([tv[view_for_step(config.seed, i, step, len(tv))] for i in idx], device=dev)
+                cam = Cameras(cams.viewmats[ar, pos][:, None], cams.Ks[ar, pos][:, None], cams.width, cams.height)
+                gt = images[ar, pos][:, None]                                    # [S, 1, H, W, 3]
+                deg = config.degree_at(step)
+                out = render(_join_params(params), cam, background=1.0, backend=backend_name, sh_degree=deg,
+                             tile_size=config.tile_size)
+                pred = out.colors
+                w = None
+                if weights is not None:  # pixels outside the region show the ground truth: no loss there
+                    w = weights[ar, pos][:, None]
+                    pred = w[..., None] * pred + (1.0 - w[..., None]) * gt
+                terms = image_loss(pred, gt, 1.0 - config.ssim_lambda, config.ssim_lambda)
+                reg = ((params["means"] - anchors) ** 2).sum(-1).mean(-1) / config.scene_scale ** 2  # [S]
+                loss = terms["total"][:, 0] + config.position_reg_weight * reg
+                opt.zero_grad(set_to_none=True)
+                loss.sum().backward()
+                opt.step()
+                for grp in opt.param_groups:
+                    if grp["name"] == "means":
+                        grp["lr"] = config.means_lr_at(step + 1)
+                with torch.no_grad():
+                    p = psnr(out.colors.detach().clamp(0, 1), gt, mask=w)[:, 0]
+                hist_loss[idx, step] = loss.detach().cpu()
+                hist_psnr[idx, step] = p.cpu()
+                state["step"] = step + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach().mean()):.4f}", psnr=f"{float(p.mean()):.2f}")
+                if ckpt is not None and (step + 1) % config.checkpoint_every == 0 and step + 1 < T:
+                    cur = {k: v.detach() for k, v in params.items()}
+                    cur["init_train_psnr"] = init_psnr
+                    save(cur, opt, seconds0 + time.perf_counter() - t_session)
+                if callback is not None:
+                    callback({"step": step + 1, "iterations": T, "batch_start": b0, "subject_ids": [ids[i] for i in idx],
+                              "loss": loss.detach(), "l1": terms["l1"][:, 0].detach(),
+                              "ssim": terms["ssim"][:, 0].detach(), "psnr": p, "sh_degree": deg})
+            # ---- evaluate this batch and move it to the finished fits
+            fitted = _join_params({k: v.detach() for k, v in params.items()})
+            if config.evaluate:
+                tr = evaluate_views(fitted, images, cams, tv, weights, backend_name, config.sh_degree,
+                                    tile_size=config.tile_size)
+            else:
+                tr = {k: nan[:, None] for k in ("psnr", "ssim", "psnr_image")}
+            if config.holdout_view is not None and config.evaluate:
+                ho = evaluate_views(fitted, images, cams, [config.holdout_view], weights, backend_name,
+                                    config.sh_degree, tile_size=config.tile_size)
+            else:
+                ho = {k: torch.full((S, 1), float("nan"), device=dev) for k in tr}
+            new = {**{f"g.{k}": v for k, v in fitted.parameters().items()}, "anchors": anchors,
+                   "init_train_psnr": init_psnr, "train_psnr": tr["psnr"].mean(1), "train_ssim": tr["ssim"].mean(1),
+                   "heldout_psnr": ho["psnr"][:, 0], "heldout_ssim": ho["ssim"][:, 0],
+                   "train_psnr_image": tr["psnr_image"].mean(1), "heldout_psnr_image": ho["psnr_image"][:, 0]}
+            for k, v in new.items():
+                v = v.detach().cpu()
+                done[k] = torch.cat([done[k], v]) if k in done else v
+            state.update(num_done=b0 + S, batch_start=None, step=0)
+            saved = {}
+            save(None, None, seconds0 + time.perf_counter() - t_session)
+    finally:
+        bar.close()
+
+    g = Gaussians(**{k: done[f"g.{k}"].to(dev) for k in ("means", "log_scales", "quats", "opacity_logits", "sh")})
+    return FitResult(
+        subject_ids=ids, gaussians=g, anchors=done["anchors"].to(dev),
+        **{m: done[m].to(dev) for m in _METRICS},
+        loss_history=hist_loss, psnr_history=hist_psnr, config=config, backend=backend_name,
+        seconds=seconds0 + time.perf_counter() - t_session,
+    )

@@ -1,0 +1,251 @@
+"""Fixed-K batched 3DGS fitting on tiny scenes with a known answer."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastavatar_nb.cameras import Cameras
+from fastavatar_nb.data.subject import MultiViewSubject
+from fastavatar_nb.fitting import (
+    CHECKPOINT_JSON,
+    CHECKPOINT_TENSORS,
+    SHORT_RUN_LRS,
+    FitConfig,
+    FitResult,
+    estimate_normals,
+    fit_subjects,
+    init_gaussians,
+    region_weights,
+    sample_point_colors,
+    support_masks,
+    train_views,
+    view_for_step,
+)
+from fastavatar_nb.gaussians import Gaussians, knn_spacing, rgb_to_sh0
+from fastavatar_nb.render import render
+
+W, H = 16, 24
+
+
+def _sphere_points(K: int, radius: float, seed: int) -> torch.Tensor:
+    """Roughly uniform points on a sphere (Fibonacci lattice, randomly rotated per seed)."""
+    i = torch.arange(K, dtype=torch.float64) + 0.5
+    phi = torch.acos(1 - 2 * i / K)
+    theta = math.pi * (1 + 5 ** 0.5) * i
+    p = torch.stack([torch.cos(theta) * torch.sin(phi), torch.cos(phi), torch.sin(theta) * torch.sin(phi)], -1)
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return (p @ q.T * radius).float()
+
+
+def _scene(seed: int, K: int = 200, cams: Cameras | None = None) -> tuple[MultiViewSubject, Gaussians]:
+    """A known Gaussian 'head' rendered from the 16-camera rig: the subject and the ground truth."""
+    g = torch.Generator().manual_seed(seed)
+    pts = _sphere_points(K, 0.1, seed)
+    normals = pts / pts.norm(dim=-1, keepdim=True)
+    # a smooth colour field (about one period across the head)
+    colors = (0.5 + 0.4 * torch.sin(2.5 * pts / 0.1 + torch.rand(3, generator=g) * 6)).clamp(0, 1)
+    truth = Gaussians.from_points(pts, colors, scale=knn_spacing(pts) * 0.9, opacity=0.95, normals=normals)
+    cams = cams if cams is not None else Cameras.nersemble_rig(W, H)
+    with torch.no_grad():
+        out = render(truth, cams, background=1.0, backend="torch", tile_size=4)
+    noisy = pts + 0.004 * torch.randn(pts.shape, generator=g)
+    subject = MultiViewSubject(f"s{seed}", out.colors.clamp(0, 1).contiguous(), out.alphas.clamp(0, 1).contiguous(),
+                               cams, noisy)
+    return subject, truth
+
+
+def _small_config(**kw) -> FitConfig:
+    base = dict(iterations=6, batch_size=1, checkpoint_every=2, tile_size=4, normal_neighbours=8)
+    base.update(kw)
+    return FitConfig(**base)
+
+
+def test_estimate_normals_on_a_sphere_point_outwards():
+    pts = _sphere_points(300, 0.1, 0)
+    n = estimate_normals(pts, k=10)
+    radial = pts / pts.norm(dim=-1, keepdim=True)
+    cos = (n * radial).sum(-1)
+    assert float(cos.min()) > 0.98  # outward and along the radius
+    torch.testing.assert_close(n.norm(dim=-1), torch.ones(300))
+    # batched equals per-set
+    nb = estimate_normals(torch.stack([pts, pts * 2]), k=10)
+    torch.testing.assert_close(nb[0], n)
+    torch.testing.assert_close(nb[1], n, atol=1e-5, rtol=0)
+
+
+def test_sample_point_colors_recovers_constant_colour():
+    cams = Cameras.nersemble_rig(W, H)
+    pts = _sphere_points(150, 0.1, 1)
+    images = torch.ones(16, H, W, 3)
+    images[..., 0], images[..., 1], images[..., 2] = 0.2, 0.5, 0.7
+    masks = torch.ones(16, H, W)
+    n = pts / pts.norm(dim=-1, keepdim=True)
+    col = sample_point_colors(pts, n, images, masks, cams)
+    torch.testing.assert_close(col, torch.tensor([0.2, 0.5, 0.7]).expand(150, 3), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="no point"):
+        sample_point_colors(pts + 5.0, n, images, masks, cams)
+
+
+def test_init_gaussians_matches_truth_colours_and_orientation():
+    subject, truth = _scene(2)
+    cfg = _small_config()
+    g = init_gaussians(subject, cfg)
+    assert g.num_gaussians == 200
+    torch.testing.assert_close(g.means, subject.points)
+    # on the half of the sphere the rig sees (cameras at +z), the sampled colours follow the truth
+    seen = subject.points[:, 2] > 0.02
+    err = (g.dc_colors - truth.dc_colors).abs()[seen]
+    assert float(err.median()) < 0.1
+    a, b = g.dc_colors[seen].flatten(), truth.dc_colors[seen].flatten()
+    assert float(torch.corrcoef(torch.stack([a, b]))[0, 1]) > 0.9
+    # the short axis (third) of each disc is the outward normal
+    R = g.covariances  # smallest eigenvector = normal
+    _, vecs = torch.linalg.eigh(R.double())
+    radial = subject.points / subject.points.norm(dim=-1, keepdim=True)
+    assert float((vecs[..., 0].float() * radial).sum(-1).abs().median()) > 0.9
+
+
+def test_view_schedule_is_a_permutation_per_epoch():
+    views = [view_for_step(3, 1, s, 15) for s in range(30)]
+    assert sorted(views[:15]) == list(range(15)) and sorted(views[15:]) == list(range(15))
+    assert views[:15] != views[15:]
+    assert [view_for_step(3, 2, s, 15) for s in range(15)] != views[:15]  # per subject
+    assert train_views(16, 8) == [c for c in range(16) if c != 8]
+    with pytest.raises(ValueError, match="holdout_view"):
+        train_views(4, 8)
+
+
+def test_fitting_a_known_scene_increases_psnr():
+    subject, _ = _scene(3)
+    cfg = FitConfig(iterations=60, batch_size=1, tile_size=4, normal_neighbours=8, means_lr=1.6e-3,
+                    sh0_lr=1e-2, init_opacity=0.5)
+    res = fit_subjects([subject], cfg, backend="torch", progress=False)
+    init, final = float(res.init_train_psnr[0]), float(res.train_psnr[0])
+    assert final > init + 4.0, (init, final)
+    assert float(res.heldout_psnr[0]) > init + 3.0
+    assert res.loss_history.shape == (1, 60) and torch.isfinite(res.loss_history).all()
+    assert float(res.loss_history[0, -10:].mean()) < float(res.loss_history[0, :10].mean())
+    # fixed K, Gaussians stay near their anchors
+    assert res.gaussians.batch_shape == (1,) and res.gaussians.num_gaussians == 200
+    assert float(res.drift.max()) < 0.02
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+    subjects = [_scene(4)[0], _scene(5)[0]]
+    cfg = _small_config()
+    ref = fit_subjects(subjects, cfg, backend="torch", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_second_subject(info):
+        if info["batch_start"] == 1 and info["step"] == 3:
+            raise Stop
+
+    ck = tmp_path / "ck"
+    with pytest.raises(Stop):
+        fit_subjects(subjects, cfg, backend="torch", checkpoint=ck, progress=False, callback=stop_in_second_subject)
+    state = json.loads((ck / CHECKPOINT_JSON).read_text())
+    assert (state["num_done"], state["batch_start"], state["step"]) == (1, 1, 2)  # last checkpoint: step 2
+    assert (ck / CHECKPOINT_TENSORS).is_file()
+    res = fit_subjects(subjects, cfg, backend="torch", checkpoint=ck, progress=False)
+    for name, v in ref.gaussians.parameters().items():
+        torch.testing.assert_close(getattr(res.gaussians, name), v, atol=0, rtol=0, msg=name)
+    torch.testing.assert_close(res.loss_history, ref.loss_history, atol=0, rtol=0)
+    torch.testing.assert_close(res.train_psnr, ref.train_psnr, atol=0, rtol=0)
+    torch.testing.assert_close(res.init_train_psnr, ref.init_train_psnr, atol=0, rtol=0)
+    # a finished checkpoint returns the same result without fitting again
+    again = fit_subjects(subjects, cfg, backend="torch", checkpoint=ck, progress=False,
+                         callback=lambda info: pytest.fail("should not optimise again"))
+    torch.testing.assert_close(again.gaussians.means, ref.gaussians.means, atol=0, rtol=0)
+    # another config never silently reuses or overwrites the checkpoint
+    with pytest.raises(ValueError, match="overwrite=True"):
+        fit_subjects(subjects, _small_config(iterations=4), backend="torch", checkpoint=ck, progress=False)
+    fresh = fit_subjects(subjects, _small_config(iterations=4), backend="torch", checkpoint=ck, overwrite=True,
+                         progress=False)
+    assert fresh.loss_history.shape == (2, 4)
+
+
+def test_batched_fit_equals_one_subject_at_a_time():
+    subjects = [_scene(6)[0], _scene(7)[0]]
+    one = fit_subjects(subjects, _small_config(iterations=4, batch_size=1), backend="torch", progress=False)
+    two = fit_subjects(subjects, _small_config(iterations=4, batch_size=2), backend="torch", progress=False)
+    torch.testing.assert_close(two.gaussians.means, one.gaussians.means, atol=1e-6, rtol=0)
+    torch.testing.assert_close(two.gaussians.sh, one.gaussians.sh, atol=1e-5, rtol=0)
+    torch.testing.assert_close(two.train_psnr, one.train_psnr, atol=1e-3, rtol=0)
+
+
+def test_fit_result_save_load_roundtrip(tmp_path):
+    res = fit_subjects([_scene(8)[0]], _small_config(iterations=2), backend="torch", progress=False)
+    p = res.save(tmp_path / "fits.safetensors")
+    back = FitResult.load(p)
+    assert back.subject_ids == res.subject_ids and back.config == res.config
+    for name, v in res.gaussians.parameters().items():
+        torch.testing.assert_close(getattr(back.gaussians, name), v, atol=0, rtol=0)
+    torch.testing.assert_close(back.drift, res.drift)
+    assert set(back.table()[0]) >= {"train_psnr", "heldout_psnr", "drift_mean_mm"}
+    with pytest.raises(FileExistsError, match="overwrite"):
+        res.save(p)
+    with pytest.raises(FileNotFoundError):
+        FitResult.load(Path(tmp_path) / "missing.safetensors")
+
+
+def test_fit_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="iterations"):
+        FitConfig(iterations=0).validate()
+    with pytest.raises(ValueError, match="ssim_lambda"):
+        FitConfig(ssim_lambda=2.0).validate()
+    with pytest.raises(ValueError, match="unknown fields"):
+        FitConfig.from_dict({"iterations": 3, "learning_rate": 1.0})
+    cfg = FitConfig(iterations=500, sh_degree=3)
+    assert [cfg.degree_at(s) for s in (0, 99, 100, 300, 499)] == [0, 0, 1, 3, 3]
+    assert cfg.means_lr_at(0) == pytest.approx(1.6e-4 * 0.1)
+    assert cfg.means_lr_at(499) == pytest.approx(1.6e-6 * 0.1)
+
+
+def test_dc_init_helper_is_consistent():
+    # rgb_to_sh0 is what init uses: a constant-colour scene initialises to that colour exactly
+    subject, _ = _scene(9)
+    img = torch.ones_like(subject.images) * torch.tensor([0.3, 0.6, 0.9])
+    s2 = MultiViewSubject("c", img, subject.masks, subject.cameras, subject.points)
+    g = init_gaussians(s2, _small_config())
+    torch.testing.assert_close(g.sh[:, 0], rgb_to_sh0(torch.tensor([0.3, 0.6, 0.9])).expand(200, 3),
+                               atol=1e-4, rtol=0)
+
+
+def test_support_masks_cover_the_points_only():
+    cams = Cameras.nersemble_rig(W, H)[[8]]
+    pts = _sphere_points(300, 0.1, 10)
+    sup = support_masks(pts, cams, backend="torch", tile_size=4)
+    assert sup.shape == (1, H, W)
+    assert float(sup[0, H // 2, W // 2]) == 1.0  # the sphere's centre is covered
+    assert float(sup[0, 0, 0]) == 0.0 and float(sup[0, -1, -1]) == 0.0  # corners are not
+    masks = torch.ones(1, H, W)
+    w = region_weights(masks, sup)
+    torch.testing.assert_close(w, sup)  # all foreground: the weight is the support
+    torch.testing.assert_close(region_weights(torch.zeros(1, H, W), sup), torch.ones(1, H, W))
+
+
+def test_region_image_and_no_evaluation():
+    subject, _ = _scene(11)
+    res = fit_subjects([subject], _small_config(iterations=2, region="image", evaluate=False), backend="torch",
+                       progress=False)
+    assert torch.isnan(res.train_psnr).all() and torch.isnan(res.init_train_psnr).all()
+    assert torch.isfinite(res.loss_history).all()
+    with pytest.raises(ValueError, match="region"):
+        FitConfig(region="head").validate()
+
+
+def test_config_for_preset_uses_its_sizes():
+    from fastavatar_nb import presets
+
+    p = presets.get("smoke")
+    cfg = FitConfig.for_preset(p)
+    assert (cfg.iterations, cfg.batch_size, cfg.seed) == (p.fit_iterations, p.fit_batch_size, p.seed)
+    assert cfg.means_lr == SHORT_RUN_LRS["means_lr"]
+    assert FitConfig.for_preset(p, iterations=5000).means_lr == SHORT_RUN_LRS["means_lr"]  # overrides win

@@ -1,0 +1,109 @@
+"""Template construction: per-parameter averages, quaternion averaging, files round-tripped."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastavatar_nb.gaussians import Gaussians, quat_to_rotmat
+from fastavatar_nb.ply import read_ply
+from fastavatar_nb.template import (
+    average_quaternions,
+    build_template,
+    load_template,
+    save_template,
+    template_metadata,
+)
+
+
+def _random_gaussians(K: int, seed: int, batch: tuple[int, ...] = ()) -> Gaussians:
+    g = torch.Generator().manual_seed(seed)
+    return Gaussians(
+        means=torch.randn(batch + (K, 3), generator=g) * 0.1,
+        log_scales=torch.randn(batch + (K, 3), generator=g) - 4,
+        quats=torch.randn(batch + (K, 4), generator=g),
+        opacity_logits=torch.randn(batch + (K,), generator=g),
+        sh=torch.randn(batch + (K, 16, 3), generator=g) * 0.3,
+    )
+
+
+def _same_rotation(q1: torch.Tensor, q2: torch.Tensor, atol: float = 1e-5) -> None:
+    torch.testing.assert_close(quat_to_rotmat(q1), quat_to_rotmat(q2), atol=atol, rtol=0)
+
+
+def test_template_of_identical_fits_is_the_fit():
+    one = _random_gaussians(50, 0)
+    fits = Gaussians.stack([one, one.clone(), one.clone()])
+    # flip the sign of every other subject's quaternions and rescale them: same rotations
+    fits.quats[1] = -3.0 * fits.quats[1]
+    t = build_template(fits)
+    assert t.batch_shape == ()
+    for name in ("means", "log_scales", "opacity_logits", "sh"):
+        torch.testing.assert_close(getattr(t, name), getattr(one, name))
+    _same_rotation(t.quats, one.quats)
+    # output sign agrees with the majority (subjects 0 and 2 are +q)
+    assert ((t.quats * one.rotations).sum(-1) > 0.999).all()
+
+
+def test_template_is_arithmetic_mean_in_raw_space():
+    fits = _random_gaussians(20, 1, batch=(4,))
+    t = build_template(fits)
+    torch.testing.assert_close(t.means, fits.means.mean(0))
+    torch.testing.assert_close(t.log_scales, fits.log_scales.mean(0))  # geometric mean of scales
+    torch.testing.assert_close(t.opacity_logits, fits.opacity_logits.mean(0))
+    torch.testing.assert_close(t.sh, fits.sh.mean(0))
+    torch.testing.assert_close(t.quats.norm(dim=-1), torch.ones(20))
+
+
+def test_average_of_q_and_minus_q_is_q():
+    q = torch.nn.functional.normalize(torch.randn(30, 4, generator=torch.Generator().manual_seed(2)), dim=-1)
+    avg = average_quaternions(torch.stack([q, -q, q]), dim=0)
+    torch.testing.assert_close(avg, q, atol=1e-5, rtol=0)
+    # a naive arithmetic mean of q and -q is zero: the eigenvector method still returns q (up to sign)
+    avg2 = average_quaternions(torch.stack([q, -q]), dim=0)
+    torch.testing.assert_close((avg2 * q).sum(-1).abs(), torch.ones(30), atol=1e-5, rtol=0)
+
+
+def test_average_of_symmetric_rotations_about_an_axis():
+    # rotations by +a and -a about z average to the identity; +a, +a, -a (weights) to the weighted angle
+    a = 0.4
+    qp = torch.tensor([math.cos(a / 2), 0.0, 0.0, math.sin(a / 2)])
+    qm = torch.tensor([math.cos(a / 2), 0.0, 0.0, -math.sin(a / 2)])
+    avg = average_quaternions(torch.stack([qp, -qm]), dim=0)  # sign flip on one input
+    torch.testing.assert_close(avg, torch.tensor([1.0, 0.0, 0.0, 0.0]), atol=1e-6, rtol=0)
+    # dim other than 0 and weights
+    qs = torch.stack([qp, qm], dim=0)[None]  # [1, 2, 4]
+    avg_w = average_quaternions(qs, dim=1, weights=torch.tensor([[1.0, 0.0]]))
+    torch.testing.assert_close(avg_w[0], qp, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="dim"):
+        average_quaternions(qs, dim=2)
+
+
+def test_build_template_rejects_unbatched():
+    with pytest.raises(ValueError, match="subject dimension"):
+        build_template(_random_gaussians(5, 3))
+
+
+def test_save_and_load_template(tmp_path):
+    t = build_template(_random_gaussians(40, 4, batch=(3,)))
+    ply, st = save_template(t, tmp_path / "run", metadata={"subjects": '["a", "b", "c"]'})
+    assert ply.name == "template.ply" and st.name == "template.safetensors"
+    # exact round trip through safetensors
+    back = load_template(tmp_path / "run")
+    for name, v in t.parameters().items():
+        torch.testing.assert_close(getattr(back, name), v, atol=0, rtol=0)
+    assert template_metadata(tmp_path / "run")["subjects"] == '["a", "b", "c"]'
+    # the PLY opens in our reader, is the 3DGS layout, and holds the same Gaussians
+    elements = read_ply(ply)
+    assert len(elements["vertex"].data) == 40 and "f_rest_44" in elements["vertex"].properties
+    from_ply = Gaussians.load_ply(ply)
+    for name, v in t.parameters().items():
+        torch.testing.assert_close(getattr(from_ply, name), v)
+    # never overwrite without asking
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_template(t, tmp_path / "run")
+    save_template(t, tmp_path / "run", overwrite=True)
+    with pytest.raises(FileNotFoundError):
+        load_template(tmp_path / "nowhere")

@@ -145,9 +145,10 @@ def screen_radii(means2d: Tensor, covars2d: Tensor, det: Tensor, depths: Tensor,
     return radii * keep[..., None]
 
 
-TILE_OVERHEAD_PX = 14.0
+TILE_OVERHEAD_PX = 10.0
 """Fixed cost of one (tile, Gaussian) overlap in the torch rasterizer, in units of per-pixel work
-(fitted to ``benchmarks/render.py`` on a 2-core CPU)."""
+(fitted to ``benchmarks/render.py`` tile sweeps on an idle 2-core CPU:
+``benchmarks/results/render_cpu_tiles.json``)."""
 
 
 @torch.no_grad()
@@ -157,10 +158,10 @@ def auto_tile_size(means2d: Tensor, radii: Tensor, candidates: tuple[int, ...] =
     Cost model: ``M(t) * (t^2 + TILE_OVERHEAD_PX)`` where ``M(t)`` is the number of
     (tile, Gaussian) overlaps with tiles of edge ``t`` (exact, from the extents) and ``t^2``
     the pixels each overlap evaluates. Small tiles waste fewer pixels around small Gaussians;
-    large ones have fewer overlaps. On the 10k-Gaussian head of ``benchmarks/render.py`` this
-    picks 4 px at 69x100 and 138x200 and 8 px at 275x401, the measured optimum in five of the
-    six benchmark cases (in the sixth, 2.5k Gaussians at 138x200, it picks 8 px, measured
-    1.36x slower than 4 px).
+    large ones have fewer overlaps. On the heads of ``benchmarks/render.py`` (2.5k and 10k
+    Gaussians at 69x100, 138x200, 275x401) it picks the measured fastest tile in all six cases
+    (4 px in five, 8 px for 2.5k Gaussians at 275x401); 4 and 8 px are within about 10% of each
+    other there, 16 px is 1.1-6x slower.
 
     Args:
         means2d: ``[..., 2]`` projected centres; radii: ``[..., 2]`` extents (0 = culled).

@@ -11,20 +11,17 @@ per-step callback, so initialisation and evaluation are not counted.
     .venv/bin/python benchmarks/fit.py --preset full --batch-sizes 1 8 32   # on a GPU
 
 Prints a table and writes JSON to ``benchmarks/results/local/fit_<device>.json`` (device,
-commit or "uncommitted", command, preset, rows).
+commit, command, preset, rows).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _record import RESULTS, provenance, save
 
 from fastavatar_nb import presets
 from fastavatar_nb.cameras import Cameras
@@ -48,13 +45,6 @@ def head_subject(K: int, width: int, height: int, device: torch.device, seed: in
     return MultiViewSubject("bench", out.colors.clamp(0, 1).contiguous(), out.alphas.clamp(0, 1).contiguous(),
                             cams, noisy)
 
-
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "uncommitted"
-    return head or "uncommitted"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,18 +87,11 @@ def main(argv: list[str] | None = None) -> int:
                          "tile_size": cfg.tile_size})
             print(f"{backend:7s} batch {bs:>3}  {its:8.2f} subject-it/s   {1e3 * seconds / args.steps:9.1f} ms/step",
                   flush=True)
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     record = {
-        "benchmark": "fit", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": dev_name,
-        "device_type": device.type, "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "commit": commit(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "gsplat": why, "preset": preset.name, "num_gaussians": preset.num_gaussians,
+        **provenance("fit", device, why), "preset": preset.name, "num_gaussians": preset.num_gaussians,
         "image_size": [preset.image_width, preset.image_height], "rows": rows,
     }
-    out = args.out or Path(__file__).resolve().parent / "results" / "local" / f"fit_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
+    save(record, args.out or RESULTS / "local" / f"fit_{device.type}.json")
     return 0
 
 

@@ -15,15 +15,12 @@ Writes a table to stdout and JSON to ``benchmarks/results/render_<device>.json``
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _record import RESULTS, provenance, save
 
 from fastavatar_nb.cameras import Cameras
 from fastavatar_nb.gaussians import Gaussians
@@ -94,24 +91,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{backend:7s} tile={ts or 'default':>7} K={K:>6} {W:>3}x{H:<3} "
                           f"fwd {r['forward_s'] * 1e3:8.1f} ms   fwd+bwd {r['forward_backward_s'] * 1e3:8.1f} ms",
                           flush=True)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "fastavatar_nb"], capture_output=True,
-                                    text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        commit, dirty = "unknown", False
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
     record = {
-        "benchmark": "render", "device": dev_name, "device_type": device.type,
-        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit,
-        "uncommitted_library_changes": dirty, "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "gsplat": why, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "scene": head_scene.__doc__,
+        **provenance("render", device, why), "scene": head_scene.__doc__,
         "camera": "NeRSemble camera 8 (frontal), one view per call", "rows": rows,
     }
-    out = args.out or Path(__file__).resolve().parent / "results" / f"render_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
-    print(f"wrote {out}")
+    save(record, args.out or RESULTS / f"render_{device.type}.json")
     return 0
 
 

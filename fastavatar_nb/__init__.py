@@ -3,11 +3,13 @@
 Typical use in a notebook::
 
     import fastavatar_nb as fa
+    from fastavatar_nb.render import render
     preset = fa.presets.get("auto")          # "smoke" on a CPU, "full" on a CUDA GPU
-    out = fa.render(gaussians, cameras)      # colors [..., C, H, W, 3], alphas, depths
+    out = render(gaussians, cameras)         # colors [..., C, H, W, 3], alphas, depths
 
-Core objects (:class:`Gaussians`, :class:`Cameras`, :func:`render`) are imported here;
-the stage modules (``presets``, ``data``, ``fitting``, ``template``, ``metrics``,
+:class:`Gaussians` and :class:`Cameras` are imported here; ``fa.render`` is the renderer
+subpackage (``fa.render.render`` the function, ``fa.render.torch_rasterizer`` its steps).
+The stage modules (``presets``, ``data``, ``fitting``, ``template``, ``metrics``,
 ``viewers``, ...) load on first use so ``import fastavatar_nb`` stays quick.
 """
 
@@ -17,12 +19,12 @@ import importlib
 import logging
 import sys
 
+from . import render
 from .cameras import Cameras
 from .gaussians import Gaussians
-from .render import RenderOutput, render
 
 __version__ = "0.1.0"
-__all__ = ["Cameras", "Gaussians", "RenderOutput", "render", "__version__"]
+__all__ = ["Cameras", "Gaussians", "render", "__version__"]
 
 _LAZY = {"presets", "data", "fitting", "template", "metrics", "viewers", "cli", "report", "ply", "gaussians",
          "cameras"}

@@ -297,8 +297,10 @@ def alpha_blend(bins: TileBins, means2d: Tensor, conics: Tensor, opacities: Tens
 
     Implementation: alphas are computed for the flat list of overlaps ``[M, P]``
     (``P = tile_size^2`` pixels); then every tile's depth-sorted list is padded with
-    transparent entries to the longest list, ``[tiles, L, P]``, so the transmittance is a
+    transparent entries to a common length ``L``, ``[tiles, L, P]``, so the transmittance is a
     cumulative product along ``L`` and the sum over Gaussians is one batched matrix product.
+    Tiles are grouped by list length (powers of two) and each group padded to its own
+    longest list, so padding at most doubles the work however uneven the tiles are.
 
     Args:
         bins: from :func:`bin_tiles`.
@@ -329,19 +331,30 @@ def alpha_blend(bins: TileBins, means2d: Tensor, conics: Tensor, opacities: Tens
             - (b * dy)[:, :, None] * dx[:, None, :]
         alpha = torch.clamp_max(opacities.reshape(-1)[g][:, None, None] * torch.exp(neg_sigma), ALPHA_MAX)
         alpha = alpha * (alpha >= ALPHA_MIN)
-        # pad each tile's list to L entries: [S, L, P] for the S non-empty tiles
+        feats = torch.cat([features.reshape(-1, F_)[g], torch.ones(M, 1, dtype=dtype, device=dev)], -1)
+        alpha = alpha.reshape(M, P)
         with torch.no_grad():
             tiles, counts = torch.unique_consecutive(bins.tile_ids, return_counts=True)
-            S, L = tiles.numel(), int(counts.max())
+            S = tiles.numel()
             seg = torch.repeat_interleave(torch.arange(S, device=dev), counts, output_size=M)
-            slot = seg * L + (torch.arange(M, device=dev) - bins.segment_starts)
-        alpha_p = torch.zeros(S * L, P, dtype=dtype, device=dev).index_copy(0, slot, alpha.reshape(M, P))
-        alpha_p = alpha_p.reshape(S, L, P)
-        feat_p = torch.zeros(S * L, F_ + 1, dtype=dtype, device=dev).index_copy(
-            0, slot, torch.cat([features.reshape(-1, F_)[g], torch.ones(M, 1, dtype=dtype, device=dev)], -1))
-        w = BlendWeights.apply(alpha_p)  # [S, L, P]: alpha_d T_d, 0 once the pixel is done
-        per_tile = torch.bmm(w.transpose(1, 2), feat_p.reshape(S, L, F_ + 1))  # [S, P, F+1]
-        out = out.index_copy(0, tiles, per_tile)
+            pos = torch.arange(M, device=dev) - bins.segment_starts
+            # tiles whose lists have similar lengths share a padded block: lengths in (2^(b-1), 2^b]
+            bucket = torch.ceil(torch.log2(counts.to(torch.float64))).long()
+        for b in torch.unique(bucket).tolist():
+            with torch.no_grad():
+                segs = torch.nonzero(bucket == b).squeeze(1)  # the tiles of this block
+                L = int(counts[segs].max())
+                local = torch.full((S,), -1, dtype=torch.long, device=dev)
+                local[segs] = torch.arange(segs.numel(), device=dev)
+                rows = torch.nonzero(local[seg] >= 0).squeeze(1)  # their overlaps, in order
+                slot = local[seg[rows]] * L + pos[rows]
+            # pad each tile's depth-sorted list to L entries: [tiles, L, P] and [tiles, L, F+1]
+            n = segs.numel()
+            alpha_p = torch.zeros(n * L, P, dtype=dtype, device=dev).index_copy(0, slot, alpha[rows]).reshape(n, L, P)
+            feat_p = torch.zeros(n * L, F_ + 1, dtype=dtype, device=dev).index_copy(0, slot, feats[rows])
+            w = BlendWeights.apply(alpha_p)  # [n, L, P]: alpha_d T_d, 0 once the pixel is done
+            per_tile = torch.bmm(w.transpose(1, 2), feat_p.reshape(n, L, F_ + 1))  # [n, P, F+1]
+            out = out.index_copy(0, tiles[segs], per_tile)
     img = out.reshape(bins.num_images, bins.tiles_y, bins.tiles_x, ts, ts, F_ + 1)
     img = img.permute(0, 1, 3, 2, 4, 5).reshape(bins.num_images, bins.tiles_y * ts, bins.tiles_x * ts, F_ + 1)
     img = img[:, :height, :width]

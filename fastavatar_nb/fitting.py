@@ -52,7 +52,7 @@ from torch import Tensor
 
 from .cameras import Cameras
 from .data.subject import MultiViewSubject, stack_subjects
-from .gaussians import Gaussians, knn_spacing
+from .gaussians import Gaussians, knn, knn_spacing
 from .metrics import image_loss, psnr, ssim
 from .render import Backend, render, resolve_backend
 
@@ -209,15 +209,6 @@ with gsplat's rates (which assume 30,000 steps)."""
 
 
 # ----------------------------------------------------------------------------- initialisation
-def _knn_indices(points: Tensor, k: int, chunk: int = 2048) -> Tensor:
-    """Indices ``[K, k]`` of each point's ``k`` nearest other points (chunked ``cdist``)."""
-    out = []
-    for i in range(0, points.shape[0], chunk):
-        d = torch.cdist(points[i:i + chunk], points)
-        out.append(d.topk(k + 1, largest=False).indices[:, 1:])
-    return torch.cat(out)
-
-
 def estimate_normals(points: Tensor, k: int = 16, center: Tensor | None = None) -> Tensor:
     """Unit surface normals of a point cloud by PCA of each point's neighbourhood.
 
@@ -246,7 +237,7 @@ def estimate_normals(points: Tensor, k: int = 16, center: Tensor | None = None) 
         centers = c.expand(points.shape[:-2] + (3,)).reshape(-1, 3)
     out = []
     for p, c in zip(flat, centers, strict=True):
-        nb = p[_knn_indices(p, k)]                                  # [K, k, 3]
+        nb = p[knn(p, k)[1]]                                        # [K, k, 3]
         d = nb - nb.mean(1, keepdim=True)
         cov = d.transpose(1, 2) @ d                                 # [K, 3, 3]
         _, vecs = torch.linalg.eigh(cov.double())

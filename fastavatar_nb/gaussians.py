@@ -287,17 +287,21 @@ class Gaussians:
         return read_gaussians_ply(path)
 
 
-def knn_spacing(points: Tensor, k: int = 3, chunk: int = 4096) -> Tensor:
+def knn(points: Tensor, k: int, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """The ``k`` nearest other points of every point (chunked ``cdist``, so memory stays
+    ``chunk x K``): ``[K, 3] -> (distances [K, k], indices [K, k])``, nearest first."""
+    dists, idx = [], []
+    for i in range(0, points.shape[0], chunk):
+        d = torch.cdist(points[i:i + chunk], points).topk(k + 1, largest=False)
+        dists.append(d.values[:, 1:])  # column 0 is the point itself
+        idx.append(d.indices[:, 1:])
+    return torch.cat(dists), torch.cat(idx)
+
+
+def knn_spacing(points: Tensor, k: int = 3) -> Tensor:
     """Mean distance from each point to its ``k`` nearest neighbours: ``[..., K, 3] -> [..., K]``."""
     flat = points.reshape(-1, *points.shape[-2:])
-    out = []
-    for p in flat:
-        d = []
-        for i in range(0, p.shape[0], chunk):
-            dist = torch.cdist(p[i:i + chunk], p)
-            d.append(dist.topk(k + 1, largest=False).values[:, 1:].mean(-1))
-        out.append(torch.cat(d))
-    return torch.stack(out).reshape(points.shape[:-1])
+    return torch.stack([knn(p, k)[0].mean(-1) for p in flat]).reshape(points.shape[:-1])
 
 
 def quat_from_z_to(normals: Tensor) -> Tensor:

@@ -167,8 +167,9 @@ def save_image(image: torch.Tensor | np.ndarray, where: Preset | PathLike, name:
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ValueError(f"save_image expects [H, W], [H, W, 3] or [H, W, 4], got shape {list(array.shape)}")
-    if array.dtype != np.uint8:
-        array = (np.clip(array.astype(np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    from .viewers import to_uint8  # here, so the CLI's report does not import plotly
+
+    array = to_uint8(array)
     stem = name[:-4] if name.endswith(".png") else name
     if not _NAME.match(stem):
         raise ValueError(f"Figure name {name!r} must be a plain file stem such as '01_orbit'")

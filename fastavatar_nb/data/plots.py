@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 import torch
 from PIL import Image
 
-from ..viewers import camera_frusta_traces, image_grid
+from ..viewers import camera_frusta_traces, image_grid, to_uint8
 from .subject import MultiViewSubject
 
 __all__ = ["rig_figure", "view_grid", "points_overlay", "subjects_grid"]
@@ -101,7 +101,7 @@ def points_overlay(subject: MultiViewSubject, views: Sequence[int] | None = None
     uv, z = subject.cameras.project(pts.to(subject.device))
     tiles, titles = [], []
     for v in views:
-        img = (subject.images[v].detach().cpu().numpy() * 255).round().astype(np.uint8)
+        img = to_uint8(subject.images[v])
         img = np.asarray(Image.fromarray(img).resize((subject.width * scale, subject.height * scale), Image.NEAREST))
         img = img.copy()
         col = uv[v, :, 0].floor().long().cpu()

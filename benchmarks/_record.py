@@ -19,7 +19,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=RESULTS.parent).stdout.strip()
+                              cwd=RESULTS.parent.parent).stdout.strip()  # the repository root
     except (OSError, subprocess.CalledProcessError):
         return ""
 

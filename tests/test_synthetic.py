@@ -269,7 +269,7 @@ def test_bad_inputs_raise_with_the_value():
     with pytest.raises(ValueError, match="supersample"):
         S.render_head(S.HeadParams(), Cameras.nersemble_rig(width=20), supersample=0)
     with pytest.raises(ValueError, match="num_points"):
-        S.canonical_directions(0)
+        S.canonical_rays(0)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -308,13 +308,41 @@ def test_generate_dataset_writes_resumes_and_refuses_to_overwrite(tmp_path):
     assert (tmp_path / "other_000" / "notes.txt").read_text() == "mine"
 
 
-def test_canonical_directions_are_unit_and_fixed():
-    d = S.canonical_directions(500)
-    torch.testing.assert_close(d.norm(dim=-1), torch.ones(500))
-    assert torch.equal(d, S.canonical_directions(500))
-    assert d[:, 1].min() > -0.9  # the neck below is left out
-    assert (d[:, 2] > 0).float().mean() > 0.6  # denser on the face side
-    assert math.isclose(float(d[:, 0].mean()), 0.0, abs_tol=0.02)  # left-right balanced
+def test_canonical_rays_cover_head_and_neck_and_are_fixed():
+    K = 500
+    o, d = S.canonical_rays(K)
+    assert o.shape == d.shape == (K, 3)
+    torch.testing.assert_close(d.norm(dim=-1), torch.ones(K))
+    assert torch.equal(o, S.canonical_rays(K)[0]) and torch.equal(d, S.canonical_rays(K)[1])
+    n_neck = round(S.NECK_FRACTION * K)
+    head_o, head_d, neck_o, neck_d = o[:-n_neck], d[:-n_neck], o[-n_neck:], d[-n_neck:]
+    # head rays aim at the head centre from 0.6 m; denser on the face side, left-right balanced
+    centre = torch.tensor(S.HEAD_CENTER)
+    torch.testing.assert_close(head_o + 0.6 * head_d, centre.expand_as(head_o), atol=1e-6, rtol=0)
+    assert (-head_d[:, 2] > 0).float().mean() > 0.6
+    assert math.isclose(float(head_d[:, 0].mean()), 0.0, abs_tol=0.02)
+    # neck rays are horizontal, aimed at the neck axis, spread over the band's heights and all azimuths
+    assert neck_d[:, 1].abs().max() == 0
+    axis = torch.tensor([S.NECK_AXIS_XZ[0], S.NECK_AXIS_XZ[1]])
+    torch.testing.assert_close(neck_o[:, [0, 2]] + 0.3 * neck_d[:, [0, 2]], axis.expand(n_neck, 2), atol=1e-6, rtol=0)
+    lo, hi = S.NECK_BAND_Y
+    assert lo <= float(neck_o[:, 1].min()) < lo + 0.01 and hi - 0.01 < float(neck_o[:, 1].max()) <= hi
+    azimuth = torch.atan2(neck_d[:, 0], neck_d[:, 2])
+    assert torch.histc(azimuth, bins=8, min=-math.pi, max=math.pi).min() >= n_neck / 8 * 0.7
+
+
+def test_surface_points_cover_the_neck_down_to_the_collar():
+    params = S.sample_head_params(3)
+    pts = S.surface_points(params, 800)
+    n_neck = round(S.NECK_FRACTION * 800)
+    neck = pts[-n_neck:]
+    # the neck points lie on the neck (about 5 cm from its axis) or on hair/jaw/collar in front of it
+    radius = (neck[:, [0, 2]] - torch.tensor([S.NECK_AXIS_XZ])).norm(dim=-1)
+    assert float(radius.min()) > 0.035 and float(radius.median()) < 0.07
+    assert float(pts[:, 1].min()) < -0.17  # the lowest points reach the collar
+    # every point is on the surface
+    sdf = S.head_sdf(params, pts)
+    assert float(sdf.abs().max()) < 1e-4
 
 
 @pytest.mark.gpu

@@ -11,11 +11,11 @@ and a small specular term), supersampled for soft masks, and composited on white
 The ground truth is therefore rendered by a different model (a ray-marched surface) from the
 K-Gaussian model fitted to it later: fitting is a real approximation problem.
 
-Correspondence: point ``k`` of :func:`surface_points` lies on the ray through the fixed
-canonical direction ``k`` (:func:`canonical_directions`) from the fixed head centre
-:data:`HEAD_CENTER`, at the outermost surface crossing. Every subject uses the same
-directions, so point ``k`` is the same place on every head (like FLAME's per-face points in
-NeRSemble's ``points3d.ply``).
+Correspondence: point ``k`` of :func:`surface_points` is where the fixed canonical ray ``k``
+(:func:`canonical_rays`: rays aimed at :data:`HEAD_CENTER` over the head, horizontal rays
+aimed at the neck axis over the neck) first meets the surface. Every subject uses the same
+rays, so point ``k`` is the same place on every head (like FLAME's per-face points in
+NeRSemble's ``points3d.ply``, which also cover the neck down to the collar).
 
 Conventions: metres, head near the origin, world +y up, the face looks towards +z; images
 ``[C, H, W, 3]`` float32 in [0, 1] on white, masks ``[C, H, W]`` soft coverage.
@@ -45,15 +45,15 @@ from .subject import MultiViewSubject
 
 __all__ = [
     "GENERATOR_VERSION", "HEAD_CENTER", "HairStyle", "Expression", "HeadParams", "sample_head_params",
-    "skin_albedo", "head_sdf", "render_head", "canonical_directions", "surface_points", "landmark_indices",
+    "skin_albedo", "head_sdf", "render_head", "canonical_rays", "surface_points", "landmark_indices",
     "generate_subject", "generate_dataset", "subject_seed",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 """Bumped whenever the same seed would give different pixels; stored in the attributes."""
 
 HEAD_CENTER = (0.0, 0.0, -0.02)
-"""Centre (metres) from which :func:`surface_points` casts its canonical directions."""
+"""Centre (metres) at which the head rays of :func:`canonical_rays` aim."""
 
 HairStyle = Literal["bald", "buzz", "short", "medium", "long"]
 Expression = Literal["neutral", "smile", "shout", "surprise", "smile_open"]
@@ -699,32 +699,59 @@ def _shade(head: _Head, x: Tensor, y: Tensor, z: Tensor, vx: Tensor, vy: Tensor,
     return torch.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin.clamp_min(1e-8) ** (1 / 2.4) - 0.055)
 
 
-def canonical_directions(num_points: int, device: torch.device | str | None = None) -> Tensor:
-    """The ``K`` fixed unit directions ``[K, 3]`` from :data:`HEAD_CENTER` that define the points.
+NECK_FRACTION = 0.12
+"""Share of the ``K`` corresponded points on the neck band (the rest cover the head)."""
 
-    A Fibonacci lattice over the sphere cap ``y >= -0.7`` (the neck below is left out), then
-    bent towards the face (``d + 0.35 e_z``, renormalised) so the face gets more points than the
-    back of the head.
+NECK_BAND_Y = (-0.19, -0.085)
+"""Heights (metres) of the neck band: from the shirt's collar up to under the jaw."""
+
+NECK_AXIS_XZ = (0.0, -0.040)
+"""``(x, z)`` of the vertical neck axis the neck rays aim at."""
+
+
+def canonical_rays(num_points: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """The ``K`` fixed rays that define the corresponded points: origins and unit directions ``[K, 3]``.
+
+    The first ``K - round(NECK_FRACTION * K)`` rays cover the head: a Fibonacci lattice of
+    outward directions ``d`` over the sphere cap ``y >= -0.55``, bent towards the face
+    (``d + 0.35 e_z``, renormalised) so the face gets more points than the back of the head;
+    each ray starts 0.6 m from :data:`HEAD_CENTER` along ``d`` and points back at it.
+    The last ``round(NECK_FRACTION * K)`` rays cover the neck, as FLAME's points do in
+    NeRSemble: horizontal rays on a golden-angle lattice over the heights
+    :data:`NECK_BAND_Y` and every azimuth, starting 0.3 m from the neck axis
+    (:data:`NECK_AXIS_XZ`) and pointing at it. Every ray is the same for every subject.
     """
     if num_points < 1:
-        raise ValueError(f"canonical_directions: num_points must be >= 1, got {num_points}")
-    i = torch.arange(num_points, dtype=torch.float64) + 0.5
-    y = 1.0 - i / num_points * 1.7
+        raise ValueError(f"canonical_rays: num_points must be >= 1, got {num_points}")
+    num_neck = int(round(NECK_FRACTION * num_points))
+    num_head = num_points - num_neck
+    golden = math.pi * (3.0 - math.sqrt(5.0))
+    # head: directions from the head centre
+    i = torch.arange(num_head, dtype=torch.float64) + 0.5
+    y = 1.0 - i / num_head * 1.55
     r = torch.sqrt((1.0 - y * y).clamp_min(0.0))
-    phi = i * (math.pi * (3.0 - math.sqrt(5.0)))
+    phi = i * golden
     d = torch.stack([r * torch.sin(phi), y, r * torch.cos(phi)], -1)
     d[:, 2] += 0.35
     d = d / d.norm(dim=-1, keepdim=True)
-    return d.to(dtype=torch.float32, device=device)
+    head_o = torch.tensor(HEAD_CENTER, dtype=torch.float64) + 0.6 * d
+    # neck: horizontal rays at the neck axis
+    j = torch.arange(num_neck, dtype=torch.float64) + 0.5
+    ny = NECK_BAND_Y[0] + (NECK_BAND_Y[1] - NECK_BAND_Y[0]) * j / max(num_neck, 1)
+    az = j * golden
+    out = torch.stack([torch.sin(az), torch.zeros_like(az), torch.cos(az)], -1)
+    neck_o = torch.stack([NECK_AXIS_XZ[0] + 0.3 * out[:, 0], ny, NECK_AXIS_XZ[1] + 0.3 * out[:, 2]], -1)
+    origins = torch.cat([head_o, neck_o])
+    dirs = -torch.cat([d, out])
+    return (origins.to(dtype=torch.float32, device=device), dirs.to(dtype=torch.float32, device=device))
 
 
 def surface_points(params: HeadParams, num_points: int, device: torch.device | str | None = None,
                    cpu_threads: int | None = 1) -> Tensor:
-    """``K`` corresponded points ``[K, 3]`` on the head's outer surface (skin, eyes or hair).
+    """``K`` corresponded points ``[K, 3]`` on the outer surface (skin, eyes, hair; the collar at the neck band's foot).
 
-    Point ``k`` is where the ray from outside along ``-canonical_directions(K)[k]`` towards
-    :data:`HEAD_CENTER` first meets the surface (refined to ~1e-5 m). ``cpu_threads`` as in
-    :func:`render_head`.
+    Point ``k`` is where :func:`canonical_rays` ray ``k`` first meets the surface (refined to
+    ~1e-5 m). ``cpu_threads`` as in :func:`render_head`.
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     with _cpu_threads(cpu_threads, dev):
@@ -733,13 +760,13 @@ def surface_points(params: HeadParams, num_points: int, device: torch.device | s
 
 def _surface_points(params: HeadParams, num_points: int, device: torch.device) -> Tensor:
     head = _Head(params)
-    d = canonical_directions(num_points, device)
-    dx, dy, dz = -d[:, 0], -d[:, 1], -d[:, 2]
-    R = 0.6
-    ox, oy, oz = (HEAD_CENTER[i] + R * d[:, i] for i in range(3))
+    o, d = canonical_rays(num_points, device)
+    ox, oy, oz = o.unbind(-1)
+    dx, dy, dz = d.unbind(-1)
     t0 = torch.zeros_like(ox)
-    t1 = torch.full_like(ox, R)
-    t, hit = sphere_trace(head.sdf, ox, oy, oz, dx, dy, dz, t0, t1, max_steps=300, eps=1e-5, step_scale=0.8)
+    t1 = torch.full_like(ox, 0.6)
+    t, hit = sphere_trace(head.sdf, ox, oy, oz, dx, dy, dz, t0, t1, max_steps=1000, eps=1e-5,
+                          step_scale=0.8)  # rays grazing under the jaw need many small steps
     if not bool(hit.all()):
         raise RuntimeError(f"surface_points: {int((~hit).sum())} of {num_points} canonical rays missed the head "
                            f"(params {params})")
@@ -757,14 +784,16 @@ def landmark_indices(num_points: int) -> dict[str, int]:
     """Indices of the canonical points nearest some landmarks of the average head.
 
     Keys: nose_tip, left_eye, right_eye (subject's left is +x), mouth, chin, left_ear,
-    right_ear, crown. The same index marks the same landmark on every subject (within the
+    right_ear, crown: for each, the :func:`canonical_rays` ray passing nearest to where the
+    landmark sits on the average head. The same index marks the same landmark on every subject (within the
     landmark's spread over identities and the point spacing).
     """
-    d = canonical_directions(num_points).double()
+    o, d = (t.double() for t in canonical_rays(num_points))
     out = {}
     for name, pos in _LANDMARKS.items():
-        v = torch.tensor(pos, dtype=torch.float64) - torch.tensor(HEAD_CENTER, dtype=torch.float64)
-        out[name] = int((d @ (v / v.norm())).argmax())
+        v = torch.tensor(pos, dtype=torch.float64) - o
+        t = (v * d).sum(-1).clamp(0.0, 0.6)  # closest point on each ray's first 0.6 m
+        out[name] = int((v - t[:, None] * d).norm(dim=-1).argmin())
     return out
 
 

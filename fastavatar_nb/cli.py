@@ -27,7 +27,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -165,10 +167,19 @@ def execute_notebook(
     def cell_error(cell: object, cell_index: int, execute_reply: object) -> None:
         failed_cell.append(cell_index)
 
+    kernel_name = nb.metadata.get("kernelspec", {}).get("name", "python3")
+    km = None
+    ipc_dir = None
+    if os.name == "posix":  # local IPC sockets: no TCP ports, and no "running over TCP without encryption" warning
+        from jupyter_client.manager import KernelManager
+
+        ipc_dir = tempfile.mkdtemp(prefix="fastavatar-kernel-")
+        km = KernelManager(kernel_name=kernel_name, transport="ipc", ip=os.path.join(ipc_dir, "k"))
     client = NotebookClient(
         nb,
+        km=km,
         timeout=timeout,
-        kernel_name=nb.metadata.get("kernelspec", {}).get("name", "python3"),
+        kernel_name=kernel_name,
         resources={"metadata": {"path": str(source.parent)}},
         on_cell_executed=cell_done,
         on_cell_error=cell_error,
@@ -184,6 +195,9 @@ def execute_notebook(
         error = f"DeadKernelError: {err}"
     except NoSuchKernel as err:
         error = f"NoSuchKernel: no Jupyter kernel named {err.name!r} (install ipykernel in this environment)"
+    finally:
+        if ipc_dir is not None:
+            shutil.rmtree(ipc_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
     executed.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, executed)

@@ -104,12 +104,12 @@ class FitConfig:
     ``iterations // (sh_degree + 2)``, so the last band switches on at 3/5 of the run (gsplat:
     1000 of 30000)."""
     ssim_lambda: float = 0.2
+    """Loss ``(1 - ssim_lambda) L1 + ssim_lambda (1 - SSIM)`` on white background."""
     region: Region = "support"
     """Pixels in the loss and metrics: ``"support"`` = background plus the foreground the points
     cover (:func:`support_masks`), ``"image"`` = all."""
     support_scale: float = 1.0
     """Gaussian scale (times the clamped point spacing) used to draw the support region."""
-    """Loss ``(1 - ssim_lambda) L1 + ssim_lambda (1 - SSIM)`` on white background."""
     position_reg_weight: float = 1.0
     """Weight of ``mean_k |mu_k - anchor_k|^2 / scene_scale^2`` (per subject) keeping Gaussians near
     their corresponded anchor points; 0 disables it."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nbformat
@@ -188,3 +189,14 @@ def test_presets_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["presets"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("smoke: 12 subjects") and "full: 417 subjects" in out and "auto: smoke" in out
+
+
+def test_kernels_talk_over_local_sockets_without_warnings(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    nb_dir = tmp_path / "notebooks"
+    nb_dir.mkdir()
+    write_notebook(nb_dir / "01_quiet.ipynb", "print(6 * 7)")
+    assert cli.main(["run", "--preset", "smoke", "--out", str(tmp_path / "runs"), "--notebooks", str(nb_dir)]) == 0
+    out, err = capfd.readouterr()
+    assert "[ok] 01_quiet.ipynb" in out
+    if os.name == "posix":  # IPC transport: ipykernel's "running over TCP without encryption" warning is gone
+        assert "without encryption" not in out + err

@@ -149,6 +149,7 @@ def execute_notebook(
     from jupyter_client.kernelspec import NoSuchKernel
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+    from traitlets.config import Config
 
     name = source.stem
     start = time.perf_counter()
@@ -168,16 +169,15 @@ def execute_notebook(
         failed_cell.append(cell_index)
 
     kernel_name = nb.metadata.get("kernelspec", {}).get("name", "python3")
-    km = None
+    config = Config()
     ipc_dir = None
     if os.name == "posix":  # local IPC sockets: no TCP ports, and no "running over TCP without encryption" warning
-        from jupyter_client.manager import KernelManager
-
         ipc_dir = tempfile.mkdtemp(prefix="fastavatar-kernel-")
-        km = KernelManager(kernel_name=kernel_name, transport="ipc", ip=os.path.join(ipc_dir, "k"))
+        config.KernelManager.transport = "ipc"
+        config.KernelManager.ip = os.path.join(ipc_dir, "k")
     client = NotebookClient(
         nb,
-        km=km,
+        config=config,
         timeout=timeout,
         kernel_name=kernel_name,
         resources={"metadata": {"path": str(source.parent)}},

@@ -191,12 +191,18 @@ def test_presets_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.startswith("smoke: 12 subjects") and "full: 417 subjects" in out and "auto: smoke" in out
 
 
-def test_kernels_talk_over_local_sockets_without_warnings(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_kernels_talk_over_local_sockets_and_stop_after_each_notebook(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     nb_dir = tmp_path / "notebooks"
     nb_dir.mkdir()
-    write_notebook(nb_dir / "01_quiet.ipynb", "print(6 * 7)")
+    write_notebook(nb_dir / "01_quiet.ipynb", "import os\nprint('kernel pid', os.getpid())")
     assert cli.main(["run", "--preset", "smoke", "--out", str(tmp_path / "runs"), "--notebooks", str(nb_dir)]) == 0
     out, err = capfd.readouterr()
     assert "[ok] 01_quiet.ipynb" in out
+    executed = nbformat.read(tmp_path / "runs" / "smoke" / "executed" / "01_quiet.ipynb", as_version=4)
+    pid = int(executed.cells[1].outputs[0]["text"].split()[-1])
+    assert pid != os.getpid()
+    with pytest.raises(ProcessLookupError):  # the kernel was shut down, not left to die with this process
+        os.kill(pid, 0)
     if os.name == "posix":  # IPC transport: ipykernel's "running over TCP without encryption" warning is gone
-        assert "without encryption" not in out + err
+        assert "without encryption" not in out + err and "Parent appears to have exited" not in out + err

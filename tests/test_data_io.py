@@ -363,6 +363,24 @@ def test_plots_return_objects():
     assert isinstance(plots.subjects_grid([s, make_subject(seed=1, subject_id="s1")]), Image.Image)
 
 
+def test_rays_side_view_draws_the_rays_in_the_mid_plane_slice():
+    from fastavatar_nb.data import plots
+
+    origins = torch.tensor([[0.0, 0.0, 0.6], [0.005, 0.6, 0.0], [0.0, -0.15, 0.3], [0.2, 0.0, 0.3]])
+    points = torch.tensor([[0.0, 0.0, 0.09], [0.005, 0.12, 0.0], [0.0, -0.15, 0.01], [0.08, 0.0, 0.0]])
+    groups = {"head": torch.tensor([True, True, False, True]), "neck": torch.tensor([False, False, True, False])}
+    fig = plots.rays_side_view(origins, points, groups, slice_width=0.01)
+    assert [t.name for t in fig.data] == ["head", "points (head)", "neck", "points (neck)"]
+    # ray 3 (x = 0.08) lies outside the slice; each drawn ray is origin -> point (z, y), then a gap
+    head_lines = np.asarray(fig.data[0].x, dtype=float), np.asarray(fig.data[0].y, dtype=float)
+    np.testing.assert_allclose(head_lines[0], [0.6, 0.09, np.nan, 0.0, 0.0, np.nan])
+    np.testing.assert_allclose(head_lines[1], [0.0, 0.0, np.nan, 0.6, 0.12, np.nan])
+    assert list(fig.data[3].customdata) == [2]
+    np.testing.assert_allclose(fig.data[3].x, [0.01])
+    with pytest.raises(ValueError, match="origins and points"):
+        plots.rays_side_view(origins[:2], points)
+
+
 @pytest.mark.gpu
 def test_subject_on_cuda_matches_cpu():
     s = make_subject(width=64, height=94)

@@ -17,7 +17,7 @@ from PIL import Image
 from ..viewers import camera_frusta_traces, image_grid, to_uint8
 from .subject import MultiViewSubject
 
-__all__ = ["rig_figure", "view_grid", "points_overlay", "subjects_grid"]
+__all__ = ["rig_figure", "view_grid", "points_overlay", "subjects_grid", "rays_side_view"]
 
 
 def _points_trace(points: torch.Tensor, max_points: int, name: str, seed: int = 0) -> go.Scatter3d:
@@ -142,3 +142,45 @@ def subjects_grid(subjects: Sequence[MultiViewSubject], view: int = 8, *, attrib
         values = [_fmt(s.attributes[k]) for k in attributes if k in s.attributes]
         titles.append(s.subject_id + (": " + ", ".join(values) if values else ""))
     return image_grid([s.images[view] for s in subjects], titles, cols=cols, min_height=min_height, font_size=11)
+
+
+_GROUP_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+
+
+def rays_side_view(origins: torch.Tensor, points: torch.Tensor, groups: dict[str, torch.Tensor] | None = None, *,
+                   slice_width: float = 0.012, extent: float = 0.3, height: int = 460) -> go.Figure:
+    """Side view (``z`` to the right, ``y`` up) of the rays that define corresponded points.
+
+    Ray ``k`` is drawn from ``origins[k]`` to ``points[k]`` (where it met the surface), for the
+    rays whose point lies in the slice ``|x| < slice_width`` around the head's mid-plane, so the
+    picture is a clean profile. Each group gets its own colour.
+
+    Args:
+        origins, points: ``[K, 3]`` metres.
+        groups: name -> ``[K]`` bool mask (default: every ray, one group called "rays").
+        slice_width: half-width (metres) of the slice around ``x = 0``.
+        extent: half-size (metres) of the square shown around the points' centre.
+        height: figure height in pixels.
+    """
+    o = origins.detach().to("cpu", torch.float64)
+    p = points.detach().to("cpu", torch.float64)
+    if o.shape != p.shape or o.ndim != 2 or o.shape[-1] != 3:
+        raise ValueError(f"rays_side_view: origins and points must both be [K, 3], got {tuple(o.shape)} "
+                         f"and {tuple(p.shape)}")
+    groups = {"rays": torch.ones(len(p), dtype=torch.bool)} if groups is None else groups
+    in_slice = p[:, 0].abs() < slice_width
+    fig = go.Figure()
+    for i, (name, mask) in enumerate(groups.items()):
+        colour = _GROUP_COLOURS[i % len(_GROUP_COLOURS)]
+        k = torch.nonzero(mask.cpu() & in_slice).flatten()
+        seg = torch.stack([o[k][:, [2, 1]], p[k][:, [2, 1]], torch.full((len(k), 2), float("nan"))], 1).reshape(-1, 2)
+        fig.add_trace(go.Scatter(x=seg[:, 0].numpy(), y=seg[:, 1].numpy(), mode="lines", name=f"{name}",
+                                 line=dict(color=colour, width=1), opacity=0.35, hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=p[k, 2].numpy(), y=p[k, 1].numpy(), mode="markers", name=f"points ({name})",
+                                 marker=dict(color=colour, size=4), customdata=k.numpy(),
+                                 hovertemplate="k=%{customdata}: z %{x:.3f}, y %{y:.3f} m<extra></extra>"))
+    cz, cy = float(p[:, 2].mean()), float(p[:, 1].mean())
+    fig.update_layout(height=height, xaxis=dict(title="z (m), the face looks towards +z", range=[cz - extent, cz + extent]),
+                      yaxis=dict(title="y (m)", range=[cy - extent, cy + extent], scaleanchor="x"),
+                      title=f"rays through the mid-plane (|x| < {slice_width * 1000:.0f} mm) and the points they define")
+    return fig

@@ -11,7 +11,7 @@ plus the foreground the points cover) and over every pixel.
 
 Subjects default to every folder in ``$FASTAVATAR_NERSEMBLE_ROOT`` or
 ``../shared/data/nersemble_samples``. The fit is checkpointed under
-``runs/bench/fit_nersemble/<preset>/`` so an interrupted run resumes. Writes JSON to
+``runs/bench/fit_nersemble/<preset>/<subject>-<config hash>/`` so an interrupted run resumes. Writes JSON to
 ``benchmarks/results/local/fit_nersemble_<preset>_<device>.json`` unless ``--out``.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import os
 from pathlib import Path
 
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             subject = dataclasses.replace(subject, points=subject.points[keep].contiguous())
         print(f"{subject.subject_id}: K = {subject.num_points}, {subject.width}x{subject.height}, "
               f"{config.iterations} steps, backend {preset.backend} on {device}", flush=True)
-        ckpt = presets.project_root() / "runs" / "bench" / "fit_nersemble" / preset.name / subject.subject_id
+        tag = hashlib.sha256(config.to_json().encode()).hexdigest()[:8]  # one checkpoint per config
+        ckpt = presets.project_root() / "runs" / "bench" / "fit_nersemble" / preset.name / f"{subject.subject_id}-{tag}"
         fit = fit_subjects([subject], config, backend=preset.backend, device=device, checkpoint=ckpt)
         row = {**fit.table()[0], "num_gaussians": subject.num_points, "iterations": config.iterations,
                "seconds": fit.seconds}

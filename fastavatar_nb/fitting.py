@@ -17,7 +17,9 @@ or whatever else the foreground masks contain. With ``FitConfig.region = "suppor
 the loss and the reported PSNR/SSIM use only the pixels the points can explain: background
 pixels (outside the mask) and foreground pixels inside the points' *support* (the region their
 initial Gaussians cover, :func:`support_masks`). ``"image"`` uses every pixel. Full-image
-PSNR is always reported as well (``*_psnr_image``).
+PSNR is always reported as well (``*_psnr_image``). Because the image loss cannot see the
+foreground outside the support, a small penalty on the alpha rendered there
+(``FitConfig.unsupported_alpha_weight``) keeps the head's Gaussians from spreading into it.
 
 Views: a subject's training views are all its views except ``FitConfig.holdout_view``
 (camera 8, NeRSemble's validation camera), on which the fit is evaluated. Each subject visits
@@ -110,6 +112,10 @@ class FitConfig:
     cover (:func:`support_masks`), ``"image"`` = all."""
     support_scale: float = 1.0
     """Gaussian scale (times the clamped point spacing) used to draw the support region."""
+    unsupported_alpha_weight: float = 0.1
+    """With ``region="support"``: weight of the mean rendered alpha over the foreground pixels well
+    outside the support (region weight < 0.02: the shirt). The image loss does not see those pixels,
+    so without this term Gaussians at the collar grow into them as streaks; 0 disables it."""
     position_reg_weight: float = 1.0
     """Weight of ``mean_k |mu_k - anchor_k|^2 / scene_scale^2`` (per subject) keeping Gaussians near
     their corresponded anchor points; 0 disables it."""
@@ -149,7 +155,8 @@ class FitConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ValueError(f"FitConfig.{name} must be a positive number, got {v!r}")
-        for name in ("means_lr", "scales_lr", "quats_lr", "opacities_lr", "sh0_lr", "shN_lr", "position_reg_weight"):
+        for name in ("means_lr", "scales_lr", "quats_lr", "opacities_lr", "sh0_lr", "shN_lr", "position_reg_weight",
+                     "unsupported_alpha_weight"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"FitConfig.{name} must be a non-negative number, got {v!r}")
@@ -726,6 +733,9 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
                 terms = image_loss(pred, gt, 1.0 - config.ssim_lambda, config.ssim_lambda)
                 reg = ((params["means"] - anchors) ** 2).sum(-1).mean(-1) / config.scene_scale ** 2  # [S]
                 loss = terms["total"][:, 0] + config.position_reg_weight * reg
+                if w is not None and config.unsupported_alpha_weight > 0:
+                    unsupported = (w < 0.02).to(out.alphas.dtype)  # only foreground pixels have weights < 1
+                    loss = loss + config.unsupported_alpha_weight * (out.alphas * unsupported).mean((-3, -2, -1))
                 opt.zero_grad(set_to_none=True)
                 loss.sum().backward()
                 opt.step()

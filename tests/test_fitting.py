@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -229,6 +230,28 @@ def test_support_masks_cover_the_points_only():
     w = region_weights(masks, sup)
     torch.testing.assert_close(w, sup)  # all foreground: the weight is the support
     torch.testing.assert_close(region_weights(torch.zeros(1, H, W), sup), torch.ones(1, H, W))
+
+
+def test_unsupported_alpha_penalty_clears_foreground_outside_the_support():
+    subject, _ = _scene(12)
+    # everything is foreground (a 'shirt' around the head): pixels far from the points are unsupported
+    subject = dataclasses.replace(subject, masks=torch.ones_like(subject.masks))
+    cams = subject.cameras
+    outside = (support_masks(subject.points, cams, backend="torch", tile_size=4) < 0.02).float()
+    assert outside.mean() > 0.2
+
+    def alpha_outside(weight: float) -> float:
+        res = fit_subjects([subject], _small_config(iterations=40, unsupported_alpha_weight=weight, init_scale=3.0,
+                                                    evaluate=False), backend="torch", progress=False)
+        with torch.no_grad():
+            a = render(res.gaussians[0], cams, backend="torch", tile_size=4).alphas
+        return float((a * outside).sum() / outside.sum())
+
+    free, penalised = alpha_outside(0.0), alpha_outside(5.0)
+    assert free > 0.01  # the oversized initial Gaussians do spill outside the support
+    assert penalised < 0.7 * free
+    with pytest.raises(ValueError, match="unsupported_alpha_weight"):
+        FitConfig(unsupported_alpha_weight=-1.0).validate()
 
 
 def test_region_image_and_no_evaluation():

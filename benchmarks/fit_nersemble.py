@@ -23,7 +23,6 @@ import hashlib
 import os
 from pathlib import Path
 
-import torch
 from _record import RESULTS, provenance, save
 
 from fastavatar_nb import presets
@@ -57,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for folder in folders:
         subject = read_subject(folder, width=preset.image_width, height=preset.image_height)
-        if subject.num_points > preset.num_gaussians:  # the smoke preset's K: an even subset of the points
-            keep = torch.linspace(0, subject.num_points - 1, preset.num_gaussians).round().long()
-            subject = dataclasses.replace(subject, points=subject.points[keep].contiguous())
+        subject = subject.thin_points(preset.num_gaussians)  # the smoke preset's K: an even subset
         print(f"{subject.subject_id}: K = {subject.num_points}, {subject.width}x{subject.height}, "
               f"{config.iterations} steps, backend {preset.backend} on {device}", flush=True)
         tag = hashlib.sha256(config.to_json().encode()).hexdigest()[:8]  # one checkpoint per config

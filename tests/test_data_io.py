@@ -346,6 +346,19 @@ def test_real_samples_as_dataset():
     assert (s.width, s.height) == (55, 80) and s.mask_coverage().min() > 0.9
 
 
+def test_thin_points_keeps_an_even_subset_in_order():
+    s = make_subject(num_points=300)
+    t = s.thin_points(100)
+    assert t.num_points == 100 and t.images is s.images
+    torch.testing.assert_close(t.points[0], s.points[0])
+    torch.testing.assert_close(t.points[-1], s.points[-1])
+    idx = torch.cdist(t.points, s.points).argmin(1)
+    assert (idx.diff() == 3).float().mean() > 0.95  # about every third point, in index order
+    assert s.thin_points(500).num_points == 300  # fewer points than asked: all of them
+    with pytest.raises(ValueError, match="num_points"):
+        s.thin_points(0)
+
+
 # -------------------------------------------------------------------- plots
 def test_plots_return_objects():
     import plotly.graph_objects as go

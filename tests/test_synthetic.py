@@ -314,7 +314,8 @@ def test_canonical_rays_cover_head_and_neck_and_are_fixed():
     assert o.shape == d.shape == (K, 3)
     torch.testing.assert_close(d.norm(dim=-1), torch.ones(K))
     assert torch.equal(o, S.canonical_rays(K)[0]) and torch.equal(d, S.canonical_rays(K)[1])
-    n_neck = round(S.NECK_FRACTION * K)
+    n_neck = S.num_neck_rays(K)
+    assert n_neck == 60  # NECK_FRACTION = 12 % of the rays, the last ones
     head_o, head_d, neck_o, neck_d = o[:-n_neck], d[:-n_neck], o[-n_neck:], d[-n_neck:]
     # head rays aim at the head centre from 0.6 m; denser on the face side, left-right balanced
     centre = torch.tensor(S.HEAD_CENTER)
@@ -334,7 +335,7 @@ def test_canonical_rays_cover_head_and_neck_and_are_fixed():
 def test_surface_points_cover_the_neck_down_to_the_collar():
     params = S.sample_head_params(3)
     pts = S.surface_points(params, 800)
-    n_neck = round(S.NECK_FRACTION * 800)
+    n_neck = S.num_neck_rays(800)
     neck = pts[-n_neck:]
     # the neck points lie on the neck (about 5 cm from its axis) or on hair/jaw/collar in front of it
     radius = (neck[:, [0, 2]] - torch.tensor([S.NECK_AXIS_XZ])).norm(dim=-1)

@@ -174,7 +174,7 @@ def rays_side_view(origins: torch.Tensor, points: torch.Tensor, groups: dict[str
         colour = _GROUP_COLOURS[i % len(_GROUP_COLOURS)]
         k = torch.nonzero(mask.cpu() & in_slice).flatten()
         seg = torch.stack([o[k][:, [2, 1]], p[k][:, [2, 1]], torch.full((len(k), 2), float("nan"))], 1).reshape(-1, 2)
-        fig.add_trace(go.Scatter(x=seg[:, 0].numpy(), y=seg[:, 1].numpy(), mode="lines", name=f"{name}",
+        fig.add_trace(go.Scatter(x=seg[:, 0].numpy(), y=seg[:, 1].numpy(), mode="lines", name=name,
                                  line=dict(color=colour, width=1), opacity=0.35, hoverinfo="skip"))
         fig.add_trace(go.Scatter(x=p[k, 2].numpy(), y=p[k, 1].numpy(), mode="markers", name=f"points ({name})",
                                  marker=dict(color=colour, size=4), customdata=k.numpy(),

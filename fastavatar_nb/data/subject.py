@@ -231,6 +231,20 @@ class MultiViewSubject:
         return self._replace(images=self.images[t], masks=self.masks[t], cameras=cams,
                              camera_ids=[self.camera_ids[i] for i in idx])
 
+    def thin_points(self, num_points: int) -> MultiViewSubject:
+        """A subject with ``num_points`` of its points, evenly spaced in index order (all when it has
+        no more than that), e.g. NeRSemble's 10,144 FLAME points at a small preset's ``K``.
+
+        Keeping every ``K/num_points``-th index breaks the correspondence with subjects thinned to
+        another count: use it for single-subject demos, not for data that gets averaged.
+        """
+        if num_points < 1:
+            raise ValueError(f"thin_points on {self.subject_id!r}: num_points must be >= 1, got {num_points}")
+        if self.num_points <= num_points:
+            return self._replace()
+        keep = torch.linspace(0, self.num_points - 1, num_points, device=self.device).round().long()
+        return self._replace(points=self.points[keep].contiguous())
+
     def view(self, i: int) -> MultiViewSubject:
         """View ``i`` as a one-view subject (``images [1, H, W, 3]``; keeps the view dim like ``cams[i]``)."""
         return self.select_views([i])

@@ -45,7 +45,7 @@ from .subject import MultiViewSubject
 
 __all__ = [
     "GENERATOR_VERSION", "HEAD_CENTER", "HairStyle", "Expression", "HeadParams", "sample_head_params",
-    "skin_albedo", "head_sdf", "render_head", "canonical_rays", "surface_points", "landmark_indices",
+    "skin_albedo", "head_sdf", "render_head", "canonical_rays", "num_neck_rays", "surface_points", "landmark_indices",
     "generate_subject", "generate_dataset", "subject_seed",
 ]
 
@@ -709,6 +709,11 @@ NECK_AXIS_XZ = (0.0, -0.040)
 """``(x, z)`` of the vertical neck axis the neck rays aim at."""
 
 
+def num_neck_rays(num_points: int) -> int:
+    """How many of :func:`canonical_rays`' ``num_points`` rays cover the neck: they are the last ones."""
+    return int(round(NECK_FRACTION * num_points))
+
+
 def canonical_rays(num_points: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     """The ``K`` fixed rays that define the corresponded points: origins and unit directions ``[K, 3]``.
 
@@ -723,7 +728,7 @@ def canonical_rays(num_points: int, device: torch.device | str | None = None) ->
     """
     if num_points < 1:
         raise ValueError(f"canonical_rays: num_points must be >= 1, got {num_points}")
-    num_neck = int(round(NECK_FRACTION * num_points))
+    num_neck = num_neck_rays(num_points)
     num_head = num_points - num_neck
     golden = math.pi * (3.0 - math.sqrt(5.0))
     # head: directions from the head centre

@@ -708,6 +708,9 @@ NECK_BAND_Y = (-0.19, -0.085)
 NECK_AXIS_XZ = (0.0, -0.040)
 """``(x, z)`` of the vertical neck axis the neck rays aim at."""
 
+_RAY_LENGTH = 0.6
+"""Metres from a head ray's origin to HEAD_CENTER; no canonical ray needs to march further."""
+
 
 def num_neck_rays(num_points: int) -> int:
     """How many of :func:`canonical_rays`' ``num_points`` rays cover the neck: they are the last ones."""
@@ -720,7 +723,7 @@ def canonical_rays(num_points: int, device: torch.device | str | None = None) ->
     The first ``K - round(NECK_FRACTION * K)`` rays cover the head: a Fibonacci lattice of
     outward directions ``d`` over the sphere cap ``y >= -0.55``, bent towards the face
     (``d + 0.35 e_z``, renormalised) so the face gets more points than the back of the head;
-    each ray starts 0.6 m from :data:`HEAD_CENTER` along ``d`` and points back at it.
+    each ray starts ``_RAY_LENGTH`` (0.6 m) from :data:`HEAD_CENTER` along ``d`` and points back at it.
     The last ``round(NECK_FRACTION * K)`` rays cover the neck, as FLAME's points do in
     NeRSemble: horizontal rays on a golden-angle lattice over the heights
     :data:`NECK_BAND_Y` and every azimuth, starting 0.3 m from the neck axis
@@ -739,7 +742,7 @@ def canonical_rays(num_points: int, device: torch.device | str | None = None) ->
     d = torch.stack([r * torch.sin(phi), y, r * torch.cos(phi)], -1)
     d[:, 2] += 0.35
     d = d / d.norm(dim=-1, keepdim=True)
-    head_o = torch.tensor(HEAD_CENTER, dtype=torch.float64) + 0.6 * d
+    head_o = torch.tensor(HEAD_CENTER, dtype=torch.float64) + _RAY_LENGTH * d
     # neck: horizontal rays at the neck axis
     j = torch.arange(num_neck, dtype=torch.float64) + 0.5
     ny = NECK_BAND_Y[0] + (NECK_BAND_Y[1] - NECK_BAND_Y[0]) * j / max(num_neck, 1)
@@ -769,7 +772,7 @@ def _surface_points(params: HeadParams, num_points: int, device: torch.device) -
     ox, oy, oz = o.unbind(-1)
     dx, dy, dz = d.unbind(-1)
     t0 = torch.zeros_like(ox)
-    t1 = torch.full_like(ox, 0.6)
+    t1 = torch.full_like(ox, _RAY_LENGTH)
     t, hit = sphere_trace(head.sdf, ox, oy, oz, dx, dy, dz, t0, t1, max_steps=1000, eps=1e-5,
                           step_scale=0.8)  # rays grazing under the jaw need many small steps
     if not bool(hit.all()):
@@ -797,7 +800,7 @@ def landmark_indices(num_points: int) -> dict[str, int]:
     out = {}
     for name, pos in _LANDMARKS.items():
         v = torch.tensor(pos, dtype=torch.float64) - o
-        t = (v * d).sum(-1).clamp(0.0, 0.6)  # closest point on each ray's first 0.6 m
+        t = (v * d).sum(-1).clamp(0.0, _RAY_LENGTH)  # closest point on each ray's marched segment
         out[name] = int((v - t[:, None] * d).norm(dim=-1).argmin())
     return out
 

@@ -49,9 +49,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from ._io import atomic_save_tensors, atomic_write_text, config_from_dict
 from .cameras import Cameras
 from .data.subject import MultiViewSubject, stack_subjects
 from .gaussians import Gaussians, knn, knn_spacing
@@ -61,6 +62,7 @@ from .render import Backend, render, resolve_backend
 __all__ = [
     "FitConfig", "FitResult", "fit_subjects", "estimate_normals", "sample_point_colors", "init_gaussians",
     "train_views", "view_for_step", "SHORT_RUN_LRS", "evaluate_views", "support_masks", "region_weights", "Region",
+    "region_loss",
 ]
 
 Region = Literal["support", "image"]
@@ -201,11 +203,7 @@ class FitConfig:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> FitConfig:
-        known = {f.name for f in dataclasses.fields(FitConfig)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"FitConfig: unknown fields {unknown}")
-        return FitConfig(**d).validate()
+        return config_from_dict(FitConfig, d)
 
 
 SHORT_RUN_LRS: dict[str, float] = {"means_lr": 1e-2, "scales_lr": 5e-2, "quats_lr": 1e-2, "sh0_lr": 5e-2,
@@ -374,6 +372,35 @@ def view_for_step(seed: int, subject_index: int, step: int, num_train_views: int
     return int(rng.permutation(num_train_views)[pos])
 
 
+def region_loss(colors: Tensor, alphas: Tensor, gt: Tensor, weights: Tensor | None, l1_weight: float,
+                ssim_weight: float, unsupported_alpha_weight: float = 0.0,
+                lpips_weight: float = 0.0) -> dict[str, Tensor]:
+    """The photometric loss of a render over a region of the image (fitting and the decoder share it).
+
+    Pixels with weight 0 show the ground truth in the prediction (so neither L1 nor SSIM sees
+    them), weight 1 the render, soft weights a blend. On foreground pixels well outside the
+    region (weight < 0.02, e.g. the shirt) ``unsupported_alpha_weight`` times the mean rendered
+    alpha is added, so Gaussians are not free to grow into what the loss cannot see.
+
+    Args:
+        colors: ``[..., H, W, 3]`` render on the same background as ``gt``; alphas: ``[..., H, W]``.
+        gt: ``[..., H, W, 3]``; weights: ``[..., H, W]`` (:func:`region_weights`) or ``None`` (all pixels).
+        l1_weight, ssim_weight, lpips_weight: see :func:`fastavatar_nb.metrics.image_loss`.
+
+    Returns:
+        :func:`~fastavatar_nb.metrics.image_loss`'s dict of ``[...]`` terms, with ``"total"``
+        including the alpha term.
+    """
+    pred = colors
+    if weights is not None:  # pixels outside the region show the ground truth: no loss there
+        pred = weights[..., None] * colors + (1.0 - weights[..., None]) * gt
+    terms = image_loss(pred, gt, l1_weight, ssim_weight, lpips_weight)
+    if weights is not None and unsupported_alpha_weight > 0:
+        unsupported = (weights < 0.02).to(alphas.dtype)  # only foreground pixels have weights < 1
+        terms["total"] = terms["total"] + unsupported_alpha_weight * (alphas * unsupported).mean((-2, -1))
+    return terms
+
+
 # ----------------------------------------------------------------------------------- results
 @dataclass
 class FitResult:
@@ -452,7 +479,7 @@ class FitResult:
         meta = {"format": _RESULT_FORMAT, "subject_ids": json.dumps(self.subject_ids),
                 "config": self.config.to_json(), "backend": self.backend, "seconds": repr(self.seconds),
                 "extra": json.dumps(self.extra)}
-        _atomic_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, path, meta)
+        atomic_save_tensors(tensors, path, meta)
         return path
 
     @staticmethod
@@ -473,18 +500,6 @@ class FitResult:
             config=FitConfig.from_dict(json.loads(meta["config"])), backend=meta.get("backend", "torch"),
             seconds=float(meta.get("seconds", "0")), extra=json.loads(meta.get("extra", "{}")),
         )
-
-
-def _atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -------------------------------------------------------------------------------- evaluation
@@ -548,9 +563,9 @@ class _Checkpoint:
 
     def save(self, state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, self.tensors,
+        atomic_save_tensors(tensors, self.tensors,
                      {"format": _FORMAT})
-        _atomic_write_text(self.json, json.dumps({"format": _FORMAT, **state}, indent=1))
+        atomic_write_text(self.json, json.dumps({"format": _FORMAT, **state}, indent=1))
 
 
 def _subject_ids(subjects: Sequence[MultiViewSubject]) -> list[str]:
@@ -725,17 +740,11 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
                 deg = config.degree_at(step)
                 out = render(_join_params(params), cam, background=1.0, backend=backend_name, sh_degree=deg,
                              tile_size=config.tile_size)
-                pred = out.colors
-                w = None
-                if weights is not None:  # pixels outside the region show the ground truth: no loss there
-                    w = weights[ar, pos][:, None]
-                    pred = w[..., None] * pred + (1.0 - w[..., None]) * gt
-                terms = image_loss(pred, gt, 1.0 - config.ssim_lambda, config.ssim_lambda)
+                w = None if weights is None else weights[ar, pos][:, None]
+                terms = region_loss(out.colors, out.alphas, gt, w, 1.0 - config.ssim_lambda, config.ssim_lambda,
+                                    config.unsupported_alpha_weight)
                 reg = ((params["means"] - anchors) ** 2).sum(-1).mean(-1) / config.scene_scale ** 2  # [S]
                 loss = terms["total"][:, 0] + config.position_reg_weight * reg
-                if w is not None and config.unsupported_alpha_weight > 0:
-                    unsupported = (w < 0.02).to(out.alphas.dtype)  # only foreground pixels have weights < 1
-                    loss = loss + config.unsupported_alpha_weight * (out.alphas * unsupported).mean((-3, -2, -1))
                 opt.zero_grad(set_to_none=True)
                 loss.sum().backward()
                 opt.step()

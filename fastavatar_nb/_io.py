@@ -1,0 +1,37 @@
+"""Small file helpers shared by the stages that write checkpoints and results."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+C = TypeVar("C")
+
+
+def atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` (moved to the CPU, made contiguous) as safetensors with string ``metadata``,
+    through a temporary file and a rename, so an interrupted write never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def config_from_dict(cls: type[C], d: dict[str, Any]) -> C:
+    """``cls(**d).validate()`` for a config dataclass, naming unknown fields instead of a TypeError."""
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown fields {unknown}")
+    return cls(**d).validate()  # type: ignore[attr-defined]

@@ -1,0 +1,711 @@
+"""The auto-decoder: latent code ``w`` + Gaussian embedding ``e_k`` -> residuals to the template
+(paper section 3.3.1, Eq. 2-8).
+
+A shallow MLP ``h(w, e_k)`` predicts, for every Gaussian ``k`` of the template ``T``, the
+residuals ``dG_k = (d_mu, d_s, d_q, d_alpha, d_c)``, applied as (:func:`apply_residuals`)::
+
+    mu_k = mu_k^T + d_mu                    (2)   metres
+    s_k  = s_k^T * exp(d_s)                 (3)   i.e. log_scales add
+    q_k  = norm(q_k^T + d_q)                (4)   wxyz
+    a_k  = sigmoid(logit(a_k^T) + d_alpha)  (5)   i.e. opacity logits add
+    c_k  = c_k^T + d_c                      (6)   all 16 SH coefficients of each colour channel
+
+There is no encoder yet: every training subject ``i`` owns a free latent code ``w_i`` (drawn
+from N(0, 1)), and the MLP, the codes and the embeddings ``e_k`` (initialised with a sinusoidal
+encoding of the template centres, :func:`positional_embedding`) are optimised together on the
+subjects' images (:func:`train_decoder`) with ``0.6 L1 + 0.3 (1 - SSIM) [+ 0.1 LPIPS]`` plus L2
+penalties on the position and scale residuals (Eq. 7-8). Notebook 04 later trains an image
+encoder to predict these codes.
+
+Shapes: codes ``w`` are ``[..., latent_dim]`` and decode to Gaussians ``[..., K, ...]``; the
+embeddings are ``[K, embed_dim]``, shared by every subject.
+
+Departures from the authors' code (see ``docs`` in the shared notes), each deliberate:
+
+- initialisation: the last Linear of each output head is zero (so training starts exactly at the
+  template) and the other layers use PyTorch's default initialisation. The authors scale every
+  layer by a Xavier gain of 0.02, which also starts near the template but shrinks the hidden
+  activations by orders of magnitude per layer;
+- the position head's output is in centimetres (``AutoDecoder.means_scale = 0.01`` metres per
+  unit), so one learning rate suits every head;
+- residuals apply to the template centres (Eq. 2), not to per-subject tracked points;
+- the first Linear layer is evaluated as ``W_w w + W_e e_k + b`` (the same numbers as on the
+  concatenation ``[w, e_k]``), so its ``w`` part is computed once per subject instead of K times.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from ._io import atomic_save_tensors, atomic_write_text, config_from_dict
+from .cameras import Cameras
+from .data.subject import MultiViewSubject, stack_subjects
+from .fitting import Region, evaluate_views, region_loss, region_weights, support_masks, train_views
+from .gaussians import Gaussians
+from .metrics import lpips_available, psnr
+from .render import Backend, render, resolve_backend
+
+__all__ = [
+    "AutoDecoder", "DecoderConfig", "DecoderResult", "Residuals", "apply_residuals", "positional_embedding",
+    "train_decoder", "step_items", "DECODER_FILE", "LATENTS_FILE",
+]
+
+DECODER_FILE = "decoder.safetensors"
+"""Decoder weights, Gaussian embeddings, template and config, in a run folder."""
+LATENTS_FILE = "latents.safetensors"
+"""The training subjects' latent codes ``w`` and their metrics, in a run folder."""
+_DECODER_FORMAT = "fastavatar-nb decoder"
+_LATENTS_FORMAT = "fastavatar-nb latents"
+_CKPT_FORMAT = "fastavatar-nb decoder checkpoint"
+_CKPT_JSON = "decoder_state.json"
+_CKPT_TENSORS = "decoder_state.safetensors"
+HEADS: dict[str, int] = {"means": 3, "log_scales": 3, "quats": 4, "opacity_logits": 1, "sh": 48}
+"""Output heads of the decoder and their sizes (59 numbers per Gaussian, as in the paper)."""
+_METRICS = ("train_psnr", "train_ssim", "heldout_psnr", "heldout_ssim", "train_psnr_image")
+
+
+# ------------------------------------------------------------------------------ residuals
+@dataclass
+class Residuals:
+    """Per-Gaussian offsets to the template (Eq. 2-6), batched like the codes that made them.
+
+    Attributes:
+        means: ``[..., K, 3]`` metres, added to the centres.
+        log_scales: ``[..., K, 3]`` added to the log-scales (scales multiply by ``exp``).
+        quats: ``[..., K, 4]`` added to the template quaternion before normalising.
+        opacity_logits: ``[..., K]`` added to the opacity logits.
+        sh: ``[..., K, 16, 3]`` added to the SH coefficients.
+    """
+
+    means: Tensor
+    log_scales: Tensor
+    quats: Tensor
+    opacity_logits: Tensor
+    sh: Tensor
+
+    def magnitudes(self) -> dict[str, Tensor]:
+        """Mean absolute value of each kind of residual, ``[...]`` per decoded head (for plots)."""
+        return {f.name: getattr(self, f.name).abs().flatten(len(self.means.shape) - 2).mean(-1)
+                for f in dataclasses.fields(self)}
+
+
+def apply_residuals(template: Gaussians, residuals: Residuals) -> Gaussians:
+    """The subject-specific Gaussians of Eq. 2-6: template ``[K, ...]`` + residuals ``[..., K, ...]``.
+
+    Returns Gaussians with the residuals' batch shape. Quaternions are normalised (Eq. 4), so a
+    residual of ``-q^T`` is the only one that cannot give a valid rotation (it is nudged by 1e-12).
+    """
+    if template.batch_shape:
+        raise ValueError(f"apply_residuals: the template must be unbatched [K, ...], got batch shape "
+                         f"{tuple(template.batch_shape)}")
+    if residuals.means.shape[-2] != template.num_gaussians:
+        raise ValueError(f"apply_residuals: residuals for K={residuals.means.shape[-2]} Gaussians, template has "
+                         f"K={template.num_gaussians}")
+    q = template.quats + residuals.quats
+    return Gaussians(
+        means=template.means + residuals.means,
+        log_scales=template.log_scales + residuals.log_scales,
+        quats=q / q.norm(dim=-1, keepdim=True).clamp_min(1e-12),
+        opacity_logits=template.opacity_logits + residuals.opacity_logits,
+        sh=template.sh + residuals.sh,
+    )
+
+
+def positional_embedding(points: Tensor, dim: int) -> Tensor:
+    """Sinusoidal encoding of points, the initial Gaussian embeddings ``e_k`` (paper 3.3.1).
+
+    The points are normalised to ``[-1, 1]`` by their bounding box (centre and largest
+    half-extent, so the aspect ratio is kept); the embedding is the normalised coordinates
+    followed by ``sin(2^f pi x), cos(2^f pi x)`` of each coordinate for ``f = 0 .. F-1`` with
+    ``F = (dim - 3) // 6``, and zeros in the ``(dim - 3) % 6`` last entries (free to learn).
+
+    Args:
+        points: ``[K, 3]`` template centres.
+        dim: embedding size, at least 3.
+
+    Returns:
+        ``[K, dim]``.
+    """
+    if points.ndim != 2 or points.shape[-1] != 3:
+        raise ValueError(f"positional_embedding: points must be [K, 3], got {tuple(points.shape)}")
+    if dim < 3:
+        raise ValueError(f"positional_embedding: dim must be >= 3, got {dim}")
+    lo, hi = points.amin(0), points.amax(0)
+    x = (points - (lo + hi) / 2) / ((hi - lo).amax() / 2).clamp_min(1e-12)
+    nfreq = (dim - 3) // 6
+    freqs = math.pi * 2.0 ** torch.arange(nfreq, dtype=points.dtype, device=points.device)
+    ang = (x[:, None, :] * freqs[:, None]).reshape(len(points), -1)  # [K, 3F]
+    out = torch.cat([x, torch.sin(ang), torch.cos(ang)], dim=-1)
+    return F.pad(out, (0, dim - out.shape[-1]))
+
+
+# -------------------------------------------------------------------------------- the MLP
+class AutoDecoder(nn.Module):
+    """``h(w, e_k)``: shared MLP body and one small head per kind of residual.
+
+    Body: ``depth`` Linear layers of width ``hidden_dim`` with ReLU on ``[w, e_k]``; heads:
+    Linear ``hidden_dim -> hidden_dim``, ReLU, Linear to 3 (means), 3 (log-scales), 4 (quats),
+    1 (opacity logit), 48 (SH). With the defaults (``latent_dim=512, embed_dim=32``) it has
+    812,603 parameters, the authors' ~0.8 M.
+
+    Args:
+        latent_dim: size of a code ``w``; embed_dim: size of an embedding ``e_k``.
+        hidden_dim, depth: width and number of Linear layers of the body.
+        means_scale: metres per unit of the position head's output (0.01: centimetres).
+    """
+
+    def __init__(self, latent_dim: int = 512, embed_dim: int = 32, hidden_dim: int = 256, depth: int = 6,
+                 means_scale: float = 0.01) -> None:
+        super().__init__()
+        for name, v in (("latent_dim", latent_dim), ("embed_dim", embed_dim), ("hidden_dim", hidden_dim),
+                        ("depth", depth)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"AutoDecoder: {name} must be a positive int, got {v!r}")
+        self.latent_dim, self.embed_dim, self.hidden_dim, self.depth = latent_dim, embed_dim, hidden_dim, depth
+        self.means_scale = float(means_scale)
+        self.body = nn.ModuleList([nn.Linear(latent_dim + embed_dim, hidden_dim)]
+                                  + [nn.Linear(hidden_dim, hidden_dim) for _ in range(depth - 1)])
+        self.heads = nn.ModuleDict({name: nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
+                                                        nn.Linear(hidden_dim, size))
+                                    for name, size in HEADS.items()})
+        for head in self.heads.values():  # residuals start at exactly zero: the template
+            nn.init.zeros_(head[-1].weight)
+            nn.init.zeros_(head[-1].bias)
+
+    def architecture(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-ready): ``AutoDecoder(**d.architecture())`` rebuilds it."""
+        return {"latent_dim": self.latent_dim, "embed_dim": self.embed_dim, "hidden_dim": self.hidden_dim,
+                "depth": self.depth, "means_scale": self.means_scale}
+
+    def forward(self, w: Tensor, embeddings: Tensor) -> Residuals:
+        """Residuals of every Gaussian for every code.
+
+        Args:
+            w: ``[..., latent_dim]`` codes; embeddings: ``[K, embed_dim]``.
+
+        Returns:
+            :class:`Residuals` with batch shape ``[...]`` (``w.shape[:-1]``) and K Gaussians.
+        """
+        if w.shape[-1] != self.latent_dim:
+            raise ValueError(f"AutoDecoder: codes must be [..., {self.latent_dim}], got {tuple(w.shape)}")
+        if embeddings.ndim != 2 or embeddings.shape[-1] != self.embed_dim:
+            raise ValueError(f"AutoDecoder: embeddings must be [K, {self.embed_dim}], got {tuple(embeddings.shape)}")
+        first = self.body[0]
+        # first layer on [w, e_k] = W_w w + W_e e_k + b: the w part once per code, not once per Gaussian
+        h = (F.linear(w, first.weight[:, :self.latent_dim])[..., None, :]
+             + F.linear(embeddings, first.weight[:, self.latent_dim:], first.bias))
+        h = F.relu(h)
+        for layer in self.body[1:]:
+            h = F.relu(layer(h))
+        out = {name: head(h) for name, head in self.heads.items()}
+        return Residuals(means=out["means"] * self.means_scale, log_scales=out["log_scales"], quats=out["quats"],
+                         opacity_logits=out["opacity_logits"][..., 0],
+                         sh=out["sh"].unflatten(-1, (16, 3)))
+
+
+# -------------------------------------------------------------------------------- config
+@dataclass
+class DecoderConfig:
+    """Settings of :func:`train_decoder`. Defaults: the paper's losses at a CPU-sized schedule."""
+
+    epochs: int = 20
+    """Passes over every (training subject, training view) pair."""
+    subjects_per_step: int = 1
+    """Subjects decoded per optimiser step."""
+    views_per_step: int = 2
+    """Training views rendered per decoded subject and step (the decode costs more than a render
+    on a CPU, so two views share it; the paper renders one). At a fixed time budget the number
+    of steps matters most: see ``benchmarks/results/cpu-2core/decoder_sweep_smoke.json``."""
+    latent_dim: int = 512
+    """Size of the codes ``w``."""
+    embed_dim: int = 32
+    """Size of the Gaussian embeddings ``e_k``."""
+    hidden_dim: int = 256
+    """Width of the MLP."""
+    depth: int = 6
+    """Linear layers in the MLP body."""
+    decoder_lr: float = 1e-3
+    """Adam learning rate of the MLP (decays exponentially to ``lr_final`` times it)."""
+    codes_lr: float = 1e-2
+    """Learning rate of the codes ``w``."""
+    embeddings_lr: float = 3e-2
+    """Learning rate of the embeddings ``e_k`` (higher than the MLP's: each ``e_k`` is seen by one
+    Gaussian only)."""
+    lr_final: float = 0.1
+    """Factor every learning rate decays to by the last step."""
+    l1_weight: float = 0.6
+    """Weight of L1 (paper Eq. 7: lambda_2)."""
+    ssim_weight: float = 0.3
+    """Weight of 1 - SSIM (lambda_3)."""
+    lpips_weight: float = 0.0
+    """Weight of LPIPS (lambda_1; the paper's 0.1). Needs LPIPS weights on disk
+    (:func:`fastavatar_nb.metrics.lpips_available`); raises otherwise."""
+    means_reg_weight: float = 0.01
+    """lambda_4: weight of ``mean_k |d_mu_k|^2 / scene_scale^2``."""
+    scales_reg_weight: float = 0.001
+    """lambda_5: weight of ``mean_k |d_s_k|^2``."""
+    scene_scale: float = 0.1
+    """Metres in which the position penalty is measured (about a head's radius)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm of every step at this value (0: no clipping)."""
+    region: Region = "support"
+    """Pixels in the loss and metrics, as in :class:`~fastavatar_nb.fitting.FitConfig`."""
+    support_scale: float = 1.0
+    """Scale of the support region's Gaussians (see :func:`~fastavatar_nb.fitting.support_masks`)."""
+    unsupported_alpha_weight: float = 0.1
+    """Weight of the mean alpha on the foreground outside the support (as in fitting)."""
+    holdout_view: int | None = 8
+    """View never trained on, evaluated (NeRSemble's val camera)."""
+    sh_degree: int = 3
+    """SH degree rendered."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints (when a folder is given)."""
+    tile_size: int | None = None
+    """Rasterizer tile size (``None``: the backend's choice)."""
+    seed: int = 0
+    """Seed of the codes' initialisation and of the (subject, views) schedule."""
+
+    def validate(self) -> DecoderConfig:
+        """Raise ``ValueError`` naming the first bad field; returns ``self``."""
+        for name in ("epochs", "subjects_per_step", "views_per_step", "latent_dim", "embed_dim", "hidden_dim",
+                     "depth", "checkpoint_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"DecoderConfig.{name} must be a positive int, got {v!r}")
+        if self.embed_dim < 3:
+            raise ValueError(f"DecoderConfig.embed_dim must be >= 3 (it starts as the template positions), "
+                             f"got {self.embed_dim}")
+        for name in ("decoder_lr", "codes_lr", "embeddings_lr", "l1_weight", "ssim_weight", "lpips_weight",
+                     "means_reg_weight", "scales_reg_weight", "grad_clip", "unsupported_alpha_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"DecoderConfig.{name} must be a non-negative number, got {v!r}")
+        for name in ("lr_final", "scene_scale", "support_scale"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"DecoderConfig.{name} must be a positive number, got {v!r}")
+        if self.region not in ("support", "image"):
+            raise ValueError(f"DecoderConfig.region must be 'support' or 'image', got {self.region!r}")
+        if self.sh_degree not in (0, 1, 2, 3):
+            raise ValueError(f"DecoderConfig.sh_degree must be 0..3, got {self.sh_degree!r}")
+        if self.tile_size is not None and (not isinstance(self.tile_size, int) or self.tile_size < 1):
+            raise ValueError(f"DecoderConfig.tile_size must be None or a positive int, got {self.tile_size!r}")
+        if self.holdout_view is not None and (not isinstance(self.holdout_view, int) or self.holdout_view < 0):
+            raise ValueError(f"DecoderConfig.holdout_view must be None or a view index >= 0, got {self.holdout_view!r}")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> DecoderConfig:
+        return config_from_dict(DecoderConfig, d)
+
+    @staticmethod
+    def for_preset(preset: Any, **overrides: Any) -> DecoderConfig:
+        """The config of a :class:`~fastavatar_nb.presets.Preset`: its ``decoder_epochs``,
+        ``latent_dim``, ``embed_dim`` and ``seed``, with the defaults above (tuned for the smoke
+        preset on a CPU). On CUDA (the full preset, 400 epochs) every step decodes 8 subjects and
+        renders one view of each, at the authors' learning rate of 1e-4 for the MLP and the codes
+        (1e-3 for the embeddings); that schedule has not been run yet. ``overrides`` replace any
+        field."""
+        kw: dict[str, Any] = {"epochs": preset.decoder_epochs, "latent_dim": preset.latent_dim,
+                              "embed_dim": preset.embed_dim, "seed": preset.seed}
+        if preset.device == "cuda":
+            kw.update(subjects_per_step=8, views_per_step=1, decoder_lr=1e-4, codes_lr=1e-4, embeddings_lr=1e-3)
+        kw.update(overrides)
+        return DecoderConfig(**kw).validate()
+
+    def make_decoder(self) -> AutoDecoder:
+        """A freshly initialised :class:`AutoDecoder` of this config's size."""
+        return AutoDecoder(self.latent_dim, self.embed_dim, self.hidden_dim, self.depth)
+
+
+def step_items(seed: int, epoch: int, num_subjects: int, num_train_views: int,
+               views_per_step: int) -> list[tuple[int, list[int]]]:
+    """The (subject index, training-view positions) items of one epoch, in training order.
+
+    Each subject's training views are shuffled and cut into chunks of ``views_per_step`` (the
+    last chunk may be shorter); all chunks of all subjects are then shuffled together. Every
+    (subject, view) pair appears exactly once per epoch. A pure function of its arguments
+    (numpy ``SeedSequence([seed, epoch])``), so a resumed run trains on what an uninterrupted
+    run would.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
+    items = []
+    for s in range(num_subjects):
+        order = rng.permutation(num_train_views).tolist()
+        items += [(s, order[i:i + views_per_step]) for i in range(0, num_train_views, views_per_step)]
+    perm = rng.permutation(len(items))
+    return [items[i] for i in perm]
+
+
+# ------------------------------------------------------------------------------- results
+@dataclass
+class DecoderResult:
+    """A trained auto-decoder with its codes, embeddings, template and how well it reconstructs.
+
+    Attributes:
+        decoder: the MLP ``h``; embeddings: ``[K, embed_dim]`` the learnt ``e_k``.
+        template: ``[K, ...]`` the template Gaussians the residuals apply to.
+        codes: ``[N, latent_dim]`` one learnt ``w_i`` per training subject.
+        subject_ids: ``N`` names in the order of ``codes`` and the metrics.
+        train_psnr, train_ssim, heldout_psnr, heldout_ssim, train_psnr_image: ``[N]`` of the
+            decoded subjects (as in :class:`~fastavatar_nb.fitting.FitResult`).
+        loss_history, psnr_history: ``[steps]`` mean loss and PSNR of each step's renders.
+        config, backend, seconds: how it was trained and for how long (summed over resumes).
+    """
+
+    decoder: AutoDecoder
+    embeddings: Tensor
+    template: Gaussians
+    codes: Tensor
+    subject_ids: list[str]
+    train_psnr: Tensor
+    train_ssim: Tensor
+    heldout_psnr: Tensor
+    heldout_ssim: Tensor
+    train_psnr_image: Tensor
+    loss_history: Tensor
+    psnr_history: Tensor
+    config: DecoderConfig
+    backend: str = "torch"
+    seconds: float = 0.0
+
+    def decode(self, w: Tensor) -> Gaussians:
+        """Gaussians ``[..., K, ...]`` of codes ``w`` ``[..., latent_dim]`` (no gradient)."""
+        with torch.no_grad():
+            return apply_residuals(self.template, self.decoder(w, self.embeddings))
+
+    def residuals(self, w: Tensor) -> Residuals:
+        """The residuals of codes ``w`` (no gradient)."""
+        with torch.no_grad():
+            return self.decoder(w, self.embeddings)
+
+    def code(self, subject_id: str) -> Tensor:
+        """The learnt code ``w`` of a training subject."""
+        if subject_id not in self.subject_ids:
+            raise KeyError(f"{subject_id!r} is not a training subject of this decoder; it knows "
+                           f"{self.subject_ids}")
+        return self.codes[self.subject_ids.index(subject_id)]
+
+    def table(self) -> list[dict[str, float | str]]:
+        """One row per training subject with its decoded PSNR/SSIM."""
+        return [{"subject": sid, **{m: float(getattr(self, m)[i]) for m in _METRICS}}
+                for i, sid in enumerate(self.subject_ids)]
+
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> tuple[Path, Path]:
+        """Write ``decoder.safetensors`` (weights, embeddings, template, config) and
+        ``latents.safetensors`` (codes, ids, metrics, histories) into ``directory``."""
+        d = Path(directory)
+        paths = (d / DECODER_FILE, d / LATENTS_FILE)
+        for p in paths:
+            if p.exists() and not overwrite:
+                raise FileExistsError(f"{p} exists; pass overwrite=True to replace it")
+        d.mkdir(parents=True, exist_ok=True)
+        dec = {f"decoder.{k}": v for k, v in self.decoder.state_dict().items()}
+        dec["embeddings"] = self.embeddings
+        dec.update({f"template.{k}": v for k, v in self.template.detach().parameters().items()})
+        meta = {"format": _DECODER_FORMAT, "architecture": json.dumps(self.decoder.architecture()),
+                "config": self.config.to_json(), "backend": self.backend, "seconds": repr(self.seconds)}
+        atomic_save_tensors(dec, paths[0], meta)
+        lat = {"codes": self.codes, "loss_history": self.loss_history, "psnr_history": self.psnr_history,
+               **{m: getattr(self, m) for m in _METRICS}}
+        atomic_save_tensors(lat, paths[1], {"format": _LATENTS_FORMAT, "subject_ids": json.dumps(self.subject_ids)})
+        return paths
+
+    @staticmethod
+    def load(directory: str | os.PathLike, device: torch.device | str = "cpu") -> DecoderResult:
+        """Read what :meth:`save` wrote into ``directory``."""
+        d = Path(directory)
+        metas = []
+        for p, fmt in ((d / DECODER_FILE, _DECODER_FORMAT), (d / LATENTS_FILE, _LATENTS_FORMAT)):
+            if not p.is_file():
+                raise FileNotFoundError(f"no {p.name} in {d}; train a decoder with train_decoder (notebook 03)")
+            try:
+                with safe_open(str(p), framework="pt") as f:
+                    meta = dict(f.metadata() or {})
+            except Exception as e:  # safetensors raises its own error types for damaged files
+                raise ValueError(f"{p}: not a readable safetensors file ({e})") from e
+            if meta.get("format") != fmt:
+                raise ValueError(f"{p}: not a {fmt} file (format {meta.get('format')!r})")
+            metas.append(meta)
+        dec_t = load_file(str(d / DECODER_FILE), device=str(device))
+        lat_t = load_file(str(d / LATENTS_FILE), device=str(device))
+        decoder = AutoDecoder(**json.loads(metas[0]["architecture"])).to(device)
+        decoder.load_state_dict({k[8:]: v for k, v in dec_t.items() if k.startswith("decoder.")})
+        decoder.eval()
+        template = Gaussians(**{k: dec_t[f"template.{k}"] for k in ("means", "log_scales", "quats",
+                                                                     "opacity_logits", "sh")})
+        return DecoderResult(
+            decoder=decoder, embeddings=dec_t["embeddings"], template=template, codes=lat_t["codes"],
+            subject_ids=json.loads(metas[1]["subject_ids"]), **{m: lat_t[m] for m in _METRICS},
+            loss_history=lat_t["loss_history"], psnr_history=lat_t["psnr_history"],
+            config=DecoderConfig.from_dict(json.loads(metas[0]["config"])), backend=metas[0]["backend"],
+            seconds=float(metas[0]["seconds"]))
+
+
+# ------------------------------------------------------------------------------- training
+def _subject_ids(subjects: Sequence[MultiViewSubject]) -> list[str]:
+    ids = getattr(subjects, "subject_ids", None)
+    ids = list(ids) if ids is not None else [s.subject_id for s in subjects]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"train_decoder: subject ids must be unique, got {ids}")
+    return ids
+
+
+def _check_template(template: Gaussians, num_points: int) -> None:
+    if template.batch_shape:
+        raise ValueError("train_decoder: the template must be unbatched Gaussians [K, ...] "
+                         f"(build_template's output), got batch shape {tuple(template.batch_shape)}")
+    if template.num_gaussians != num_points:
+        raise ValueError(f"train_decoder: the template has K={template.num_gaussians} Gaussians but the subjects have "
+                         f"{num_points} corresponded points; build the template from fits of these subjects")
+
+
+def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, config: DecoderConfig | None = None,
+                  backend: Backend = "auto", device: torch.device | str | None = None,
+                  checkpoint: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
+                  callback: Callable[[dict[str, Any]], None] | None = None) -> DecoderResult:
+    """Train the auto-decoder, the codes ``w_i`` and the embeddings ``e_k`` on the subjects' images.
+
+    Each step decodes ``subjects_per_step`` subjects (see :func:`step_items`), renders
+    ``views_per_step`` of each one's training views and minimises
+    ``l1 L1 + ssim (1 - SSIM) [+ lpips LPIPS]`` over the loss region (as in fitting) plus
+    ``means_reg_weight |d_mu|^2 / scene_scale^2 + scales_reg_weight |d_s|^2`` (means over
+    Gaussians), with Adam, exponentially decaying learning rates and gradient clipping.
+
+    Args:
+        subjects: the N training subjects (a list or a ``SubjectDataset``): equal views, image
+            size and K, which must be the template's K. All are held in memory (as uint8).
+        template: ``[K, ...]`` from :func:`~fastavatar_nb.template.build_template`.
+        config: settings (default :class:`DecoderConfig`).
+        backend, device: renderer backend and where to train (default: the template's device).
+        checkpoint: folder for a resumable checkpoint (``decoder_state.json`` + ``.safetensors``,
+            written every ``checkpoint_every`` steps). An existing checkpoint of the same config
+            and subjects resumes (a finished one returns at once); another one raises unless
+            ``overwrite``.
+        progress: show a tqdm progress bar.
+        callback: called after every step with ``step``, ``steps``, ``epoch``, ``loss``, ``psnr``
+            (floats: means over the step's renders) and ``codes`` (the current ``[N, latent_dim]``).
+
+    Returns:
+        A :class:`DecoderResult` (its metrics are measured on every subject's training views and
+        on the held-out view after training).
+    """
+    from tqdm.auto import tqdm
+
+    config = (config or DecoderConfig()).validate()
+    ids = _subject_ids(subjects)
+    n = len(ids)
+    if n == 0:
+        raise ValueError("train_decoder: no subjects given")
+    if config.lpips_weight > 0 and not lpips_available():
+        raise ValueError("train_decoder: lpips_weight > 0 needs the LPIPS network weights, which are not on this "
+                         "machine (see fastavatar_nb.metrics.lpips_available); set lpips_weight=0")
+    dev = torch.device(device) if device is not None else template.device
+    backend_name = resolve_backend(backend, dev)
+    template = template.detach().to(dev)
+
+    # ---- every subject in memory: images and loss weights as uint8, cameras and points as float
+    imgs, wts, vms, kss = [], [], [], []
+    num_views = width = height = None
+    for i in range(n):
+        s = subjects[i]
+        if s.subject_id != ids[i]:
+            raise ValueError(f"train_decoder: subject {i} is {s.subject_id!r}, expected {ids[i]!r}")
+        _check_template(template, s.num_points)
+        if num_views is None:
+            num_views, width, height = s.num_views, s.width, s.height
+        elif (s.num_views, s.width, s.height) != (num_views, width, height):
+            raise ValueError(f"train_decoder: all subjects need the same views and image size; {s.subject_id} has "
+                             f"{s.num_views} views at {s.width}x{s.height}, the first had {num_views} at {width}x{height}")
+        s = s.to(dev)
+        im, mk, cams, pts = stack_subjects([s])
+        w = torch.ones_like(mk)
+        if config.region == "support":
+            w = region_weights(mk, support_masks(pts, cams, config.support_scale, backend_name, config.tile_size))
+        imgs.append((im[0] * 255).round().to(torch.uint8))
+        wts.append((w[0] * 255).round().to(torch.uint8))
+        vms.append(s.cameras.viewmats)
+        kss.append(s.cameras.Ks)
+    assert num_views is not None and width is not None and height is not None
+    images_u8, weights_u8 = torch.stack(imgs), torch.stack(wts)           # [N, C, H, W, 3], [N, C, H, W]
+    cameras = Cameras(torch.stack(vms), torch.stack(kss), width, height)  # [N, C]
+    tv = train_views(num_views, config.holdout_view)
+    items_per_epoch = len(step_items(config.seed, 0, n, len(tv), config.views_per_step))
+    steps_per_epoch = math.ceil(items_per_epoch / config.subjects_per_step)
+    total = config.epochs * steps_per_epoch
+
+    # ---- model, codes, embeddings, optimiser
+    torch.manual_seed(config.seed)
+    decoder = config.make_decoder().to(dev)
+    gen = torch.Generator().manual_seed(config.seed)
+    codes = torch.randn(n, config.latent_dim, generator=gen).to(dev).requires_grad_(True)
+    embeddings = positional_embedding(template.means, config.embed_dim).requires_grad_(True)
+    opt = torch.optim.Adam([
+        {"params": list(decoder.parameters()), "lr": config.decoder_lr, "name": "decoder"},
+        {"params": [codes], "lr": config.codes_lr, "name": "codes"},
+        {"params": [embeddings], "lr": config.embeddings_lr, "name": "embeddings"},
+    ])
+    base_lrs = [g["lr"] for g in opt.param_groups]
+
+    def set_lr(step: int) -> None:
+        frac = step / max(1, total - 1)
+        for g, lr in zip(opt.param_groups, base_lrs, strict=True):
+            g["lr"] = lr * config.lr_final ** frac
+
+    hist_loss = torch.full((total,), float("nan"))
+    hist_psnr = torch.full((total,), float("nan"))
+    step0, seconds0 = 0, 0.0
+    ckpt_json = ckpt_tensors = None
+    if checkpoint is not None:
+        folder = Path(checkpoint)
+        ckpt_json, ckpt_tensors = folder / _CKPT_JSON, folder / _CKPT_TENSORS
+        if ckpt_json.exists() or ckpt_tensors.exists():
+            if overwrite:
+                ckpt_json.unlink(missing_ok=True)
+                ckpt_tensors.unlink(missing_ok=True)
+            else:
+                step0, seconds0 = _resume(ckpt_json, ckpt_tensors, config, ids, decoder, codes, embeddings, opt,
+                                          hist_loss, hist_psnr, dev)
+
+    def save_checkpoint(step: int, seconds: float) -> None:
+        if ckpt_json is None or ckpt_tensors is None:
+            return
+        t = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
+        t.update({"codes": codes.detach(), "embeddings": embeddings.detach(), "hist.loss": hist_loss,
+                  "hist.psnr": hist_psnr})
+        for gi, g in enumerate(opt.param_groups):
+            for pi, p in enumerate(g["params"]):
+                st = opt.state.get(p)
+                if st:
+                    t[f"opt.{gi}.{pi}.exp_avg"] = st["exp_avg"]
+                    t[f"opt.{gi}.{pi}.exp_avg_sq"] = st["exp_avg_sq"]
+                    t[f"opt.{gi}.{pi}.step"] = torch.as_tensor(st["step"]).reshape(1)
+        ckpt_json.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_tensors(t, ckpt_tensors, {"format": _CKPT_FORMAT})
+        atomic_write_text(ckpt_json, json.dumps({"format": _CKPT_FORMAT, "config": json.loads(config.to_json()),
+                                                 "subject_ids": ids, "step": step, "steps": total,
+                                                 "seconds": seconds, "backend": backend_name}, indent=1))
+
+    bar = tqdm(total=total, initial=step0, desc="training the decoder", disable=not progress, unit="step")
+    t0 = time.perf_counter()
+    bs, tv_t = config.subjects_per_step, torch.tensor(tv, device=dev)
+    try:
+        for step in range(step0, total):
+            epoch, k = divmod(step, steps_per_epoch)
+            batch = step_items(config.seed, epoch, n, len(tv), config.views_per_step)[k * bs:(k + 1) * bs]
+            set_lr(step)
+            sidx = torch.tensor([s for s, _ in batch], device=dev)
+            res = decoder(codes[sidx], embeddings)                                    # [B, K]
+            g = apply_residuals(template, res)
+            losses, psnrs = [], []
+            # subjects with fewer views in their chunk (the last chunk) are rendered on their own
+            for size in sorted({len(v) for _, v in batch}):
+                rows = [r for r, (_, v) in enumerate(batch) if len(v) == size]
+                r_t = torch.tensor(rows, device=dev)
+                s_t = sidx[r_t]
+                vpos = tv_t[torch.tensor([batch[r][1] for r in rows], device=dev)]    # [b, V] view indices
+                cams = Cameras(cameras.viewmats[s_t[:, None], vpos], cameras.Ks[s_t[:, None], vpos], width, height)
+                gt = images_u8[s_t[:, None], vpos].float() / 255.0
+                w = weights_u8[s_t[:, None], vpos].float() / 255.0 if config.region == "support" else None
+                out = render(g[r_t] if len(rows) < len(batch) else g, cams, background=1.0, backend=backend_name,
+                             sh_degree=config.sh_degree, tile_size=config.tile_size)
+                terms = region_loss(out.colors, out.alphas, gt, w, config.l1_weight, config.ssim_weight,
+                                    config.unsupported_alpha_weight, config.lpips_weight)
+                losses.append(terms["total"].flatten())
+                with torch.no_grad():
+                    psnrs.append(psnr(out.colors.detach().clamp(0, 1), gt, mask=w).flatten())
+            image_term = torch.cat(losses).mean()
+            reg = (config.means_reg_weight * (res.means ** 2).sum(-1).mean() / config.scene_scale ** 2
+                   + config.scales_reg_weight * (res.log_scales ** 2).sum(-1).mean())
+            loss = image_term + reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]],
+                                               config.grad_clip)
+            opt.step()
+            hist_loss[step] = float(loss.detach())
+            hist_psnr[step] = float(torch.cat(psnrs).mean())
+            bar.update(1)
+            bar.set_postfix(loss=f"{hist_loss[step]:.4f}", psnr=f"{hist_psnr[step]:.2f}")
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
+                save_checkpoint(step + 1, seconds0 + time.perf_counter() - t0)
+            if callback is not None:
+                callback({"step": step + 1, "steps": total, "epoch": epoch, "loss": float(hist_loss[step]),
+                          "psnr": float(hist_psnr[step]), "codes": codes.detach()})
+    finally:
+        bar.close()
+    seconds = seconds0 + time.perf_counter() - t0
+
+    # ---- evaluate every training subject's decoded Gaussians
+    decoder.eval()
+    result = DecoderResult(
+        decoder=decoder, embeddings=embeddings.detach(), template=template, codes=codes.detach(), subject_ids=ids,
+        train_psnr=torch.empty(n), train_ssim=torch.empty(n), heldout_psnr=torch.full((n,), float("nan")),
+        heldout_ssim=torch.full((n,), float("nan")), train_psnr_image=torch.empty(n),
+        loss_history=hist_loss, psnr_history=hist_psnr, config=config, backend=backend_name, seconds=seconds)
+    for b0 in range(0, n, bs):
+        sl = slice(b0, min(n, b0 + bs))
+        g = result.decode(result.codes[sl])
+        ims = images_u8[sl].float() / 255.0
+        w = weights_u8[sl].float() / 255.0 if config.region == "support" else None
+        cams = Cameras(cameras.viewmats[sl], cameras.Ks[sl], width, height)
+        tr = evaluate_views(g, ims, cams, tv, w, backend_name, config.sh_degree, tile_size=config.tile_size)
+        result.train_psnr[sl], result.train_ssim[sl] = tr["psnr"].mean(1).cpu(), tr["ssim"].mean(1).cpu()
+        result.train_psnr_image[sl] = tr["psnr_image"].mean(1).cpu()
+        if config.holdout_view is not None:
+            ho = evaluate_views(g, ims, cams, [config.holdout_view], w, backend_name, config.sh_degree,
+                                tile_size=config.tile_size)
+            result.heldout_psnr[sl], result.heldout_ssim[sl] = ho["psnr"][:, 0].cpu(), ho["ssim"][:, 0].cpu()
+    return result
+
+
+def _resume(ckpt_json: Path, ckpt_tensors: Path, config: DecoderConfig, ids: list[str], decoder: AutoDecoder,
+            codes: Tensor, embeddings: Tensor, opt: torch.optim.Adam, hist_loss: Tensor, hist_psnr: Tensor,
+            dev: torch.device) -> tuple[int, float]:
+    """Load a checkpoint into the fresh model and optimiser; returns ``(step, seconds)``."""
+    if not (ckpt_json.is_file() and ckpt_tensors.is_file()):
+        raise ValueError(f"incomplete decoder checkpoint in {ckpt_json.parent}: need both {_CKPT_JSON} and "
+                         f"{_CKPT_TENSORS}; pass overwrite=True to start afresh")
+    try:
+        state = json.loads(ckpt_json.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{ckpt_json}: not valid JSON ({e}); pass overwrite=True to start afresh") from e
+    if state.get("format") != _CKPT_FORMAT:
+        raise ValueError(f"{ckpt_json} is not a decoder checkpoint (format {state.get('format')!r}); choose another "
+                         "folder or pass overwrite=True")
+    if state.get("config") != json.loads(config.to_json()) or state.get("subject_ids") != ids:
+        raise ValueError(f"{ckpt_json.parent} holds a checkpoint of another decoder run (different config or "
+                         "subjects); use another folder or pass overwrite=True to discard it")
+    t = load_file(str(ckpt_tensors), device=str(dev))
+    decoder.load_state_dict({k[8:]: v for k, v in t.items() if k.startswith("decoder.")})
+    with torch.no_grad():
+        codes.copy_(t["codes"])
+        embeddings.copy_(t["embeddings"])
+    hist_loss.copy_(t["hist.loss"].cpu())
+    hist_psnr.copy_(t["hist.psnr"].cpu())
+    for gi, g in enumerate(opt.param_groups):
+        for pi, p in enumerate(g["params"]):
+            key = f"opt.{gi}.{pi}"
+            if f"{key}.exp_avg" in t:
+                opt.state[p] = {"step": t[f"{key}.step"].reshape(()).cpu().clone(), "exp_avg": t[f"{key}.exp_avg"],
+                                "exp_avg_sq": t[f"{key}.exp_avg_sq"]}
+    return int(state["step"]), float(state.get("seconds", 0.0))

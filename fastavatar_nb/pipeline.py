@@ -1,0 +1,74 @@
+"""The artifacts each stage leaves in the run folder, made on demand.
+
+Every notebook reads what the stages before it made (``runs/<preset>/dataset/``,
+``template.safetensors``, ...) and, when a run folder lacks them, makes them here with the same
+library calls the earlier notebooks make, at the same preset. So any notebook runs on its own,
+top to bottom, and a full run never does the same work twice.
+
+- :func:`prepare_dataset`: notebook 00's synthetic dataset and its train/test split.
+- :func:`ensure_template`: notebook 02's fits of the training subjects and their average.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .data import SubjectDataset, split_subjects, synthetic, write_split
+from .fitting import FitConfig, FitResult, fit_subjects
+from .gaussians import Gaussians
+from .presets import Preset
+from .template import TEMPLATE_SAFETENSORS, build_template, load_template, save_template
+
+__all__ = ["FITS_FILE", "FIT_CHECKPOINT", "prepare_dataset", "ensure_template"]
+
+FITS_FILE = "fits.safetensors"
+"""The per-subject fits of notebook 02, in the run folder."""
+FIT_CHECKPOINT = "fit_checkpoint"
+"""The fits' resumable checkpoint folder, in the run folder."""
+
+
+def prepare_dataset(preset: Preset, progress: bool = True) -> Path:
+    """``preset.run_dir / "dataset"``: the preset's synthetic subjects and ``split.json``.
+
+    Generates the subjects that are missing (existing ones are checked, never overwritten:
+    see :func:`fastavatar_nb.data.synthetic.generate_dataset`) and writes the split by subject
+    (``preset.num_test_subjects`` test subjects, chosen by the preset's seed) unless the folder
+    already has one.
+    """
+    root = preset.run_dir / "dataset"
+    paths = synthetic.generate_dataset(root, num_subjects=preset.num_subjects, seed=preset.seed,
+                                       width=preset.image_width, height=preset.image_height,
+                                       num_points=preset.num_gaussians, device=preset.torch_device, progress=progress)
+    if not (root / "split.json").exists():
+        train_ids, test_ids = split_subjects([p.name for p in paths], num_test=preset.num_test_subjects,
+                                             seed=preset.seed)
+        write_split(root, train_ids, test_ids)
+    return root
+
+
+def ensure_template(preset: Preset, train: SubjectDataset, progress: bool = True) -> Gaussians:
+    """The run's template: ``template.safetensors`` when the run folder has one, else made now.
+
+    Making it is notebook 02 without the figures: the training subjects are fitted with
+    ``FitConfig.for_preset(preset)`` (reusing ``fits.safetensors``, or resuming
+    ``fit_checkpoint/``, when present), averaged with :func:`build_template` and saved.
+
+    Raises:
+        ValueError: the run folder's fits are of other subjects than ``train``.
+    """
+    run = preset.run_dir
+    if (run / TEMPLATE_SAFETENSORS).is_file():
+        return load_template(run, device=preset.torch_device)
+    fits_path = run / FITS_FILE
+    if fits_path.is_file():
+        fits = FitResult.load(fits_path, device=preset.torch_device)
+        if fits.subject_ids != train.subject_ids:
+            raise ValueError(f"{fits_path} holds fits of {fits.subject_ids}, not of the training subjects "
+                             f"{train.subject_ids}; delete it (and {FIT_CHECKPOINT}/) to fit again")
+    else:
+        fits = fit_subjects(train, FitConfig.for_preset(preset), backend=preset.backend, device=preset.torch_device,
+                            checkpoint=run / FIT_CHECKPOINT, progress=progress)
+        fits.save(fits_path)
+    template = build_template(fits.gaussians)
+    save_template(template, run, metadata={"subjects": ",".join(fits.subject_ids), "preset": preset.name})
+    return template

@@ -1,0 +1,276 @@
+"""The auto-decoder: residual maths (Eq. 2-6), the embeddings, the MLP, the schedule, training,
+checkpoints and files, on tiny scenes with a known answer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from test_fitting import _scene
+
+from fastavatar_nb.decoder import (
+    DECODER_FILE,
+    LATENTS_FILE,
+    AutoDecoder,
+    DecoderConfig,
+    DecoderResult,
+    Residuals,
+    apply_residuals,
+    positional_embedding,
+    step_items,
+    train_decoder,
+)
+from fastavatar_nb.gaussians import Gaussians
+from fastavatar_nb.template import build_template
+
+
+def _template(K: int = 5, seed: int = 0) -> Gaussians:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(K, 4, generator=g)
+    return Gaussians(torch.randn(K, 3, generator=g), torch.randn(K, 3, generator=g) - 3, q / q.norm(dim=-1, keepdim=True),
+                     torch.randn(K, generator=g), torch.randn(K, 16, 3, generator=g))
+
+
+def _residuals(batch: tuple[int, ...], K: int, scale: float = 1.0, seed: int = 1) -> Residuals:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: scale * torch.randn(*batch, K, *s, generator=g)  # noqa: E731
+    return Residuals(r(3), r(3), r(4), r(), r(16, 3))
+
+
+# ------------------------------------------------------------------------------ Eq. 2-6
+def test_zero_residuals_give_the_template():
+    t = _template()
+    zero = Residuals(*(torch.zeros_like(x) for x in (t.means, t.log_scales, t.quats, t.opacity_logits, t.sh)))
+    g = apply_residuals(t, zero)
+    for name in ("means", "log_scales", "quats", "opacity_logits", "sh"):
+        torch.testing.assert_close(getattr(g, name), getattr(t, name))
+
+
+def test_apply_residuals_follows_equations_2_to_6():
+    t, r = _template(), _residuals((2,), 5, 0.3)
+    g = apply_residuals(t, r)
+    assert g.batch_shape == (2,)
+    torch.testing.assert_close(g.means, t.means + r.means)                                   # (2)
+    torch.testing.assert_close(g.scales, t.scales * torch.exp(r.log_scales))                 # (3)
+    q = t.quats + r.quats
+    torch.testing.assert_close(g.quats, q / q.norm(dim=-1, keepdim=True))                     # (4)
+    torch.testing.assert_close(g.quats.norm(dim=-1), torch.ones(2, 5))
+    logit = torch.log(t.opacities / (1 - t.opacities))
+    torch.testing.assert_close(g.opacities, torch.sigmoid(logit + r.opacity_logits))        # (5)
+    torch.testing.assert_close(g.sh, t.sh + r.sh)                                            # (6)
+
+
+def test_apply_residuals_rejects_mismatches():
+    t = _template()
+    with pytest.raises(ValueError, match="K=4"):
+        apply_residuals(t, _residuals((), 4))
+    batched = Gaussians(**{k: v[None] for k, v in t.parameters().items()})
+    with pytest.raises(ValueError, match="unbatched"):
+        apply_residuals(batched, _residuals((), 5))
+
+
+def test_residual_magnitudes_are_mean_absolute_values():
+    r = _residuals((3,), 5)
+    m = r.magnitudes()
+    torch.testing.assert_close(m["sh"], r.sh.abs().mean((-3, -2, -1)))
+    torch.testing.assert_close(m["opacity_logits"], r.opacity_logits.abs().mean(-1))
+    assert all(v.shape == (3,) for v in m.values())
+
+
+# ------------------------------------------------------------------------------ e_k
+def test_positional_embedding_formula():
+    pts = torch.tensor([[0.0, 0.0, 0.0], [2.0, 1.0, 0.5], [1.0, 0.25, 0.5]])
+    e = positional_embedding(pts, 32)
+    assert e.shape == (3, 32)
+    # normalised by the box centre (1, 0.5, 0.25) and the largest half-extent (1)
+    x = torch.tensor([[-1.0, -0.5, -0.25], [1.0, 0.5, 0.25], [0.0, -0.25, 0.25]])
+    torch.testing.assert_close(e[:, :3], x)
+    F = (32 - 3) // 6  # 4 frequencies: 3 + 24 = 27 entries, 5 zeros
+    for f in range(F):
+        torch.testing.assert_close(e[:, 3 + 3 * f:6 + 3 * f], torch.sin(2 ** f * math.pi * x))
+        torch.testing.assert_close(e[:, 3 + 3 * F + 3 * f:6 + 3 * F + 3 * f], torch.cos(2 ** f * math.pi * x))
+    assert (e[:, 27:] == 0).all()
+    assert positional_embedding(pts, 3).shape == (3, 3)
+
+
+def test_positional_embedding_separates_points_and_checks_input():
+    pts = torch.rand(300, 3)
+    e = positional_embedding(pts, 32)
+    d = torch.cdist(e, e) + torch.eye(300) * 1e9
+    assert d.min() > 1e-4
+    with pytest.raises(ValueError, match=r"\[K, 3\]"):
+        positional_embedding(torch.rand(2, 10, 3), 32)
+    with pytest.raises(ValueError, match=">= 3"):
+        positional_embedding(pts, 2)
+
+
+# ------------------------------------------------------------------------------ the MLP
+def test_decoder_size_and_zero_start():
+    dec = AutoDecoder()
+    assert sum(p.numel() for p in dec.parameters()) == 812_603  # the authors' ~0.8 M
+    r = dec(torch.randn(2, 512), torch.randn(7, 32))
+    assert r.means.shape == (2, 7, 3) and r.quats.shape == (2, 7, 4) and r.opacity_logits.shape == (2, 7)
+    assert r.sh.shape == (2, 7, 16, 3)
+    for name in ("means", "log_scales", "quats", "opacity_logits", "sh"):
+        assert (getattr(r, name) == 0).all()
+
+
+def test_first_layer_split_equals_the_concatenation():
+    torch.manual_seed(0)
+    dec = AutoDecoder(latent_dim=6, embed_dim=5, hidden_dim=16, depth=3).double()
+    for head in dec.heads.values():  # give the heads non-zero output layers
+        torch.nn.init.normal_(head[-1].weight)
+    w, e = torch.randn(3, 6, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    got = dec(w, e)
+    x = torch.cat([w[:, None].expand(3, 4, 6), e[None].expand(3, 4, 5)], -1)
+    h = x
+    for layer in dec.body:
+        h = torch.relu(layer(h))
+    torch.testing.assert_close(got.sh, dec.heads["sh"](h).unflatten(-1, (16, 3)))
+    torch.testing.assert_close(got.means, dec.heads["means"](h) * dec.means_scale)
+    torch.testing.assert_close(got.opacity_logits, dec.heads["opacity_logits"](h)[..., 0])
+
+
+def test_decoder_gradients_match_finite_differences():
+    torch.manual_seed(0)
+    dec = AutoDecoder(latent_dim=3, embed_dim=4, hidden_dim=8, depth=2).double()
+    for head in dec.heads.values():
+        torch.nn.init.normal_(head[-1].weight)
+    t = Gaussians(**{k: v.double() for k, v in _template(K=3).parameters().items()})
+    w = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    e = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(w, e):
+        g = apply_residuals(t, dec(w, e))
+        return g.means.sum() + g.quats.pow(2).sum(-1).sqrt().sum() + g.scales.sum() + g.opacities.sum() + g.sh.sum()
+
+    assert torch.autograd.gradcheck(f, (w, e))
+
+
+def test_decoder_rejects_wrong_shapes():
+    dec = AutoDecoder(latent_dim=4, embed_dim=5, hidden_dim=8, depth=1)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 4\]"):
+        dec(torch.randn(2, 3), torch.randn(6, 5))
+    with pytest.raises(ValueError, match=r"\[K, 5\]"):
+        dec(torch.randn(2, 4), torch.randn(6, 4))
+    with pytest.raises(ValueError, match="depth"):
+        AutoDecoder(depth=0)
+
+
+# ------------------------------------------------------------------------------ schedule
+def test_step_items_visit_every_pair_once_per_epoch():
+    items = step_items(seed=3, epoch=2, num_subjects=4, num_train_views=15, views_per_step=4)
+    pairs = [(s, v) for s, vs in items for v in vs]
+    assert sorted(pairs) == [(s, v) for s in range(4) for v in range(15)]
+    assert sorted(len(vs) for _, vs in items) == [3] * 4 + [4] * 12
+    assert items == step_items(3, 2, 4, 15, 4)
+    assert items != step_items(3, 3, 4, 15, 4)
+
+
+def test_decoder_config_validation_and_preset():
+    with pytest.raises(ValueError, match="epochs"):
+        DecoderConfig(epochs=0).validate()
+    with pytest.raises(ValueError, match="codes_lr"):
+        DecoderConfig(codes_lr=-1.0).validate()
+    with pytest.raises(ValueError, match="embed_dim"):
+        DecoderConfig(embed_dim=2).validate()
+    with pytest.raises(ValueError, match="unknown"):
+        DecoderConfig.from_dict({"epochs": 2, "bogus": 1})
+    from fastavatar_nb.presets import base
+
+    smoke = DecoderConfig.for_preset(base("smoke"))
+    assert (smoke.epochs, smoke.latent_dim, smoke.embed_dim) == (20, 512, 32)
+    full = DecoderConfig.for_preset(base("full"))
+    assert (full.epochs, full.views_per_step, full.decoder_lr) == (400, 1, 1e-4)
+    assert DecoderConfig.from_dict(json.loads(smoke.to_json())) == smoke
+
+
+# ------------------------------------------------------------------------------ training
+TINY = dict(latent_dim=8, embed_dim=15, hidden_dim=32, depth=2, subjects_per_step=2, views_per_step=5,
+            decoder_lr=1e-2, embeddings_lr=1e-2, codes_lr=1e-1, tile_size=4, checkpoint_every=4)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    subjects, truths = zip(*(_scene(seed, K=150) for seed in (1, 2)), strict=True)
+    # corresponded template: the average of the two ground truths (the points are the same lattice)
+    return list(subjects), build_template(Gaussians.stack(list(truths)))
+
+
+def test_training_beats_the_template(scenes):
+    subjects, template = scenes
+    cfg = DecoderConfig(epochs=8, **TINY)
+    result = train_decoder(subjects, template, cfg, backend="torch", progress=False)
+    h = result.psnr_history
+    assert len(h) == 8 * 3  # 2 subjects x 3 chunks of 5 views, 2 per step
+    assert h[-3:].mean() > h[:3].mean() + 4.0, h
+    assert result.loss_history[-3:].mean() < result.loss_history[:3].mean()
+    assert torch.isfinite(result.heldout_psnr).all() and (result.train_psnr > h[:3].mean() + 4.0).all()
+    # the two codes decode to two different heads
+    g = result.decode(result.codes)
+    assert (g.sh[0] - g.sh[1]).abs().mean() > 1e-3
+    assert result.code("s2").shape == (8,)
+    with pytest.raises(KeyError, match="not a training subject"):
+        result.code("nobody")
+
+
+def test_resume_equals_uninterrupted_run(scenes, tmp_path):
+    subjects, template = scenes
+    cfg = DecoderConfig(epochs=3, **TINY)  # 9 steps, checkpoints after 4 and 8
+    full = train_decoder(subjects, template, cfg, backend="torch", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_5(info):
+        if info["step"] == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_decoder(subjects, template, cfg, backend="torch", progress=False, checkpoint=tmp_path / "ck",
+                      callback=stop_after_5)
+    assert json.loads((tmp_path / "ck" / "decoder_state.json").read_text())["step"] == 4
+    resumed = train_decoder(subjects, template, cfg, backend="torch", progress=False, checkpoint=tmp_path / "ck")
+    torch.testing.assert_close(resumed.codes, full.codes, rtol=0, atol=0)
+    torch.testing.assert_close(resumed.embeddings, full.embeddings, rtol=0, atol=0)
+    for (k, a), b in zip(resumed.decoder.state_dict().items(), full.decoder.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(resumed.loss_history, full.loss_history, rtol=0, atol=0)
+    # another config in the same folder is refused, never overwritten
+    with pytest.raises(ValueError, match="another decoder run"):
+        train_decoder(subjects, template, dataclasses.replace(cfg, epochs=4), backend="torch", progress=False,
+                      checkpoint=tmp_path / "ck")
+
+
+def test_save_load_roundtrip(scenes, tmp_path):
+    subjects, template = scenes
+    result = train_decoder(subjects, template, DecoderConfig(epochs=1, **TINY), backend="torch", progress=False)
+    dec_path, lat_path = result.save(tmp_path)
+    assert (dec_path.name, lat_path.name) == (DECODER_FILE, LATENTS_FILE)
+    back = DecoderResult.load(tmp_path)
+    assert back.subject_ids == result.subject_ids and back.config == result.config
+    torch.testing.assert_close(back.decode(back.codes).means, result.decode(result.codes).means, rtol=0, atol=0)
+    torch.testing.assert_close(back.train_psnr, result.train_psnr)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        result.save(tmp_path)
+    (tmp_path / LATENTS_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        DecoderResult.load(tmp_path)
+    with pytest.raises(FileNotFoundError, match="notebook 03"):
+        DecoderResult.load(tmp_path / "empty")
+
+
+def test_train_decoder_checks_its_inputs(scenes):
+    subjects, template = scenes
+    cfg = DecoderConfig(epochs=1, **TINY)
+    with pytest.raises(ValueError, match="K=150 Gaussians but the subjects have 149"):
+        train_decoder([subjects[0].thin_points(149)], template, cfg, progress=False)
+    with pytest.raises(ValueError, match="unique"):
+        train_decoder([subjects[0], subjects[0]], template, cfg, progress=False)
+    with pytest.raises(ValueError, match="same views and image size"):
+        train_decoder([subjects[0], subjects[1].resize(8, 12)], template, cfg, progress=False)
+    with pytest.raises(ValueError, match="no subjects"):
+        train_decoder([], template, cfg, progress=False)

@@ -1,0 +1,64 @@
+"""pipeline: the run folder's dataset and template are made once, then reused, never overwritten."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fastavatar_nb import pipeline, presets
+from fastavatar_nb.data import SubjectDataset
+from fastavatar_nb.fitting import FitResult
+from fastavatar_nb.template import build_template, load_template
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    return presets.get("smoke", num_subjects=3, num_test_subjects=1, image_width=20, image_height=29,
+                       num_gaussians=300, fit_iterations=4, fit_batch_size=2, run_dir=run_dir)
+
+
+def test_prepare_dataset_makes_subjects_and_split_once(tiny):
+    root = pipeline.prepare_dataset(tiny, progress=False)
+    assert root == tiny.run_dir / "dataset"
+    split = json.loads((root / "split.json").read_text())
+    assert len(split["train"]) == 2 and len(split["test"]) == 1
+    stamp = (root / "split.json").stat().st_mtime_ns
+    assert pipeline.prepare_dataset(tiny, progress=False) == root  # second call: reused as it is
+    assert (root / "split.json").stat().st_mtime_ns == stamp
+    assert SubjectDataset(root, "train")[0].num_points == 300
+
+
+def test_ensure_template_fits_averages_and_then_reuses(tiny, monkeypatch):
+    root = pipeline.prepare_dataset(tiny, progress=False)
+    train = SubjectDataset(root, "train")
+    template = pipeline.ensure_template(tiny, train, progress=False)
+    fits = FitResult.load(tiny.run_dir / pipeline.FITS_FILE)
+    assert fits.subject_ids == train.subject_ids and fits.config.iterations == 4
+    torch.testing.assert_close(template.means, build_template(fits.gaussians).means)
+    torch.testing.assert_close(load_template(tiny.run_dir).sh, template.sh)
+
+    def no_fitting(*args, **kwargs):
+        raise AssertionError("ensure_template fitted again although the run folder has a template")
+
+    monkeypatch.setattr(pipeline, "fit_subjects", no_fitting)
+    again = pipeline.ensure_template(tiny, train, progress=False)
+    torch.testing.assert_close(again.means, template.means, rtol=0, atol=0)
+    # without the template, the stored fits are averaged again (still no fitting)
+    for name in ("template.safetensors", "template.ply"):
+        (tiny.run_dir / name).unlink()
+    torch.testing.assert_close(pipeline.ensure_template(tiny, train, progress=False).means, template.means)
+
+
+def test_ensure_template_refuses_fits_of_other_subjects(tiny):
+    root = pipeline.prepare_dataset(tiny, progress=False)
+    test = SubjectDataset(root, "test")
+    for name in ("template.safetensors", "template.ply"):
+        (tiny.run_dir / name).unlink(missing_ok=True)
+    pipeline.ensure_template(tiny, SubjectDataset(root, "train"), progress=False)
+    for name in ("template.safetensors", "template.ply"):
+        (tiny.run_dir / name).unlink()
+    with pytest.raises(ValueError, match="not of the training subjects"):
+        pipeline.ensure_template(tiny, test, progress=False)

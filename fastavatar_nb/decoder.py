@@ -604,7 +604,8 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
                                                  "subject_ids": ids, "step": step, "steps": total,
                                                  "seconds": seconds, "backend": backend_name}, indent=1))
 
-    bar = tqdm(total=total, initial=step0, desc="training the decoder", disable=not progress, unit="step")
+    bar = tqdm(total=total, initial=step0, desc="training the decoder", disable=not progress, unit="step",
+               mininterval=0.5)  # few redraws: a notebook's output channel keeps ~1,000 messages
     t0 = time.perf_counter()
     bs, tv_t = config.subjects_per_step, torch.tensor(tv, device=dev)
     try:
@@ -645,7 +646,7 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
             hist_loss[step] = float(loss.detach())
             hist_psnr[step] = float(torch.cat(psnrs).mean())
             bar.update(1)
-            bar.set_postfix(loss=f"{hist_loss[step]:.4f}", psnr=f"{hist_psnr[step]:.2f}")
+            bar.set_postfix(loss=f"{hist_loss[step]:.4f}", psnr=f"{hist_psnr[step]:.2f}", refresh=False)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
                 save_checkpoint(step + 1, seconds0 + time.perf_counter() - t0)
             if callback is not None:

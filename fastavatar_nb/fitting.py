@@ -694,7 +694,8 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
     total_steps = (math.ceil(n / bs) * T)
     first_batch = state["num_done"] // bs
     bar = tqdm(total=total_steps, initial=first_batch * T + (state["step"] if state["batch_start"] is not None else 0),
-               desc="fitting subjects", disable=not progress, unit="step")
+               desc="fitting subjects", disable=not progress, unit="step",
+               mininterval=0.5)  # few redraws: a notebook's output channel keeps ~1,000 messages
     t_session = time.perf_counter()
     seconds0 = float(state["seconds"])
     try:
@@ -757,7 +758,7 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
                 hist_psnr[idx, step] = p.cpu()
                 state["step"] = step + 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach().mean()):.4f}", psnr=f"{float(p.mean()):.2f}")
+                bar.set_postfix(loss=f"{float(loss.detach().mean()):.4f}", psnr=f"{float(p.mean()):.2f}", refresh=False)
                 if ckpt is not None and (step + 1) % config.checkpoint_every == 0 and step + 1 < T:
                     cur = {k: v.detach() for k, v in params.items()}
                     cur["init_train_psnr"] = init_psnr

@@ -44,6 +44,7 @@ import os
 import re
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,8 @@ from torch import Tensor
 from ._io import atomic_save_tensors
 
 __all__ = [
-    "NoFaceError", "FACENET_CHECKPOINT", "EMBEDDING_DIM", "FACE_SIZE", "facenet_weights_path", "read_graph_constants",
+    "NoFaceError", "FACENET_CHECKPOINT", "EMBEDDING_DIM", "FACE_SIZE", "GraphNode", "facenet_weights_path",
+    "read_graph_nodes", "read_graph_constants",
     "facenet_state_dict", "load_facenet", "make_mtcnn", "crop_faces", "embed_faces", "default_cache_dir",
 ]
 
@@ -209,11 +211,89 @@ def _decode_tensor(buf: memoryview, name: str) -> np.ndarray:
     return array.reshape(shape)
 
 
-def read_graph_constants(path: Path | str) -> dict[str, np.ndarray]:
-    """The ``Const`` tensors of a frozen TensorFlow GraphDef, by node name.
+@dataclass(frozen=True)
+class GraphNode:
+    """One ``NodeDef`` of a frozen TensorFlow GraphDef."""
 
-    Reads the protobuf wire format directly (``GraphDef.node`` = field 1; ``NodeDef.name/op/attr``
-    = fields 1/2/5; ``AttrValue.tensor`` = field 8; ``TensorProto`` dtype/shape/content/values).
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    """Input node names as written (``"x:0"`` names output 0 of ``x``)."""
+    attrs: dict[str, int | float | bool | bytes | list | np.ndarray | None]
+    """Decoded ``AttrValue``s: ints, floats, bools, bytes, lists of them, tensors (arrays); ``None``
+    for kinds this reader does not decode (shapes, functions)."""
+
+
+def _decode_attr(buf: memoryview, name: str):
+    """An ``AttrValue`` (oneof: list 1, s 2, i 3, f 4, b 5, type 6, shape 7, tensor 8) -> Python value."""
+    for number, _, value in _fields(buf):
+        if number == 1:  # ListValue: s 2, i 3 (packed varints), f 4 (packed floats), b 5
+            items: list = []
+            for n2, w2, v2 in _fields(value):
+                if n2 == 2:
+                    items.append(bytes(v2))
+                elif n2 == 3 and w2 == 2:
+                    pos = 0
+                    while pos < len(v2):
+                        v, pos = _varint(v2, pos)
+                        items.append(v - (1 << 64) if v >= 1 << 63 else v)
+                elif n2 == 3:
+                    items.append(v2 - (1 << 64) if v2 >= 1 << 63 else v2)
+                elif n2 == 4 and w2 == 2:
+                    items.extend(np.frombuffer(bytes(v2), dtype="<f4").tolist())
+                elif n2 == 4:
+                    items.append(struct.unpack("<f", v2)[0])
+                elif n2 == 5:
+                    items.append(bool(v2))
+            return items
+        if number == 2:
+            return bytes(value)
+        if number in (3, 6):
+            return value - (1 << 64) if value >= 1 << 63 else value
+        if number == 4:
+            return struct.unpack("<f", value)[0]
+        if number == 5:
+            return bool(value)
+        if number == 8:
+            return _decode_tensor(value, name)
+    return None
+
+
+def read_graph_nodes(path: Path | str) -> list[GraphNode]:
+    """Every node of a frozen TensorFlow GraphDef, in file order.
+
+    Reads the protobuf wire format directly: ``GraphDef.node`` = field 1; ``NodeDef`` name 1, op 2,
+    input 3, attr 5 (``map<string, AttrValue>`` entries: key 1, value 2); tensors as in
+    :func:`read_graph_constants`.
+
+    Args:
+        path: a ``.pb`` file, e.g. :func:`facenet_weights_path`.
+    """
+    data = memoryview(Path(path).read_bytes())
+    nodes = []
+    for number, _, node in _fields(data):
+        if number != 1:
+            continue
+        name, op, inputs, attrs = "", "", [], {}
+        for n2, _, value in _fields(node):
+            if n2 == 1:
+                name = bytes(value).decode()
+            elif n2 == 2:
+                op = bytes(value).decode()
+            elif n2 == 3:
+                inputs.append(bytes(value).decode())
+            elif n2 == 5:
+                entry = {n3: v3 for n3, _, v3 in _fields(value)}
+                key = bytes(entry.get(1, b"")).decode()
+                attrs[key] = _decode_attr(entry[2], f"{name}:{key}") if 2 in entry else None
+        nodes.append(GraphNode(name, op, tuple(inputs), attrs))
+    if not nodes:
+        raise ValueError(f"{path}: no nodes; is this a frozen TensorFlow GraphDef?")
+    return nodes
+
+
+def read_graph_constants(path: Path | str) -> dict[str, np.ndarray]:
+    """The ``Const`` tensors of a frozen TensorFlow GraphDef, by node name (see :func:`read_graph_nodes`).
 
     Args:
         path: a ``.pb`` file, e.g. :func:`facenet_weights_path`.
@@ -222,27 +302,13 @@ def read_graph_constants(path: Path | str) -> dict[str, np.ndarray]:
         ``{node name: array}``; float tensors as float32 (shape as stored, e.g. conv weights HWIO),
         integer tensors (axes, shapes) as int32/int64.
     """
-    data = memoryview(Path(path).read_bytes())
     consts: dict[str, np.ndarray] = {}
-    for number, _, node in _fields(data):
-        if number != 1:
-            continue
-        name = op = ""
-        tensor = None
-        for n2, _, value in _fields(node):
-            if n2 == 1:
-                name = bytes(value).decode()
-            elif n2 == 2:
-                op = bytes(value).decode()
-            elif n2 == 5:  # map<string, AttrValue> entry {key = 1, value = 2}
-                entry = dict((n3, v3) for n3, _, v3 in _fields(value))
-                if bytes(entry.get(1, b"")) == b"value":
-                    tensor = next((v4 for n4, _, v4 in _fields(entry[2]) if n4 == 8), None)
-        if op == "Const":
-            if tensor is None:
-                raise ValueError(f"{path}: Const node {name!r} has no tensor value")
-            array = _decode_tensor(tensor, name)
-            consts[name] = array.astype(np.float32) if array.dtype.kind == "f" else array
+    for node in read_graph_nodes(path):
+        if node.op == "Const":
+            array = node.attrs.get("value")
+            if not isinstance(array, np.ndarray):
+                raise ValueError(f"{path}: Const node {node.name!r} has no tensor value")
+            consts[node.name] = array.astype(np.float32) if array.dtype.kind == "f" else array
     if not consts:
         raise ValueError(f"{path}: no Const nodes; is this a frozen TensorFlow GraphDef?")
     return consts

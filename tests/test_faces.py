@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from facenet_pytorch import InceptionResnetV1
 from PIL import Image
 
@@ -138,6 +139,76 @@ def test_convs_match_direct_computation_from_graph(consts, net):
     with torch.no_grad():
         got = net.last_bn(net.last_linear(torch.from_numpy(v))).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _run_graph(nodes: list[faces.GraphNode], x: torch.Tensor) -> torch.Tensor:
+    """Execute the frozen graph op by op (NHWC, TF padding rules): an independent reference."""
+    values: dict[str, torch.Tensor] = {}
+    pending = list(nodes)  # the file is not in topological order (Branch_2 comes before Branch_0)
+    while pending:  # "^name" inputs are control dependencies: wait for them, pass no data
+        ready = [n for n in pending if all(i.lstrip("^").split(":")[0] in values for i in n.inputs)]
+        assert ready, f"graph has a cycle or dangling inputs: {[n.name for n in pending[:3]]}"
+        for node in ready:
+            data = [values[i.split(":")[0]] for i in node.inputs if not i.startswith("^")]
+            values[node.name] = _run_op(node, data, x)
+        pending = [n for n in pending if n.name not in values]
+    return values["embeddings"]
+
+
+def _pad_same(t: torch.Tensor, k: tuple[int, int], s: tuple[int, int]) -> torch.Tensor:
+    """TF 'SAME' padding of an NCHW tensor (the extra pixel, if any, after)."""
+    pads = []
+    for size, kk, ss in ((t.shape[2], k[0], s[0]), (t.shape[3], k[1], s[1])):
+        total = max((-(-size // ss) - 1) * ss + kk - size, 0)
+        pads.append((total // 2, total - total // 2))
+    return F.pad(t, (*pads[1], *pads[0]))
+
+
+def _run_op(node: faces.GraphNode, ins: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """One TF op on NHWC tensors."""
+    a, op = node.attrs, node.op
+    if op == "Const":
+        return torch.from_numpy(np.array(a["value"]))
+    if op == "Placeholder":
+        return x
+    if op == "Conv2D":
+        t, w = ins[0].permute(0, 3, 1, 2), ins[1].permute(3, 2, 0, 1)
+        stride = tuple(a["strides"][1:3])
+        if a["padding"] == b"SAME":
+            t = _pad_same(t, tuple(w.shape[2:]), stride)
+        return F.conv2d(t, w, stride=stride).permute(0, 2, 3, 1)
+    if op in ("MaxPool", "AvgPool"):
+        assert a["padding"] == b"VALID"
+        pool = F.max_pool2d if op == "MaxPool" else F.avg_pool2d
+        return pool(ins[0].permute(0, 3, 1, 2), a["ksize"][1:3], a["strides"][1:3]).permute(0, 2, 3, 1)
+    if op == "FusedBatchNorm":
+        t, gamma, beta, mean, var = ins
+        return (t - mean) / torch.sqrt(var + a["epsilon"]) * gamma + beta
+    if op == "MatMul":
+        assert not a["transpose_a"] and not a["transpose_b"]
+        return ins[0] @ ins[1]
+    if op == "ConcatV2":
+        return torch.cat(ins[:-1], dim=int(ins[-1]))
+    if op == "Reshape":
+        return ins[0].reshape(ins[1].tolist())
+    if op == "Sum":
+        return ins[0].sum(dim=int(ins[1]), keepdim=bool(a["keep_dims"]))
+    elementwise = {"BiasAdd": torch.add, "Add": torch.add, "Mul": torch.mul, "Maximum": torch.maximum,
+                   "Relu": torch.relu, "Square": torch.square, "Rsqrt": torch.rsqrt}
+    if op not in elementwise:
+        raise AssertionError(f"op {op} not interpreted")
+    return elementwise[op](*ins)
+
+
+def test_converted_network_matches_executing_the_graph(net):
+    """The whole network against the frozen graph run op by op (the graph runs at batch 1 only)."""
+    nodes = faces.read_graph_nodes(_graph())
+    x = torch.randn(1, 160, 160, 3)
+    with torch.no_grad():
+        expected = _run_graph(nodes, x)
+        got = net(x.permute(0, 3, 1, 2))
+    assert expected.shape == got.shape == (1, faces.EMBEDDING_DIM)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
 
 
 def test_load_facenet_caches_the_conversion(tmp_path, net):

@@ -511,7 +511,8 @@ def load_facenet(
     source = facenet_weights_path()
     fingerprint = _source_fingerprint(source)
     state = None
-    cache_file = Path(cache_dir if cache_dir is not None else default_cache_dir()) / f"facenet-{FACENET_CHECKPOINT}.safetensors"
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_file = folder / f"facenet-{FACENET_CHECKPOINT}.safetensors"
     if use_cache and cache_file.is_file():
         with safe_open(str(cache_file), "pt") as f:
             meta = f.metadata() or {}

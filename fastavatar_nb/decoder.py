@@ -48,11 +48,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ._io import atomic_save_tensors, atomic_write_text, config_from_dict
+from ._io import atomic_save_tensors, atomic_write_text, checked_metadata, config_from_dict
 from .cameras import Cameras
 from .data.subject import MultiViewSubject, stack_subjects
 from .fitting import Region, evaluate_views, region_loss, region_weights, support_masks, train_views
@@ -433,18 +432,8 @@ class DecoderResult:
     def load(directory: str | os.PathLike, device: torch.device | str = "cpu") -> DecoderResult:
         """Read what :meth:`save` wrote into ``directory``."""
         d = Path(directory)
-        metas = []
-        for p, fmt in ((d / DECODER_FILE, _DECODER_FORMAT), (d / LATENTS_FILE, _LATENTS_FORMAT)):
-            if not p.is_file():
-                raise FileNotFoundError(f"no {p.name} in {d}; train a decoder with train_decoder (notebook 03)")
-            try:
-                with safe_open(str(p), framework="pt") as f:
-                    meta = dict(f.metadata() or {})
-            except Exception as e:  # safetensors raises its own error types for damaged files
-                raise ValueError(f"{p}: not a readable safetensors file ({e})") from e
-            if meta.get("format") != fmt:
-                raise ValueError(f"{p}: not a {fmt} file (format {meta.get('format')!r})")
-            metas.append(meta)
+        metas = [checked_metadata(p, fmt, "train a decoder with train_decoder (notebook 03)")
+                 for p, fmt in ((d / DECODER_FILE, _DECODER_FORMAT), (d / LATENTS_FILE, _LATENTS_FORMAT))]
         dec_t = load_file(str(d / DECODER_FILE), device=str(device))
         lat_t = load_file(str(d / LATENTS_FILE), device=str(device))
         decoder = AutoDecoder(**json.loads(metas[0]["architecture"])).to(device)

@@ -7,6 +7,7 @@ top to bottom, and a full run never does the same work twice.
 
 - :func:`prepare_dataset`: notebook 00's synthetic dataset and its train/test split.
 - :func:`ensure_template`: notebook 02's fits of the training subjects and their average.
+- :func:`ensure_decoder`: notebook 03's auto-decoder and the training subjects' codes ``w``.
 """
 
 from __future__ import annotations
@@ -14,17 +15,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from .data import SubjectDataset, split_subjects, synthetic, write_split
+from .decoder import DECODER_FILE, DecoderConfig, DecoderResult, train_decoder
 from .fitting import FitConfig, FitResult, fit_subjects
 from .gaussians import Gaussians
 from .presets import Preset
 from .template import TEMPLATE_SAFETENSORS, build_template, load_template, save_template
 
-__all__ = ["FITS_FILE", "FIT_CHECKPOINT", "prepare_dataset", "ensure_template"]
+__all__ = ["FITS_FILE", "FIT_CHECKPOINT", "DECODER_CHECKPOINT", "prepare_dataset", "ensure_template",
+           "ensure_decoder"]
 
 FITS_FILE = "fits.safetensors"
 """The per-subject fits of notebook 02, in the run folder."""
 FIT_CHECKPOINT = "fit_checkpoint"
 """The fits' resumable checkpoint folder, in the run folder."""
+DECODER_CHECKPOINT = "decoder_checkpoint"
+"""The decoder's resumable checkpoint folder, in the run folder."""
 
 
 def prepare_dataset(preset: Preset, progress: bool = True) -> Path:
@@ -72,3 +77,26 @@ def ensure_template(preset: Preset, train: SubjectDataset, progress: bool = True
     template = build_template(fits.gaussians)
     save_template(template, run, metadata={"subjects": ",".join(fits.subject_ids), "preset": preset.name})
     return template
+
+
+def ensure_decoder(preset: Preset, train: SubjectDataset, progress: bool = True) -> DecoderResult:
+    """The run's auto-decoder: ``decoder.safetensors`` + ``latents.safetensors`` when present, else
+    trained now as notebook 03 does (``DecoderConfig.for_preset(preset)``, resuming
+    ``decoder_checkpoint/``), on the template of :func:`ensure_template`.
+
+    Raises:
+        ValueError: the stored decoder was trained on other subjects or with another config.
+    """
+    run = preset.run_dir
+    config = DecoderConfig.for_preset(preset)
+    if (run / DECODER_FILE).is_file():
+        result = DecoderResult.load(run, device=preset.torch_device)
+        if result.subject_ids != train.subject_ids or result.config != config:
+            raise ValueError(f"{run / DECODER_FILE} was trained on other subjects or with another DecoderConfig; "
+                             "delete decoder.safetensors and latents.safetensors to train again")
+        return result
+    template = ensure_template(preset, train, progress=progress)
+    result = train_decoder(train, template, config, backend=preset.backend, device=preset.torch_device,
+                           checkpoint=run / DECODER_CHECKPOINT, progress=progress)
+    result.save(run)
+    return result

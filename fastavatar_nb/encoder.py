@@ -1,0 +1,293 @@
+"""The image encoder: face photo -> latent code ``w`` (paper section 3.4, Eq. 9).
+
+``g = g_MLP o g_FR``: a frozen face-recognition network (FaceNet, :mod:`fastavatar_nb.faces`)
+turns a face crop into a 512-d identity embedding that barely changes with the viewpoint; a
+small MLP (:class:`EncoderMLP`) maps that embedding to the decoder's latent space. The MLP is
+*distilled* onto the codes ``w_i`` that notebook 03's auto-decoder learnt: every view of
+training subject ``i`` should map to ``w_i``::
+
+    L_enc(w, w_hat) = mse_weight * ||w - w_hat||^2 / dim + cos_weight * (1 - cos(w, w_hat))   (9)
+
+(the authors weight them 0.1 and 1.0). With the decoder frozen, one photo then gives a whole
+3DGS head in one pass: crop, embed, encode, decode (:func:`encode_faces` then
+``DecoderResult.decode``).
+
+Shapes: embeddings ``[..., 512]`` (unit norm), codes ``[..., latent_dim]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from ._io import atomic_save_tensors, checked_metadata, config_from_dict
+from .faces import EMBEDDING_DIM, NoFaceError, crop_faces, make_mtcnn
+
+__all__ = ["ENCODER_FILE", "EncoderConfig", "EncoderMLP", "EncoderResult", "encoder_loss", "face_embeddings",
+           "train_encoder", "encode_faces"]
+
+ENCODER_FILE = "encoder.safetensors"
+"""The trained encoder MLP and its config, in a run folder."""
+_FORMAT = "fastavatar-nb encoder"
+
+
+class EncoderMLP(nn.Module):
+    """``g_MLP``: L2-normalised face embedding -> latent code ``w``.
+
+    Linear layers ``in_dim -> hidden[0] -> ... -> hidden[-1] -> latent_dim``, each hidden one
+    followed by BatchNorm, ReLU and dropout (the authors': 1024, 768, 512; dropout 0.2).
+    """
+
+    def __init__(self, latent_dim: int = 512, in_dim: int = EMBEDDING_DIM, hidden: tuple[int, ...] = (1024, 768, 512),
+                 dropout: float = 0.2) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"EncoderMLP: dropout must be in [0, 1), got {dropout}")
+        self.latent_dim, self.in_dim, self.hidden, self.dropout = latent_dim, in_dim, tuple(hidden), float(dropout)
+        layers: list[nn.Module] = []
+        prev = in_dim
+        for width in hidden:
+            layers += [nn.Linear(prev, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(dropout)]
+            prev = width
+        layers.append(nn.Linear(prev, latent_dim))
+        self.net = nn.Sequential(*layers)
+
+    def architecture(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-ready)."""
+        return {"latent_dim": self.latent_dim, "in_dim": self.in_dim, "hidden": list(self.hidden),
+                "dropout": self.dropout}
+
+    def forward(self, embeddings: Tensor) -> Tensor:
+        """``[B, in_dim]`` face embeddings (normalised here) -> ``[B, latent_dim]`` codes."""
+        if embeddings.ndim != 2 or embeddings.shape[-1] != self.in_dim:
+            raise ValueError(f"EncoderMLP: embeddings must be [B, {self.in_dim}], got {tuple(embeddings.shape)}")
+        return self.net(F.normalize(embeddings, dim=-1))
+
+
+def encoder_loss(pred: Tensor, target: Tensor, mse_weight: float = 0.1, cos_weight: float = 1.0) -> dict[str, Tensor]:
+    """Eq. 9 per sample: ``mse`` (mean over dimensions), ``cos`` (cosine similarity) and ``total``."""
+    mse = ((pred - target) ** 2).mean(-1)
+    cos = F.cosine_similarity(pred, target, dim=-1)
+    return {"mse": mse, "cos": cos, "total": mse_weight * mse + cos_weight * (1 - cos)}
+
+
+@dataclass
+class EncoderConfig:
+    """Settings of :func:`train_encoder`."""
+
+    epochs: int = 50
+    """Passes over every (training subject, view with a face) sample."""
+    batch_size: int = 64
+    """Samples per step (the authors' 64)."""
+    lr: float = 1e-3
+    """Adam learning rate (decays exponentially to ``lr_final`` times it). The authors' 1e-4 is
+    for thousands of samples; the smoke preset has about 150."""
+    lr_final: float = 0.1
+    """Factor the learning rate decays to by the last step."""
+    mse_weight: float = 0.1
+    """Weight of the mean squared error to ``w`` (Eq. 9)."""
+    cos_weight: float = 1.0
+    """Weight of the cosine distance to ``w`` (lambda_cos)."""
+    hidden: tuple[int, ...] = (1024, 768, 512)
+    """Hidden widths of the MLP."""
+    dropout: float = 0.2
+    """Dropout after each hidden layer."""
+    seed: int = 0
+    """Seed of the initialisation and of the sample order."""
+
+    def validate(self) -> EncoderConfig:
+        """Raise ``ValueError`` naming the first bad field; returns ``self``."""
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"EncoderConfig.{name} must be a positive int, got {v!r}")
+        for name in ("lr", "lr_final"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ValueError(f"EncoderConfig.{name} must be a positive number, got {v!r}")
+        for name in ("mse_weight", "cos_weight"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"EncoderConfig.{name} must be a non-negative number, got {v!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"EncoderConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if not self.hidden or min(self.hidden) < 1:
+            raise ValueError(f"EncoderConfig.hidden must be positive widths, got {self.hidden!r}")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> EncoderConfig:
+        return config_from_dict(EncoderConfig, {**d, **({"hidden": tuple(d["hidden"])} if "hidden" in d else {})})
+
+    @staticmethod
+    def for_preset(preset: Any, **overrides: Any) -> EncoderConfig:
+        """The preset's ``encoder_epochs`` and ``seed``; on CUDA (full preset) the authors' lr 1e-4."""
+        kw: dict[str, Any] = {"epochs": preset.encoder_epochs, "seed": preset.seed}
+        if preset.device == "cuda":
+            kw["lr"] = 1e-4
+        kw.update(overrides)
+        return EncoderConfig(**kw).validate()
+
+
+@torch.no_grad()
+def face_embeddings(images: Tensor, net: nn.Module, mtcnn=None, batch_size: int = 32) -> tuple[Tensor, Tensor]:
+    """FaceNet embeddings of many images, tolerating images without a detectable face.
+
+    Args:
+        images: ``[N, H, W, 3]`` in [0, 1]; net: from :func:`fastavatar_nb.faces.load_facenet`.
+        mtcnn: a detector from :func:`~fastavatar_nb.faces.make_mtcnn` to reuse.
+
+    Returns:
+        ``(embeddings [N, 512], found [N])``: unit-norm embeddings, NaN rows where MTCNN found no
+        face (``found`` False). Use :func:`fastavatar_nb.faces.embed_faces` to get an error instead.
+    """
+    mtcnn = mtcnn if mtcnn is not None else make_mtcnn()
+    crops, found = [], []
+    for i in range(images.shape[0]):
+        try:
+            crops.append(crop_faces(images[i:i + 1], mtcnn=mtcnn))
+            found.append(True)
+        except NoFaceError:
+            found.append(False)
+    out = torch.full((images.shape[0], EMBEDDING_DIM), float("nan"))
+    found_t = torch.tensor(found, dtype=torch.bool)
+    if crops:
+        dev = next(net.parameters()).device
+        c = torch.cat(crops)
+        emb = torch.cat([F.normalize(net(c[i:i + batch_size].to(dev)), dim=-1).cpu()
+                         for i in range(0, len(c), batch_size)])
+        out[found_t] = emb
+    return out.to(images.device), found_t.to(images.device)
+
+
+@dataclass
+class EncoderResult:
+    """A trained encoder MLP.
+
+    Attributes:
+        model: the :class:`EncoderMLP` (eval mode after training).
+        loss_history, cos_history: ``[steps]`` mean loss and cosine to the targets per step.
+        config: the :class:`EncoderConfig`; seconds: training time.
+    """
+
+    model: EncoderMLP
+    loss_history: Tensor
+    cos_history: Tensor
+    config: EncoderConfig
+    seconds: float = 0.0
+
+    def encode(self, embeddings: Tensor) -> Tensor:
+        """Codes ``[B, latent_dim]`` of face embeddings ``[B, 512]`` (eval mode, no gradient)."""
+        self.model.eval()
+        with torch.no_grad():
+            return self.model(embeddings)
+
+    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write ``encoder.safetensors`` (weights, histories, config) into ``directory``."""
+        path = Path(directory) / ENCODER_FILE
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        t.update({"loss_history": self.loss_history, "cos_history": self.cos_history})
+        atomic_save_tensors(t, path, {"format": _FORMAT, "architecture": json.dumps(self.model.architecture()),
+                                      "config": self.config.to_json(), "seconds": repr(self.seconds)})
+        return path
+
+    @staticmethod
+    def load(directory: str | os.PathLike, device: torch.device | str = "cpu") -> EncoderResult:
+        """Read what :meth:`save` wrote."""
+        path = Path(directory) / ENCODER_FILE
+        meta = checked_metadata(path, _FORMAT, "train one with train_encoder (notebook 04)")
+        t = load_file(str(path), device=str(device))
+        arch = json.loads(meta["architecture"])
+        model = EncoderMLP(arch["latent_dim"], arch["in_dim"], tuple(arch["hidden"]), arch["dropout"]).to(device)
+        model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+        model.eval()
+        return EncoderResult(model, t["loss_history"], t["cos_history"],
+                             EncoderConfig.from_dict(json.loads(meta["config"])), float(meta["seconds"]))
+
+
+def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | None = None, progress: bool = True,
+                  callback: Callable[[dict[str, Any]], None] | None = None) -> EncoderResult:
+    """Distil the encoder MLP onto the decoder's codes (Eq. 9).
+
+    Args:
+        embeddings: ``[M, 512]`` face embeddings (one per training view with a face; no NaNs).
+        targets: ``[M, latent_dim]`` the code ``w_i`` of each embedding's subject (frozen).
+        config: settings (default :class:`EncoderConfig`).
+        callback: called after every step with ``step``, ``steps``, ``loss`` and ``cos`` (floats).
+
+    Returns:
+        An :class:`EncoderResult` with the model in eval mode.
+    """
+    from tqdm.auto import tqdm
+
+    config = (config or EncoderConfig()).validate()
+    if embeddings.ndim != 2 or targets.ndim != 2 or embeddings.shape[0] != targets.shape[0]:
+        raise ValueError(f"train_encoder: need embeddings [M, D] and targets [M, L] with the same M, got "
+                         f"{tuple(embeddings.shape)} and {tuple(targets.shape)}")
+    if not torch.isfinite(embeddings).all():
+        raise ValueError("train_encoder: embeddings contain NaN (views without a face): keep only the rows where "
+                         "face_embeddings found a face")
+    if embeddings.shape[0] < 2:
+        raise ValueError("train_encoder: need at least 2 samples (BatchNorm)")
+    torch.manual_seed(config.seed)
+    dev = embeddings.device
+    model = EncoderMLP(targets.shape[1], embeddings.shape[1], config.hidden, config.dropout).to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    M = embeddings.shape[0]
+    per_epoch = math.ceil(M / config.batch_size)
+    total = config.epochs * per_epoch
+    gen = torch.Generator().manual_seed(config.seed)
+    losses, coss = torch.empty(total), torch.empty(total)
+    bar = tqdm(total=total, desc="training the encoder", disable=not progress, unit="step", mininterval=0.5)
+    t0 = time.perf_counter()
+    model.train()
+    step = 0
+    for _ in range(config.epochs):
+        perm = torch.randperm(M, generator=gen).to(dev)
+        for b in range(per_epoch):
+            idx = perm[b * config.batch_size:(b + 1) * config.batch_size]
+            if len(idx) < 2:  # BatchNorm needs two samples
+                continue
+            for g in opt.param_groups:
+                g["lr"] = config.lr * config.lr_final ** (step / max(1, total - 1))
+            terms = encoder_loss(model(embeddings[idx]), targets[idx], config.mse_weight, config.cos_weight)
+            loss = terms["total"].mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses[step], coss[step] = float(loss.detach()), float(terms["cos"].detach().mean())
+            step += 1
+            bar.update(1)
+            if callback is not None:
+                callback({"step": step, "steps": total, "loss": float(losses[step - 1]), "cos": float(coss[step - 1])})
+    bar.close()
+    model.eval()
+    return EncoderResult(model, losses[:step], coss[:step], config, time.perf_counter() - t0)
+
+
+def encode_faces(embeddings: Tensor, encoder: EncoderResult) -> Tensor:
+    """Codes of face embeddings with NaN rows passed through as NaN: ``[N, 512] -> [N, latent_dim]``."""
+    out = torch.full((embeddings.shape[0], encoder.model.latent_dim), float("nan"), device=embeddings.device)
+    ok = torch.isfinite(embeddings).all(-1)
+    if ok.any():
+        out[ok] = encoder.encode(embeddings[ok])
+    return out

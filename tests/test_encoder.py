@@ -1,0 +1,133 @@
+"""The encoder MLP, Eq. 9, distillation, files, and face embeddings that tolerate faceless views."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastavatar_nb import faces
+from fastavatar_nb.encoder import (
+    ENCODER_FILE,
+    EncoderConfig,
+    EncoderMLP,
+    EncoderResult,
+    encode_faces,
+    encoder_loss,
+    face_embeddings,
+    train_encoder,
+)
+
+
+def test_mlp_shapes_and_input_normalisation():
+    torch.manual_seed(0)
+    m = EncoderMLP(latent_dim=16, in_dim=8, hidden=(32, 24)).eval()
+    x = torch.randn(5, 8)
+    out = m(x)
+    assert out.shape == (5, 16)
+    torch.testing.assert_close(m(3.0 * x), out)  # embeddings are L2-normalised first
+    assert sum(isinstance(layer, torch.nn.BatchNorm1d) for layer in m.net) == 2
+    with pytest.raises(ValueError, match=r"\[B, 8\]"):
+        m(torch.randn(5, 7))
+    with pytest.raises(ValueError, match="dropout"):
+        EncoderMLP(dropout=1.0)
+
+
+def test_encoder_loss_is_equation_9():
+    w = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    same = encoder_loss(w, w)
+    assert float(same["total"]) == 0.0 and float(same["cos"]) == pytest.approx(1.0)
+    ortho = encoder_loss(torch.tensor([[0.0, 2.0, 0.0, 0.0]]), w, mse_weight=0.1, cos_weight=1.0)
+    assert float(ortho["mse"]) == pytest.approx((1 + 4) / 4)
+    assert float(ortho["total"]) == pytest.approx(0.1 * 1.25 + 1.0)
+
+
+def _clusters(n_subjects: int = 5, views: int = 16, dim: int = 32, latent: int = 12, noise: float = 0.3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    identity = torch.nn.functional.normalize(torch.randn(n_subjects, dim, generator=g), dim=-1)
+    codes = torch.randn(n_subjects, latent, generator=g)
+    emb = identity[:, None] + noise * torch.randn(n_subjects, views, dim, generator=g) / math.sqrt(dim)
+    return emb, codes
+
+
+def test_distillation_maps_every_view_to_its_subjects_code():
+    emb, codes = _clusters()
+    x, y = emb.flatten(0, 1), codes[:, None].expand(-1, 16, -1).flatten(0, 1)
+    cfg = EncoderConfig(epochs=60, batch_size=16, hidden=(64, 32), lr=3e-3)
+    result = train_encoder(x, y, cfg, progress=False)
+    assert result.loss_history[-5:].mean() < 0.2 * result.loss_history[:5].mean()
+    # fresh views (new noise) of the same identities land on their subject's code
+    fresh, _ = _clusters(seed=0, noise=0.3)
+    fresh = fresh + 0.3 * torch.randn(fresh.shape, generator=torch.Generator().manual_seed(9)) / math.sqrt(32)
+    pred = result.encode(fresh.flatten(0, 1)).unflatten(0, (5, 16))
+    cos = torch.nn.functional.cosine_similarity(pred[:, :, None], codes[None, None], dim=-1)  # [S, V, S]
+    assert (cos.argmax(-1) == torch.arange(5)[:, None]).float().mean() > 0.95
+    assert cos.diagonal(dim1=0, dim2=2).mean() > 0.9
+
+
+def test_train_encoder_checks_inputs():
+    emb, codes = _clusters()
+    x = emb.flatten(0, 1)
+    y = codes[:, None].expand(-1, 16, -1).flatten(0, 1)
+    bad = x.clone()
+    bad[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        train_encoder(bad, y, EncoderConfig(epochs=1), progress=False)
+    with pytest.raises(ValueError, match="same M"):
+        train_encoder(x, y[:-1], EncoderConfig(epochs=1), progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        EncoderConfig(epochs=0).validate()
+    with pytest.raises(ValueError, match="unknown"):
+        EncoderConfig.from_dict({"bogus": 1})
+
+
+def test_save_load_roundtrip_and_nan_passthrough(tmp_path):
+    emb, codes = _clusters()
+    x, y = emb.flatten(0, 1), codes[:, None].expand(-1, 16, -1).flatten(0, 1)
+    cfg = EncoderConfig(epochs=2, batch_size=32, hidden=(16,))
+    result = train_encoder(x, y, cfg, progress=False)
+    path = result.save(tmp_path)
+    assert path.name == ENCODER_FILE
+    back = EncoderResult.load(tmp_path)
+    assert back.config == cfg
+    torch.testing.assert_close(back.encode(x), result.encode(x), rtol=0, atol=0)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        result.save(tmp_path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        EncoderResult.load(tmp_path)
+    with_nan = x[:3].clone()
+    with_nan[1] = float("nan")
+    out = encode_faces(with_nan, result)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
+    torch.testing.assert_close(out[[0, 2]], result.encode(x[[0, 2]]))
+
+
+def test_preset_configs():
+    from fastavatar_nb.presets import base
+
+    assert EncoderConfig.for_preset(base("smoke")).epochs == 50
+    full = EncoderConfig.for_preset(base("full"))
+    assert (full.epochs, full.lr) == (200, 1e-4)
+    assert EncoderConfig.from_dict(dataclasses.asdict(full)) == full
+
+
+def test_face_embeddings_mark_views_without_a_face(shared_dir, tmp_path):
+    try:
+        net = faces.load_facenet(cache_dir=tmp_path)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    photo = shared_dir / "data" / "nersemble_samples" / "306" / "images" / "00000_08.png"
+    if not photo.is_file():
+        pytest.skip(f"{photo} not present")
+    face = torch.tensor(np.array(Image.open(photo).convert("RGB").resize((275, 401))), dtype=torch.float32) / 255
+    images = torch.stack([face, torch.ones_like(face)])
+    emb, found = face_embeddings(images, net)
+    assert found.tolist() == [True, False]
+    assert torch.isnan(emb[1]).all()
+    assert float(emb[0].norm()) == pytest.approx(1.0, abs=1e-5)
+    torch.testing.assert_close(emb[0], faces.embed_faces(images[:1], net)[0], atol=1e-5, rtol=0)

@@ -1,0 +1,141 @@
+"""Latent editing: interpolation between identities and attribute directions (paper section 3.6).
+
+- Interpolation: ``w(t) = (1 - t) w_a + t w_b`` (:func:`interpolate`).
+- Attribute editing: a linear SVM separates the codes of subjects with a binary attribute
+  (``y = +1``) from those without (``y = -1``); the unit normal ``n = n_raw / |n_raw|`` of its
+  hyperplane is a direction in latent space along which the attribute changes, and an edit is
+  ``w + lambda n`` (:func:`attribute_direction`, :func:`edit`). The direction is global: the same
+  ``n`` edits every subject.
+
+``lambda`` is in latent units. :attr:`AttributeDirection.spread` (the standard deviation of the
+training codes along ``n``) gives a natural scale: ``lambda = 2 * spread`` moves a code by two
+standard deviations of the training subjects along the attribute.
+
+Directions are saved as JSON (``directions.json`` in a run folder): name, unit direction, SVM bias,
+spread, training accuracy and class counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._io import atomic_write_text
+
+__all__ = ["DIRECTIONS_FILE", "AttributeDirection", "attribute_direction", "edit", "interpolate", "save_directions",
+           "load_directions"]
+
+DIRECTIONS_FILE = "directions.json"
+"""Attribute directions of a run, in its run folder."""
+
+
+def interpolate(w_a: Tensor, w_b: Tensor, t: Tensor | float) -> Tensor:
+    """``(1 - t) w_a + t w_b`` for codes ``[L]`` and ``t`` a float or ``[T]`` (then ``[T, L]``)."""
+    t = torch.as_tensor(t, dtype=w_a.dtype, device=w_a.device)
+    if t.ndim == 0:
+        return (1 - t) * w_a + t * w_b
+    return (1 - t)[:, None] * w_a + t[:, None] * w_b
+
+
+@dataclass
+class AttributeDirection:
+    """A linear SVM's answer to "where in latent space does this attribute change?".
+
+    Attributes:
+        name: the attribute (e.g. ``"smiling"``).
+        direction: ``[L]`` unit normal of the separating hyperplane, pointing to the positives.
+        bias: the SVM's intercept, scaled with the unit normal: a code ``w`` is predicted
+            positive when ``w . direction + bias > 0``.
+        spread: standard deviation of the training codes' projections on ``direction``.
+        train_accuracy: fraction of the training codes the hyperplane classifies correctly.
+        num_positive, num_negative: training codes with and without the attribute.
+    """
+
+    name: str
+    direction: Tensor
+    bias: float
+    spread: float
+    train_accuracy: float
+    num_positive: int
+    num_negative: int
+
+    def score(self, codes: Tensor) -> Tensor:
+        """Signed distance of codes ``[..., L]`` to the hyperplane (positive: attribute present)."""
+        return codes @ self.direction.to(codes) + self.bias
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["direction"] = [float(x) for x in self.direction.cpu()]
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> AttributeDirection:
+        return AttributeDirection(**{**d, "direction": torch.tensor(d["direction"], dtype=torch.float32)})
+
+
+def attribute_direction(codes: Tensor, labels: Tensor | list[bool], name: str = "attribute", C: float = 1.0,
+                        seed: int = 0) -> AttributeDirection:
+    """Fit a linear SVM (scikit-learn ``LinearSVC``) on codes ``[N, L]`` with boolean labels ``[N]``.
+
+    Raises:
+        ValueError: fewer than one positive or one negative code, or mismatched sizes.
+    """
+    from sklearn.svm import LinearSVC
+
+    y = torch.as_tensor(labels, dtype=torch.bool).cpu().numpy()
+    x = codes.detach().cpu().double().numpy()
+    if x.ndim != 2 or len(x) != len(y):
+        raise ValueError(f"attribute_direction: need codes [N, L] and N labels, got {x.shape} and {len(y)} labels")
+    pos, neg = int(y.sum()), int((~y).sum())
+    if pos == 0 or neg == 0:
+        raise ValueError(f"attribute_direction: {name!r} needs codes with and without the attribute; got {pos} with "
+                         f"and {neg} without")
+    svm = LinearSVC(C=C, random_state=seed, max_iter=100_000).fit(x, np.where(y, 1, -1))
+    n = svm.coef_[0]
+    norm = float(np.linalg.norm(n))
+    unit = torch.tensor(n / norm, dtype=torch.float32)
+    accuracy = float((svm.predict(x) == np.where(y, 1, -1)).mean())
+    return AttributeDirection(name=name, direction=unit.to(codes.device), bias=float(svm.intercept_[0]) / norm,
+                              spread=float((x @ (n / norm)).std()), train_accuracy=accuracy, num_positive=pos,
+                              num_negative=neg)
+
+
+def edit(codes: Tensor, direction: AttributeDirection | Tensor, amount: Tensor | float) -> Tensor:
+    """``w + amount * n``: codes ``[..., L]``; ``amount`` a float or ``[T]`` (then ``[T, ..., L]``)."""
+    n = direction.direction if isinstance(direction, AttributeDirection) else direction
+    n = n.to(codes)
+    a = torch.as_tensor(amount, dtype=codes.dtype, device=codes.device)
+    if a.ndim == 0:
+        return codes + a * n
+    return codes + a.reshape(-1, *([1] * codes.ndim)) * n
+
+
+def save_directions(directions: list[AttributeDirection], path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write directions as JSON (``directions.json``); an existing file needs ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"format": "fastavatar-nb directions",
+                                        "directions": [d.to_dict() for d in directions]}, indent=1))
+    return path
+
+
+def load_directions(path: str | os.PathLike) -> list[AttributeDirection]:
+    """Read what :func:`save_directions` wrote."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no attribute directions at {path}; make them with attribute_direction (notebook 05)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict) or data.get("format") != "fastavatar-nb directions":
+        raise ValueError(f"{path}: not a directions file written by save_directions")
+    return [AttributeDirection.from_dict(d) for d in data["directions"]]

@@ -26,8 +26,8 @@ from .gaussians import Gaussians
 __version__ = "0.1.0"
 __all__ = ["Cameras", "Gaussians", "render", "__version__"]
 
-_LAZY = {"presets", "data", "fitting", "template", "decoder", "pipeline", "faces", "encoder", "editing", "metrics",
-         "viewers", "cli", "report", "ply", "gaussians", "cameras"}
+_LAZY = {"presets", "data", "fitting", "template", "decoder", "pipeline", "faces", "encoder", "editing", "evaluation",
+         "metrics", "viewers", "cli", "report", "ply", "gaussians", "cameras"}
 
 
 def __getattr__(name: str):

@@ -54,7 +54,15 @@ from torch import Tensor, nn
 from ._io import atomic_save_tensors, atomic_write_text, checked_metadata, config_from_dict
 from .cameras import Cameras
 from .data.subject import MultiViewSubject, stack_subjects
-from .fitting import Region, evaluate_views, region_loss, region_weights, support_masks, train_views
+from .fitting import (
+    Region,
+    evaluate_views,
+    region_loss,
+    region_weights,
+    subject_ids,
+    support_masks,
+    train_views,
+)
 from .gaussians import Gaussians
 from .metrics import lpips_available, psnr
 from .render import Backend, render, resolve_backend
@@ -450,14 +458,6 @@ class DecoderResult:
 
 
 # ------------------------------------------------------------------------------- training
-def _subject_ids(subjects: Sequence[MultiViewSubject]) -> list[str]:
-    ids = getattr(subjects, "subject_ids", None)
-    ids = list(ids) if ids is not None else [s.subject_id for s in subjects]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"train_decoder: subject ids must be unique, got {ids}")
-    return ids
-
-
 def _check_template(template: Gaussians, num_points: int) -> None:
     if template.batch_shape:
         raise ValueError("train_decoder: the template must be unbatched Gaussians [K, ...] "
@@ -500,7 +500,7 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
     from tqdm.auto import tqdm
 
     config = (config or DecoderConfig()).validate()
-    ids = _subject_ids(subjects)
+    ids = subject_ids(subjects, "train_decoder")
     n = len(ids)
     if n == 0:
         raise ValueError("train_decoder: no subjects given")

@@ -62,7 +62,7 @@ from .render import Backend, render, resolve_backend
 __all__ = [
     "FitConfig", "FitResult", "fit_subjects", "estimate_normals", "sample_point_colors", "init_gaussians",
     "train_views", "view_for_step", "SHORT_RUN_LRS", "evaluate_views", "support_masks", "region_weights", "Region",
-    "region_loss",
+    "region_loss", "subject_ids",
 ]
 
 Region = Literal["support", "image"]
@@ -568,12 +568,14 @@ class _Checkpoint:
         atomic_write_text(self.json, json.dumps({"format": _FORMAT, **state}, indent=1))
 
 
-def _subject_ids(subjects: Sequence[MultiViewSubject]) -> list[str]:
+def subject_ids(subjects: Sequence[MultiViewSubject], caller: str = "fit_subjects") -> list[str]:
+    """The ids of a list or dataset of subjects (a dataset's ``subject_ids`` without loading it);
+    repeated ids raise ``ValueError`` naming ``caller`` and the repeats."""
     ids = getattr(subjects, "subject_ids", None)
     ids = list(ids) if ids is not None else [s.subject_id for s in subjects]
     dup = sorted({s for s in ids if ids.count(s) > 1})
     if dup:
-        raise ValueError(f"fit_subjects: subject ids must be unique, repeated: {dup}")
+        raise ValueError(f"{caller}: subject ids must be unique, repeated: {dup}")
     return ids
 
 
@@ -645,7 +647,7 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
     from tqdm.auto import tqdm
 
     config = (config or FitConfig()).validate()
-    ids = _subject_ids(subjects)
+    ids = subject_ids(subjects)
     n = len(ids)
     if n == 0:
         raise ValueError("fit_subjects: no subjects given")

@@ -597,10 +597,13 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
                mininterval=0.5)  # few redraws: a notebook's output channel keeps ~1,000 messages
     t0 = time.perf_counter()
     bs, tv_t = config.subjects_per_step, torch.tensor(tv, device=dev)
+    items: tuple[int, list[tuple[int, list[int]]]] = (-1, [])  # (epoch, its items): shuffled once per epoch
     try:
         for step in range(step0, total):
             epoch, k = divmod(step, steps_per_epoch)
-            batch = step_items(config.seed, epoch, n, len(tv), config.views_per_step)[k * bs:(k + 1) * bs]
+            if items[0] != epoch:
+                items = (epoch, step_items(config.seed, epoch, n, len(tv), config.views_per_step))
+            batch = items[1][k * bs:(k + 1) * bs]
             set_lr(step)
             sidx = torch.tensor([s for s, _ in batch], device=dev)
             res = decoder(codes[sidx], embeddings)                                    # [B, K]

@@ -563,8 +563,7 @@ class _Checkpoint:
 
     def save(self, state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_save_tensors(tensors, self.tensors,
-                     {"format": _FORMAT})
+        atomic_save_tensors(tensors, self.tensors, {"format": _FORMAT})
         atomic_write_text(self.json, json.dumps({"format": _FORMAT, **state}, indent=1))
 
 

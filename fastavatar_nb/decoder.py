@@ -69,7 +69,7 @@ from .render import Backend, render, resolve_backend
 
 __all__ = [
     "AutoDecoder", "DecoderConfig", "DecoderResult", "Residuals", "apply_residuals", "positional_embedding",
-    "train_decoder", "step_items", "DECODER_FILE", "LATENTS_FILE",
+    "train_decoder", "residual_penalty", "step_items", "DECODER_FILE", "LATENTS_FILE",
 ]
 
 DECODER_FILE = "decoder.safetensors"
@@ -458,6 +458,14 @@ class DecoderResult:
 
 
 # ------------------------------------------------------------------------------- training
+def residual_penalty(residuals: Residuals, config: DecoderConfig) -> Tensor:
+    """The L2 penalties of Eq. 7-8 on the position and scale residuals (a scalar):
+    ``means_reg_weight mean_k |d_mu_k|^2 / scene_scale^2 + scales_reg_weight mean_k |d_s_k|^2``
+    (means over every Gaussian of every decoded subject)."""
+    return (config.means_reg_weight * (residuals.means ** 2).sum(-1).mean() / config.scene_scale ** 2
+            + config.scales_reg_weight * (residuals.log_scales ** 2).sum(-1).mean())
+
+
 def _check_template(template: Gaussians, num_points: int) -> None:
     if template.batch_shape:
         raise ValueError("train_decoder: the template must be unbatched Gaussians [K, ...] "
@@ -626,9 +634,7 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
                 with torch.no_grad():
                     psnrs.append(psnr(out.colors.detach().clamp(0, 1), gt, mask=w).flatten())
             image_term = torch.cat(losses).mean()
-            reg = (config.means_reg_weight * (res.means ** 2).sum(-1).mean() / config.scene_scale ** 2
-                   + config.scales_reg_weight * (res.log_scales ** 2).sum(-1).mean())
-            loss = image_term + reg
+            loss = image_term + residual_penalty(res, config)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from ._io import atomic_save_tensors, checked_metadata, config_from_dict
 from .faces import EMBEDDING_DIM, NoFaceError, crop_faces, make_mtcnn
 
 __all__ = ["ENCODER_FILE", "EncoderConfig", "EncoderMLP", "EncoderResult", "encoder_loss", "face_embeddings",
-           "train_encoder", "encode_faces"]
+           "dataset_embeddings", "training_pairs", "train_encoder", "encode_faces"]
 
 ENCODER_FILE = "encoder.safetensors"
 """The trained encoder MLP and its config, in a run folder."""
@@ -174,6 +174,39 @@ def face_embeddings(images: Tensor, net: nn.Module, mtcnn=None, batch_size: int 
                          for i in range(0, len(c), batch_size)])
         out[found_t] = emb
     return out.to(images.device), found_t.to(images.device)
+
+
+def dataset_embeddings(subjects: Sequence[Any], net: nn.Module, mtcnn=None, progress: bool = True,
+                       device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`face_embeddings` of every view of every subject (a list or a ``SubjectDataset``).
+
+    Returns:
+        ``(embeddings [S, C, 512], found [S, C])`` on ``device`` (default: the network's), NaN
+        rows where no face was found.
+    """
+    from tqdm.auto import tqdm
+
+    mtcnn = mtcnn if mtcnn is not None else make_mtcnn()
+    dev = torch.device(device) if device is not None else next(net.parameters()).device
+    emb, found = [], []
+    for i in tqdm(range(len(subjects)), desc="face embeddings", disable=not progress, unit="subject",
+                  mininterval=0.5):
+        e, f = face_embeddings(subjects[i].images, net, mtcnn)
+        emb.append(e.to(dev))
+        found.append(f.to(dev))
+    if not emb:
+        raise ValueError("dataset_embeddings: no subjects given")
+    return torch.stack(emb), torch.stack(found)
+
+
+def training_pairs(embeddings: Tensor, found: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
+    """The encoder's training pairs: ``(embedding [M, 512], code w_i of its subject [M, L])`` for
+    every view with a face, from ``embeddings [S, C, 512]``, ``found [S, C]`` and ``codes [S, L]``."""
+    if embeddings.shape[:2] != found.shape or codes.shape[0] != found.shape[0]:
+        raise ValueError(f"training_pairs: need embeddings [S, C, 512], found [S, C] and codes [S, L] with the same "
+                         f"S and C, got {tuple(embeddings.shape)}, {tuple(found.shape)}, {tuple(codes.shape)}")
+    subject = torch.arange(found.shape[0], device=found.device)[:, None].expand_as(found)
+    return embeddings[found], codes[subject[found].to(codes.device)]
 
 
 @dataclass

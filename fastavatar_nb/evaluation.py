@@ -5,28 +5,45 @@ rendered at the remaining C - 1 views and compared with the ground truth; this i
 each view as the input. :func:`novel_view_metrics` scores a batch of such predictions of one
 subject over the same region of the image as the fits and the decoder (background plus the head
 the subject's points cover), so the numbers of every stage compare.
+
+Several methods (the template, the feed-forward prediction, the refined one) are scored
+together with :func:`protocol_rows` (one row per method and input view), averaged with
+:func:`summarize` and kept per subject in the run folder's ``eval/`` as JSON
+(:func:`save_rows` / :func:`load_rows`), so an interrupted evaluation resumes subject by subject.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ._io import atomic_write_text
 from .cameras import Cameras
 from .data.subject import MultiViewSubject
 from .fitting import evaluate_views, region_weights, support_masks
 from .gaussians import Gaussians
 from .render import Backend
 
-__all__ = ["novel_view_metrics"]
+__all__ = ["EVAL_DIR", "novel_view_metrics", "protocol_rows", "summarize", "save_rows", "load_rows", "file_digest",
+           "protocol_dir"]
+
+EVAL_DIR = "eval"
+"""Folder of evaluation results in a run folder."""
+_FORMAT = "fastavatar-nb protocol rows"
 
 
 @torch.no_grad()
 def novel_view_metrics(subject: MultiViewSubject, heads: Gaussians, input_views: Sequence[int],
                        backend: Backend = "auto", support_scale: float = 1.0,
-                       region: str = "support") -> dict[str, Tensor]:
+                       region: str = "support", with_lpips: bool = False) -> dict[str, Tensor]:
     """Score heads predicted from single views of one subject on all of its other views.
 
     Args:
@@ -36,10 +53,13 @@ def novel_view_metrics(subject: MultiViewSubject, heads: Gaussians, input_views:
         backend: renderer backend.
         support_scale: scale of the support region (as in ``FitConfig``); region: ``"support"``
             or ``"image"`` (every pixel).
+        with_lpips: also LPIPS (every pixel); raises
+            :class:`~fastavatar_nb.metrics.LpipsUnavailableError` where its weights are missing
+            (check :func:`~fastavatar_nb.metrics.lpips_available` first).
 
     Returns:
-        ``{"psnr": [V], "ssim": [V], "psnr_image": [V]}``: for each head, the mean over the
-        ``C - 1`` views other than its input view.
+        ``{"psnr": [V], "ssim": [V], "mae": [V], "psnr_image": [V]}`` (and ``"lpips"``): for each
+        head, the mean over the ``C - 1`` views other than its input view.
     """
     views = list(input_views)
     if heads.batch_shape != (len(views),):
@@ -56,10 +76,119 @@ def novel_view_metrics(subject: MultiViewSubject, heads: Gaussians, input_views:
     if region == "support":
         weights = region_weights(subject.masks, support_masks(subject.points, subject.cameras, support_scale,
                                                               backend))[None]
-    out: dict[str, list[Tensor]] = {"psnr": [], "ssim": [], "psnr_image": []}
+    out: dict[str, list[Tensor]] = {}
     for j, v in enumerate(views):
         others = [c for c in range(subject.num_views) if c != v]
-        m = evaluate_views(heads[j:j + 1], subject.images[None], cams, others, weights, backend)
-        for k in out:
-            out[k].append(m[k].mean())
+        m = evaluate_views(heads[j:j + 1], subject.images[None], cams, others, weights, backend,
+                           with_lpips=with_lpips)
+        for k, x in m.items():
+            out.setdefault(k, []).append(x.mean())
     return {k: torch.stack(v) for k, v in out.items()}
+
+
+def protocol_rows(subject: MultiViewSubject, heads: Mapping[str, Gaussians], input_views: Sequence[int],
+                  backend: Backend = "auto", seconds: Mapping[str, Tensor | Sequence[float]] | None = None,
+                  with_lpips: bool = False, region: str = "support") -> list[dict[str, Any]]:
+    """Score several methods' heads of one subject with the protocol: one row per method and input view.
+
+    Args:
+        subject: the subject; heads: ``{method: Gaussians [V, K]}``, head ``j`` predicted from
+            view ``input_views[j]`` (a method that ignores the input, like the template, repeats
+            one head).
+        seconds: optional ``{method: [V]}`` time each head took to make.
+        with_lpips, region: see :func:`novel_view_metrics`.
+
+    Returns:
+        Rows ``{"subject", "method", "input_view", "psnr", "ssim", "mae", "psnr_image"[, "lpips"]
+        [, "seconds"]}`` (floats), method-major.
+    """
+    views = list(input_views)
+    rows = []
+    for method, h in heads.items():
+        m = novel_view_metrics(subject, h, views, backend, region=region, with_lpips=with_lpips)
+        t = None if seconds is None or method not in seconds else [float(x) for x in seconds[method]]
+        if t is not None and len(t) != len(views):
+            raise ValueError(f"protocol_rows: seconds[{method!r}] has {len(t)} entries for {len(views)} input views")
+        for j, v in enumerate(views):
+            row: dict[str, Any] = {"subject": subject.subject_id, "method": method, "input_view": int(v),
+                                   **{k: float(x[j]) for k, x in m.items()}}
+            if t is not None:
+                row["seconds"] = t[j]
+            rows.append(row)
+    return rows
+
+
+def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Mean of every numeric column per method (methods in order of appearance).
+
+    Each subject weighs the same, whatever its number of input views: the mean over a subject's
+    input views first, then over subjects (as the paper averages over test identities). A column
+    a method lacks (e.g. ``seconds`` of the template) is left out of its entry; ``n`` counts rows.
+    """
+    out: dict[str, dict[str, float]] = {}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        keys = [k for k, v in mine[0].items() if isinstance(v, (int, float)) and k != "input_view"]
+        per_subject: dict[str, list[Mapping[str, Any]]] = {}
+        for r in mine:
+            per_subject.setdefault(r["subject"], []).append(r)
+        entry = {}
+        for k in keys:
+            means = [sum(float(r[k]) for r in rs) / len(rs) for rs in per_subject.values() if all(k in r for r in rs)]
+            if means:
+                entry[k] = sum(means) / len(means)
+        entry["n"] = float(len(mine))
+        out[method] = entry
+    return out
+
+
+def file_digest(path: str | os.PathLike, length: int = 16) -> str:
+    """The first ``length`` hex digits of a file's SHA-256 (to tell which model made a result)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+def protocol_dir(run_dir: str | os.PathLike, meta: Mapping[str, Any]) -> Path:
+    """``run_dir/eval/protocol-<key>``: where the protocol results of the models and settings in
+    ``meta`` (JSON-serialisable: model digests, configs) go; ``key`` is a hash of ``meta``, so
+    results of other models never collide or get overwritten."""
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(run_dir) / EVAL_DIR / f"protocol-{key}"
+
+
+def save_rows(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any],
+              overwrite: bool = False) -> Path:
+    """Write protocol rows and what made them (``meta``: configs, model digests, ...) as JSON."""
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise FileExistsError(f"{p} exists; pass overwrite=True to replace it")
+    for r in rows:
+        bad = [k for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"save_rows: row {dict(r)} has non-finite {bad}")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(p, json.dumps({"format": _FORMAT, "meta": dict(meta), "rows": [dict(r) for r in rows]},
+                                    indent=1))
+    return p
+
+
+def load_rows(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``(rows, meta)`` of a file :func:`save_rows` wrote.
+
+    Raises:
+        FileNotFoundError: no such file; ValueError: not a file of protocol rows.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no protocol results at {p}; notebook 07 (evaluation) writes them")
+    try:
+        d = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p} is not readable JSON ({e}); delete it to evaluate again") from e
+    if not isinstance(d, dict) or d.get("format") != _FORMAT:
+        raise ValueError(f"{p} is not a file of protocol rows (format {d.get('format') if isinstance(d, dict) else d!r})")
+    return d["rows"], d["meta"]

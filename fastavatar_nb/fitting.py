@@ -56,7 +56,7 @@ from ._io import atomic_save_tensors, atomic_write_text, config_from_dict
 from .cameras import Cameras
 from .data.subject import MultiViewSubject, stack_subjects
 from .gaussians import Gaussians, knn, knn_spacing
-from .metrics import image_loss, psnr, ssim
+from .metrics import image_loss, lpips, mae, psnr, ssim
 from .render import Backend, render, resolve_backend
 
 __all__ = [
@@ -506,8 +506,9 @@ class FitResult:
 @torch.no_grad()
 def evaluate_views(gaussians: Gaussians, images: Tensor, cameras: Cameras, views: Sequence[int],
                    weights: Tensor | None = None, backend: Backend = "auto", sh_degree: int = 3,
-                   views_per_render: int = 4, tile_size: int | None = None) -> dict[str, Tensor]:
-    """PSNR and SSIM of batched fits on the given views (white background).
+                   views_per_render: int = 4, tile_size: int | None = None,
+                   with_lpips: bool = False) -> dict[str, Tensor]:
+    """PSNR, SSIM and MAE (and LPIPS) of batched fits on the given views (white background).
 
     Args:
         gaussians: ``[S, K, ...]``; images: ``[S, C, H, W, 3]``; cameras: ``[S, C]``.
@@ -515,11 +516,17 @@ def evaluate_views(gaussians: Gaussians, images: Tensor, cameras: Cameras, views
         weights: optional ``[S, C, H, W]`` pixel weights (e.g. :func:`region_weights`) for
             ``psnr`` and ``ssim``.
 
+        with_lpips: also ``lpips`` (AlexNet, every pixel); raises
+            :class:`~fastavatar_nb.metrics.LpipsUnavailableError` where its weights are missing.
+
     Returns:
-        Dict of ``[S, V]`` per-view values: ``psnr`` and ``ssim`` (weighted by ``weights``; SSIM
-        with 11-pixel Gaussian windows, 'valid') and ``psnr_image`` (every pixel).
+        Dict of ``[S, V]`` per-view values: ``psnr``, ``ssim`` and ``mae`` (weighted by ``weights``;
+        SSIM with 11-pixel Gaussian windows, 'valid'), ``psnr_image`` (every pixel) and, if asked,
+        ``lpips``.
     """
-    out: dict[str, list[Tensor]] = {"psnr": [], "ssim": [], "psnr_image": []}
+    out: dict[str, list[Tensor]] = {"psnr": [], "ssim": [], "mae": [], "psnr_image": []}
+    if with_lpips:
+        out["lpips"] = []
     vs = list(views)
     H, W = images.shape[-3:-1]
     pad = "valid" if min(H, W) >= 11 else "same"
@@ -532,7 +539,10 @@ def evaluate_views(gaussians: Gaussians, images: Tensor, cameras: Cameras, views
         w = None if weights is None else weights[:, v]
         out["psnr"].append(psnr(pred, gt, mask=w))
         out["ssim"].append(ssim(pred, gt, padding=pad, mask=w))
+        out["mae"].append(mae(pred, gt, mask=w))
         out["psnr_image"].append(psnr(pred, gt))
+        if with_lpips:
+            out["lpips"].append(lpips(pred, gt))
     return {k: torch.cat(v, 1) for k, v in out.items()}
 
 

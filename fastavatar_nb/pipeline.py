@@ -8,21 +8,34 @@ top to bottom, and a full run never does the same work twice.
 - :func:`prepare_dataset`: notebook 00's synthetic dataset and its train/test split.
 - :func:`ensure_template`: notebook 02's fits of the training subjects and their average.
 - :func:`ensure_decoder`: notebook 03's auto-decoder and the training subjects' codes ``w``.
+- :func:`ensure_encoder`: notebook 04's encoder, distilled onto those codes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from torch import Tensor
 
 from .data import SubjectDataset, split_subjects, synthetic, write_split
 from .decoder import DECODER_FILE, DecoderConfig, DecoderResult, train_decoder
+from .encoder import (
+    ENCODER_FILE,
+    EncoderConfig,
+    EncoderResult,
+    dataset_embeddings,
+    train_encoder,
+    training_pairs,
+)
 from .fitting import FitConfig, FitResult, fit_subjects
 from .gaussians import Gaussians
 from .presets import Preset
 from .template import TEMPLATE_SAFETENSORS, build_template, load_template, save_template
 
 __all__ = ["FITS_FILE", "FIT_CHECKPOINT", "DECODER_CHECKPOINT", "prepare_dataset", "ensure_template",
-           "ensure_decoder"]
+           "ensure_decoder", "ensure_encoder"]
 
 FITS_FILE = "fits.safetensors"
 """The per-subject fits of notebook 02, in the run folder."""
@@ -79,10 +92,12 @@ def ensure_template(preset: Preset, train: SubjectDataset, progress: bool = True
     return template
 
 
-def ensure_decoder(preset: Preset, train: SubjectDataset, progress: bool = True) -> DecoderResult:
+def ensure_decoder(preset: Preset, train: SubjectDataset, progress: bool = True,
+                   callback: Callable[[dict[str, Any]], None] | None = None) -> DecoderResult:
     """The run's auto-decoder: ``decoder.safetensors`` + ``latents.safetensors`` when present, else
     trained now as notebook 03 does (``DecoderConfig.for_preset(preset)``, resuming
-    ``decoder_checkpoint/``), on the template of :func:`ensure_template`.
+    ``decoder_checkpoint/``), on the template of :func:`ensure_template`. ``callback`` goes to
+    :func:`~fastavatar_nb.decoder.train_decoder` (e.g. live training curves).
 
     Raises:
         ValueError: the stored decoder was trained on other subjects or with another config.
@@ -97,6 +112,38 @@ def ensure_decoder(preset: Preset, train: SubjectDataset, progress: bool = True)
         return result
     template = ensure_template(preset, train, progress=progress)
     result = train_decoder(train, template, config, backend=preset.backend, device=preset.torch_device,
-                           checkpoint=run / DECODER_CHECKPOINT, progress=progress)
+                           checkpoint=run / DECODER_CHECKPOINT, progress=progress, callback=callback)
     result.save(run)
     return result
+
+
+def ensure_encoder(preset: Preset, train: SubjectDataset, avatars: DecoderResult,
+                   embeddings: tuple[Tensor, Tensor] | None = None, progress: bool = True,
+                   callback: Callable[[dict[str, Any]], None] | None = None) -> EncoderResult:
+    """The run's encoder: ``encoder.safetensors`` when present, else distilled now as notebook 04
+    does (``EncoderConfig.for_preset(preset)``) onto ``avatars``' codes and saved.
+
+    Args:
+        embeddings: ``(embeddings [S, C, 512], found [S, C])`` of the training subjects
+            (:func:`~fastavatar_nb.encoder.dataset_embeddings`); computed with FaceNet when needed
+            and not given.
+        callback: goes to :func:`~fastavatar_nb.encoder.train_encoder`.
+
+    Raises:
+        ValueError: the stored encoder was trained with another config.
+    """
+    run = preset.run_dir
+    config = EncoderConfig.for_preset(preset)
+    if (run / ENCODER_FILE).is_file():
+        encoder = EncoderResult.load(run, device=preset.torch_device)
+        if encoder.config != config:
+            raise ValueError(f"{run / ENCODER_FILE} was trained with another EncoderConfig; delete it to train again")
+        return encoder
+    if embeddings is None:
+        from .faces import load_facenet
+
+        embeddings = dataset_embeddings(train, load_facenet(device=preset.torch_device), progress=progress)
+    x, y = training_pairs(*embeddings, avatars.codes)
+    encoder = train_encoder(x, y, config, progress=progress, callback=callback)
+    encoder.save(run)
+    return encoder

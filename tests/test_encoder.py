@@ -20,6 +20,7 @@ from fastavatar_nb.encoder import (
     encoder_loss,
     face_embeddings,
     train_encoder,
+    training_pairs,
 )
 
 
@@ -67,6 +68,17 @@ def test_distillation_maps_every_view_to_its_subjects_code():
     cos = torch.nn.functional.cosine_similarity(pred[:, :, None], codes[None, None], dim=-1)  # [S, V, S]
     assert (cos.argmax(-1) == torch.arange(5)[:, None]).float().mean() > 0.95
     assert cos.diagonal(dim1=0, dim2=2).mean() > 0.9
+
+
+def test_training_pairs_pair_each_found_view_with_its_subjects_code():
+    emb = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    found = torch.tensor([[True, False, True], [False, True, True]])
+    codes = torch.tensor([[10.0, 11.0], [20.0, 21.0]])
+    x, y = training_pairs(emb, found, codes)
+    torch.testing.assert_close(x, torch.stack([emb[0, 0], emb[0, 2], emb[1, 1], emb[1, 2]]))
+    torch.testing.assert_close(y, codes[[0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="same S and C"):
+        training_pairs(emb, found[:, :2], codes)
 
 
 def test_train_encoder_checks_inputs():

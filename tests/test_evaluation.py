@@ -7,8 +7,17 @@ import torch
 from test_fitting import _scene
 
 from fastavatar_nb.data.subject import MultiViewSubject
-from fastavatar_nb.evaluation import novel_view_metrics
+from fastavatar_nb.evaluation import (
+    file_digest,
+    load_rows,
+    novel_view_metrics,
+    protocol_dir,
+    protocol_rows,
+    save_rows,
+    summarize,
+)
 from fastavatar_nb.gaussians import Gaussians
+from fastavatar_nb.metrics import LpipsUnavailableError, lpips_available
 
 
 def _stack(g: Gaussians, n: int) -> Gaussians:
@@ -49,3 +58,64 @@ def test_inputs_are_checked():
     with pytest.raises(ValueError, match="region"):
         novel_view_metrics(subject, _stack(truth, 1), [0], region="face")
     assert torch.isfinite(novel_view_metrics(subject, _stack(truth, 1), [0], backend="torch")["ssim"]).all()
+
+
+def test_mae_is_the_mean_absolute_error_of_the_novel_views():
+    subject, truth = _scene(6, K=150)
+    grey = truth.clone()
+    grey.opacity_logits.fill_(-30.0)  # invisible: every render is the white background
+    m = novel_view_metrics(subject, _stack(grey, 2), [0, 9], backend="torch", region="image")
+    for j, v in enumerate([0, 9]):
+        others = [c for c in range(16) if c != v]
+        expected = (1.0 - subject.images[others]).abs().mean((-3, -2, -1)).mean()
+        torch.testing.assert_close(m["mae"][j], expected, rtol=1e-5, atol=1e-6)
+    assert "lpips" not in m
+
+
+@pytest.mark.skipif(lpips_available(), reason="LPIPS weights are on this machine")
+def test_lpips_is_refused_without_its_weights():
+    subject, truth = _scene(6, K=150)
+    with pytest.raises(LpipsUnavailableError, match="not measured"):
+        novel_view_metrics(subject, _stack(truth, 1), [0], backend="torch", with_lpips=True)
+
+
+def test_protocol_rows_and_summary_weigh_every_subject_equally(tmp_path):
+    subject, truth = _scene(7, K=150)
+    blank = truth.clone()
+    blank.opacity_logits.fill_(-30.0)
+    truth = truth.clone()
+    truth.sh[:, 0] += 0.02  # near the truth: finite PSNRs (JSON has no infinity)
+    rows = protocol_rows(subject, {"truth": _stack(truth, 2), "blank": _stack(blank, 2)}, [0, 8], backend="torch",
+                         seconds={"truth": [0.5, 1.5]}, region="image")
+    assert [(r["method"], r["input_view"]) for r in rows] == [("truth", 0), ("truth", 8), ("blank", 0), ("blank", 8)]
+    assert rows[0]["seconds"] == 0.5 and "seconds" not in rows[2]
+    direct = novel_view_metrics(subject, _stack(blank, 1), [8], backend="torch", region="image")
+    assert rows[3]["psnr"] == pytest.approx(float(direct["psnr"][0]))
+    # a second subject with one input view only weighs as much as the first with two
+    other = [dict(r, subject="other", psnr=10.0) for r in rows if r["input_view"] == 0]
+    table = summarize(rows + other)
+    assert list(table) == ["truth", "blank"]
+    own = (rows[0]["psnr"] + rows[1]["psnr"]) / 2
+    assert table["truth"]["psnr"] == pytest.approx((own + 10.0) / 2)
+    assert table["truth"]["n"] == 3 and table["truth"]["seconds"] == pytest.approx((1.0 + 0.5) / 2)
+    assert "seconds" not in table["blank"]
+    with pytest.raises(ValueError, match="entries for 2 input views"):
+        protocol_rows(subject, {"truth": _stack(truth, 2)}, [0, 8], backend="torch", seconds={"truth": [1.0]})
+
+    path = save_rows(tmp_path / "eval" / "s7.json", rows, {"refine": {"steps": 3}})
+    back, meta = load_rows(path)
+    assert back == rows and meta == {"refine": {"steps": 3}}
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_rows(path, rows, {})
+    with pytest.raises(ValueError, match="non-finite"):
+        save_rows(tmp_path / "nan.json", [dict(rows[0], psnr=float("nan"))], {})
+    path.write_text("{broken")
+    with pytest.raises(ValueError, match="not readable JSON"):
+        load_rows(path)
+    with pytest.raises(FileNotFoundError, match="notebook 07"):
+        load_rows(tmp_path / "missing.json")
+    a, b = protocol_dir(tmp_path, {"x": 1, "y": [2]}), protocol_dir(tmp_path, {"y": [2], "x": 1})
+    assert a == b and a.parent == tmp_path / "eval" and a.name.startswith("protocol-")
+    assert protocol_dir(tmp_path, {"x": 2, "y": [2]}) != a
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    assert file_digest(tmp_path / "a.bin") == "ba7816bf8f01cfea"  # SHA-256 of "abc"

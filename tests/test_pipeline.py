@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -62,3 +63,28 @@ def test_ensure_template_refuses_fits_of_other_subjects(tiny):
         (tiny.run_dir / name).unlink()
     with pytest.raises(ValueError, match="not of the training subjects"):
         pipeline.ensure_template(tiny, test, progress=False)
+
+
+def test_ensure_encoder_distils_once_then_reuses(tiny, monkeypatch):
+    root = pipeline.prepare_dataset(tiny, progress=False)
+    train = SubjectDataset(root, "train")
+    g = torch.Generator().manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(len(train), 16, 512, generator=g), dim=-1)
+    found = torch.ones(len(train), 16, dtype=torch.bool)
+    found[0, 3] = False
+    emb[0, 3] = float("nan")  # a view without a face is left out, not trained on
+    avatars = SimpleNamespace(codes=torch.randn(len(train), 512, generator=g))
+    small = tiny.replace(encoder_epochs=3)
+    encoder = pipeline.ensure_encoder(small, train, avatars, (emb, found), progress=False)
+    assert (small.run_dir / "encoder.safetensors").is_file()
+    assert len(encoder.loss_history) == 3  # 31 pairs: one batch of 64 per epoch
+
+    def boom(*args, **kwargs):
+        raise AssertionError("ensure_encoder trained again although the run folder has an encoder")
+
+    monkeypatch.setattr(pipeline, "train_encoder", boom)
+    again = pipeline.ensure_encoder(small, train, avatars, (emb, found), progress=False)
+    x = emb[found][:4]
+    torch.testing.assert_close(again.encode(x), encoder.encode(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="another EncoderConfig"):
+        pipeline.ensure_encoder(tiny.replace(encoder_epochs=4), train, avatars, (emb, found), progress=False)

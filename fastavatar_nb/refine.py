@@ -1,0 +1,337 @@
+"""Test-time refinement (paper section 3.5): adapt the feed-forward head to its one input photo.
+
+The encoder predicts a code ``w`` from one photo and the decoder turns it into a head in one
+pass. Refinement then minimises the same photometric loss as decoder training on the **input
+view only**, starting from that prediction, by optimising
+
+- the code ``w`` (the head stays on the decoder's manifold of heads), and
+- the decoder MLP ``h`` itself (a copy: the shared decoder is never changed), which can add
+  details no code of the training subjects explains.
+
+The paper optimises both "jointly" for 300 iterations; the authors' code optimises ``w`` in the
+first half and the MLP in the second. :class:`RefineConfig` offers both (``schedule``; the default
+is the authors', as good here and faster); the embeddings ``e_k`` and the template stay frozen
+unless ``embeddings_lr > 0``.
+
+Only one view constrains the head, so the other views can get worse while the input view gets
+better: notebook 06 measures both, and :func:`refine_views` runs the paper's protocol (one
+refinement per input view).
+
+Shapes: a code is ``[latent_dim]``, a head ``[K, ...]``; the input view is an image
+``[H, W, 3]`` in [0, 1] on white with its camera (``Cameras`` of one view) and optional loss
+weights ``[H, W]`` (:func:`input_view` makes all three from a subject).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ._io import config_from_dict
+from .cameras import Cameras
+from .data.subject import MultiViewSubject
+from .decoder import DecoderResult, apply_residuals, residual_penalty
+from .fitting import Region, region_loss, region_weights, support_masks
+from .gaussians import Gaussians
+from .metrics import lpips_available, psnr
+from .render import Backend, render, resolve_backend
+
+__all__ = ["Schedule", "RefineConfig", "RefineResult", "input_view", "refine", "refine_views"]
+
+Schedule = Literal["code_then_decoder", "joint", "code", "decoder"]
+
+
+@dataclass
+class RefineConfig:
+    """Settings of :func:`refine`. Defaults: the smoke preset's 50 steps on a CPU.
+
+    The loss is the decoder's own (its :class:`~fastavatar_nb.decoder.DecoderConfig`: L1, SSIM
+    and LPIPS weights, the residual penalties, SH degree and tile size), as in the paper and the
+    authors' code ("same image loss"); the pixels it covers are the ``weights`` given to
+    :func:`refine` (:func:`input_view` makes the decoder's region, or every pixel).
+    """
+
+    steps: int = 50
+    """Optimiser steps on the input view (paper: 300)."""
+    schedule: Schedule = "code_then_decoder"
+    """What each step optimises: ``"code_then_decoder"`` (the authors' code: ``w`` for the first
+    ``code_fraction`` of the steps, then the MLP), ``"joint"`` (both at every step, as the paper
+    words it), ``"code"`` or ``"decoder"`` only (for ablations). At the smoke preset the first two
+    gave the same novel views (within 0.1 dB) and the first is about 25% faster per step
+    (``benchmarks/results/cpu-2core/refine_sweep_smoke.json``)."""
+    code_fraction: float = 0.5
+    """Share of the steps that optimise ``w`` in the ``"code_then_decoder"`` schedule."""
+    code_lr: float = 1e-2
+    """Adam learning rate of ``w``."""
+    decoder_lr: float = 3e-4
+    """Adam learning rate of the MLP's weights (1e-3 fits the input view better and the other
+    views worse: the sweep above)."""
+    embeddings_lr: float = 0.0
+    """Adam learning rate of the embeddings ``e_k`` while the MLP is optimised (0: frozen)."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm of every step (0: no clipping)."""
+
+    def validate(self) -> RefineConfig:
+        """Raise ``ValueError`` naming the first bad field; returns ``self``."""
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 0:
+            raise ValueError(f"RefineConfig.steps must be a non-negative int, got {self.steps!r}")
+        if self.schedule not in ("code_then_decoder", "joint", "code", "decoder"):
+            raise ValueError("RefineConfig.schedule must be 'code_then_decoder', 'joint', 'code' or 'decoder', "
+                             f"got {self.schedule!r}")
+        if not (isinstance(self.code_fraction, (int, float)) and 0 <= self.code_fraction <= 1):
+            raise ValueError(f"RefineConfig.code_fraction must be in [0, 1], got {self.code_fraction!r}")
+        for name in ("code_lr", "decoder_lr", "embeddings_lr", "grad_clip"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"RefineConfig.{name} must be a non-negative number, got {v!r}")
+        return self
+
+    @property
+    def code_steps(self) -> int:
+        """Steps that optimise ``w`` only (the first ones)."""
+        if self.schedule == "code_then_decoder":
+            return round(self.steps * self.code_fraction)
+        return self.steps if self.schedule == "code" else 0
+
+    def optimises(self, step: int) -> tuple[bool, bool]:
+        """``(code, decoder)``: what step ``step`` (0-based) optimises."""
+        if self.schedule == "joint":
+            return True, True
+        if self.schedule == "code":
+            return True, False
+        if self.schedule == "decoder":
+            return False, True
+        return (True, False) if step < self.code_steps else (False, True)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> RefineConfig:
+        return config_from_dict(RefineConfig, d)
+
+    @staticmethod
+    def for_preset(preset: Any, **overrides: Any) -> RefineConfig:
+        """The preset's ``refine_iterations`` steps with the defaults above; ``overrides`` replace
+        any field."""
+        kw: dict[str, Any] = {"steps": preset.refine_iterations}
+        kw.update(overrides)
+        return RefineConfig(**kw).validate()
+
+
+@dataclass
+class RefineResult:
+    """A refined head.
+
+    Attributes:
+        head: ``[K, ...]`` the refined Gaussians (detached).
+        code: ``[latent_dim]`` the refined ``w``; initial_code: the ``w`` it started from.
+        decoder: the refined copy of the MLP (the input ``DecoderResult``'s is untouched);
+            embeddings: ``[K, embed_dim]`` (refined only when ``embeddings_lr > 0``).
+        loss_history, psnr_history: ``[steps]`` loss and PSNR on the input view at each step,
+            measured before that step's update (``psnr_history[0]`` is the feed-forward head's).
+        final_psnr: PSNR of ``head`` on the input view.
+        config: the :class:`RefineConfig`; seconds: wall time of the optimisation (the callback's
+            time left out).
+    """
+
+    head: Gaussians
+    code: Tensor
+    initial_code: Tensor
+    decoder: nn.Module
+    embeddings: Tensor
+    loss_history: Tensor
+    psnr_history: Tensor
+    final_psnr: float
+    config: RefineConfig
+    seconds: float
+
+
+def input_view(subject: MultiViewSubject, view: int, region: Region = "support", support_scale: float = 1.0,
+               backend: Backend = "auto") -> tuple[Tensor, Cameras, Tensor | None]:
+    """``(image [H, W, 3], camera, weights [H, W] or None)`` of one view of a subject, for :func:`refine`.
+
+    The weights are the loss region of fitting and decoder training (``region="support"``:
+    background plus the head the subject's points cover); ``"image"`` gives ``None`` (every pixel).
+    """
+    if not 0 <= view < subject.num_views:
+        raise ValueError(f"input_view: view {view} does not exist ({subject.subject_id} has {subject.num_views} "
+                         "views)")
+    if region not in ("support", "image"):
+        raise ValueError(f"input_view: region must be 'support' or 'image', got {region!r}")
+    cam = subject.cameras[[view]]
+    weights = None
+    if region == "support":
+        weights = region_weights(subject.masks[[view]], support_masks(subject.points, cam, support_scale,
+                                                                      backend))[0]
+    return subject.images[view], cam, weights
+
+
+def _check_inputs(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
+                  weights: Tensor | None) -> None:
+    L = avatars.codes.shape[-1]
+    if code.shape != (L,):
+        raise ValueError(f"refine: need one code of shape [{L}] (the decoder's latent size), got {tuple(code.shape)}")
+    if not torch.isfinite(code).all():
+        raise ValueError("refine: the code has NaN/inf entries (was no face found in the input photo? "
+                         "encode_faces gives NaN codes for such views)")
+    if camera.viewmats.shape[:-2] != (1,):
+        raise ValueError(f"refine: need the camera of exactly one view (Cameras of shape [1]), got "
+                         f"{tuple(camera.viewmats.shape[:-2])}")
+    if image.shape != (camera.height, camera.width, 3):
+        raise ValueError(f"refine: image must be [H, W, 3] = [{camera.height}, {camera.width}, 3] to match the "
+                         f"camera, got {tuple(image.shape)}")
+    if weights is not None and weights.shape != image.shape[:2]:
+        raise ValueError(f"refine: weights must be [H, W] = {tuple(image.shape[:2])}, got {tuple(weights.shape)}")
+
+
+def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras, weights: Tensor | None = None,
+           config: RefineConfig | None = None, backend: Backend = "auto", progress: bool = True,
+           callback: Callable[[dict[str, Any]], None] | None = None) -> RefineResult:
+    """Refine the head of ``code`` on one input view (paper section 3.5).
+
+    Each step decodes ``w`` with the (copied) MLP, renders the input view on white and minimises
+    ``l1 L1 + ssim (1 - SSIM) [+ lpips LPIPS]`` over ``weights`` plus the decoder's residual
+    penalties, with Adam; ``config.schedule`` decides whether the step moves ``w``, the MLP or both.
+
+    Args:
+        avatars: the trained decoder (its template, embeddings and MLP; none of them is changed).
+        code: ``[latent_dim]`` the starting code (the encoder's prediction).
+        image: ``[H, W, 3]`` the input photo in [0, 1] on white; camera: its ``Cameras`` ``[1]``.
+        weights: ``[H, W]`` loss weights (``None``: every pixel); see :func:`input_view`.
+        config: settings (default :class:`RefineConfig`).
+        backend: renderer backend; progress: show a tqdm bar.
+        callback: called after every step with ``step``, ``steps``, ``loss``, ``psnr`` (of the
+            render that step used) and ``head``, a function returning the current Gaussians.
+
+    Returns:
+        A :class:`RefineResult`.
+    """
+    from tqdm.auto import tqdm
+
+    config = (config or RefineConfig()).validate()
+    dcfg = avatars.config  # the decoder's loss
+    if dcfg.lpips_weight > 0 and not lpips_available():
+        raise ValueError("refine: the decoder was trained with LPIPS (lpips_weight > 0), whose network weights are "
+                         "not on this machine (see fastavatar_nb.metrics.lpips_available)")
+    dev = avatars.template.device
+    code, image = code.detach().to(dev), image.to(dev)
+    camera = camera.to(dev)
+    weights = None if weights is None else weights.to(dev)
+    _check_inputs(avatars, code, image, camera, weights)
+    backend_name = resolve_backend(backend, dev)
+
+    decoder = copy.deepcopy(avatars.decoder).to(dev)
+    decoder.train(False)
+    template = avatars.template.detach()
+    w = code.clone().requires_grad_(True)
+    emb = avatars.embeddings.detach().clone().requires_grad_(config.embeddings_lr > 0)
+    mlp = list(decoder.parameters())
+    code_opt = torch.optim.Adam([w], lr=config.code_lr)
+    groups: list[dict[str, Any]] = [{"params": mlp, "lr": config.decoder_lr}]
+    if config.embeddings_lr > 0:
+        groups.append({"params": [emb], "lr": config.embeddings_lr})
+    mlp_opt = torch.optim.Adam(groups)
+    gt, wt = image[None, None], None if weights is None else weights[None, None]  # [1, 1, H, W, ...]
+
+    def forward():
+        res = decoder(w, emb)
+        return res, apply_residuals(template, res)
+
+    def current_head() -> Gaussians:
+        with torch.no_grad():
+            return forward()[1].detach()
+
+    losses = torch.full((config.steps,), float("nan"))
+    psnrs = torch.full((config.steps,), float("nan"))
+    bar = tqdm(total=config.steps, desc="refining", disable=not progress, unit="step", mininterval=0.5)
+    t0, t_callback = time.perf_counter(), 0.0
+    try:
+        for step in range(config.steps):
+            do_code, do_mlp = config.optimises(step)
+            w.requires_grad_(do_code)
+            for p in mlp:
+                p.requires_grad_(do_mlp)
+            emb.requires_grad_(do_mlp and config.embeddings_lr > 0)
+            res, head = forward()
+            out = render(head, camera, background=1.0, backend=backend_name, sh_degree=dcfg.sh_degree,
+                         tile_size=dcfg.tile_size)
+            terms = region_loss(out.colors[None], out.alphas[None], gt, wt, dcfg.l1_weight, dcfg.ssim_weight,
+                                dcfg.unsupported_alpha_weight, dcfg.lpips_weight)
+            total = terms["total"].mean() + residual_penalty(res, dcfg)
+            code_opt.zero_grad(set_to_none=True)
+            mlp_opt.zero_grad(set_to_none=True)
+            total.backward()
+            params = ([w] if do_code else []) + (mlp + ([emb] if emb.requires_grad else []) if do_mlp else [])
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            if do_code:
+                code_opt.step()
+            if do_mlp:
+                mlp_opt.step()
+            losses[step] = float(total.detach())
+            with torch.no_grad():
+                psnrs[step] = float(psnr(out.colors.detach().clamp(0, 1)[None], gt, mask=wt).flatten()[0])
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[step]:.4f}", psnr=f"{psnrs[step]:.2f}", refresh=False)
+            if callback is not None:
+                tc = time.perf_counter()
+                callback({"step": step + 1, "steps": config.steps, "loss": float(losses[step]),
+                          "psnr": float(psnrs[step]), "head": current_head})
+                t_callback += time.perf_counter() - tc
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0 - t_callback
+    for p in mlp:
+        p.requires_grad_(False)
+    head = current_head()
+    with torch.no_grad():
+        final = render(head, camera, background=1.0, backend=backend_name, sh_degree=dcfg.sh_degree,
+                       tile_size=dcfg.tile_size).colors.clamp(0, 1)
+        final_psnr = float(psnr(final[None], gt, mask=wt).flatten()[0])
+    return RefineResult(head=head, code=w.detach(), initial_code=code, decoder=decoder, embeddings=emb.detach(),
+                        loss_history=losses, psnr_history=psnrs, final_psnr=final_psnr, config=config,
+                        seconds=seconds)
+
+
+def refine_views(avatars: DecoderResult, subject: MultiViewSubject, codes: Tensor, views: Sequence[int],
+                 config: RefineConfig | None = None, backend: Backend = "auto", region: Region | None = None,
+                 progress: bool = True) -> tuple[Gaussians, Tensor]:
+    """The paper's protocol for refinement: one refined head per input view of a subject.
+
+    Args:
+        avatars: the trained decoder; subject: the (test) subject, on the decoder's device.
+        codes: ``[V, latent_dim]`` the encoder's code of each input view; views: the ``V`` view indices.
+        config: settings (default :class:`RefineConfig`).
+        region: the loss region (:func:`input_view`); ``None``: the decoder's, at its support scale.
+        progress: one bar over the views.
+
+    Returns:
+        ``(heads [V, K], seconds [V])``: the refined heads (score them with
+        :func:`fastavatar_nb.evaluation.novel_view_metrics`) and each refinement's time.
+    """
+    from tqdm.auto import tqdm
+
+    config = (config or RefineConfig()).validate()
+    views = list(views)
+    if codes.ndim != 2 or codes.shape[0] != len(views):
+        raise ValueError(f"refine_views: need codes [V, latent_dim] for V={len(views)} views, got "
+                         f"{tuple(codes.shape)}")
+    heads, seconds = [], []
+    for j, v in enumerate(tqdm(views, desc=f"refining {subject.subject_id}", disable=not progress, unit="view",
+                               mininterval=0.5)):
+        image, cam, wts = input_view(subject, v, region or avatars.config.region, avatars.config.support_scale,
+                                     backend)
+        r = refine(avatars, codes[j], image, cam, wts, config, backend, progress=False)
+        heads.append(r.head)
+        seconds.append(r.seconds)
+    return Gaussians.stack(heads), torch.tensor(seconds)

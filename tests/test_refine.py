@@ -1,0 +1,178 @@
+"""Test-time refinement: on a decoder whose true code is known, refining on one view recovers the
+head on the other views; the schedule moves exactly what it says; nothing shared is changed."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from test_fitting import _scene
+
+from fastavatar_nb.cameras import Cameras
+from fastavatar_nb.data.subject import MultiViewSubject
+from fastavatar_nb.decoder import DecoderConfig, DecoderResult, positional_embedding
+from fastavatar_nb.evaluation import novel_view_metrics
+from fastavatar_nb.gaussians import Gaussians
+from fastavatar_nb.metrics import lpips_available
+from fastavatar_nb.refine import RefineConfig, input_view, refine, refine_views
+from fastavatar_nb.render import render
+
+L = 8
+
+
+def _decoder_result() -> DecoderResult:
+    """A small random decoder (non-zero heads, so codes matter) on a 150-Gaussian template."""
+    _, truth = _scene(3, K=150)
+    cfg = DecoderConfig(latent_dim=L, embed_dim=15, hidden_dim=32, depth=2, tile_size=4)
+    torch.manual_seed(0)
+    dec = cfg.make_decoder()
+    for head in dec.heads.values():
+        torch.nn.init.normal_(head[-1].weight, std=0.3)
+    dec.eval()
+    nan = torch.full((1,), float("nan"))
+    return DecoderResult(decoder=dec, embeddings=positional_embedding(truth.means, 15), template=truth,
+                         codes=torch.zeros(1, L), subject_ids=["s"], train_psnr=nan, train_ssim=nan,
+                         heldout_psnr=nan, heldout_ssim=nan, train_psnr_image=nan, loss_history=nan,
+                         psnr_history=nan, config=cfg)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """The decoder, a subject rendered from the head of a known code w*, and a wrong start code."""
+    avatars = _decoder_result()
+    g = torch.Generator().manual_seed(7)
+    w_true = torch.randn(L, generator=g)
+    w_start = w_true + 0.8 * torch.randn(L, generator=g)
+    cams = Cameras.nersemble_rig(16, 24)
+    with torch.no_grad():
+        out = render(avatars.decode(w_true), cams, background=1.0, backend="torch", tile_size=4)
+    subject = MultiViewSubject("s", out.colors.clamp(0, 1), out.alphas.clamp(0, 1), cams, avatars.template.means)
+    return avatars, subject, w_true, w_start
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_config_schedules_and_validation():
+    cfg = RefineConfig(steps=10, schedule="code_then_decoder", code_fraction=0.3)
+    assert cfg.code_steps == 3
+    assert [cfg.optimises(s) for s in (0, 2, 3, 9)] == [(True, False)] * 2 + [(False, True)] * 2
+    assert RefineConfig(schedule="joint").optimises(0) == (True, True)
+    assert RefineConfig(schedule="code").optimises(49) == (True, False)
+    assert RefineConfig(schedule="decoder").optimises(0) == (False, True)
+
+    class P:
+        refine_iterations = 300
+
+    assert RefineConfig.for_preset(P()).steps == 300 and RefineConfig.for_preset(P(), steps=5).steps == 5
+    for bad in (dict(steps=-1), dict(schedule="both"), dict(code_fraction=1.5), dict(code_lr=-1.0),
+                dict(grad_clip=float("nan"))):
+        with pytest.raises(ValueError, match="RefineConfig"):
+            RefineConfig(**bad).validate()
+    assert RefineConfig.from_dict({"steps": 7, "schedule": "code"}) == RefineConfig(steps=7, schedule="code")
+
+
+def test_refining_the_code_on_one_view_recovers_the_other_views(problem):
+    avatars, subject, w_true, w_start = problem
+    before = _state(avatars.decoder)
+    image, cam, wts = input_view(subject, 8, region="image")
+    r = refine(avatars, w_start, image, cam, wts, RefineConfig(steps=40, schedule="code", code_lr=5e-2),
+               backend="torch", progress=False)
+    assert r.psnr_history.shape == (40,) and r.final_psnr > float(r.psnr_history[0]) + 5.0, r.psnr_history
+    assert r.loss_history[-5:].mean() < r.loss_history[:5].mean()
+    assert (r.code - w_true).norm() < 0.7 * (w_start - w_true).norm()      # closer to the true code
+    torch.testing.assert_close(r.initial_code, w_start, rtol=0, atol=0)
+    ff = novel_view_metrics(subject, avatars.decode(w_start[None]), [8], backend="torch", region="image")
+    ref = novel_view_metrics(subject, Gaussians.stack([r.head]), [8], backend="torch", region="image")
+    assert float(ref["psnr"][0]) > float(ff["psnr"][0]) + 3.0, (ff, ref)  # the 15 views it never saw improve
+    # the code schedule leaves the (copied) MLP as it was, and the shared decoder is never touched
+    for k, v in r.decoder.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+    for k, v in avatars.decoder.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+
+
+def test_decoder_schedule_keeps_the_code_and_joint_moves_both(problem):
+    avatars, subject, _, w_start = problem
+    before = _state(avatars.decoder)
+    image, cam, wts = input_view(subject, 3, region="image")
+    dec = refine(avatars, w_start, image, cam, wts, RefineConfig(steps=10, schedule="decoder", decoder_lr=1e-3,
+                                                                 ), backend="torch", progress=False)
+    torch.testing.assert_close(dec.code, w_start, rtol=0, atol=0)
+    assert any((v - before[k]).abs().max() > 0 for k, v in dec.decoder.state_dict().items())
+    assert dec.final_psnr > float(dec.psnr_history[0])
+    torch.testing.assert_close(dec.embeddings, avatars.embeddings, rtol=0, atol=0)  # frozen by default
+    # the authors' schedule: w moves in the first half only, exactly as a code-only run of that length
+    ctd = refine(avatars, w_start, image, cam, wts, RefineConfig(steps=4, schedule="code_then_decoder"),
+                 backend="torch", progress=False)
+    code2 = refine(avatars, w_start, image, cam, wts, RefineConfig(steps=2, schedule="code"),
+                   backend="torch", progress=False)
+    torch.testing.assert_close(ctd.code, code2.code, rtol=0, atol=0)
+    assert any((v - before[k]).abs().max() > 0 for k, v in ctd.decoder.state_dict().items())
+    joint = refine(avatars, w_start, image, cam, wts, RefineConfig(steps=3, schedule="joint", embeddings_lr=1e-2,
+                                                                   ), backend="torch", progress=False)
+    assert (joint.code - w_start).abs().max() > 0
+    assert (joint.embeddings - avatars.embeddings).abs().max() > 0
+    for k, v in avatars.decoder.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, msg=k)
+
+
+def test_zero_steps_is_the_feed_forward_head_and_callback_sees_each_step(problem):
+    avatars, subject, _, w_start = problem
+    image, cam, wts = input_view(subject, 0)
+    r = refine(avatars, w_start, image, cam, wts, RefineConfig(steps=0), backend="torch",
+               progress=False)
+    ff = avatars.decode(w_start)
+    torch.testing.assert_close(r.head.means, ff.means, rtol=0, atol=0)
+    torch.testing.assert_close(r.head.sh, ff.sh, rtol=0, atol=0)
+    seen = []
+    r3 = refine(avatars, w_start, image, cam, wts, RefineConfig(steps=3), backend="torch",
+                progress=False, callback=lambda i: seen.append((i["step"], i["steps"], i["head"]())))
+    assert [s[:2] for s in seen] == [(1, 3), (2, 3), (3, 3)]
+    torch.testing.assert_close(seen[-1][2].means, r3.head.means, rtol=0, atol=0)
+    assert float(r3.psnr_history[0]) == pytest.approx(r.final_psnr, abs=1e-4)  # step 0 renders the start
+
+
+def test_refine_views_equals_one_refinement_per_view(problem):
+    avatars, subject, _, w_start = problem
+    cfg = RefineConfig(steps=2)
+    codes = torch.stack([w_start, w_start + 0.1])
+    heads, seconds = refine_views(avatars, subject, codes, [2, 9], cfg, backend="torch", progress=False)
+    assert heads.batch_shape == (2,) and seconds.shape == (2,) and (seconds > 0).all()
+    image, cam, wts = input_view(subject, 9)  # the decoder's region ("support") by default
+    one = refine(avatars, codes[1], image, cam, wts, cfg, backend="torch", progress=False)
+    torch.testing.assert_close(heads[1].means, one.head.means)
+    every_pixel, _ = refine_views(avatars, subject, codes[1:], [9], cfg, backend="torch", region="image",
+                                  progress=False)
+    image, cam, _ = input_view(subject, 9, region="image")
+    one = refine(avatars, codes[1], image, cam, None, cfg, backend="torch", progress=False)
+    torch.testing.assert_close(every_pixel[0].sh, one.head.sh)
+    with pytest.raises(ValueError, match="V=2"):
+        refine_views(avatars, subject, codes[:1], [2, 9], cfg, progress=False)
+
+
+def test_inputs_are_checked(problem):
+    avatars, subject, _, w_start = problem
+    image, cam, wts = input_view(subject, 5)
+    assert image.shape == (24, 16, 3) and wts is not None and wts.shape == (24, 16)
+    assert float(wts.min()) >= 0 and float(wts.max()) <= 1
+    torch.testing.assert_close(image, subject.images[5], rtol=0, atol=0)
+    cfg = RefineConfig(steps=1)
+    with pytest.raises(ValueError, match=r"shape \[8\]"):
+        refine(avatars, torch.zeros(2, L), image, cam, wts, cfg, progress=False)
+    with pytest.raises(ValueError, match="no face"):
+        refine(avatars, torch.full((L,), float("nan")), image, cam, wts, cfg, progress=False)
+    with pytest.raises(ValueError, match="exactly one view"):
+        refine(avatars, w_start, image, subject.cameras[[0, 1]], wts, cfg, progress=False)
+    with pytest.raises(ValueError, match="match the camera"):
+        refine(avatars, w_start, image[:20], cam, wts, cfg, progress=False)
+    with pytest.raises(ValueError, match="weights must be"):
+        refine(avatars, w_start, image, cam, wts[:5], cfg, progress=False)
+    with pytest.raises(ValueError, match="does not exist"):
+        input_view(subject, 16)
+    with_lpips = dataclasses.replace(avatars, config=dataclasses.replace(avatars.config, lpips_weight=0.1))
+    if not lpips_available():
+        with pytest.raises(ValueError, match="LPIPS"):
+            refine(with_lpips, w_start, image, cam, wts, cfg, progress=False)

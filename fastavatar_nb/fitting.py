@@ -48,11 +48,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ._io import atomic_save_tensors, atomic_write_text, config_from_dict
+from ._io import atomic_save_tensors, atomic_write_text, checked_metadata, config_from_dict
 from .cameras import Cameras
 from .data.subject import MultiViewSubject, stack_subjects
 from .gaussians import Gaussians, knn, knn_spacing
@@ -486,12 +485,7 @@ class FitResult:
     def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> FitResult:
         """Read a file written by :meth:`save`."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no fits at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        if meta.get("format") != _RESULT_FORMAT:
-            raise ValueError(f"{path}: not a fits file written by FitResult.save (format {meta.get('format')!r})")
+        meta = checked_metadata(path, _RESULT_FORMAT, "fit the subjects with fit_subjects (notebook 02)")
         t = load_file(str(path), device=str(device))
         g = Gaussians(**{k: t[f"gaussians.{k}"] for k in ("means", "log_scales", "quats", "opacity_logits", "sh")})
         return FitResult(

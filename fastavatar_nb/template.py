@@ -15,12 +15,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ._io import checked_metadata
 from .gaussians import Gaussians
 
 __all__ = ["average_quaternions", "build_template", "save_template", "load_template", "template_metadata"]
 
 TEMPLATE_PLY = "template.ply"
 TEMPLATE_SAFETENSORS = "template.safetensors"
+_TEMPLATE_FORMAT = "fastavatar-nb template"
 
 
 def average_quaternions(quats: Tensor, dim: int = 0, weights: Tensor | None = None) -> Tensor:
@@ -135,7 +137,7 @@ def save_template(template: Gaussians, directory: str | os.PathLike, overwrite: 
     d.mkdir(parents=True, exist_ok=True)
     t = template.detach().to("cpu", torch.float32).validate()
     t.save_ply(ply)
-    meta = {"format": "fastavatar-nb template", "num_gaussians": str(t.num_gaussians)}
+    meta = {"format": _TEMPLATE_FORMAT, "num_gaussians": str(t.num_gaussians)}
     if metadata:
         bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
         if bad:
@@ -152,8 +154,7 @@ def load_template(directory: str | os.PathLike, device: torch.device | str = "cp
     ``Gaussians.load_ply``.)
     """
     st = Path(directory) / TEMPLATE_SAFETENSORS
-    if not st.is_file():
-        raise FileNotFoundError(f"no template at {st}; build one with build_template and save_template")
+    checked_metadata(st, _TEMPLATE_FORMAT, "build one with build_template and save_template (notebook 02)")
     tensors = load_file(str(st), device=str(device))
     missing = [k for k in ("means", "log_scales", "quats", "opacity_logits", "sh") if k not in tensors]
     if missing:
@@ -163,11 +164,6 @@ def load_template(directory: str | os.PathLike, device: torch.device | str = "cp
 
 def template_metadata(directory: str | os.PathLike) -> dict[str, str]:
     """The string metadata stored in ``template.safetensors`` (see :func:`save_template`)."""
-    from safetensors import safe_open
-
-    st = Path(directory) / TEMPLATE_SAFETENSORS
-    if not st.is_file():
-        raise FileNotFoundError(f"no template at {st}")
-    with safe_open(str(st), framework="pt") as f:
-        return dict(f.metadata() or {})
+    return checked_metadata(Path(directory) / TEMPLATE_SAFETENSORS, _TEMPLATE_FORMAT,
+                            "build one with build_template and save_template (notebook 02)")
 

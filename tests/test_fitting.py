@@ -192,8 +192,11 @@ def test_fit_result_save_load_roundtrip(tmp_path):
     assert set(back.table()[0]) >= {"train_psnr", "heldout_psnr", "drift_mean_mm"}
     with pytest.raises(FileExistsError, match="overwrite"):
         res.save(p)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="notebook 02"):
         FitResult.load(Path(tmp_path) / "missing.safetensors")
+    p.write_bytes(p.read_bytes()[:100])  # a truncated file (an interrupted copy)
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        FitResult.load(p)
 
 
 def test_fit_config_rejects_bad_values():

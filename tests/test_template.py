@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from fastavatar_nb.gaussians import Gaussians, quat_to_rotmat
 from fastavatar_nb.ply import read_ply
@@ -105,5 +106,12 @@ def test_save_and_load_template(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite"):
         save_template(t, tmp_path / "run")
     save_template(t, tmp_path / "run", overwrite=True)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="notebook 02"):
         load_template(tmp_path / "nowhere")
+    # a damaged file and a file of another kind give a clear error, not a safetensors traceback
+    (tmp_path / "run" / "template.safetensors").write_bytes(b"\x00" * 12)
+    with pytest.raises(ValueError, match="not a readable safetensors"):
+        load_template(tmp_path / "run")
+    save_file({"means": torch.zeros(2, 3)}, str(tmp_path / "run" / "template.safetensors"), {"format": "other"})
+    with pytest.raises(ValueError, match="not a fastavatar-nb template file"):
+        template_metadata(tmp_path / "run")

@@ -23,6 +23,7 @@ __all__ = ["average_quaternions", "build_template", "save_template", "load_templ
 TEMPLATE_PLY = "template.ply"
 TEMPLATE_SAFETENSORS = "template.safetensors"
 _TEMPLATE_FORMAT = "fastavatar-nb template"
+_MISSING_HINT = "build one with build_template and save_template (notebook 02)"
 
 
 def average_quaternions(quats: Tensor, dim: int = 0, weights: Tensor | None = None) -> Tensor:
@@ -154,7 +155,7 @@ def load_template(directory: str | os.PathLike, device: torch.device | str = "cp
     ``Gaussians.load_ply``.)
     """
     st = Path(directory) / TEMPLATE_SAFETENSORS
-    checked_metadata(st, _TEMPLATE_FORMAT, "build one with build_template and save_template (notebook 02)")
+    checked_metadata(st, _TEMPLATE_FORMAT, _MISSING_HINT)
     tensors = load_file(str(st), device=str(device))
     missing = [k for k in ("means", "log_scales", "quats", "opacity_logits", "sh") if k not in tensors]
     if missing:
@@ -164,6 +165,5 @@ def load_template(directory: str | os.PathLike, device: torch.device | str = "cp
 
 def template_metadata(directory: str | os.PathLike) -> dict[str, str]:
     """The string metadata stored in ``template.safetensors`` (see :func:`save_template`)."""
-    return checked_metadata(Path(directory) / TEMPLATE_SAFETENSORS, _TEMPLATE_FORMAT,
-                            "build one with build_template and save_template (notebook 02)")
+    return checked_metadata(Path(directory) / TEMPLATE_SAFETENSORS, _TEMPLATE_FORMAT, _MISSING_HINT)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fastavatar_nb.data.bust import num_bust_points
 from fastavatar_nb.data.synthetic import GENERATOR_VERSION, generate_dataset
 
 SEED = 10
@@ -32,7 +33,8 @@ README = f"""# data_samples
 with `fastavatar_nb.data.synthetic.generate_dataset(seed={SEED}, width={WIDTH}, height={HEIGHT},
 num_points={NUM_POINTS}, supersample={SUPERSAMPLE})`, generator version {GENERATOR_VERSION}.
 Each folder uses the NeRSemble/VHAP layout (`images/`, `fg_masks/`, `transforms*.json`,
-`points3d.ply` with {NUM_POINTS} corresponded points) plus `attributes.json` (labels such as
+`points3d.ply` with {NUM_POINTS} corresponded points: head, neck, and the last {num_bust_points(NUM_POINTS)} on the
+shoulders and upper torso) plus `attributes.json` (labels such as
 `smiling`, `mouth_open`, `long_hair`, `beard`, `skin_tone`, and every generator parameter).
 Read one with `fastavatar_nb.data.read_subject("data_samples/synth_000")`.
 Do not edit by hand: rerun the script (tests check that it reproduces these files).

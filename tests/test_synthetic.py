@@ -154,7 +154,7 @@ def test_landmark_points_project_onto_the_visible_surface_in_all_views(smoke_sub
 
 
 def test_landmark_index_is_the_same_anatomical_place_on_every_head():
-    K = 2000
+    K = 2600  # 1,768 head rays (68 % of K: the rest cover the neck and the bust)
     lm = S.landmark_indices(K)
     for seed in (0, 5, 9):
         params = S.sample_head_params(seed)
@@ -206,7 +206,8 @@ def test_masks_and_images_are_consistent(smoke_subject):
     cover = sub.masks.mean((1, 2))
     assert ((cover > 0.1) & (cover < 0.7)).all(), cover
     # the corresponded points fall inside the masks (points on a silhouette may be less than half covered)
-    assert (sub.mask_coverage() > 0.9).all()
+    # (bust points may lie below the frame, so the whole-frame check is on the head and neck points)
+    assert (sub.mask_coverage(sub.points[:-S.num_bust_points(SMOKE_K)]) > 0.9).all()
     uv, _ = sub.cameras.project(sub.points)
     inside = (uv[..., 0] >= 0) & (uv[..., 0] < SMOKE_W) & (uv[..., 1] >= 0) & (uv[..., 1] < SMOKE_H)
     col, row = uv[..., 0].floor().long().clamp(0, SMOKE_W - 1), uv[..., 1].floor().long().clamp(0, SMOKE_H - 1)
@@ -314,9 +315,13 @@ def test_canonical_rays_cover_head_and_neck_and_are_fixed():
     assert o.shape == d.shape == (K, 3)
     torch.testing.assert_close(d.norm(dim=-1), torch.ones(K))
     assert torch.equal(o, S.canonical_rays(K)[0]) and torch.equal(d, S.canonical_rays(K)[1])
-    n_neck = S.num_neck_rays(K)
-    assert n_neck == 60  # NECK_FRACTION = 12 % of the rays, the last ones
-    head_o, head_d, neck_o, neck_d = o[:-n_neck], d[:-n_neck], o[-n_neck:], d[-n_neck:]
+    n_neck, n_bust = S.num_neck_rays(K), S.num_bust_points(K)
+    assert n_neck == 60 and n_bust == 100  # NECK_FRACTION = 12 %, BUST_FRACTION = 20 %: head, neck, bust
+    n_head = K - n_neck - n_bust
+    head_o, head_d = o[:n_head], d[:n_head]
+    neck_o, neck_d = o[n_head:n_head + n_neck], d[n_head:n_head + n_neck]
+    bo, bd = S.bust_rays(n_bust, S.BUST_ANCHOR)
+    assert torch.equal(o[-n_bust:], bo) and torch.equal(d[-n_bust:], bd)
     # head rays aim at the head centre from 0.6 m; denser on the face side, left-right balanced
     centre = torch.tensor(S.HEAD_CENTER)
     torch.testing.assert_close(head_o + 0.6 * head_d, centre.expand_as(head_o), atol=1e-6, rtol=0)
@@ -335,15 +340,49 @@ def test_canonical_rays_cover_head_and_neck_and_are_fixed():
 def test_surface_points_cover_the_neck_down_to_the_collar():
     params = S.sample_head_params(3)
     pts = S.surface_points(params, 800)
-    n_neck = S.num_neck_rays(800)
-    neck = pts[-n_neck:]
+    n_neck, n_bust = S.num_neck_rays(800), S.num_bust_points(800)
+    neck = pts[800 - n_bust - n_neck:800 - n_bust]
     # the neck points lie on the neck (about 5 cm from its axis) or on hair/jaw/collar in front of it
     radius = (neck[:, [0, 2]] - torch.tensor([S.NECK_AXIS_XZ])).norm(dim=-1)
     assert float(radius.min()) > 0.035 and float(radius.median()) < 0.07
-    assert float(pts[:, 1].min()) < -0.17  # the lowest points reach the collar
+    assert float(pts[:800 - n_bust, 1].min()) < -0.17  # the lowest neck points reach the collar
     # every point is on the surface
     sdf = S.head_sdf(params, pts)
     assert float(sdf.abs().max()) < 1e-4
+
+
+def test_bust_points_lie_on_the_shirt_for_many_subjects_and_correspond():
+    """The last B points are on the shirt below the neck base for 30 seeds plus long-hair and bearded heads."""
+    K = 600
+    B = S.num_bust_points(K)
+    seeds = list(range(30))
+    seeds += [s for s in range(30, 400) if S.sample_head_params(s).hair_length > 0.2][:3]
+    seeds += [s for s in range(30, 400) if S.sample_head_params(s).beard > 0.8][:3]
+    busts = []
+    for seed in seeds:
+        params = S.sample_head_params(seed)
+        pts = S.surface_points(params, K)  # raises if any ray misses
+        bust = pts[-B:]
+        assert float(bust[:, 1].max()) < S.BUST_ANCHOR[1] - 0.01, seed  # below the neck base
+        assert float(S.head_sdf(params, bust).abs().max()) < 1e-4, seed  # on the surface
+        head = S._Head(params)
+        shirt = head._parts(bust[:, 0], bust[:, 1], bust[:, 2])["shirt"]
+        assert float(shirt.abs().max()) < 0.01, seed  # on the shirt (within its blend into the neck)
+        busts.append(bust)
+    stack = torch.stack(busts)
+    spread = (stack - stack.median(0).values).norm(dim=-1)
+    assert float(spread.median()) < 0.01 and float(spread.max()) < 0.03  # bust point k: same place on every subject
+
+
+def test_bust_points_project_into_the_masks(smoke_subject):
+    B = S.num_bust_points(SMOKE_K)
+    cov = smoke_subject.mask_coverage(smoke_subject.points[-B:])
+    uv, _ = smoke_subject.cameras.project(smoke_subject.points[-B:])
+    inside = (uv[..., 0] >= 0) & (uv[..., 0] < SMOKE_W) & (uv[..., 1] >= 0) & (uv[..., 1] < SMOKE_H)
+    # every bust point in a view's frame is foreground there (silhouette points may be half covered)
+    assert float(cov.sum() / inside.float().mean(-1).sum()) > 0.95, cov
+    assert (inside.sum(0) >= 2).all()  # each bust point is seen by at least two cameras
+    assert float(cov[8]) > 0.6
 
 
 @pytest.mark.gpu

@@ -41,15 +41,16 @@ from torch import Tensor
 
 from ..cameras import Cameras
 from ._sdf import capsule, ellipsoid, ray_sphere_interval, smax, smin, sphere_trace
+from .bust import BUST_RAY_LENGTH, bust_rays, num_bust_points
 from .subject import MultiViewSubject
 
 __all__ = [
     "GENERATOR_VERSION", "HEAD_CENTER", "HairStyle", "Expression", "HeadParams", "sample_head_params",
-    "skin_albedo", "head_sdf", "render_head", "canonical_rays", "num_neck_rays", "surface_points", "landmark_indices",
+    "skin_albedo", "head_sdf", "render_head", "canonical_rays", "num_neck_rays", "num_bust_points", "BUST_ANCHOR", "surface_points", "landmark_indices",
     "generate_subject", "generate_dataset", "subject_seed",
 ]
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 """Bumped whenever the same seed would give different pixels; stored in the attributes."""
 
 HEAD_CENTER = (0.0, 0.0, -0.02)
@@ -711,6 +712,9 @@ NECK_AXIS_XZ = (0.0, -0.040)
 _RAY_LENGTH = 0.6
 """Metres from a head ray's origin to HEAD_CENTER; no canonical ray needs to march further."""
 
+BUST_ANCHOR = (NECK_AXIS_XZ[0], NECK_BAND_Y[0], NECK_AXIS_XZ[1])
+"""The synthetic neck base (metres): the anchor of the bust rays (:func:`~fastavatar_nb.data.bust.bust_rays`)."""
+
 
 def num_neck_rays(num_points: int) -> int:
     """How many of :func:`canonical_rays`' ``num_points`` rays cover the neck: they are the last ones."""
@@ -720,19 +724,27 @@ def num_neck_rays(num_points: int) -> int:
 def canonical_rays(num_points: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
     """The ``K`` fixed rays that define the corresponded points: origins and unit directions ``[K, 3]``.
 
-    The first ``K - round(NECK_FRACTION * K)`` rays cover the head: a Fibonacci lattice of
+    Three groups, in this order: head, neck, bust (``K - N - B``, ``N = round(NECK_FRACTION * K)``,
+    ``B = num_bust_points(K) = round(BUST_FRACTION * K)``).
+
+    The head rays cover the head: a Fibonacci lattice of
     outward directions ``d`` over the sphere cap ``y >= -0.55``, bent towards the face
     (``d + 0.35 e_z``, renormalised) so the face gets more points than the back of the head;
     each ray starts ``_RAY_LENGTH`` (0.6 m) from :data:`HEAD_CENTER` along ``d`` and points back at it.
-    The last ``round(NECK_FRACTION * K)`` rays cover the neck, as FLAME's points do in
+    The neck rays cover the neck, as FLAME's points do in
     NeRSemble: horizontal rays on a golden-angle lattice over the heights
     :data:`NECK_BAND_Y` and every azimuth, starting 0.3 m from the neck axis
-    (:data:`NECK_AXIS_XZ`) and pointing at it. Every ray is the same for every subject.
+    (:data:`NECK_AXIS_XZ`) and pointing at it. The bust rays cover the shoulders and upper torso
+    the images show below the collar: :func:`~fastavatar_nb.data.bust.bust_rays` anchored at
+    :data:`BUST_ANCHOR` (the neck base). Every ray is the same for every subject.
     """
     if num_points < 1:
         raise ValueError(f"canonical_rays: num_points must be >= 1, got {num_points}")
     num_neck = num_neck_rays(num_points)
-    num_head = num_points - num_neck
+    num_bust = num_bust_points(num_points)
+    num_head = num_points - num_neck - num_bust
+    if num_head < 1:
+        raise ValueError(f"canonical_rays: num_points = {num_points} leaves no head rays")
     golden = math.pi * (3.0 - math.sqrt(5.0))
     # head: directions from the head centre
     i = torch.arange(num_head, dtype=torch.float64) + 0.5
@@ -749,14 +761,15 @@ def canonical_rays(num_points: int, device: torch.device | str | None = None) ->
     az = j * golden
     out = torch.stack([torch.sin(az), torch.zeros_like(az), torch.cos(az)], -1)
     neck_o = torch.stack([NECK_AXIS_XZ[0] + 0.3 * out[:, 0], ny, NECK_AXIS_XZ[1] + 0.3 * out[:, 2]], -1)
-    origins = torch.cat([head_o, neck_o])
-    dirs = -torch.cat([d, out])
-    return (origins.to(dtype=torch.float32, device=device), dirs.to(dtype=torch.float32, device=device))
+    bust_o, bust_d = bust_rays(num_bust, BUST_ANCHOR)
+    origins = torch.cat([head_o.float(), neck_o.float(), bust_o])
+    dirs = torch.cat([-d.float(), -out.float(), bust_d])
+    return origins.to(device=device), dirs.to(device=device)
 
 
 def surface_points(params: HeadParams, num_points: int, device: torch.device | str | None = None,
                    cpu_threads: int | None = 1) -> Tensor:
-    """``K`` corresponded points ``[K, 3]`` on the outer surface (skin, eyes, hair; the collar at the neck band's foot).
+    """``K`` corresponded points ``[K, 3]`` on the outer surface (skin, eyes, hair; neck; shirt on the bust).
 
     Point ``k`` is where :func:`canonical_rays` ray ``k`` first meets the surface (refined to
     ~1e-5 m). ``cpu_threads`` as in :func:`render_head`.
@@ -772,11 +785,11 @@ def _surface_points(params: HeadParams, num_points: int, device: torch.device) -
     ox, oy, oz = o.unbind(-1)
     dx, dy, dz = d.unbind(-1)
     t0 = torch.zeros_like(ox)
-    t1 = torch.full_like(ox, _RAY_LENGTH)
+    t1 = torch.full_like(ox, max(_RAY_LENGTH, BUST_RAY_LENGTH))
     t, hit = sphere_trace(head.sdf, ox, oy, oz, dx, dy, dz, t0, t1, max_steps=1000, eps=1e-5,
                           step_scale=0.8)  # rays grazing under the jaw need many small steps
     if not bool(hit.all()):
-        raise RuntimeError(f"surface_points: {int((~hit).sum())} of {num_points} canonical rays missed the head "
+        raise RuntimeError(f"surface_points: {int((~hit).sum())} of {num_points} canonical rays missed the surface "
                            f"(params {params})")
     for _ in range(3):  # polish along the ray
         t = t + head.sdf(ox + t * dx, oy + t * dy, oz + t * dz)

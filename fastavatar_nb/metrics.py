@@ -6,17 +6,25 @@ metric reduces over the image dimensions ``H, W, 3`` and keeps the leading dimen
 a batch of renders ``[S, C, H, W, 3]`` gives ``[S, C]`` values. Everything is pure PyTorch
 and differentiable.
 
-LPIPS needs ImageNet backbone weights (AlexNet or VGG) that every LPIPS package downloads
-at run time. Where they are not on disk (this project's machines and CI have no internet)
-LPIPS is reported as *unavailable* (:func:`lpips_available` is ``False`` and :func:`lpips`
-raises :class:`LpipsUnavailableError`); it is never replaced by a stand-in.
+LPIPS (Zhang et al. 2018, v0.1) needs ImageNet backbone weights (torchvision's AlexNet or
+VGG16) that no package ships and that this package never downloads. The user supplies the file
+torchvision publishes (``alexnet-owt-7be5be79.pth``, downloaded on a machine with internet):
+``FASTAVATAR_LPIPS_WEIGHTS=/path/to/file``, or ``weights=`` in :func:`lpips`,
+:func:`lpips_available` and :func:`image_loss` (or torchvision's own copy in the torch hub cache).
+It is read without executing code (safetensors, or ``torch.load(..., weights_only=True)``); the
+LPIPS linear layers come from the ``lpips`` package's files. Without a backbone file LPIPS is
+reported as *unavailable* (:func:`lpips_available` is ``False`` and :func:`lpips` raises
+:class:`LpipsUnavailableError` saying how to enable it); it is never replaced by a stand-in.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
 import math
+import os
+import pickle
 from pathlib import Path
 from typing import Literal
 
@@ -25,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "LpipsUnavailableError", "psnr", "mse", "ssim", "ssim_map", "mae", "lpips_available", "lpips",
-    "image_loss", "gaussian_window",
+    "LpipsUnavailableError", "LpipsWeightsError", "LPIPS_WEIGHTS_ENV", "psnr", "mse", "ssim", "ssim_map", "mae",
+    "lpips_available", "lpips_unavailable_reason", "lpips_weights_path", "lpips", "image_loss", "gaussian_window",
 ]
 
 Padding = Literal["valid", "same"]
@@ -194,73 +202,271 @@ def ssim(a: Tensor, b: Tensor, window_size: int = 11, sigma: float = 1.5, paddin
 
 
 # --------------------------------------------------------------------------- LPIPS
-_LPIPS_WEIGHT_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+LPIPS_WEIGHTS_ENV = "FASTAVATAR_LPIPS_WEIGHTS"
+"""Environment variable naming the ImageNet backbone file (or a folder holding it) for :func:`lpips`."""
+LPIPS_MIN_SIZE = {"alex": 31, "vgg": 16}
+"""Smallest image side each backbone accepts (its pooling leaves at least one pixel at the last layer)."""
+_TORCHVISION_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+"""The files torchvision publishes (``AlexNet_Weights.IMAGENET1K_V1``, ``VGG16_Weights.IMAGENET1K_V1``)."""
+_TORCHVISION_URL = "https://download.pytorch.org/models/"
+_NET_NAMES = {"alex": "AlexNet", "vgg": "VGG16"}
+_SLICE_ENDS = {"alex": (2, 5, 8, 10, 12), "vgg": (4, 9, 16, 23, 30)}
+"""``features`` indices after relu1..relu5 (AlexNet) and relu1_2..relu5_3 (VGG16): LPIPS's five taps."""
+_LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+_LPIPS_SCALE = (0.458, 0.448, 0.450)
+"""LPIPS v0.1's input scaling layer: ``(x - shift) / scale`` on images in [-1, 1]."""
 
 
 class LpipsUnavailableError(RuntimeError):
-    """LPIPS cannot be computed: its package or its ImageNet backbone weights are missing."""
+    """LPIPS cannot be computed here: no ImageNet backbone weights were given, or the ``lpips``
+    package (which ships LPIPS's linear-layer weights) is not installed."""
 
 
-def _lpips_missing(net: LpipsNet) -> str | None:
-    """Why LPIPS with ``net`` cannot run here, or ``None`` when it can."""
-    if net not in _LPIPS_WEIGHT_FILES:
-        raise ValueError(f"lpips: net must be one of {sorted(_LPIPS_WEIGHT_FILES)}, got {net!r}")
-    if importlib.util.find_spec("lpips") is None:
-        return "the 'lpips' package is not installed"
-    weights = Path(torch.hub.get_dir()) / "checkpoints" / _LPIPS_WEIGHT_FILES[net]
-    if not weights.is_file():
-        return (f"the ImageNet {net} backbone weights ({weights}) are not on disk; LPIPS packages download "
-                "them at run time, which is impossible without internet access")
-    return None
+class LpipsWeightsError(LpipsUnavailableError, ValueError):
+    """The backbone weight file that was given cannot be used: it is missing, is a pickle that needs
+    code to run, or is not torchvision's AlexNet/VGG16 state dict. The message names the file."""
 
 
-def lpips_available(net: LpipsNet = "alex") -> bool:
-    """Whether :func:`lpips` can run: the ``lpips`` package is installed and its ImageNet backbone
-    weights are already in the torch hub cache (nothing is ever downloaded)."""
-    return _lpips_missing(net) is None
+def _check_net(net: str) -> None:
+    if net not in _TORCHVISION_FILES:
+        raise ValueError(f"lpips: net must be one of {sorted(_TORCHVISION_FILES)}, got {net!r}")
+
+
+def _how_to_enable(net: str) -> str:
+    name = _TORCHVISION_FILES[net]
+    return (f"LPIPS needs torchvision's published ImageNet {_NET_NAMES[net]} weights, {name} "
+            f"({_TORCHVISION_URL}{name}), which this package never downloads. On a machine with internet, "
+            f"download that file (or let torchvision fetch it into ~/.cache/torch/hub/checkpoints/), copy it "
+            f"here, and set {LPIPS_WEIGHTS_ENV}=/path/to/{name} (or pass weights=... to lpips, "
+            "lpips_available and image_loss; a .safetensors copy of the state dict works too). "
+            "Until then report LPIPS as not measured")
+
+
+def lpips_weights_path(net: LpipsNet = "alex", weights: str | os.PathLike | None = None) -> Path | None:
+    """The backbone file :func:`lpips` would use, or ``None`` when none is configured.
+
+    Looked up in this order: ``weights``; ``$FASTAVATAR_LPIPS_WEIGHTS``; torchvision's file in the
+    torch hub cache (``<torch.hub.get_dir()>/checkpoints/alexnet-owt-7be5be79.pth``, or
+    ``vgg16-397923af.pth``). ``weights`` and the variable may name a file or a folder holding
+    torchvision's file name (``.pth``, or the same stem with ``.safetensors``). A path that was
+    given is returned even when it does not exist (:func:`lpips` then says so).
+    """
+    _check_net(net)
+    name = _TORCHVISION_FILES[net]
+    given = weights if weights is not None else os.environ.get(LPIPS_WEIGHTS_ENV) or None
+    if given is None:
+        hub = Path(torch.hub.get_dir()) / "checkpoints" / name
+        return hub if hub.is_file() else None
+    path = Path(given).expanduser()
+    if path.is_dir():
+        for candidate in (path / name, path / Path(name).with_suffix(".safetensors")):
+            if candidate.is_file():
+                return candidate
+        return path / name
+    return path
+
+
+def _lpips_linear_file(net: str) -> Path:
+    """LPIPS v0.1's linear-layer weights as the ``lpips`` wheel ships them (found without importing it)."""
+    spec = importlib.util.find_spec("lpips")
+    for folder in list(spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / "weights" / "v0.1" / f"{net}.pth"
+        if path.is_file():
+            return path
+    raise LpipsUnavailableError(
+        f"LPIPS is unavailable: its linear-layer weights (lpips/weights/v0.1/{net}.pth) are missing; they ship "
+        "in the 'lpips' package, a dependency of fastavatar-nb: pip install lpips==0.1.4")
+
+
+def _read_state_dict(path: Path, keep: str = "") -> dict[str, Tensor]:
+    """Tensors of a safetensors file or of a weights-only torch ``.pth`` (never executes pickled code).
+
+    ``keep``: for safetensors, read only the keys starting with it (skips AlexNet's classifier).
+    """
+    if not path.is_file():
+        raise LpipsWeightsError(f"LPIPS weights file {path} does not exist")
+    with path.open("rb") as f:
+        head = f.read(9)
+    is_torch = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"  # zip (torch >= 1.6) or legacy pickle
+    if not is_torch and len(head) == 9 and head[8:9] == b"{":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys() if k.startswith(keep)}
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise LpipsWeightsError(f"{path}: not a readable safetensors file: {e}") from e
+    if not is_torch:
+        raise LpipsWeightsError(f"{path}: neither a safetensors file nor a torch .pth state dict")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LpipsWeightsError(
+            f"{path}: refused to load: this pickle needs code to run ({first}). Only plain tensor state dicts "
+            "(torch.load(..., weights_only=True), like torchvision's published .pth files) and safetensors "
+            "files are read; nothing is executed") from e
+    except Exception as e:
+        raise LpipsWeightsError(f"{path}: cannot be read as a torch state dict: {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise LpipsWeightsError(f"{path}: holds a {type(state).__name__}, not a state dict of named tensors")
+    return state
+
+
+def _features(net: str) -> torch.nn.Sequential:
+    """torchvision's ``alexnet().features`` / ``vgg16().features``, built without initialising weights."""
+    import torchvision
+
+    with torch.device("meta"):  # skips the classifier's initialisation (~60-120 M parameters)
+        model = torchvision.models.alexnet() if net == "alex" else torchvision.models.vgg16()
+    return model.features
+
+
+def _backbone_state(path: Path, net: str) -> dict[str, Tensor]:
+    """The ``features`` part of a torchvision AlexNet/VGG16 state dict in ``path``, checked, float32."""
+    reference = _features(net).state_dict()
+    state = _read_state_dict(path, keep="features.")
+    prefix = "features." if any(k.startswith("features.") for k in state) else ""
+    ours = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and not k.startswith("classifier.")}
+    missing = [k for k in reference if k not in ours]  # in the network's order
+    unexpected = sorted(set(ours) - set(reference))
+    wrong = [f"{prefix}{k} {tuple(ours[k].shape)} (expected {tuple(reference[k].shape)})"
+             for k in reference if k in ours and ours[k].shape != reference[k].shape]
+    problems = ([f"missing {['features.' + k for k in missing[:6]]}"] if missing else []) + (
+        [f"unexpected {[prefix + k for k in unexpected[:6]]}"] if unexpected else []) + (
+        [f"wrong shapes: {', '.join(wrong[:4])}"] if wrong else [])
+    if not problems and not all(v.is_floating_point() for v in ours.values()):
+        problems.append("integer tensors where float weights belong")
+    if problems:
+        raise LpipsWeightsError(
+            f"{path}: not torchvision's ImageNet {_NET_NAMES[net]} state dict ({_TORCHVISION_FILES[net]}): "
+            + "; ".join(problems))
+    return {k: ours[k].to(torch.float32) for k in reference}
+
+
+class _Lpips(torch.nn.Module):
+    """LPIPS v0.1 (Zhang et al. 2018): the backbone's five ReLU taps, each unit-normalised over channels,
+    squared differences weighted per channel by the learnt linear layer, averaged over space, summed."""
+
+    def __init__(self, net: str, backbone: dict[str, Tensor], linear: dict[str, Tensor]) -> None:
+        super().__init__()
+        features = _features(net).to_empty(device="cpu")
+        features.load_state_dict(backbone)
+        starts = (0,) + _SLICE_ENDS[net][:-1]
+        self.slices = torch.nn.ModuleList(features[a:b] for a, b in zip(starts, _SLICE_ENDS[net], strict=True))
+        self.register_buffer("shift", torch.tensor(_LPIPS_SHIFT).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor(_LPIPS_SCALE).view(1, 3, 1, 1))
+        for i, width in enumerate(s[-2].out_channels for s in self.slices):
+            w = linear.get(f"lin{i}.model.1.weight")
+            if w is None or tuple(w.shape) != (1, width, 1, 1):
+                raise LpipsUnavailableError(f"LPIPS linear weights for {net}: lin{i} is missing or not [1, {width}, 1, 1]")
+            self.register_buffer(f"lin{i}", w.reshape(1, width, 1, 1).to(torch.float32))
+        self.requires_grad_(False)
+        self.eval()
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """``x, y [B, 3, H, W]`` in [-1, 1] -> ``[B]`` distances."""
+        h = (torch.cat([x, y]) - self.shift) / self.scale
+        total = x.new_zeros(x.shape[0])
+        for i, block in enumerate(self.slices):
+            h = block(h)
+            # unit vectors over channels; vector_norm's gradient is 0 (not NaN) where a tap is all zero
+            f = h / (torch.linalg.vector_norm(h, dim=1, keepdim=True) + 1e-10)
+            d = (f[: x.shape[0]] - f[x.shape[0]:]) ** 2
+            total = total + (d * getattr(self, f"lin{i}")).sum(dim=1).mean(dim=(-2, -1))
+        return total
+
+
+@functools.lru_cache(maxsize=2)
+def _lpips_network(net: str, path: str, fingerprint: tuple) -> _Lpips:
+    """The network on the CPU in float32, cached per file version (``fingerprint``: size, mtime)."""
+    linear = torch.load(_lpips_linear_file(net), map_location="cpu", weights_only=True)
+    return _Lpips(net, _backbone_state(Path(path), net), linear)
 
 
 @functools.lru_cache(maxsize=4)
-def _lpips_model(net: str, device: str):
-    import lpips as lpips_pkg  # optional dependency, checked by _lpips_missing
-
-    model = lpips_pkg.LPIPS(net=net, verbose=False).to(device).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
+def _lpips_on(net: str, path: str, fingerprint: tuple, device: str, dtype: torch.dtype) -> _Lpips:
+    return copy.deepcopy(_lpips_network(net, path, fingerprint)).to(device=device, dtype=dtype)
 
 
-def lpips(a: Tensor, b: Tensor, net: LpipsNet = "alex") -> Tensor:
-    """LPIPS distance per image (Zhang et al. 2018), lower is better.
+def _lpips_model(net: str, weights, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> _Lpips:
+    _check_net(net)
+    _lpips_linear_file(net)
+    path = lpips_weights_path(net, weights)
+    if path is None:
+        raise LpipsUnavailableError(f"LPIPS is unavailable: no ImageNet {_NET_NAMES[net]} backbone weights "
+                                    f"(${LPIPS_WEIGHTS_ENV} is not set). {_how_to_enable(net)}.")
+    if not path.is_file():
+        source = "the weights argument" if weights is not None else f"${LPIPS_WEIGHTS_ENV}"
+        raise LpipsWeightsError(f"LPIPS weights file {path} does not exist (from {source}). {_how_to_enable(net)}.")
+    st = path.stat()
+    fingerprint = (st.st_size, st.st_mtime_ns)
+    if torch.device(device) == torch.device("cpu") and dtype == torch.float32:
+        return _lpips_network(net, str(path.resolve()), fingerprint)
+    return _lpips_on(net, str(path.resolve()), fingerprint, str(device), dtype)
+
+
+def lpips_unavailable_reason(net: LpipsNet = "alex", weights: str | os.PathLike | None = None) -> str | None:
+    """Why :func:`lpips` cannot run with these settings (the error it would raise), or ``None`` when it can.
+
+    Loads and checks the weight file (cached), so a missing, unsafe or wrong file is reported here.
+    """
+    try:
+        _lpips_model(net, weights)
+    except LpipsUnavailableError as e:
+        return str(e)
+    return None
+
+
+def lpips_available(net: LpipsNet = "alex", weights: str | os.PathLike | None = None) -> bool:
+    """Whether :func:`lpips` can run: a usable ImageNet backbone file is configured (``weights``,
+    ``$FASTAVATAR_LPIPS_WEIGHTS`` or torchvision's file in the torch hub cache, see
+    :func:`lpips_weights_path`) and the ``lpips`` package's linear weights are installed.
+    Nothing is ever downloaded. :func:`lpips_unavailable_reason` says why not."""
+    return lpips_unavailable_reason(net, weights) is None
+
+
+def lpips(a: Tensor, b: Tensor, net: LpipsNet = "alex", weights: str | os.PathLike | None = None) -> Tensor:
+    """LPIPS distance per image (Zhang et al. 2018, v0.1), lower is better; differentiable (usable as a loss).
+
+    The network is torchvision's AlexNet (or VGG16) ``features`` with the ImageNet weights read
+    from a file the user supplies (see :func:`lpips_weights_path`: ``weights``, then
+    ``$FASTAVATAR_LPIPS_WEIGHTS``, then the torch hub cache), plus LPIPS's linear layers from the
+    ``lpips`` package's files. Files are read without running code: safetensors, or
+    ``torch.load(..., weights_only=True)``.
 
     Args:
-        a, b: ``[..., H, W, 3]`` images in [0, 1] (rescaled to the network's [-1, 1] here).
+        a, b: ``[..., H, W, 3]`` images in [0, 1] (rescaled to the network's [-1, 1] here), at least
+            31 (AlexNet) or 16 (VGG16) pixels on each side.
         net: backbone, ``"alex"`` (the usual choice for evaluation) or ``"vgg"``.
+        weights: the backbone file (or a folder holding torchvision's file name).
 
     Returns:
-        ``[...]`` LPIPS distances.
+        ``[...]`` LPIPS distances (0 for identical images), in ``a``'s dtype.
 
     Raises:
-        LpipsUnavailableError: the ``lpips`` package or its backbone weights are not present.
+        LpipsUnavailableError: no backbone weights are configured (the message says how to get them).
             LPIPS is then reported as unavailable; no substitute metric is computed.
+        LpipsWeightsError: (a subclass) the given file is missing, is a pickle that needs code to run,
+            or is not torchvision's AlexNet/VGG16 state dict; the message names the file.
     """
     _check_pair(a, b, "lpips")
-    why = _lpips_missing(net)
-    if why is not None:
-        raise LpipsUnavailableError(
-            f"LPIPS is unavailable: {why}. Report LPIPS as not measured (it is an optional metric); "
-            "to enable it, install 'lpips' and place the backbone weights in the torch hub cache."
-        )
-    model = _lpips_model(net, str(a.device))
+    dtype = a.dtype if a.is_floating_point() else torch.float32
+    model = _lpips_model(net, weights, a.device, dtype)
     lead, (H, W) = a.shape[:-3], a.shape[-3:-1]
-    x = a.reshape(-1, H, W, 3).permute(0, 3, 1, 2) * 2 - 1
-    y = b.reshape(-1, H, W, 3).permute(0, 3, 1, 2) * 2 - 1
+    if min(H, W) < LPIPS_MIN_SIZE[net]:
+        raise ValueError(f"lpips: images of {H}x{W} pixels are too small for the {_NET_NAMES[net]} network "
+                         f"(at least {LPIPS_MIN_SIZE[net]} pixels on each side)")
+    x = a.reshape(-1, H, W, 3).permute(0, 3, 1, 2).to(dtype) * 2 - 1
+    y = b.reshape(-1, H, W, 3).permute(0, 3, 1, 2).to(dtype) * 2 - 1
     return model(x, y).reshape(lead)
 
 
 # ---------------------------------------------------------------------------- loss
 def image_loss(pred: Tensor, gt: Tensor, l1_weight: float = 0.8, ssim_weight: float = 0.2,
-               lpips_weight: float = 0.0, padding: Padding = "same") -> dict[str, Tensor]:
+               lpips_weight: float = 0.0, padding: Padding = "same", lpips_net: LpipsNet = "alex",
+               lpips_weights: str | os.PathLike | None = None) -> dict[str, Tensor]:
     """Photometric loss ``l1_weight * L1 + ssim_weight * (1 - SSIM) [+ lpips_weight * LPIPS]``.
 
     The 3DGS default is ``l1_weight = 0.8, ssim_weight = 0.2``; the FastAvatar decoder uses
@@ -269,6 +475,7 @@ def image_loss(pred: Tensor, gt: Tensor, l1_weight: float = 0.8, ssim_weight: fl
     Args:
         pred, gt: ``[..., H, W, 3]`` images in [0, 1] (both composited on the same background).
         padding: SSIM padding (``"same"`` so border pixels receive gradient, as in 3DGS).
+        lpips_net, lpips_weights: :func:`lpips`'s ``net`` and ``weights`` (used when ``lpips_weight > 0``).
 
     Returns:
         Dict of ``[...]`` per-image tensors (nerfstudio style, each term logged on its own):
@@ -282,7 +489,7 @@ def image_loss(pred: Tensor, gt: Tensor, l1_weight: float = 0.8, ssim_weight: fl
     out["ssim"] = ssim(pred, gt, padding=padding)
     total = l1_weight * out["l1"] + ssim_weight * (1 - out["ssim"])
     if lpips_weight > 0:
-        out["lpips"] = lpips(pred, gt)
+        out["lpips"] = lpips(pred, gt, net=lpips_net, weights=lpips_weights)
         total = total + lpips_weight * out["lpips"]
     out["total"] = total
     return out

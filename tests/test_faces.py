@@ -273,3 +273,100 @@ def test_bad_inputs_are_named():
         faces.crop_faces(torch.zeros(1, 64, 64, 3, dtype=torch.uint8))
     with pytest.raises(faces.NoFaceError, match=r"\[0\] of 1"):
         faces.crop_faces(torch.ones(1, 120, 100, 3))
+
+
+# ------------------------------------------------------------------------------ identity similarity
+def test_crop_faces_is_mtcnns_own_crop(samples):
+    """detect_faces + crop_boxes (the shared crop path) give exactly facenet-pytorch's MTCNN(image) crops."""
+    images = _load([samples / s / "images" / "00000_08.png" for s in SUBJECTS])
+    mtcnn = faces.make_mtcnn()
+    want = torch.stack([mtcnn(Image.fromarray((im.numpy() * 255).round().astype(np.uint8))) for im in images])
+    torch.testing.assert_close(faces.crop_faces(images, mtcnn=mtcnn), want, rtol=0, atol=0)
+    boxes, found = faces.detect_faces(images, mtcnn)
+    assert boxes.shape == (2, 4) and boxes.dtype == torch.float64 and found.tolist() == [True, True]
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert (boxes[:, 2] <= images.shape[2]).all() and (boxes[:, 3] <= images.shape[1]).all()
+    torch.testing.assert_close(faces.crop_boxes(images, boxes), want, rtol=0, atol=0)
+
+
+def test_crop_boxes_rejects_bad_boxes():
+    images = torch.rand(2, 64, 64, 3)
+    with pytest.raises(ValueError, match=r"boxes must be \[N, 4\] with N = 2 images, got \(1, 4\)"):
+        faces.crop_boxes(images, torch.zeros(1, 4))
+    boxes = torch.tensor([[4.0, 4.0, 40.0, 50.0], [float("nan")] * 4])
+    with pytest.raises(ValueError, match=r"rows \[1\] are not \(no face was found there\)"):
+        faces.crop_boxes(images, boxes)
+    crops = faces.crop_boxes(images[:1], boxes[:1], margin=0, size=32)
+    assert crops.shape == (1, 3, 32, 32) and crops.dtype == torch.float32
+    assert -1.0 <= float(crops.min()) and float(crops.max()) <= 1.0  # (x*255 - 127.5) / 128
+
+
+def test_identity_similarity_of_identical_images_is_one(net, samples):
+    images = _load([samples / s / "images" / f"00000_{c:02d}.png" for s in SUBJECTS for c in (8, 14)])
+    sim = faces.identity_similarity(images, images.clone(), net=net)
+    assert sim.shape == (4,) and sim.dtype == torch.float32
+    torch.testing.assert_close(sim, torch.ones(4), rtol=0, atol=1e-5)
+
+
+def test_identity_similarity_separates_subjects_and_reuses_truths(net, samples):
+    """Renders of other views of the same subject score higher than the other subject's, in every row."""
+    truths = _load([samples / s / "images" / "00000_08.png" for s in SUBJECTS])
+    truth = faces.truth_faces(truths, net)
+    assert len(truth) == 2 and truth.found.all() and truth.image_size == tuple(truths.shape[1:3])
+    assert (truth.margin, truth.face_size) == (32, faces.FACE_SIZE)
+    torch.testing.assert_close(truth.embeddings.norm(dim=1), torch.ones(2))
+    for camera in (0, 14):  # +-47 degrees from the frontal truth
+        views = _load([samples / s / "images" / f"00000_{camera:02d}.png" for s in SUBJECTS])
+        same = faces.identity_similarity(views, net=net, truth_faces=truth)
+        other = faces.identity_similarity(views.flip(0), net=net, truth_faces=truth)
+        assert (same > other + 0.2).all() and (same > 0.6).all() and (other < 0.55).all(), (camera, same, other)
+    # scoring from the photos directly gives the same numbers as with precomputed truth faces
+    torch.testing.assert_close(faces.identity_similarity(views, truths, net=net), same, rtol=0, atol=0)
+
+
+def test_identity_similarity_is_nan_without_a_face_in_the_truth(net, samples):
+    face = _load([samples / SUBJECTS[0] / "images" / "00000_08.png"])[0]
+    white = torch.ones_like(face)
+    truth = faces.truth_faces(torch.stack([white, face, white]), net)
+    assert truth.found.tolist() == [False, True, False]
+    assert torch.isnan(truth.boxes[[0, 2]]).all() and torch.isnan(truth.embeddings[[0, 2]]).all()
+    sim = faces.identity_similarity(torch.stack([face, face, face]), net=net, truth_faces=truth)
+    assert torch.isnan(sim[[0, 2]]).all() and abs(float(sim[1]) - 1) < 1e-5  # a face in the render does not help
+
+
+def test_identity_similarity_blank_truth_needs_no_data(net):
+    white = torch.ones(1, 120, 100, 3)
+    assert torch.isnan(faces.identity_similarity(white, white, net=net)).all()
+
+
+def test_identity_similarity_checks_its_inputs():
+    """Every check comes before FaceNet is loaded, so this needs no weights."""
+    a = torch.rand(2, 64, 48, 3)
+    with pytest.raises(ValueError, match=r"renders and truths must have the same shape.*\(2, 64, 48, 3\) and \(2, 64, 40, 3\)"):
+        faces.identity_similarity(a, a[:, :, :40])
+    with pytest.raises(ValueError, match=r"renders must be \[N, H, W, 3\] RGB, got \(2, 64, 48, 4\)"):
+        faces.identity_similarity(torch.rand(2, 64, 48, 4), a)
+    with pytest.raises(ValueError, match=r"truths must be \[N, H, W, 3\] RGB, got \(64, 48, 3\)"):
+        faces.identity_similarity(a, a[0])
+    with pytest.raises(ValueError, match=r"renders must hold values in \[0, 1\], found \[0.*, 1.5\]; clamp them first \(renders.clamp"):
+        faces.identity_similarity(a * 1.5 / a.max(), a)
+    with pytest.raises(ValueError, match=r"truths must hold values in \[0, 1\], found \[-0\.\d+, 0\.\d+\]"):
+        faces.identity_similarity(a, a - 0.2)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        faces.identity_similarity(a.masked_fill(a > 0.9, float("nan")), a)
+    with pytest.raises(ValueError, match="divide uint8 images by 255"):
+        faces.identity_similarity((a * 255).to(torch.uint8), a)
+    with pytest.raises(ValueError, match="either truths .* or truth_faces"):
+        faces.identity_similarity(a)
+    truth = faces.TruthFaces(torch.zeros(2, 4), torch.zeros(2, faces.EMBEDDING_DIM), torch.ones(2, dtype=torch.bool),
+                             (64, 40), 32, faces.FACE_SIZE)
+    with pytest.raises(ValueError, match="either truths .* or truth_faces"):
+        faces.identity_similarity(a, a, truth_faces=truth)
+    with pytest.raises(ValueError, match=r"renders must match the photos of truth_faces, \[N, H, W, 3\] = \(2, 64, 40, 3\)"):
+        faces.identity_similarity(a, truth_faces=truth)
+    with pytest.raises(TypeError, match="TruthFaces"):
+        faces.identity_similarity(a, truth_faces=(truth.boxes, truth.embeddings, truth.found))
+    with pytest.raises(ValueError, match="batch_size"):
+        faces.identity_similarity(a, a, batch_size=0)
+    # a rounding slack of 1e-4 outside [0, 1] is tolerated (checked up to loading the network)
+    faces._check_images(a.clamp(0, 1) + 5e-5, "renders", unit_range=True)

@@ -32,7 +32,7 @@ from render import head_scene, sync
 from fastavatar_nb import presets
 from fastavatar_nb.cameras import Cameras
 from fastavatar_nb.decoder import DecoderConfig, apply_residuals, positional_embedding
-from fastavatar_nb.fitting import region_loss
+from fastavatar_nb.objective import photometric_loss
 from fastavatar_nb.render import render
 from fastavatar_nb.render.gsplat_backend import gsplat_status
 
@@ -78,7 +78,7 @@ def bench_k(K: int, cfg: DecoderConfig, cams: Cameras, device: torch.device, bac
 
     def train_step() -> None:
         out = render(apply_residuals(template, decoder(codes, emb)), step_cams, backend=backend)
-        loss = region_loss(out.colors, out.alphas, gt, None, cfg.l1_weight, cfg.ssim_weight)["total"].mean()
+        loss = photometric_loss(out.colors, gt, None, cfg.l1_weight, cfg.ssim_weight)["total"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

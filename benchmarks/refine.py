@@ -1,6 +1,8 @@
 """Refinement sweep: which schedule and learning rates make test-time refinement help most.
 
-For every test subject of the preset's run folder and each of ``--views`` as the input photo,
+For every **validation** subject of the preset's run folder (never a test subject: the defaults
+chosen from this sweep are then scored on the test subjects by notebook 07) and each of
+``--views`` as the input photo,
 the encoder's code is refined on that one view with each configuration below, and the refined
 head is scored on the input view and on the subject's other views (the paper's protocol,
 :func:`fastavatar_nb.evaluation.novel_view_metrics`). Rows: the mean over subjects and input
@@ -60,29 +62,32 @@ def main() -> None:
     views = [int(v) for v in args.views.split(",")]
 
     root = pipeline.prepare_dataset(preset, progress=False)
-    train, test = SubjectDataset(root, "train"), SubjectDataset(root, "test")
+    train, val = SubjectDataset(root, "train"), SubjectDataset(root, "val")
+    if len(val) == 0:
+        raise SystemExit(f"{root} has no validation subjects (split.json without 'val'); the sweep chooses settings "
+                         "on validation subjects only: make the dataset again with the current preset")
     avatars = pipeline.ensure_decoder(preset, train)
     encoder = pipeline.ensure_encoder(preset, train, avatars)
-    emb, found = dataset_embeddings(test, faces.load_facenet(device=dev), progress=False)
+    emb, found = dataset_embeddings(val, faces.load_facenet(device=dev), progress=False)
     codes = encode_faces(emb.flatten(0, 1), encoder).unflatten(0, emb.shape[:2])     # [T, C, L]
 
     cases = []  # (subject, view, code, input view tensors, feed-forward numbers)
-    for t in range(len(test)):
-        s = test[t].to(dev)
+    for t in range(len(val)):
+        s = val[t].to(dev)
         for v in views:
             if not bool(found[t, v]):
                 print(f"{s.subject_id} view {v}: no face found, skipped")
                 continue
-            image, cam, wts = input_view(s, v, backend=backend)
+            image, cam = input_view(s, v)  # the photo and its camera: all that refinement sees
             ff = novel_view_metrics(s, avatars.decode(codes[t, v][None]), [v], backend)
-            cases.append((s, v, codes[t, v], (image, cam, wts), float(ff["psnr"][0])))
+            cases.append((s, v, codes[t, v], (image, cam), float(ff["psnr"][0])))
 
     rows = []
     for overrides in CONFIGS:
         cfg = RefineConfig.for_preset(preset, **overrides, **({"steps": args.steps} if args.steps else {}))
         acc = {"input_before": [], "input_after": [], "novel_before": [], "novel_after": [], "ms_per_step": []}
-        for s, v, code, (image, cam, wts), ff_novel in cases:
-            r = refine(avatars, code, image, cam, wts, cfg, backend, progress=False)
+        for s, v, code, (image, cam), ff_novel in cases:
+            r = refine(avatars, code, image, cam, None, cfg, backend, progress=False)
             nv = novel_view_metrics(s, Gaussians.stack([r.head]), [v], backend)
             acc["input_before"].append(float(r.psnr_history[0]))
             acc["input_after"].append(r.final_psnr)
@@ -98,8 +103,8 @@ def main() -> None:
               flush=True)
 
     record = {**provenance("refine_sweep", dev, gsplat_status()[1]), "preset": preset.to_dict(),
-              "input_views": views, "subjects": test.subject_ids,
-              "metric": "PSNR (dB) over the loss region; novel = mean over the views other than the input",
+              "input_views": views, "split": "val", "subjects": val.subject_ids,
+              "metric": "PSNR (dB) over the whole image on white; novel = mean over the views other than the input",
               "rows": rows}
     out = args.out or RESULTS / "local" / f"refine_sweep_{preset.name}_{dev.type}.json"
     save(record, out)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -56,3 +58,31 @@ def checked_metadata(path: Path, fmt: str, missing_hint: str) -> dict[str, str]:
     if meta.get("format") != fmt:
         raise ValueError(f"{path}: not a {fmt} file (format {meta.get('format')!r})")
     return meta
+
+
+def check_fields(config: Any, *, positive_int: Iterable[str] = (), positive: Iterable[str] = (),
+                 non_negative: Iterable[str] = (), optional: Iterable[str] = ()) -> None:
+    """The field checks every config dataclass shares: raise ``ValueError`` naming ``Class.field``,
+    what it must be and what it is. Fields named in ``optional`` may also be ``None``.
+
+    ``positive_int``: an int (not a bool) >= 1; ``positive``: a finite number > 0;
+    ``non_negative``: a finite number >= 0.
+    """
+    cls, may_be_none = type(config).__name__, set(optional)
+
+    def bad(name: str, ok, what: str) -> None:
+        v = getattr(config, name)
+        if v is None and name in may_be_none:
+            return
+        if not ok(v):
+            raise ValueError(f"{cls}.{name} must be {'None or ' if name in may_be_none else ''}{what}, got {v!r}")
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for name in positive_int:
+        bad(name, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "a positive int")
+    for name in positive:
+        bad(name, lambda v: number(v) and v > 0, "a positive number")
+    for name in non_negative:
+        bad(name, lambda v: number(v) and v >= 0, "a non-negative number")

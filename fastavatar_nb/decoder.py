@@ -51,20 +51,20 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ._io import atomic_save_tensors, atomic_write_text, checked_metadata, config_from_dict
+from ._io import atomic_save_tensors, atomic_write_text, check_fields, checked_metadata, config_from_dict
 from .cameras import Cameras
-from .data.subject import MultiViewSubject, stack_subjects
-from .fitting import (
-    Region,
-    evaluate_views,
-    region_loss,
-    region_weights,
-    subject_ids,
-    support_masks,
-    train_views,
-)
+from .data.subject import MultiViewSubject
 from .gaussians import Gaussians
 from .metrics import lpips_available, psnr
+from .objective import (
+    HOLDOUT_VIEW,
+    StageScores,
+    evaluate_views,
+    head_region,
+    photometric_loss,
+    subject_ids,
+    train_views,
+)
 from .render import Backend, render, resolve_backend
 
 __all__ = [
@@ -76,14 +76,14 @@ DECODER_FILE = "decoder.safetensors"
 """Decoder weights, Gaussian embeddings, template and config, in a run folder."""
 LATENTS_FILE = "latents.safetensors"
 """The training subjects' latent codes ``w`` and their metrics, in a run folder."""
-_DECODER_FORMAT = "fastavatar-nb decoder"
-_LATENTS_FORMAT = "fastavatar-nb latents"
-_CKPT_FORMAT = "fastavatar-nb decoder checkpoint"
+_DECODER_FORMAT = "fastavatar-nb decoder v2"
+_LATENTS_FORMAT = "fastavatar-nb latents v2"
+_CKPT_FORMAT = "fastavatar-nb decoder checkpoint v2"
 _CKPT_JSON = "decoder_state.json"
 _CKPT_TENSORS = "decoder_state.safetensors"
 HEADS: dict[str, int] = {"means": 3, "log_scales": 3, "quats": 4, "opacity_logits": 1, "sh": 48}
 """Output heads of the decoder and their sizes (59 numbers per Gaussian, as in the paper)."""
-_METRICS = ("train_psnr", "train_ssim", "heldout_psnr", "heldout_ssim", "train_psnr_image")
+_METRICS = StageScores.score_names()
 
 
 # ------------------------------------------------------------------------------ residuals
@@ -270,14 +270,8 @@ class DecoderConfig:
     """Metres in which the position penalty is measured (about a head's radius)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm of every step at this value (0: no clipping)."""
-    region: Region = "support"
-    """Pixels in the loss and metrics, as in :class:`~fastavatar_nb.fitting.FitConfig`."""
-    support_scale: float = 1.0
-    """Scale of the support region's Gaussians (see :func:`~fastavatar_nb.fitting.support_masks`)."""
-    unsupported_alpha_weight: float = 0.1
-    """Weight of the mean alpha on the foreground outside the support (as in fitting)."""
-    holdout_view: int | None = 8
-    """View never trained on, evaluated (NeRSemble's val camera)."""
+    holdout_view: int | None = HOLDOUT_VIEW
+    """View never trained on, evaluated (:data:`~fastavatar_nb.objective.HOLDOUT_VIEW`)."""
     sh_degree: int = 3
     """SH degree rendered."""
     checkpoint_every: int = 50
@@ -289,29 +283,16 @@ class DecoderConfig:
 
     def validate(self) -> DecoderConfig:
         """Raise ``ValueError`` naming the first bad field; returns ``self``."""
-        for name in ("epochs", "subjects_per_step", "views_per_step", "latent_dim", "embed_dim", "hidden_dim",
-                     "depth", "checkpoint_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"DecoderConfig.{name} must be a positive int, got {v!r}")
+        check_fields(self, positive_int=("epochs", "subjects_per_step", "views_per_step", "latent_dim", "embed_dim",
+                                         "hidden_dim", "depth", "checkpoint_every", "tile_size"),
+                     non_negative=("decoder_lr", "codes_lr", "embeddings_lr", "l1_weight", "ssim_weight",
+                                   "lpips_weight", "means_reg_weight", "scales_reg_weight", "grad_clip"),
+                     positive=("lr_final", "scene_scale"), optional=("tile_size",))
         if self.embed_dim < 3:
             raise ValueError(f"DecoderConfig.embed_dim must be >= 3 (it starts as the template positions), "
                              f"got {self.embed_dim}")
-        for name in ("decoder_lr", "codes_lr", "embeddings_lr", "l1_weight", "ssim_weight", "lpips_weight",
-                     "means_reg_weight", "scales_reg_weight", "grad_clip", "unsupported_alpha_weight"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"DecoderConfig.{name} must be a non-negative number, got {v!r}")
-        for name in ("lr_final", "scene_scale", "support_scale"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"DecoderConfig.{name} must be a positive number, got {v!r}")
-        if self.region not in ("support", "image"):
-            raise ValueError(f"DecoderConfig.region must be 'support' or 'image', got {self.region!r}")
         if self.sh_degree not in (0, 1, 2, 3):
             raise ValueError(f"DecoderConfig.sh_degree must be 0..3, got {self.sh_degree!r}")
-        if self.tile_size is not None and (not isinstance(self.tile_size, int) or self.tile_size < 1):
-            raise ValueError(f"DecoderConfig.tile_size must be None or a positive int, got {self.tile_size!r}")
         if self.holdout_view is not None and (not isinstance(self.holdout_view, int) or self.holdout_view < 0):
             raise ValueError(f"DecoderConfig.holdout_view must be None or a view index >= 0, got {self.holdout_view!r}")
         return self
@@ -364,7 +345,7 @@ def step_items(seed: int, epoch: int, num_subjects: int, num_train_views: int,
 
 # ------------------------------------------------------------------------------- results
 @dataclass
-class DecoderResult:
+class DecoderResult(StageScores):
     """A trained auto-decoder with its codes, embeddings, template and how well it reconstructs.
 
     Attributes:
@@ -372,8 +353,8 @@ class DecoderResult:
         template: ``[K, ...]`` the template Gaussians the residuals apply to.
         codes: ``[N, latent_dim]`` one learnt ``w_i`` per training subject.
         subject_ids: ``N`` names in the order of ``codes`` and the metrics.
-        train_psnr, train_ssim, heldout_psnr, heldout_ssim, train_psnr_image: ``[N]`` of the
-            decoded subjects (as in :class:`~fastavatar_nb.fitting.FitResult`).
+        train_psnr, train_ssim, heldout_psnr, heldout_ssim, heldout_psnr_head: ``[N]`` scores of
+            the decoded subjects (:class:`~fastavatar_nb.objective.StageScores`).
         loss_history, psnr_history: ``[steps]`` mean loss and PSNR of each step's renders.
         config, backend, seconds: how it was trained and for how long (summed over resumes).
     """
@@ -383,11 +364,6 @@ class DecoderResult:
     template: Gaussians
     codes: Tensor
     subject_ids: list[str]
-    train_psnr: Tensor
-    train_ssim: Tensor
-    heldout_psnr: Tensor
-    heldout_ssim: Tensor
-    train_psnr_image: Tensor
     loss_history: Tensor
     psnr_history: Tensor
     config: DecoderConfig
@@ -442,8 +418,10 @@ class DecoderResult:
         d = Path(directory)
         metas = [checked_metadata(p, fmt, "train a decoder with train_decoder (notebook 03)")
                  for p, fmt in ((d / DECODER_FILE, _DECODER_FORMAT), (d / LATENTS_FILE, _LATENTS_FORMAT))]
-        dec_t = load_file(str(d / DECODER_FILE), device=str(device))
-        lat_t = load_file(str(d / LATENTS_FILE), device=str(device))
+        # cloned: tensors read from a file can sit at any memory alignment, and CPU kernels may then
+        # take other code paths (last-bit differences from the model that was saved)
+        dec_t = {k: v.clone() for k, v in load_file(str(d / DECODER_FILE), device=str(device)).items()}
+        lat_t = {k: v.clone() for k, v in load_file(str(d / LATENTS_FILE), device=str(device)).items()}
         decoder = AutoDecoder(**json.loads(metas[0]["architecture"])).to(device)
         decoder.load_state_dict({k[8:]: v for k, v in dec_t.items() if k.startswith("decoder.")})
         decoder.eval()
@@ -478,12 +456,14 @@ def _check_template(template: Gaussians, num_points: int) -> None:
 def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, config: DecoderConfig | None = None,
                   backend: Backend = "auto", device: torch.device | str | None = None,
                   checkpoint: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
-                  callback: Callable[[dict[str, Any]], None] | None = None) -> DecoderResult:
+                  callback: Callable[[dict[str, Any]], None] | None = None,
+                  distributed: bool = False) -> DecoderResult:
     """Train the auto-decoder, the codes ``w_i`` and the embeddings ``e_k`` on the subjects' images.
 
     Each step decodes ``subjects_per_step`` subjects (see :func:`step_items`), renders
     ``views_per_step`` of each one's training views and minimises
-    ``l1 L1 + ssim (1 - SSIM) [+ lpips LPIPS]`` over the loss region (as in fitting) plus
+    ``l1 L1 + ssim (1 - SSIM) [+ lpips LPIPS]`` over the whole image on white
+    (:func:`~fastavatar_nb.objective.photometric_loss`, as in fitting) plus
     ``means_reg_weight |d_mu|^2 / scene_scale^2 + scales_reg_weight |d_s|^2`` (means over
     Gaussians), with Adam, exponentially decaying learning rates and gradient clipping.
 
@@ -500,6 +480,10 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
         progress: show a tqdm progress bar.
         callback: called after every step with ``step``, ``steps``, ``epoch``, ``loss``, ``psnr``
             (floats: means over the step's renders) and ``codes`` (the current ``[N, latent_dim]``).
+        distributed: this process is one rank of an initialised ``torch.distributed`` process
+            group, every rank calling with the same arguments: each step's items are split over
+            the ranks and the gradients summed (data parallel; only rank 0 writes the checkpoint).
+            Use :func:`fastavatar_nb.distributed.train_decoder_distributed`, which explains it.
 
     Returns:
         A :class:`DecoderResult` (its metrics are measured on every subject's training views and
@@ -518,9 +502,14 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
     dev = torch.device(device) if device is not None else template.device
     backend_name = resolve_backend(backend, dev)
     template = template.detach().to(dev)
+    comm = None
+    if distributed:
+        from .distributed import _Comm
 
-    # ---- every subject in memory: images and loss weights as uint8, cameras and points as float
-    imgs, wts, vms, kss = [], [], [], []
+        comm = _Comm(dev)
+
+    # ---- every subject in memory: images (and the held-out view's head region) as uint8, cameras as float
+    imgs, heads, vms, kss = [], [], [], []
     num_views = width = height = None
     for i in range(n):
         s = subjects[i]
@@ -533,16 +522,13 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
             raise ValueError(f"train_decoder: all subjects need the same views and image size; {s.subject_id} has "
                              f"{s.num_views} views at {s.width}x{s.height}, the first had {num_views} at {width}x{height}")
         s = s.to(dev)
-        im, mk, cams, pts = stack_subjects([s])
-        w = torch.ones_like(mk)
-        if config.region == "support":
-            w = region_weights(mk, support_masks(pts, cams, config.support_scale, backend_name, config.tile_size))
-        imgs.append((im[0] * 255).round().to(torch.uint8))
-        wts.append((w[0] * 255).round().to(torch.uint8))
+        imgs.append((s.images * 255).round().to(torch.uint8))
+        hv = [config.holdout_view] if config.holdout_view is not None else []
+        heads.append((head_region(s.masks[hv], s.cameras[hv]) * 255).round().to(torch.uint8))
         vms.append(s.cameras.viewmats)
         kss.append(s.cameras.Ks)
     assert num_views is not None and width is not None and height is not None
-    images_u8, weights_u8 = torch.stack(imgs), torch.stack(wts)           # [N, C, H, W, 3], [N, C, H, W]
+    images_u8, heads_u8 = torch.stack(imgs), torch.stack(heads)           # [N, C, H, W, 3], [N, 0 or 1, H, W]
     cameras = Cameras(torch.stack(vms), torch.stack(kss), width, height)  # [N, C]
     tv = train_views(num_views, config.holdout_view)
     items_per_epoch = len(step_items(config.seed, 0, n, len(tv), config.views_per_step))
@@ -583,7 +569,7 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
                                           hist_loss, hist_psnr, dev)
 
     def save_checkpoint(step: int, seconds: float) -> None:
-        if ckpt_json is None or ckpt_tensors is None:
+        if ckpt_json is None or ckpt_tensors is None or (comm is not None and comm.rank != 0):
             return
         t = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
         t.update({"codes": codes.detach(), "embeddings": embeddings.detach(), "hist.loss": hist_loss,
@@ -613,36 +599,51 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
                 items = (epoch, step_items(config.seed, epoch, n, len(tv), config.views_per_step))
             batch = items[1][k * bs:(k + 1) * bs]
             set_lr(step)
-            sidx = torch.tensor([s for s, _ in batch], device=dev)
-            res = decoder(codes[sidx], embeddings)                                    # [B, K]
-            g = apply_residuals(template, res)
-            losses, psnrs = [], []
+            part = batch if comm is None else comm.part(batch)  # distributed: this rank's items
+            losses, psnrs, res = [], [], None
+            if part:
+                sidx = torch.tensor([s for s, _ in part], device=dev)
+                res = decoder(codes[sidx], embeddings)                                    # [B, K]
+                g = apply_residuals(template, res)
             # subjects with fewer views in their chunk (the last chunk) are rendered on their own
-            for size in sorted({len(v) for _, v in batch}):
-                rows = [r for r, (_, v) in enumerate(batch) if len(v) == size]
+            for size in sorted({len(v) for _, v in part}):
+                rows = [r for r, (_, v) in enumerate(part) if len(v) == size]
                 r_t = torch.tensor(rows, device=dev)
                 s_t = sidx[r_t]
-                vpos = tv_t[torch.tensor([batch[r][1] for r in rows], device=dev)]    # [b, V] view indices
+                vpos = tv_t[torch.tensor([part[r][1] for r in rows], device=dev)]     # [b, V] view indices
                 cams = Cameras(cameras.viewmats[s_t[:, None], vpos], cameras.Ks[s_t[:, None], vpos], width, height)
                 gt = images_u8[s_t[:, None], vpos].float() / 255.0
-                w = weights_u8[s_t[:, None], vpos].float() / 255.0 if config.region == "support" else None
-                out = render(g[r_t] if len(rows) < len(batch) else g, cams, background=1.0, backend=backend_name,
+                out = render(g[r_t] if len(rows) < len(part) else g, cams, background=1.0, backend=backend_name,
                              sh_degree=config.sh_degree, tile_size=config.tile_size)
-                terms = region_loss(out.colors, out.alphas, gt, w, config.l1_weight, config.ssim_weight,
-                                    config.unsupported_alpha_weight, config.lpips_weight)
+                terms = photometric_loss(out.colors, gt, None, config.l1_weight, config.ssim_weight,
+                                         config.lpips_weight)
                 losses.append(terms["total"].flatten())
                 with torch.no_grad():
-                    psnrs.append(psnr(out.colors.detach().clamp(0, 1), gt, mask=w).flatten())
-            image_term = torch.cat(losses).mean()
-            loss = image_term + residual_penalty(res, config)
+                    psnrs.append(psnr(out.colors.detach().clamp(0, 1), gt).flatten())
+            params = [p for grp in opt.param_groups for p in grp["params"]]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if comm is None:
+                image_term = torch.cat(losses).mean()
+                loss = image_term + residual_penalty(res, config)
+                loss.backward()
+            else:  # this rank's share of the global loss: sums over the ranks to the mean above
+                loss = torch.zeros((), device=dev)
+                if part:
+                    renders = sum(len(v) for _, v in batch)
+                    loss = (torch.cat(losses).sum() / renders
+                            + residual_penalty(res, config) * (len(part) / len(batch)))
+                    loss.backward()
+                comm.sum_grads_(params)
             if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_([p for grp in opt.param_groups for p in grp["params"]],
-                                               config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             opt.step()
-            hist_loss[step] = float(loss.detach())
-            hist_psnr[step] = float(torch.cat(psnrs).mean())
+            if comm is None:
+                hist_loss[step] = float(loss.detach())
+                hist_psnr[step] = float(torch.cat(psnrs).mean())
+            else:
+                p_sum = float(torch.cat(psnrs).double().sum()) if psnrs else 0.0
+                tot_loss, tot_psnr, count = comm.sum_stats([float(loss.detach()), p_sum, sum(len(p) for p in psnrs)])
+                hist_loss[step], hist_psnr[step] = tot_loss, tot_psnr / count
             bar.update(1)
             bar.set_postfix(loss=f"{hist_loss[step]:.4f}", psnr=f"{hist_psnr[step]:.2f}", refresh=False)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
@@ -659,21 +660,30 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
     result = DecoderResult(
         decoder=decoder, embeddings=embeddings.detach(), template=template, codes=codes.detach(), subject_ids=ids,
         train_psnr=torch.empty(n), train_ssim=torch.empty(n), heldout_psnr=torch.full((n,), float("nan")),
-        heldout_ssim=torch.full((n,), float("nan")), train_psnr_image=torch.empty(n),
+        heldout_ssim=torch.full((n,), float("nan")), heldout_psnr_head=torch.full((n,), float("nan")),
         loss_history=hist_loss, psnr_history=hist_psnr, config=config, backend=backend_name, seconds=seconds)
+    owned = torch.zeros(n, dtype=torch.bool)  # distributed: each rank scores every world_size-th batch
     for b0 in range(0, n, bs):
+        if comm is not None and (b0 // bs) % comm.world_size != comm.rank:
+            continue
+        owned[b0:b0 + bs] = True
         sl = slice(b0, min(n, b0 + bs))
         g = result.decode(result.codes[sl])
         ims = images_u8[sl].float() / 255.0
-        w = weights_u8[sl].float() / 255.0 if config.region == "support" else None
         cams = Cameras(cameras.viewmats[sl], cameras.Ks[sl], width, height)
-        tr = evaluate_views(g, ims, cams, tv, w, backend_name, config.sh_degree, tile_size=config.tile_size)
+        tr = evaluate_views(g, ims, cams, tv, backend=backend_name, sh_degree=config.sh_degree,
+                            tile_size=config.tile_size)
         result.train_psnr[sl], result.train_ssim[sl] = tr["psnr"].mean(1).cpu(), tr["ssim"].mean(1).cpu()
-        result.train_psnr_image[sl] = tr["psnr_image"].mean(1).cpu()
         if config.holdout_view is not None:
-            ho = evaluate_views(g, ims, cams, [config.holdout_view], w, backend_name, config.sh_degree,
+            hv = [config.holdout_view]
+            ho = evaluate_views(g, ims[:, hv], Cameras(cams.viewmats[:, hv], cams.Ks[:, hv], width, height), [0],
+                                heads_u8[sl].float() / 255.0, backend_name, config.sh_degree,
                                 tile_size=config.tile_size)
             result.heldout_psnr[sl], result.heldout_ssim[sl] = ho["psnr"][:, 0].cpu(), ho["ssim"][:, 0].cpu()
+            result.heldout_psnr_head[sl] = ho["psnr_head"][:, 0].cpu()
+    if comm is not None:
+        for m in _METRICS:
+            comm.gather_rows_(getattr(result, m), owned)
     return result
 
 
@@ -689,8 +699,8 @@ def _resume(ckpt_json: Path, ckpt_tensors: Path, config: DecoderConfig, ids: lis
     except json.JSONDecodeError as e:
         raise ValueError(f"{ckpt_json}: not valid JSON ({e}); pass overwrite=True to start afresh") from e
     if state.get("format") != _CKPT_FORMAT:
-        raise ValueError(f"{ckpt_json} is not a decoder checkpoint (format {state.get('format')!r}); choose another "
-                         "folder or pass overwrite=True")
+        raise ValueError(f"{ckpt_json} is not a decoder checkpoint of this version (format {state.get('format')!r}, "
+                         f"expected {_CKPT_FORMAT!r}); choose another folder or pass overwrite=True")
     if state.get("config") != json.loads(config.to_json()) or state.get("subject_ids") != ids:
         raise ValueError(f"{ckpt_json.parent} holds a checkpoint of another decoder run (different config or "
                          "subjects); use another folder or pass overwrite=True to discard it")

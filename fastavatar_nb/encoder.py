@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ._io import atomic_save_tensors, checked_metadata, config_from_dict
+from ._io import atomic_save_tensors, check_fields, checked_metadata, config_from_dict
 from .faces import EMBEDDING_DIM, NoFaceError, crop_faces, make_mtcnn
 
 __all__ = ["ENCODER_FILE", "EncoderConfig", "EncoderMLP", "EncoderResult", "encoder_loss", "face_embeddings",
@@ -109,18 +109,8 @@ class EncoderConfig:
 
     def validate(self) -> EncoderConfig:
         """Raise ``ValueError`` naming the first bad field; returns ``self``."""
-        for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"EncoderConfig.{name} must be a positive int, got {v!r}")
-        for name in ("lr", "lr_final"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"EncoderConfig.{name} must be a positive number, got {v!r}")
-        for name in ("mse_weight", "cos_weight"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"EncoderConfig.{name} must be a non-negative number, got {v!r}")
+        check_fields(self, positive_int=("epochs", "batch_size"), positive=("lr", "lr_final"),
+                     non_negative=("mse_weight", "cos_weight"))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"EncoderConfig.dropout must be in [0, 1), got {self.dropout!r}")
         self.hidden = tuple(int(h) for h in self.hidden)

@@ -3,8 +3,12 @@
 For a test subject with C views, a method predicts a head from **one** input view; the head is
 rendered at the remaining C - 1 views and compared with the ground truth; this is repeated with
 each view as the input. :func:`novel_view_metrics` scores a batch of such predictions of one
-subject over the same region of the image as the fits and the decoder (background plus the head
-the subject's points cover), so the numbers of every stage compare.
+subject over the **whole image on white**, as the authors score them (PSNR, SSIM, MAE, LPIPS where
+its weights exist), then over the head alone (the foreground above the collar line,
+:func:`~fastavatar_nb.objective.head_region`; a secondary score named ``*_head``), and, where asked,
+by **identity similarity**: the cosine between FaceNet embeddings of each rendered view and of the
+photo of that view (:func:`fastavatar_nb.faces.identity_similarity`). Ground truth is used here
+only: the methods scored never see it.
 
 Several methods (the template, the feed-forward prediction, the refined one) are scored
 together with :func:`protocol_rows` (one row per method and input view), averaged with
@@ -14,11 +18,12 @@ together with :func:`protocol_rows` (one row per method and input view), average
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +33,11 @@ from torch import Tensor
 from ._io import atomic_write_text
 from .cameras import Cameras
 from .data.subject import MultiViewSubject
-from .fitting import evaluate_views, region_weights, support_masks
 from .gaussians import Gaussians
+from .objective import evaluate_views, head_region
 from .render import Backend
 
-__all__ = ["EVAL_DIR", "novel_view_metrics", "protocol_rows", "summarize", "save_rows", "load_rows", "file_digest",
+__all__ = ["EVAL_DIR", "identity_scorer", "novel_view_metrics", "protocol_rows", "summarize", "save_rows", "load_rows", "file_digest",
            "protocol_dir"]
 
 EVAL_DIR = "eval"
@@ -40,55 +45,81 @@ EVAL_DIR = "eval"
 _FORMAT = "fastavatar-nb protocol rows"
 
 
+def identity_scorer(subject: MultiViewSubject, net: torch.nn.Module,
+                    mtcnn=None) -> Callable[[Tensor, list[int]], Tensor]:
+    """Identity similarity against one subject's photos, for :func:`novel_view_metrics`.
+
+    MTCNN and FaceNet run on the subject's photos once (:func:`fastavatar_nb.faces.truth_faces`);
+    the returned ``score(renders [1, v, H, W, 3], views) -> [1, v]`` then embeds only the renders, at
+    the photos' face boxes (:func:`fastavatar_nb.faces.identity_similarity`): NaN where MTCNN found
+    no face in a photo.
+    """
+    from . import faces
+
+    truth = faces.truth_faces(subject.images, net, mtcnn)
+
+    def score(renders: Tensor, views: list[int]) -> Tensor:
+        if renders.shape[0] != 1:
+            raise ValueError(f"identity_scorer: renders of one head [1, v, H, W, 3], got {tuple(renders.shape)}")
+        idx = torch.tensor(views)
+        sub = dataclasses.replace(truth, boxes=truth.boxes[idx], embeddings=truth.embeddings[idx],
+                                  found=truth.found[idx])
+        return faces.identity_similarity(renders[0], net=net, truth_faces=sub)[None]
+
+    return score
+
+
 @torch.no_grad()
 def novel_view_metrics(subject: MultiViewSubject, heads: Gaussians, input_views: Sequence[int],
-                       backend: Backend = "auto", support_scale: float = 1.0,
-                       region: str = "support", with_lpips: bool = False) -> dict[str, Tensor]:
+                       backend: Backend = "auto", with_lpips: bool = False,
+                       identity: Callable[[Tensor, list[int]], Tensor] | None = None) -> dict[str, Tensor]:
     """Score heads predicted from single views of one subject on all of its other views.
 
     Args:
-        subject: the subject (its images, masks, cameras and points, on the heads' device).
+        subject: the subject (its images, masks and cameras, on the heads' device).
         heads: ``[V, K, ...]``: head ``j`` was predicted from view ``input_views[j]``.
         input_views: ``V`` view indices.
         backend: renderer backend.
-        support_scale: scale of the support region (as in ``FitConfig``); region: ``"support"``
-            or ``"image"`` (every pixel).
-        with_lpips: also LPIPS (every pixel); raises
+        with_lpips: also LPIPS (whole image); raises
             :class:`~fastavatar_nb.metrics.LpipsUnavailableError` where its weights are missing
             (check :func:`~fastavatar_nb.metrics.lpips_available` first).
+        identity: :func:`identity_scorer` of ``subject`` for an ``"identity"`` entry.
 
     Returns:
-        ``{"psnr": [V], "ssim": [V], "mae": [V], "psnr_image": [V]}`` (and ``"lpips"``): for each
-        head, the mean over the ``C - 1`` views other than its input view.
+        ``{"psnr", "ssim", "mae"}`` (whole image on white), ``{"psnr_head", "ssim_head", "mae_head"}``
+        (the head region) and, if asked, ``"lpips"`` and ``"identity"``: each ``[V]``, for each head
+        the mean over the ``C - 1`` views other than its input view (identity: over those of them
+        whose photo has a detected face).
     """
-    views = list(input_views)
-    if heads.batch_shape != (len(views),):
-        raise ValueError(f"novel_view_metrics: need heads [V, K] for V={len(views)} input views, got batch shape "
-                         f"{tuple(heads.batch_shape)}")
-    bad = [v for v in views if not 0 <= v < subject.num_views]
-    if bad:
-        raise ValueError(f"novel_view_metrics: input views {bad} do not exist ({subject.subject_id} has "
-                         f"{subject.num_views} views)")
-    if region not in ("support", "image"):
-        raise ValueError(f"novel_view_metrics: region must be 'support' or 'image', got {region!r}")
+    views = _check_views(subject, heads, input_views, "novel_view_metrics")
     cams = Cameras(subject.cameras.viewmats[None], subject.cameras.Ks[None], subject.width, subject.height)  # [1, C]
-    weights = None
-    if region == "support":
-        weights = region_weights(subject.masks, support_masks(subject.points, subject.cameras, support_scale,
-                                                              backend))[None]
+    head = head_region(subject.masks, subject.cameras)[None]
     out: dict[str, list[Tensor]] = {}
     for j, v in enumerate(views):
         others = [c for c in range(subject.num_views) if c != v]
-        m = evaluate_views(heads[j:j + 1], subject.images[None], cams, others, weights, backend,
-                           with_lpips=with_lpips)
+        m = evaluate_views(heads[j:j + 1], subject.images[None], cams, others, head, backend, with_lpips=with_lpips,
+                           identity=identity)
         for k, x in m.items():
-            out.setdefault(k, []).append(x.mean())
+            out.setdefault(k, []).append(x.nanmean() if k == "identity" else x.mean())
     return {k: torch.stack(v) for k, v in out.items()}
+
+
+def _check_views(subject: MultiViewSubject, heads: Gaussians, input_views: Sequence[int], caller: str) -> list[int]:
+    views = [int(v) for v in input_views]
+    if heads.batch_shape != (len(views),):
+        raise ValueError(f"{caller}: need heads [V, K] for V={len(views)} input views, got batch shape "
+                         f"{tuple(heads.batch_shape)}")
+    bad = [v for v in views if not 0 <= v < subject.num_views]
+    if bad:
+        raise ValueError(f"{caller}: input views {bad} do not exist ({subject.subject_id} has "
+                         f"{subject.num_views} views)")
+    return views
 
 
 def protocol_rows(subject: MultiViewSubject, heads: Mapping[str, Gaussians], input_views: Sequence[int],
                   backend: Backend = "auto", seconds: Mapping[str, Tensor | Sequence[float]] | None = None,
-                  with_lpips: bool = False, region: str = "support") -> list[dict[str, Any]]:
+                  with_lpips: bool = False,
+                  identity: Callable[[Tensor, list[int]], Tensor] | None = None) -> list[dict[str, Any]]:
     """Score several methods' heads of one subject with the protocol: one row per method and input view.
 
     Args:
@@ -96,22 +127,23 @@ def protocol_rows(subject: MultiViewSubject, heads: Mapping[str, Gaussians], inp
             view ``input_views[j]`` (a method that ignores the input, like the template, repeats
             one head).
         seconds: optional ``{method: [V]}`` time each head took to make.
-        with_lpips, region: see :func:`novel_view_metrics`.
+        with_lpips, identity: see :func:`novel_view_metrics`.
 
     Returns:
-        Rows ``{"subject", "method", "input_view", "psnr", "ssim", "mae", "psnr_image"[, "lpips"]
-        [, "seconds"]}`` (floats), method-major.
+        Rows ``{"subject", "method", "input_view", "psnr", "ssim", "mae", "psnr_head", "ssim_head",
+        "mae_head"[, "lpips"][, "identity"][, "seconds"]}`` (floats), method-major; ``identity`` is left
+        out of a row where none of its views' photos has a detected face.
     """
     views = list(input_views)
     rows = []
     for method, h in heads.items():
-        m = novel_view_metrics(subject, h, views, backend, region=region, with_lpips=with_lpips)
+        m = novel_view_metrics(subject, h, views, backend, with_lpips=with_lpips, identity=identity)
         t = None if seconds is None or method not in seconds else [float(x) for x in seconds[method]]
         if t is not None and len(t) != len(views):
             raise ValueError(f"protocol_rows: seconds[{method!r}] has {len(t)} entries for {len(views)} input views")
         for j, v in enumerate(views):
             row: dict[str, Any] = {"subject": subject.subject_id, "method": method, "input_view": int(v),
-                                   **{k: float(x[j]) for k, x in m.items()}}
+                                   **{k: float(x[j]) for k, x in m.items() if math.isfinite(float(x[j]))}}
             if t is not None:
                 row["seconds"] = t[j]
             rows.append(row)

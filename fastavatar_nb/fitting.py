@@ -12,17 +12,14 @@ step renders one view of every subject in the batch (cameras ``[S, 1]``). The lo
 of the per-subject losses and Adam is element-wise, so a subject's fit does not depend on
 which other subjects share its batch (up to floating-point summation order).
 
-Region: the corresponded points cover the head (like FLAME's in NeRSemble), not the shoulders
-or whatever else the foreground masks contain. With ``FitConfig.region = "support"`` (default)
-the loss and the reported PSNR/SSIM use only the pixels the points can explain: background
-pixels (outside the mask) and foreground pixels inside the points' *support* (the region their
-initial Gaussians cover, :func:`support_masks`). ``"image"`` uses every pixel. Full-image
-PSNR is always reported as well (``*_psnr_image``). Because the image loss cannot see the
-foreground outside the support, a small penalty on the alpha rendered there
-(``FitConfig.unsupported_alpha_weight``) keeps the head's Gaussians from spreading into it.
+Loss and scores: the corresponded points cover the whole foreground the photos show (head, neck
+and bust, :mod:`fastavatar_nb.data.bust`), so the loss is the shared photometric objective over
+every pixel (:func:`fastavatar_nb.objective.photometric_loss`) and the reported PSNR/SSIM are over
+the whole image on white (:func:`fastavatar_nb.objective.evaluate_views`); the held-out view is
+also scored over the head alone (``heldout_psnr_head``, :func:`fastavatar_nb.objective.head_region`).
 
 Views: a subject's training views are all its views except ``FitConfig.holdout_view``
-(camera 8, NeRSemble's validation camera), on which the fit is evaluated. Each subject visits
+(:data:`~fastavatar_nb.objective.HOLDOUT_VIEW`), on which the fit is evaluated. Each subject visits
 its training views in a fresh random order every epoch; the order is a pure function of
 ``(seed, subject index, epoch)`` (numpy ``SeedSequence``), so a run resumed from a checkpoint
 sees exactly the views an uninterrupted run would.
@@ -43,7 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,28 +48,34 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ._io import atomic_save_tensors, atomic_write_text, checked_metadata, config_from_dict
+from ._io import atomic_save_tensors, atomic_write_text, check_fields, checked_metadata, config_from_dict
 from .cameras import Cameras
 from .data.subject import MultiViewSubject, stack_subjects
 from .gaussians import Gaussians, knn, knn_spacing
-from .metrics import image_loss, lpips, mae, psnr, ssim
+from .metrics import psnr
+from .objective import (
+    HOLDOUT_VIEW,
+    StageScores,
+    evaluate_views,
+    head_region,
+    photometric_loss,
+    subject_ids,
+    train_views,
+)
 from .render import Backend, render, resolve_backend
 
 __all__ = [
     "FitConfig", "FitResult", "fit_subjects", "estimate_normals", "sample_point_colors", "init_gaussians",
-    "train_views", "view_for_step", "SHORT_RUN_LRS", "evaluate_views", "support_masks", "region_weights", "Region",
-    "region_loss", "subject_ids",
+    "view_for_step", "SHORT_RUN_LRS", "LONG_RUN_LRS", "SHORT_RUN_STEPS",
 ]
-
-Region = Literal["support", "image"]
 
 CHECKPOINT_JSON = "fit_state.json"
 CHECKPOINT_TENSORS = "fit_state.safetensors"
-_FORMAT = "fastavatar-nb fit checkpoint"
-_RESULT_FORMAT = "fastavatar-nb fits"
+_FORMAT = "fastavatar-nb fit checkpoint v2"
+_RESULT_FORMAT = "fastavatar-nb fits v2"
 _PARAM_NAMES = ("means", "log_scales", "quats", "opacity_logits", "sh0", "shN")
-_METRICS = ("init_train_psnr", "train_psnr", "train_ssim", "heldout_psnr", "heldout_ssim",
-            "train_psnr_image", "heldout_psnr_image")
+_METRICS = ("init_train_psnr", *StageScores.score_names())
+_LR_FIELDS = ("means_lr", "scales_lr", "quats_lr", "opacities_lr", "sh0_lr", "shN_lr")
 
 
 @dataclass
@@ -86,20 +89,22 @@ class FitConfig:
     scene_scale: float = 0.1
     """Scene size in metres (about a head's radius); the means' learning rate is multiplied by it
     and the position regulariser is measured in it."""
-    means_lr: float = 1.6e-4
-    """Adam learning rate of the centres, in units of ``scene_scale`` per step."""
+    means_lr: float | None = None
+    """Adam learning rate of the centres, in units of ``scene_scale`` per step. ``None`` (every
+    learning rate below too): chosen by the run's length, :data:`SHORT_RUN_LRS` for fewer than
+    :data:`SHORT_RUN_STEPS` iterations, else :data:`LONG_RUN_LRS` (gsplat's); see :meth:`learning_rates`."""
     means_lr_final: float = 0.01
     """Factor the means' learning rate decays to (exponentially) by the last step (gsplat)."""
-    scales_lr: float = 5e-3
-    """Learning rate of the log-scales."""
-    quats_lr: float = 1e-3
-    """Learning rate of the (unnormalised) quaternions."""
-    opacities_lr: float = 5e-2
-    """Learning rate of the opacity logits."""
-    sh0_lr: float = 2.5e-3
-    """Learning rate of the SH DC coefficients."""
-    shN_lr: float = 2.5e-3 / 20
-    """Learning rate of the higher SH bands."""
+    scales_lr: float | None = None
+    """Learning rate of the log-scales (``None``: by the run's length)."""
+    quats_lr: float | None = None
+    """Learning rate of the (unnormalised) quaternions (``None``: by the run's length)."""
+    opacities_lr: float | None = None
+    """Learning rate of the opacity logits (``None``: by the run's length)."""
+    sh0_lr: float | None = None
+    """Learning rate of the SH DC coefficients (``None``: by the run's length)."""
+    shN_lr: float | None = None
+    """Learning rate of the higher SH bands (``None``: by the run's length)."""
     sh_degree: int = 3
     """Highest SH band optimised and rendered at the end."""
     sh_degree_interval: int | None = None
@@ -108,15 +113,6 @@ class FitConfig:
     1000 of 30000)."""
     ssim_lambda: float = 0.2
     """Loss ``(1 - ssim_lambda) L1 + ssim_lambda (1 - SSIM)`` on white background."""
-    region: Region = "support"
-    """Pixels in the loss and metrics: ``"support"`` = background plus the foreground the points
-    cover (:func:`support_masks`), ``"image"`` = all."""
-    support_scale: float = 1.0
-    """Gaussian scale (times the clamped point spacing) used to draw the support region."""
-    unsupported_alpha_weight: float = 0.1
-    """With ``region="support"``: weight of the mean rendered alpha over the foreground pixels well
-    outside the support (region weight < 0.02: the shirt). The image loss does not see those pixels,
-    so without this term Gaussians at the collar grow into them as streaks; 0 disables it."""
     position_reg_weight: float = 1.0
     """Weight of ``mean_k |mu_k - anchor_k|^2 / scene_scale^2`` (per subject) keeping Gaussians near
     their corresponded anchor points; 0 disables it."""
@@ -129,8 +125,9 @@ class FitConfig:
     """Initial scale along the normal relative to the in-surface scale (flat discs on the surface)."""
     normal_neighbours: int = 16
     """Neighbours used to estimate point normals (PCA)."""
-    holdout_view: int | None = 8
-    """View index excluded from training and evaluated (NeRSemble's val camera 8); ``None``: train on all."""
+    holdout_view: int | None = HOLDOUT_VIEW
+    """View index excluded from training and evaluated (:data:`~fastavatar_nb.objective.HOLDOUT_VIEW`);
+    ``None``: train on all."""
     evaluate: bool = True
     """Measure PSNR/SSIM of every training view before and after fitting and of the held-out view
     (about ``2 C`` extra renders per subject); ``False`` leaves the metrics NaN (benchmarks)."""
@@ -144,23 +141,10 @@ class FitConfig:
 
     def validate(self) -> FitConfig:
         """Raise ``ValueError`` naming the first bad field; returns ``self``."""
-        for name in ("iterations", "batch_size", "normal_neighbours", "checkpoint_every", "tile_size"):
-            v = getattr(self, name)
-            if name == "tile_size" and v is None:
-                continue
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"FitConfig.{name} must be a positive int, got {v!r}")
-        if self.region not in ("support", "image"):
-            raise ValueError(f"FitConfig.region must be 'support' or 'image', got {self.region!r}")
-        for name in ("scene_scale", "means_lr_final", "init_scale", "init_thickness", "support_scale"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"FitConfig.{name} must be a positive number, got {v!r}")
-        for name in ("means_lr", "scales_lr", "quats_lr", "opacities_lr", "sh0_lr", "shN_lr", "position_reg_weight",
-                     "unsupported_alpha_weight"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"FitConfig.{name} must be a non-negative number, got {v!r}")
+        check_fields(self, positive_int=("iterations", "batch_size", "normal_neighbours", "checkpoint_every",
+                                         "tile_size"),
+                     positive=("scene_scale", "means_lr_final", "init_scale", "init_thickness"),
+                     non_negative=(*_LR_FIELDS, "position_reg_weight"), optional=(*_LR_FIELDS, "tile_size"))
         if not 0.0 <= self.ssim_lambda <= 1.0:
             raise ValueError(f"FitConfig.ssim_lambda must be in [0, 1], got {self.ssim_lambda!r}")
         if not 0.0 < self.init_opacity < 1.0:
@@ -179,11 +163,19 @@ class FitConfig:
         interval = self.sh_degree_interval or max(1, self.iterations // (self.sh_degree + 2))
         return min(step // interval, self.sh_degree)
 
+    def learning_rates(self) -> dict[str, float]:
+        """The six learning rates this config trains with: each field that is set, else the default
+        for the run's length (:data:`SHORT_RUN_LRS` below :data:`SHORT_RUN_STEPS` iterations,
+        :data:`LONG_RUN_LRS` from there on), so a short run never gets rates tuned for 30,000 steps."""
+        defaults = SHORT_RUN_LRS if self.iterations < SHORT_RUN_STEPS else LONG_RUN_LRS
+        return {name: float(defaults[name] if getattr(self, name) is None else getattr(self, name))
+                for name in _LR_FIELDS}
+
     def means_lr_at(self, step: int) -> float:
         """Absolute learning rate of the means at ``step``: ``means_lr * scene_scale`` decaying
         exponentially to ``means_lr_final`` times that at the last step."""
         frac = step / max(1, self.iterations - 1)
-        return self.means_lr * self.scene_scale * self.means_lr_final ** frac
+        return self.learning_rates()["means_lr"] * self.scene_scale * self.means_lr_final ** frac
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -191,12 +183,10 @@ class FitConfig:
     @staticmethod
     def for_preset(preset: Any, **overrides: Any) -> FitConfig:
         """The config for a :class:`~fastavatar_nb.presets.Preset`: its ``fit_iterations``,
-        ``fit_batch_size`` and ``seed``; runs shorter than 1,000 steps use :data:`SHORT_RUN_LRS`
-        (gsplat's rates are tuned for 30,000 steps). ``overrides`` replace any field."""
+        ``fit_batch_size`` and ``seed``; the learning rates follow the run's length (also when
+        ``iterations`` is overridden: :meth:`learning_rates`). ``overrides`` replace any field."""
         kw: dict[str, Any] = {"iterations": preset.fit_iterations, "batch_size": preset.fit_batch_size,
                               "seed": preset.seed}
-        if preset.fit_iterations < 1000:
-            kw.update(SHORT_RUN_LRS)
         kw.update(overrides)
         return FitConfig(**kw).validate()
 
@@ -205,8 +195,16 @@ class FitConfig:
         return config_from_dict(FitConfig, d)
 
 
-SHORT_RUN_LRS: dict[str, float] = {"means_lr": 1e-2, "scales_lr": 5e-2, "quats_lr": 1e-2, "sh0_lr": 5e-2,
-                                   "shN_lr": 2.5e-3}
+SHORT_RUN_STEPS = 1000
+"""Runs with fewer iterations than this use :data:`SHORT_RUN_LRS`, longer ones :data:`LONG_RUN_LRS`."""
+
+LONG_RUN_LRS: dict[str, float] = {"means_lr": 1.6e-4, "scales_lr": 5e-3, "quats_lr": 1e-3, "opacities_lr": 5e-2,
+                                  "sh0_lr": 2.5e-3, "shN_lr": 2.5e-3 / 20}
+"""gsplat ``simple_trainer``'s learning rates (tuned for 30,000 steps), for runs of thousands of steps
+(the full preset's 5,000)."""
+
+SHORT_RUN_LRS: dict[str, float] = {**LONG_RUN_LRS, "means_lr": 1e-2, "scales_lr": 5e-2, "quats_lr": 1e-2,
+                                   "sh0_lr": 5e-2, "shN_lr": 2.5e-3}
 """Learning rates for runs of a few hundred steps (the smoke preset), found by a sweep on the
 synthetic heads at 69x101, K = 2,500, 100 steps: training-view PSNR 28.7 dB against 23.8 dB
 with gsplat's rates (which assume 30,000 steps)."""
@@ -322,44 +320,7 @@ def _clamped_spacing(points: Tensor) -> Tensor:
     return torch.minimum(sp, 3.0 * sp.median(dim=-1, keepdim=True).values)
 
 
-@torch.no_grad()
-def support_masks(points: Tensor, cameras: Cameras, scale: float = 1.5, backend: Backend = "auto",
-                  tile_size: int | None = None) -> Tensor:
-    """The image region a set of corresponded points can explain, per view.
-
-    Renders opaque isotropic Gaussians at the points (scale ``scale`` times the clamped point
-    spacing) and maps their accumulated alpha to ``clamp((alpha - 0.25) / 0.5, 0, 1)``: 1 where
-    the points sample the surface densely, 0 where they do not (e.g. shoulders below FLAME's
-    neck, or a neck the jaw points only graze), a soft edge in between.
-
-    Args:
-        points: ``[K, 3]`` or ``[S, K, 3]``; cameras: ``[C]`` or ``[S, C]`` matching.
-
-    Returns:
-        ``[..., C, H, W]`` weights in [0, 1].
-    """
-    g = Gaussians.from_points(points, scale=scale * _clamped_spacing(points), opacity=0.99)
-    alpha = render(g, cameras, background=None, backend=backend, sh_degree=0, tile_size=tile_size).alphas
-    return ((alpha - 0.25) / 0.5).clamp(0.0, 1.0)
-
-
-def region_weights(masks: Tensor, support: Tensor) -> Tensor:
-    """Loss/metric weights ``1 - mask * (1 - support)``: background and supported foreground count."""
-    return 1.0 - masks * (1.0 - support)
-
-
 # ------------------------------------------------------------------------------- view schedule
-def train_views(num_views: int, holdout_view: int | None) -> list[int]:
-    """Training view indices: every view except ``holdout_view``."""
-    if holdout_view is not None and holdout_view >= num_views:
-        raise ValueError(f"holdout_view {holdout_view} does not exist for a subject with {num_views} views; "
-                         "set FitConfig.holdout_view=None to train on every view")
-    views = [c for c in range(num_views) if c != holdout_view]
-    if not views:
-        raise ValueError(f"no training views left: {num_views} views, holdout_view {holdout_view}")
-    return views
-
-
 def view_for_step(seed: int, subject_index: int, step: int, num_train_views: int) -> int:
     """Position in the training-view list that subject ``subject_index`` renders at ``step``.
 
@@ -371,38 +332,9 @@ def view_for_step(seed: int, subject_index: int, step: int, num_train_views: int
     return int(rng.permutation(num_train_views)[pos])
 
 
-def region_loss(colors: Tensor, alphas: Tensor, gt: Tensor, weights: Tensor | None, l1_weight: float,
-                ssim_weight: float, unsupported_alpha_weight: float = 0.0,
-                lpips_weight: float = 0.0) -> dict[str, Tensor]:
-    """The photometric loss of a render over a region of the image (fitting and the decoder share it).
-
-    Pixels with weight 0 show the ground truth in the prediction (so neither L1 nor SSIM sees
-    them), weight 1 the render, soft weights a blend. On foreground pixels well outside the
-    region (weight < 0.02, e.g. the shirt) ``unsupported_alpha_weight`` times the mean rendered
-    alpha is added, so Gaussians are not free to grow into what the loss cannot see.
-
-    Args:
-        colors: ``[..., H, W, 3]`` render on the same background as ``gt``; alphas: ``[..., H, W]``.
-        gt: ``[..., H, W, 3]``; weights: ``[..., H, W]`` (:func:`region_weights`) or ``None`` (all pixels).
-        l1_weight, ssim_weight, lpips_weight: see :func:`fastavatar_nb.metrics.image_loss`.
-
-    Returns:
-        :func:`~fastavatar_nb.metrics.image_loss`'s dict of ``[...]`` terms, with ``"total"``
-        including the alpha term.
-    """
-    pred = colors
-    if weights is not None:  # pixels outside the region show the ground truth: no loss there
-        pred = weights[..., None] * colors + (1.0 - weights[..., None]) * gt
-    terms = image_loss(pred, gt, l1_weight, ssim_weight, lpips_weight)
-    if weights is not None and unsupported_alpha_weight > 0:
-        unsupported = (weights < 0.02).to(alphas.dtype)  # only foreground pixels have weights < 1
-        terms["total"] = terms["total"] + unsupported_alpha_weight * (alphas * unsupported).mean((-2, -1))
-    return terms
-
-
 # ----------------------------------------------------------------------------------- results
 @dataclass
-class FitResult:
+class FitResult(StageScores):
     """Fits of S subjects and how good they are.
 
     Attributes:
@@ -410,10 +342,9 @@ class FitResult:
         gaussians: fitted Gaussians ``[S, K, ...]``.
         anchors: ``[S, K, 3]`` the corresponded points each fit started from.
         init_train_psnr: ``[S]`` mean PSNR over the training views of the initial Gaussians.
-        train_psnr, train_ssim: ``[S]`` means over the training views after fitting, over the
-            pixels of ``config.region``.
-        heldout_psnr, heldout_ssim: ``[S]`` on the held-out view (NaN without one), same region.
-        train_psnr_image, heldout_psnr_image: ``[S]`` the same PSNRs over every pixel.
+        train_psnr, train_ssim, heldout_psnr, heldout_ssim, heldout_psnr_head: ``[S]`` whole-image
+            scores after fitting (:class:`~fastavatar_nb.objective.StageScores`).
+        init_train_psnr: ``[S]`` mean PSNR over the training views of the initial Gaussians.
         loss_history, psnr_history: ``[S, iterations]`` training loss and PSNR of the view
             rendered at each step.
         config: the :class:`FitConfig` used.
@@ -425,12 +356,6 @@ class FitResult:
     gaussians: Gaussians
     anchors: Tensor
     init_train_psnr: Tensor
-    train_psnr: Tensor
-    train_ssim: Tensor
-    heldout_psnr: Tensor
-    heldout_ssim: Tensor
-    train_psnr_image: Tensor
-    heldout_psnr_image: Tensor
     loss_history: Tensor
     psnr_history: Tensor
     config: FitConfig
@@ -450,7 +375,8 @@ class FitResult:
                 "p95_mm": torch.quantile(d, 0.95, dim=-1), "max_mm": d.amax(-1)}
 
     def table(self) -> list[dict[str, float | str]]:
-        """One row per subject: ids, PSNR/SSIM (train and held-out), initial PSNR and drift."""
+        """One row per subject: ids, whole-image PSNR/SSIM (train and held-out), the held-out head
+        PSNR, initial PSNR and drift."""
         ds = self.drift_stats()
         rows = []
         for i, sid in enumerate(self.subject_ids):
@@ -459,8 +385,7 @@ class FitResult:
                 "init_train_psnr": float(self.init_train_psnr[i]),
                 "train_psnr": float(self.train_psnr[i]), "train_ssim": float(self.train_ssim[i]),
                 "heldout_psnr": float(self.heldout_psnr[i]), "heldout_ssim": float(self.heldout_ssim[i]),
-                "train_psnr_image": float(self.train_psnr_image[i]),
-                "heldout_psnr_image": float(self.heldout_psnr_image[i]),
+                "heldout_psnr_head": float(self.heldout_psnr_head[i]),
                 "drift_mean_mm": float(ds["mean_mm"][i]), "drift_p95_mm": float(ds["p95_mm"][i]),
             })
         return rows
@@ -496,50 +421,6 @@ class FitResult:
         )
 
 
-# -------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate_views(gaussians: Gaussians, images: Tensor, cameras: Cameras, views: Sequence[int],
-                   weights: Tensor | None = None, backend: Backend = "auto", sh_degree: int = 3,
-                   views_per_render: int = 4, tile_size: int | None = None,
-                   with_lpips: bool = False) -> dict[str, Tensor]:
-    """PSNR, SSIM and MAE (and LPIPS) of batched fits on the given views (white background).
-
-    Args:
-        gaussians: ``[S, K, ...]``; images: ``[S, C, H, W, 3]``; cameras: ``[S, C]``.
-        views: view indices to evaluate.
-        weights: optional ``[S, C, H, W]`` pixel weights (e.g. :func:`region_weights`) for
-            ``psnr`` and ``ssim``.
-
-        with_lpips: also ``lpips`` (AlexNet, every pixel); raises
-            :class:`~fastavatar_nb.metrics.LpipsUnavailableError` where its weights are missing.
-
-    Returns:
-        Dict of ``[S, V]`` per-view values: ``psnr``, ``ssim`` and ``mae`` (weighted by ``weights``;
-        SSIM with 11-pixel Gaussian windows, 'valid'), ``psnr_image`` (every pixel) and, if asked,
-        ``lpips``.
-    """
-    out: dict[str, list[Tensor]] = {"psnr": [], "ssim": [], "mae": [], "psnr_image": []}
-    if with_lpips:
-        out["lpips"] = []
-    vs = list(views)
-    H, W = images.shape[-3:-1]
-    pad = "valid" if min(H, W) >= 11 else "same"
-    for i in range(0, len(vs), views_per_render):
-        v = torch.tensor(vs[i:i + views_per_render], device=images.device)
-        cams = Cameras(cameras.viewmats[:, v], cameras.Ks[:, v], cameras.width, cameras.height)
-        r = render(gaussians, cams, background=1.0, backend=backend, sh_degree=sh_degree, tile_size=tile_size)
-        pred = r.colors.clamp(0, 1)
-        gt = images[:, v]
-        w = None if weights is None else weights[:, v]
-        out["psnr"].append(psnr(pred, gt, mask=w))
-        out["ssim"].append(ssim(pred, gt, padding=pad, mask=w))
-        out["mae"].append(mae(pred, gt, mask=w))
-        out["psnr_image"].append(psnr(pred, gt))
-        if with_lpips:
-            out["lpips"].append(lpips(pred, gt))
-    return {k: torch.cat(v, 1) for k, v in out.items()}
-
-
 # ----------------------------------------------------------------------------------- fitting
 class _Checkpoint:
     """A checkpoint folder: ``fit_state.json`` + ``fit_state.safetensors``."""
@@ -561,25 +442,14 @@ class _Checkpoint:
         except json.JSONDecodeError as e:
             raise ValueError(f"{self.json}: not valid JSON ({e}); pass overwrite=True to start afresh") from e
         if state.get("format") != _FORMAT:
-            raise ValueError(f"{self.json} is not a fit checkpoint (format {state.get('format')!r}); "
-                             "choose another folder or pass overwrite=True")
+            raise ValueError(f"{self.json} is not a fit checkpoint of this version (format {state.get('format')!r}, "
+                             f"expected {_FORMAT!r}); choose another folder or pass overwrite=True")
         return state, load_file(str(self.tensors))
 
     def save(self, state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_save_tensors(tensors, self.tensors, {"format": _FORMAT})
         atomic_write_text(self.json, json.dumps({"format": _FORMAT, **state}, indent=1))
-
-
-def subject_ids(subjects: Sequence[MultiViewSubject], caller: str = "fit_subjects") -> list[str]:
-    """The ids of a list or dataset of subjects (a dataset's ``subject_ids`` without loading it);
-    repeated ids raise ``ValueError`` naming ``caller`` and the repeats."""
-    ids = getattr(subjects, "subject_ids", None)
-    ids = list(ids) if ids is not None else [s.subject_id for s in subjects]
-    dup = sorted({s for s in ids if ids.count(s) > 1})
-    if dup:
-        raise ValueError(f"{caller}: subject ids must be unique, repeated: {dup}")
-    return ids
 
 
 def _split_params(g: Gaussians) -> dict[str, Tensor]:
@@ -592,8 +462,9 @@ def _join_params(p: dict[str, Tensor]) -> Gaussians:
 
 
 def _make_optimizer(params: dict[str, Tensor], config: FitConfig) -> torch.optim.Adam:
-    lrs = {"means": config.means_lr_at(0), "log_scales": config.scales_lr, "quats": config.quats_lr,
-           "opacity_logits": config.opacities_lr, "sh0": config.sh0_lr, "shN": config.shN_lr}
+    r = config.learning_rates()
+    lrs = {"means": config.means_lr_at(0), "log_scales": r["scales_lr"], "quats": r["quats_lr"],
+           "opacity_logits": r["opacities_lr"], "sh0": r["sh0_lr"], "shN": r["shN_lr"]}
     # eps as in gsplat: tiny, so steps are normalised even for faint gradients
     return torch.optim.Adam([{"params": [params[n]], "lr": lrs[n], "name": n} for n in _PARAM_NAMES], eps=1e-15)
 
@@ -625,7 +496,8 @@ def _load_optimizer(opt: torch.optim.Adam, tensors: dict[str, Tensor], device: t
 def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None = None, backend: Backend = "auto",
                  device: torch.device | str | None = None, checkpoint: str | os.PathLike | None = None,
                  overwrite: bool = False, progress: bool = True,
-                 callback: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+                 callback: Callable[[dict[str, Any]], None] | None = None,
+                 subject_indices: Sequence[int] | None = None) -> FitResult:
     """Fit K corresponded Gaussians to each subject (fixed K, no densification or pruning).
 
     Args:
@@ -643,6 +515,12 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
             ``iterations``, ``batch_start`` (index of the batch's first subject), ``subject_ids``,
             ``loss``, ``l1``, ``ssim``, ``psnr`` (``[S_batch]`` tensors for the rendered views) and
             ``sh_degree``.
+        subject_indices: the index of each subject in a larger list it was taken from, used by
+            the view schedule (:func:`view_for_step`) instead of its position in ``subjects``;
+            default ``0 .. S-1``. A part of that list made of whole batches of ``batch_size`` (only
+            the list's last batch may be short, and only at the end) is then fitted exactly as in
+            the whole list: :mod:`fastavatar_nb.distributed` fits such shards on many GPUs. Stored in
+            the checkpoint (when not the default) and checked on resume.
 
     Returns:
         A :class:`FitResult`.
@@ -650,10 +528,15 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
     from tqdm.auto import tqdm
 
     config = (config or FitConfig()).validate()
-    ids = subject_ids(subjects)
+    ids = subject_ids(subjects, "fit_subjects")
     n = len(ids)
     if n == 0:
         raise ValueError("fit_subjects: no subjects given")
+    sched = list(range(n)) if subject_indices is None else [int(i) for i in subject_indices]
+    if len(sched) != n or len(set(sched)) != n or min(sched) < 0:
+        raise ValueError(f"fit_subjects: subject_indices must be {n} distinct indices >= 0 (one per subject), "
+                         f"got {list(subject_indices or [])!r}")
+    shard = {} if sched == list(range(n)) else {"subject_indices": sched}  # in checkpoints of a shard only
     dev = torch.device(device) if device is not None else subjects[0].device
     backend_name = resolve_backend(backend, dev)
     T, bs = config.iterations, config.batch_size
@@ -668,7 +551,8 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
                 p.unlink(missing_ok=True)
         else:
             st, saved = ckpt.load()
-            if st.get("config") != json.loads(config.to_json()) or st.get("subject_ids") != ids:
+            if (st.get("config") != json.loads(config.to_json()) or st.get("subject_ids") != ids
+                    or st.get("subject_indices") != shard.get("subject_indices")):
                 raise ValueError(
                     f"{ckpt.folder} holds a checkpoint of another fit (different config or subjects); "
                     "use another folder or pass overwrite=True to discard it")
@@ -688,7 +572,7 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
     def save(cur: dict[str, Tensor] | None, opt: torch.optim.Adam | None, seconds: float) -> None:
         if ckpt is None:
             return
-        ckpt.save({"config": json.loads(config.to_json()), "subject_ids": ids, "num_done": state["num_done"],
+        ckpt.save({"config": json.loads(config.to_json()), "subject_ids": ids, **shard, "num_done": state["num_done"],
                    "batch_start": state["batch_start"], "step": state["step"], "seconds": seconds,
                    "backend": backend_name,
                    "view_schedule": "numpy default_rng(SeedSequence([seed, subject_index, epoch])).permutation",
@@ -712,10 +596,6 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
                 raise ValueError(f"fit_subjects: subjects changed while fitting (expected {[ids[i] for i in idx]}, got {got})")
             images, masks, cams, anchors = stack_subjects(batch)
             S, C = images.shape[:2]
-            weights = None
-            if config.region == "support":
-                weights = region_weights(masks, support_masks(anchors, cams, config.support_scale, backend_name,
-                                                              config.tile_size))
             tv = train_views(C, config.holdout_view)
             resuming = state["batch_start"] == b0 and "cur.means" in saved
             if resuming:
@@ -735,20 +615,19 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
                         grp["lr"] = config.means_lr_at(step0)
             nan = torch.full((S,), float("nan"), device=dev)
             init_psnr = (saved["cur.init_train_psnr"].to(dev) if resuming and "cur.init_train_psnr" in saved
-                         else nan if not config.evaluate else evaluate_views(_join_params(params).detach(), images, cams, tv, weights, backend_name,
-                                             0, tile_size=config.tile_size)["psnr"].mean(1))
+                         else nan if not config.evaluate else evaluate_views(
+                             _join_params(params).detach(), images, cams, tv, backend=backend_name, sh_degree=0,
+                             tile_size=config.tile_size)["psnr"].mean(1))
             state["batch_start"] = b0
             ar = torch.arange(S, device=dev)
             for step in range(step0, T):
-                pos = torch.tensor([tv[view_for_step(config.seed, i, step, len(tv))] for i in idx], device=dev)
+                pos = torch.tensor([tv[view_for_step(config.seed, sched[i], step, len(tv))] for i in idx], device=dev)
                 cam = Cameras(cams.viewmats[ar, pos][:, None], cams.Ks[ar, pos][:, None], cams.width, cams.height)
                 gt = images[ar, pos][:, None]                                    # [S, 1, H, W, 3]
                 deg = config.degree_at(step)
                 out = render(_join_params(params), cam, background=1.0, backend=backend_name, sh_degree=deg,
                              tile_size=config.tile_size)
-                w = None if weights is None else weights[ar, pos][:, None]
-                terms = region_loss(out.colors, out.alphas, gt, w, 1.0 - config.ssim_lambda, config.ssim_lambda,
-                                    config.unsupported_alpha_weight)
+                terms = photometric_loss(out.colors, gt, None, 1.0 - config.ssim_lambda, config.ssim_lambda)
                 reg = ((params["means"] - anchors) ** 2).sum(-1).mean(-1) / config.scene_scale ** 2  # [S]
                 loss = terms["total"][:, 0] + config.position_reg_weight * reg
                 opt.zero_grad(set_to_none=True)
@@ -758,7 +637,7 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
                     if grp["name"] == "means":
                         grp["lr"] = config.means_lr_at(step + 1)
                 with torch.no_grad():
-                    p = psnr(out.colors.detach().clamp(0, 1), gt, mask=w)[:, 0]
+                    p = psnr(out.colors.detach().clamp(0, 1), gt)[:, 0]
                 hist_loss[idx, step] = loss.detach().cpu()
                 hist_psnr[idx, step] = p.cpu()
                 state["step"] = step + 1
@@ -775,19 +654,19 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
             # ---- evaluate this batch and move it to the finished fits
             fitted = _join_params({k: v.detach() for k, v in params.items()})
             if config.evaluate:
-                tr = evaluate_views(fitted, images, cams, tv, weights, backend_name, config.sh_degree,
+                tr = evaluate_views(fitted, images, cams, tv, backend=backend_name, sh_degree=config.sh_degree,
                                     tile_size=config.tile_size)
             else:
-                tr = {k: nan[:, None] for k in ("psnr", "ssim", "psnr_image")}
+                tr = {k: nan[:, None] for k in ("psnr", "ssim")}
             if config.holdout_view is not None and config.evaluate:
-                ho = evaluate_views(fitted, images, cams, [config.holdout_view], weights, backend_name,
-                                    config.sh_degree, tile_size=config.tile_size)
+                ho = evaluate_views(fitted, images, cams, [config.holdout_view], head_region(masks, cams),
+                                    backend_name, config.sh_degree, tile_size=config.tile_size)
             else:
-                ho = {k: torch.full((S, 1), float("nan"), device=dev) for k in tr}
+                ho = {k: torch.full((S, 1), float("nan"), device=dev) for k in ("psnr", "ssim", "psnr_head")}
             new = {**{f"g.{k}": v for k, v in fitted.parameters().items()}, "anchors": anchors,
                    "init_train_psnr": init_psnr, "train_psnr": tr["psnr"].mean(1), "train_ssim": tr["ssim"].mean(1),
                    "heldout_psnr": ho["psnr"][:, 0], "heldout_ssim": ho["ssim"][:, 0],
-                   "train_psnr_image": tr["psnr_image"].mean(1), "heldout_psnr_image": ho["psnr_image"][:, 0]}
+                   "heldout_psnr_head": ho["psnr_head"][:, 0]}
             for k, v in new.items():
                 v = v.detach().cpu()
                 done[k] = torch.cat([done[k], v]) if k in done else v

@@ -50,17 +50,17 @@ def prepare_dataset(preset: Preset, progress: bool = True) -> Path:
 
     Generates the subjects that are missing (existing ones are checked, never overwritten:
     see :func:`fastavatar_nb.data.synthetic.generate_dataset`) and writes the split by subject
-    (``preset.num_test_subjects`` test subjects, chosen by the preset's seed) unless the folder
-    already has one.
+    (``preset.num_test_subjects`` test and ``preset.num_val_subjects`` val subjects, chosen by the
+    preset's seed) unless the folder already has one.
     """
     root = preset.run_dir / "dataset"
     paths = synthetic.generate_dataset(root, num_subjects=preset.num_subjects, seed=preset.seed,
                                        width=preset.image_width, height=preset.image_height,
                                        num_points=preset.num_gaussians, device=preset.torch_device, progress=progress)
     if not (root / "split.json").exists():
-        train_ids, test_ids = split_subjects([p.name for p in paths], num_test=preset.num_test_subjects,
-                                             seed=preset.seed)
-        write_split(root, train_ids, test_ids)
+        train_ids, val_ids, test_ids = split_subjects([p.name for p in paths], num_test=preset.num_test_subjects,
+                                                      seed=preset.seed, num_val=preset.num_val_subjects)
+        write_split(root, train_ids, test_ids, val_ids)
     return root
 
 

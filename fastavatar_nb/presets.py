@@ -9,10 +9,12 @@ backend, the seed, and the run folder where artifacts go. Notebooks start with::
 
 Names:
 
-- ``"smoke"``: CPU, pure-PyTorch renderer, a dozen small subjects. Minutes on a laptop;
-  used by CI (``make test``) and Binder.
-- ``"full"``: CUDA, gsplat renderer, paper scale (417 subjects, K = 10,144, 5,000 fit
-  iterations, 300 refinement iterations).
+- ``"smoke"``: CPU, pure-PyTorch renderer, 14 small subjects (10 train / 2 val / 2 test).
+  Minutes on a laptop; used by CI (``make test``) and Binder.
+- ``"full"``: CUDA, gsplat renderer (the torch renderer on CUDA, with a warning saying why, where
+  gsplat's kernels cannot be built), paper scale (410 training subjects as in the paper, plus 10
+  val and 7 test; K = 12,680 = FLAME's 10,144 + 2,536 bust points, 5,000 fit iterations, 300
+  refinement iterations).
 - ``"auto"``: ``"full"`` when ``torch.cuda.is_available()``, else ``"smoke"``.
 
 Asking for ``"full"`` on a machine without CUDA raises :class:`PresetError`: at paper
@@ -83,15 +85,18 @@ class Preset:
     backend: Backend
     """Renderer backend for ``fastavatar_nb.render.render``: "torch" (any device) or "gsplat" (CUDA)."""
     num_subjects: int
-    """Subjects in the dataset, training and test together."""
+    """Subjects in the dataset: train, val and test together."""
     num_test_subjects: int
-    """Subjects held out for evaluation (never seen by the decoder or encoder training)."""
+    """Subjects held out for the final scores (notebook 07, the README): never trained on, never
+    used to choose anything."""
     image_width: int
     """Width in pixels of every image the stages see (NeRSemble frames are 550 wide)."""
     image_height: int
     """Height in pixels (NeRSemble frames are 802 high)."""
     num_gaussians: int
-    """K, Gaussians per head; the paper's 10,144 is one per face of FLAME-with-teeth."""
+    """K, Gaussians per head: head and neck points plus :func:`~fastavatar_nb.data.bust.num_bust_points`
+    bust points (a fifth of K) over the shoulders the photos show. Full: 12,680 = FLAME's 10,144
+    (one per face of FLAME-with-teeth, the paper's K) + 2,536 bust points."""
     fit_iterations: int
     """Optimisation steps of each per-subject 3DGS fit (template construction)."""
     fit_batch_size: int
@@ -102,6 +107,9 @@ class Preset:
     """Passes over the training subjects when distilling the image encoder to the codes ``w``."""
     refine_iterations: int
     """Test-time refinement steps on the single input view (paper default 300)."""
+    num_val_subjects: int = 0
+    """Validation subjects: never trained on; every choice made by looking at numbers (refinement
+    steps and learning rates, the SVM's C) is made on them."""
     num_views: int = 16
     """Cameras per subject (the NeRSemble rig has 16)."""
     latent_dim: int = 512
@@ -134,21 +142,23 @@ class Preset:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise PresetError(f"Preset {self.name!r}: {name} must be a positive int, got {value!r}")
-        for name in ("decoder_epochs", "encoder_epochs", "refine_iterations", "num_test_subjects", "seed"):
+        for name in ("decoder_epochs", "encoder_epochs", "refine_iterations", "num_test_subjects", "num_val_subjects",
+                     "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise PresetError(f"Preset {self.name!r}: {name} must be a non-negative int, got {value!r}")
-        if self.num_test_subjects >= self.num_subjects:
+        if self.num_test_subjects + self.num_val_subjects >= self.num_subjects:
             raise PresetError(
-                f"Preset {self.name!r}: num_test_subjects ({self.num_test_subjects}) must be smaller than "
-                f"num_subjects ({self.num_subjects}) so that some subjects are left for training"
+                f"Preset {self.name!r}: num_test_subjects ({self.num_test_subjects}) + num_val_subjects "
+                f"({self.num_val_subjects}) must be smaller than num_subjects ({self.num_subjects}) so that some "
+                "subjects are left for training"
             )
         object.__setattr__(self, "run_dir", Path(self.run_dir))
 
     @property
     def num_train_subjects(self) -> int:
-        """Subjects used for the template, the decoder and the encoder."""
-        return self.num_subjects - self.num_test_subjects
+        """Subjects used for the template, the decoder, the encoder and the attribute directions."""
+        return self.num_subjects - self.num_test_subjects - self.num_val_subjects
 
     @property
     def torch_device(self) -> torch.device:
@@ -202,7 +212,7 @@ class Preset:
         """One line for a notebook's setup cell, e.g. ``smoke: 12 subjects (10 train / 2 test) ...``."""
         return (
             f"{self.name}: {self.num_subjects} subjects ({self.num_train_subjects} train / "
-            f"{self.num_test_subjects} test) x {self.num_views} views at {self.image_width}x{self.image_height}, "
+            f"{self.num_val_subjects} val / {self.num_test_subjects} test) x {self.num_views} views at {self.image_width}x{self.image_height}, "
             f"K={self.num_gaussians:,} Gaussians, fit {self.fit_iterations:,} it (batch {self.fit_batch_size}), "
             f"decoder {self.decoder_epochs} ep, encoder {self.encoder_epochs} ep, "
             f"refine {self.refine_iterations} it, device={self.device}, backend={self.backend}, "
@@ -215,8 +225,9 @@ _BASE: dict[str, Preset] = {
         name="smoke",
         device="cpu",
         backend="torch",
-        num_subjects=12,
+        num_subjects=14,
         num_test_subjects=2,
+        num_val_subjects=2,
         image_width=69,
         image_height=100,
         num_gaussians=2_500,
@@ -231,11 +242,12 @@ _BASE: dict[str, Preset] = {
         name="full",
         device="cuda",
         backend="gsplat",
-        num_subjects=417,
+        num_subjects=427,
         num_test_subjects=7,
+        num_val_subjects=10,
         image_width=275,
         image_height=401,
-        num_gaussians=10_144,
+        num_gaussians=12_680,
         fit_iterations=5_000,
         fit_batch_size=16,
         decoder_epochs=400,
@@ -316,6 +328,17 @@ def get(name: str = "auto", *, allow_cpu: bool | None = None, **overrides: Any) 
             stacklevel=2,
         )
         preset = preset.replace(device="cpu", backend="torch")
+    if preset.backend == "gsplat" and cuda:
+        from .render.gsplat_backend import gsplat_status
+
+        ok, why = gsplat_status()  # builds gsplat's kernels on first use (minutes), then cached
+        if not ok:
+            warnings.warn(
+                f"Preset {key!r}: gsplat cannot run here ({why}); using the torch backend on CUDA instead "
+                "(the same renders, slower). `make gpu-check` installs nvcc and builds gsplat's kernels.",
+                stacklevel=2,
+            )
+            preset = preset.replace(backend="torch")
     run_dir_env = os.environ.get(RUN_DIR_ENV, "").strip()
     if "run_dir" in overrides:
         run_dir = Path(overrides["run_dir"]).expanduser()

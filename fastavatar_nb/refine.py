@@ -17,9 +17,15 @@ Only one view constrains the head, so the other views can get worse while the in
 better: notebook 06 measures both, and :func:`refine_views` runs the paper's protocol (one
 refinement per input view).
 
+Only the photo and its camera are used: no 3D points, masks or other views of the subject
+(those are for scoring only). The loss covers every pixel of a photo on white, the same objective
+as decoder training; :func:`refine` checks the photo's background
+(:func:`~fastavatar_nb.objective.check_on_white`) and refuses another one unless ``weights``
+say which pixels the loss may see.
+
 Shapes: a code is ``[latent_dim]``, a head ``[K, ...]``; the input view is an image
-``[H, W, 3]`` in [0, 1] on white with its camera (``Cameras`` of one view) and optional loss
-weights ``[H, W]`` (:func:`input_view` makes all three from a subject).
+``[H, W, 3]`` in [0, 1] on white with its camera (``Cameras`` of one view); :func:`input_view`
+takes both from a subject.
 """
 
 from __future__ import annotations
@@ -27,7 +33,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,13 +41,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._io import config_from_dict
+from ._io import check_fields, config_from_dict
 from .cameras import Cameras
 from .data.subject import MultiViewSubject
 from .decoder import DecoderResult, apply_residuals, residual_penalty
-from .fitting import Region, region_loss, region_weights, support_masks
 from .gaussians import Gaussians
 from .metrics import lpips_available, psnr
+from .objective import check_on_white, photometric_loss
 from .render import Backend, render, resolve_backend
 
 __all__ = ["Schedule", "RefineConfig", "RefineResult", "input_view", "refine", "refine_views"]
@@ -56,8 +61,8 @@ class RefineConfig:
 
     The loss is the decoder's own (its :class:`~fastavatar_nb.decoder.DecoderConfig`: L1, SSIM
     and LPIPS weights, the residual penalties, SH degree and tile size), as in the paper and the
-    authors' code ("same image loss"); the pixels it covers are the ``weights`` given to
-    :func:`refine` (:func:`input_view` makes the decoder's region, or every pixel).
+    authors' code ("same image loss"), over every pixel of the photo (or the ``weights`` given to
+    :func:`refine`).
     """
 
     steps: int = 50
@@ -89,10 +94,7 @@ class RefineConfig:
                              f"got {self.schedule!r}")
         if not (isinstance(self.code_fraction, (int, float)) and 0 <= self.code_fraction <= 1):
             raise ValueError(f"RefineConfig.code_fraction must be in [0, 1], got {self.code_fraction!r}")
-        for name in ("code_lr", "decoder_lr", "embeddings_lr", "grad_clip"):
-            v = getattr(self, name)
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-                raise ValueError(f"RefineConfig.{name} must be a non-negative number, got {v!r}")
+        check_fields(self, non_negative=("code_lr", "decoder_lr", "embeddings_lr", "grad_clip"))
         return self
 
     @property
@@ -156,24 +158,13 @@ class RefineResult:
     seconds: float
 
 
-def input_view(subject: MultiViewSubject, view: int, region: Region = "support", support_scale: float = 1.0,
-               backend: Backend = "auto") -> tuple[Tensor, Cameras, Tensor | None]:
-    """``(image [H, W, 3], camera, weights [H, W] or None)`` of one view of a subject, for :func:`refine`.
-
-    The weights are the loss region of fitting and decoder training (``region="support"``:
-    background plus the head the subject's points cover); ``"image"`` gives ``None`` (every pixel).
-    """
+def input_view(subject: MultiViewSubject, view: int) -> tuple[Tensor, Cameras]:
+    """``(image [H, W, 3], camera)`` of one view of a subject: what :func:`refine` gets at test time
+    (the photo and its camera, nothing else of the subject)."""
     if not 0 <= view < subject.num_views:
         raise ValueError(f"input_view: view {view} does not exist ({subject.subject_id} has {subject.num_views} "
                          "views)")
-    if region not in ("support", "image"):
-        raise ValueError(f"input_view: region must be 'support' or 'image', got {region!r}")
-    cam = subject.cameras[[view]]
-    weights = None
-    if region == "support":
-        weights = region_weights(subject.masks[[view]], support_masks(subject.points, cam, support_scale,
-                                                                      backend))[0]
-    return subject.images[view], cam, weights
+    return subject.images[view], subject.cameras[[view]]
 
 
 def _check_inputs(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
@@ -190,6 +181,14 @@ def _check_inputs(avatars: DecoderResult, code: Tensor, image: Tensor, camera: C
     if image.shape != (camera.height, camera.width, 3):
         raise ValueError(f"refine: image must be [H, W, 3] = [{camera.height}, {camera.width}, 3] to match the "
                          f"camera, got {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise TypeError(f"refine: image must be float in [0, 1], got dtype {image.dtype} (divide uint8 photos by 255)")
+    if not torch.isfinite(image).all():
+        raise ValueError("refine: image has NaN/inf pixels")
+    lo, hi = float(image.min()), float(image.max())
+    if lo < 0 or hi > 1:
+        hint = " (it looks like 0..255: divide by 255)" if hi > 1.5 else ""
+        raise ValueError(f"refine: image must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]{hint}")
     if weights is not None and weights.shape != image.shape[:2]:
         raise ValueError(f"refine: weights must be [H, W] = {tuple(image.shape[:2])}, got {tuple(weights.shape)}")
 
@@ -207,7 +206,8 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
         avatars: the trained decoder (its template, embeddings and MLP; none of them is changed).
         code: ``[latent_dim]`` the starting code (the encoder's prediction).
         image: ``[H, W, 3]`` the input photo in [0, 1] on white; camera: its ``Cameras`` ``[1]``.
-        weights: ``[H, W]`` loss weights (``None``: every pixel); see :func:`input_view`.
+        weights: ``[H, W]`` loss weights in [0, 1]. ``None`` (the rule for a photo on white): every
+            pixel, after :func:`~fastavatar_nb.objective.check_on_white` has checked the background.
         config: settings (default :class:`RefineConfig`).
         backend: renderer backend; progress: show a tqdm bar.
         callback: called after every step with ``step``, ``steps``, ``loss``, ``psnr`` (of the
@@ -215,6 +215,9 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
 
     Returns:
         A :class:`RefineResult`.
+
+    Raises:
+        NotOnWhiteError: ``weights`` is ``None`` and the photo is not on white.
     """
     from tqdm.auto import tqdm
 
@@ -228,6 +231,8 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
     camera = camera.to(dev)
     weights = None if weights is None else weights.to(dev)
     _check_inputs(avatars, code, image, camera, weights)
+    if weights is None:
+        check_on_white(image, "refine: the input photo")
     backend_name = resolve_backend(backend, dev)
 
     decoder = copy.deepcopy(avatars.decoder).to(dev)
@@ -265,8 +270,7 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
             res, head = forward()
             out = render(head, camera, background=1.0, backend=backend_name, sh_degree=dcfg.sh_degree,
                          tile_size=dcfg.tile_size)
-            terms = region_loss(out.colors[None], out.alphas[None], gt, wt, dcfg.l1_weight, dcfg.ssim_weight,
-                                dcfg.unsupported_alpha_weight, dcfg.lpips_weight)
+            terms = photometric_loss(out.colors[None], gt, wt, dcfg.l1_weight, dcfg.ssim_weight, dcfg.lpips_weight)
             total = terms["total"].mean() + residual_penalty(res, dcfg)
             code_opt.zero_grad(set_to_none=True)
             mlp_opt.zero_grad(set_to_none=True)
@@ -304,15 +308,16 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
 
 
 def refine_views(avatars: DecoderResult, subject: MultiViewSubject, codes: Tensor, views: Sequence[int],
-                 config: RefineConfig | None = None, backend: Backend = "auto", region: Region | None = None,
+                 config: RefineConfig | None = None, backend: Backend = "auto",
                  progress: bool = True) -> tuple[Gaussians, Tensor]:
     """The paper's protocol for refinement: one refined head per input view of a subject.
+
+    Each refinement sees only its input view's photo and camera (:func:`input_view`).
 
     Args:
         avatars: the trained decoder; subject: the (test) subject, on the decoder's device.
         codes: ``[V, latent_dim]`` the encoder's code of each input view; views: the ``V`` view indices.
         config: settings (default :class:`RefineConfig`).
-        region: the loss region (:func:`input_view`); ``None``: the decoder's, at its support scale.
         progress: one bar over the views.
 
     Returns:
@@ -329,9 +334,8 @@ def refine_views(avatars: DecoderResult, subject: MultiViewSubject, codes: Tenso
     heads, seconds = [], []
     for j, v in enumerate(tqdm(views, desc=f"refining {subject.subject_id}", disable=not progress, unit="view",
                                mininterval=0.5)):
-        image, cam, wts = input_view(subject, v, region or avatars.config.region, avatars.config.support_scale,
-                                     backend)
-        r = refine(avatars, codes[j], image, cam, wts, config, backend, progress=False)
+        image, cam = input_view(subject, v)
+        r = refine(avatars, codes[j], image, cam, None, config, backend, progress=False)
         heads.append(r.head)
         seconds.append(r.seconds)
     return Gaussians.stack(heads), torch.tensor(seconds)

@@ -289,14 +289,18 @@ def test_read_with_resize(written):
 # ------------------------------------------------------------------ dataset
 def test_split_subjects_deterministic_disjoint():
     ids = [f"{i:03d}" for i in range(40)]
-    train, test = split_subjects(ids, num_test=7, seed=3)
-    assert len(test) == 7 and len(train) == 33 and not set(train) & set(test)
-    assert sorted(train + test) == ids
-    assert split_subjects(list(reversed(ids)), num_test=7, seed=3) == (train, test)  # order-independent
-    assert split_subjects(ids, num_test=7, seed=4) != (train, test)
-    assert len(split_subjects(ids[:12])[1]) == 2 and len(split_subjects([f"{i}" for i in range(417)])[1]) == 7
+    train, val, test = split_subjects(ids, num_test=7, seed=3, num_val=5)
+    assert len(test) == 7 and len(val) == 5 and len(train) == 28
+    assert not set(train) & set(test) and not set(train) & set(val) and not set(val) & set(test)
+    assert sorted(train + val + test) == ids
+    assert split_subjects(list(reversed(ids)), num_test=7, seed=3, num_val=5) == (train, val, test)  # order-independent
+    assert split_subjects(ids, num_test=7, seed=4, num_val=5) != (train, val, test)
+    assert split_subjects(ids, num_test=7, seed=3)[2] == test  # the test subjects do not depend on num_val
+    assert len(split_subjects(ids[:12])[2]) == 2 and len(split_subjects([f"{i}" for i in range(417)])[2]) == 7
     with pytest.raises(ValueError, match="num_test"):
         split_subjects(ids, num_test=41)
+    with pytest.raises(ValueError, match="num_val=5 must be >= 0 and add up to at most the 40"):
+        split_subjects(ids, num_test=36, num_val=5)
 
 
 def test_dataset_lazy_split_and_resize(tmp_path):
@@ -313,11 +317,27 @@ def test_dataset_lazy_split_and_resize(tmp_path):
     small = SubjectDataset(tmp_path, "all", width=8)
     assert (small[1].width, small[1].height) == (8, 12)
     shutil.rmtree(tmp_path / "x4")  # lazily loaded: the dataset was listed, not read
-    write_split(tmp_path, train=["x0", "x1"], test=["x3"])
+    write_split(tmp_path, train=["x0", "x1"], test=["x3"], val=["x2"])
     ds = SubjectDataset(tmp_path, "test")
     assert ds.subject_ids == ["x3"] and "split.json" in ds.split_source
+    assert SubjectDataset(tmp_path, "val").subject_ids == ["x2"]
     with pytest.raises(ValueError, match="split must be one of"):
-        SubjectDataset(tmp_path, "val")
+        SubjectDataset(tmp_path, "holdout")
+    # an older split file without "val": no val subjects
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["x0", "x1"], "test": ["x3"]}))
+    assert len(SubjectDataset(tmp_path, "val")) == 0 and SubjectDataset(tmp_path, "train").subject_ids == ["x0", "x1"]
+    # overlapping subjects are refused, naming the subject and both parts
+    with pytest.raises(SubjectFormatError, match="subject 'x1' is in both 'train' and 'val'"):
+        write_split(tmp_path, train=["x0", "x1"], test=["x3"], val=["x1"])
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["x0", "x1"], "val": ["x2"], "test": ["x2"]}))
+    with pytest.raises(SubjectFormatError, match=r"split.json: subject 'x2' is in both 'val' and 'test'"):
+        SubjectDataset(tmp_path, "train")
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["x0", "x0"], "test": []}))
+    with pytest.raises(SubjectFormatError, match="listed twice in 'train'"):
+        SubjectDataset(tmp_path, "train")
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["x0"], "test": [], "holdout": ["x1"]}))
+    with pytest.raises(SubjectFormatError, match="unknown keys"):
+        SubjectDataset(tmp_path, "train")
 
 
 # ------------------------------------------------------------- real samples

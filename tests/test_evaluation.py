@@ -26,11 +26,11 @@ def _stack(g: Gaussians, n: int) -> Gaussians:
 
 def test_the_true_head_scores_high_on_every_novel_view():
     subject, truth = _scene(3, K=150)
-    m = novel_view_metrics(subject, _stack(truth, 3), [0, 8, 15], backend="torch", region="image")
+    m = novel_view_metrics(subject, _stack(truth, 3), [0, 8, 15], backend="torch")
     assert m["psnr"].shape == (3,) and (m["psnr"] > 40).all(), m
     blank = truth.clone()
     blank.opacity_logits.fill_(-20.0)
-    worse = novel_view_metrics(subject, _stack(blank, 3), [0, 8, 15], backend="torch", region="image")
+    worse = novel_view_metrics(subject, _stack(blank, 3), [0, 8, 15], backend="torch")
     assert (worse["psnr"] < m["psnr"] - 20).all()
 
 
@@ -41,12 +41,17 @@ def test_the_input_view_is_left_out():
     ruined = MultiViewSubject(subject.subject_id, images, subject.masks, subject.cameras, subject.points)
     near = truth.clone()
     near.sh[:, 0] += 0.03  # slightly off colours: finite PSNRs
-    m = novel_view_metrics(ruined, _stack(near, 2), [5, 6], backend="torch", region="image")
-    clean = novel_view_metrics(subject, _stack(near, 1), [5], backend="torch", region="image")
+    m = novel_view_metrics(ruined, _stack(near, 2), [5, 6], backend="torch")
+    clean = novel_view_metrics(subject, _stack(near, 1), [5], backend="torch")
     torch.testing.assert_close(m["psnr"][0], clean["psnr"][0])  # the head from view 5 never sees view 5
     assert float(m["psnr"][1]) < float(m["psnr"][0]) - 1.0     # the head from view 6 is scored on the ruined view
-    # region "support" only differs on foreground outside the points' support; the true head passes both
-    assert (novel_view_metrics(subject, _stack(truth, 1), [5], backend="torch")["psnr"] > 40).all()
+    # the head score sees only the head: a view ruined below the collar line leaves it as it was
+    below = subject.images.clone()
+    below[6, -4:] = 0.0
+    low = MultiViewSubject(subject.subject_id, below, subject.masks, subject.cameras, subject.points)
+    a = novel_view_metrics(low, _stack(near, 1), [5], backend="torch")
+    assert float(a["psnr"][0]) < float(clean["psnr"][0]) - 0.1                    # whole image: worse
+    torch.testing.assert_close(a["psnr_head"], clean["psnr_head"])               # head: the same
 
 
 def test_inputs_are_checked():
@@ -55,8 +60,6 @@ def test_inputs_are_checked():
         novel_view_metrics(subject, _stack(truth, 3), [0, 1])
     with pytest.raises(ValueError, match="do not exist"):
         novel_view_metrics(subject, _stack(truth, 1), [16])
-    with pytest.raises(ValueError, match="region"):
-        novel_view_metrics(subject, _stack(truth, 1), [0], region="face")
     assert torch.isfinite(novel_view_metrics(subject, _stack(truth, 1), [0], backend="torch")["ssim"]).all()
 
 
@@ -64,7 +67,7 @@ def test_mae_is_the_mean_absolute_error_of_the_novel_views():
     subject, truth = _scene(6, K=150)
     grey = truth.clone()
     grey.opacity_logits.fill_(-30.0)  # invisible: every render is the white background
-    m = novel_view_metrics(subject, _stack(grey, 2), [0, 9], backend="torch", region="image")
+    m = novel_view_metrics(subject, _stack(grey, 2), [0, 9], backend="torch")
     for j, v in enumerate([0, 9]):
         others = [c for c in range(16) if c != v]
         expected = (1.0 - subject.images[others]).abs().mean((-3, -2, -1)).mean()
@@ -86,10 +89,10 @@ def test_protocol_rows_and_summary_weigh_every_subject_equally(tmp_path):
     truth = truth.clone()
     truth.sh[:, 0] += 0.02  # near the truth: finite PSNRs (JSON has no infinity)
     rows = protocol_rows(subject, {"truth": _stack(truth, 2), "blank": _stack(blank, 2)}, [0, 8], backend="torch",
-                         seconds={"truth": [0.5, 1.5]}, region="image")
+                         seconds={"truth": [0.5, 1.5]})
     assert [(r["method"], r["input_view"]) for r in rows] == [("truth", 0), ("truth", 8), ("blank", 0), ("blank", 8)]
     assert rows[0]["seconds"] == 0.5 and "seconds" not in rows[2]
-    direct = novel_view_metrics(subject, _stack(blank, 1), [8], backend="torch", region="image")
+    direct = novel_view_metrics(subject, _stack(blank, 1), [8], backend="torch")
     assert rows[3]["psnr"] == pytest.approx(float(direct["psnr"][0]))
     # a second subject with one input view only weighs as much as the first with two
     other = [dict(r, subject="other", psnr=10.0) for r in rows if r["input_view"] == 0]
@@ -119,3 +122,23 @@ def test_protocol_rows_and_summary_weigh_every_subject_equally(tmp_path):
     assert protocol_dir(tmp_path, {"x": 2, "y": [2]}) != a
     (tmp_path / "a.bin").write_bytes(b"abc")
     assert file_digest(tmp_path / "a.bin") == "ba7816bf8f01cfea"  # SHA-256 of "abc"
+
+
+def test_identity_scores_are_averaged_over_views_with_a_face():
+    subject, truth = _scene(8, K=150)
+    truth = truth.clone()
+    truth.sh[:, 0] += 0.02
+    seen = []
+
+    def scorer(renders, views):  # a stand-in for evaluation.identity_scorer: view 3's photo has no face
+        seen.append((tuple(renders.shape), list(views)))
+        return torch.tensor([[float("nan") if v == 3 else v / 100 for v in views]])
+
+    m = novel_view_metrics(subject, _stack(truth, 2), [0, 5], backend="torch", identity=scorer)
+    others = [[c for c in range(16) if c not in (v, 3)] for v in (0, 5)]
+    torch.testing.assert_close(m["identity"], torch.tensor([sum(o) / len(o) / 100 for o in others]))
+    assert all(shape[0] == 1 and shape[-1] == 3 for shape, _ in seen)
+    assert sorted(v for _, vs in seen[:4] for v in vs) == [c for c in range(16) if c != 0]  # views of head 0
+    rows = protocol_rows(subject, {"truth": _stack(truth, 1)}, [0], backend="torch",
+                         identity=lambda r, views: torch.full((1, len(views)), float("nan")))
+    assert "identity" not in rows[0] and "psnr" in rows[0]   # no face anywhere: left out, not a NaN

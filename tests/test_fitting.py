@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,19 +14,18 @@ from fastavatar_nb.data.subject import MultiViewSubject
 from fastavatar_nb.fitting import (
     CHECKPOINT_JSON,
     CHECKPOINT_TENSORS,
+    LONG_RUN_LRS,
     SHORT_RUN_LRS,
     FitConfig,
     FitResult,
     estimate_normals,
     fit_subjects,
     init_gaussians,
-    region_weights,
     sample_point_colors,
-    support_masks,
-    train_views,
     view_for_step,
 )
 from fastavatar_nb.gaussians import Gaussians, knn_spacing, rgb_to_sh0
+from fastavatar_nb.objective import train_views
 from fastavatar_nb.render import render
 
 W, H = 16, 24
@@ -208,8 +206,13 @@ def test_fit_config_rejects_bad_values():
         FitConfig.from_dict({"iterations": 3, "learning_rate": 1.0})
     cfg = FitConfig(iterations=500, sh_degree=3)
     assert [cfg.degree_at(s) for s in (0, 99, 100, 300, 499)] == [0, 0, 1, 3, 3]
-    assert cfg.means_lr_at(0) == pytest.approx(1.6e-4 * 0.1)
-    assert cfg.means_lr_at(499) == pytest.approx(1.6e-6 * 0.1)
+    assert cfg.means_lr_at(0) == pytest.approx(1e-2 * 0.1)      # a short run: SHORT_RUN_LRS
+    assert cfg.means_lr_at(499) == pytest.approx(1e-4 * 0.1)
+    long = FitConfig(iterations=5000)
+    assert long.means_lr_at(0) == pytest.approx(1.6e-4 * 0.1)   # gsplat's rates, decaying by 100x
+    assert long.means_lr_at(4999) == pytest.approx(1.6e-6 * 0.1)
+    with pytest.raises(ValueError, match="scales_lr"):
+        FitConfig(scales_lr=-1.0).validate()
 
 
 def test_dc_init_helper_is_consistent():
@@ -222,49 +225,12 @@ def test_dc_init_helper_is_consistent():
                                atol=1e-4, rtol=0)
 
 
-def test_support_masks_cover_the_points_only():
-    cams = Cameras.nersemble_rig(W, H)[[8]]
-    pts = _sphere_points(300, 0.1, 10)
-    sup = support_masks(pts, cams, backend="torch", tile_size=4)
-    assert sup.shape == (1, H, W)
-    assert float(sup[0, H // 2, W // 2]) == 1.0  # the sphere's centre is covered
-    assert float(sup[0, 0, 0]) == 0.0 and float(sup[0, -1, -1]) == 0.0  # corners are not
-    masks = torch.ones(1, H, W)
-    w = region_weights(masks, sup)
-    torch.testing.assert_close(w, sup)  # all foreground: the weight is the support
-    torch.testing.assert_close(region_weights(torch.zeros(1, H, W), sup), torch.ones(1, H, W))
-
-
-def test_unsupported_alpha_penalty_clears_foreground_outside_the_support():
-    subject, _ = _scene(12)
-    # everything is foreground (a 'shirt' around the head): pixels far from the points are unsupported
-    subject = dataclasses.replace(subject, masks=torch.ones_like(subject.masks))
-    cams = subject.cameras
-    outside = (support_masks(subject.points, cams, backend="torch", tile_size=4) < 0.02).float()
-    assert outside.mean() > 0.2
-
-    def alpha_outside(weight: float) -> float:
-        res = fit_subjects([subject], _small_config(iterations=40, unsupported_alpha_weight=weight, init_scale=3.0,
-                                                    evaluate=False), backend="torch", progress=False)
-        with torch.no_grad():
-            a = render(res.gaussians[0], cams, backend="torch", tile_size=4).alphas
-        return float((a * outside).sum() / outside.sum())
-
-    free, penalised = alpha_outside(0.0), alpha_outside(5.0)
-    assert free > 0.01  # the oversized initial Gaussians do spill outside the support
-    assert penalised < 0.7 * free
-    with pytest.raises(ValueError, match="unsupported_alpha_weight"):
-        FitConfig(unsupported_alpha_weight=-1.0).validate()
-
-
-def test_region_image_and_no_evaluation():
+def test_no_evaluation():
     subject, _ = _scene(11)
-    res = fit_subjects([subject], _small_config(iterations=2, region="image", evaluate=False), backend="torch",
-                       progress=False)
+    res = fit_subjects([subject], _small_config(iterations=2, evaluate=False), backend="torch", progress=False)
     assert torch.isnan(res.train_psnr).all() and torch.isnan(res.init_train_psnr).all()
+    assert torch.isnan(res.heldout_psnr_head).all()
     assert torch.isfinite(res.loss_history).all()
-    with pytest.raises(ValueError, match="region"):
-        FitConfig(region="head").validate()
 
 
 def test_config_for_preset_uses_its_sizes():
@@ -273,5 +239,10 @@ def test_config_for_preset_uses_its_sizes():
     p = presets.get("smoke")
     cfg = FitConfig.for_preset(p)
     assert (cfg.iterations, cfg.batch_size, cfg.seed) == (p.fit_iterations, p.fit_batch_size, p.seed)
-    assert cfg.means_lr == SHORT_RUN_LRS["means_lr"]
-    assert FitConfig.for_preset(p, iterations=5000).means_lr == SHORT_RUN_LRS["means_lr"]  # overrides win
+    assert cfg.learning_rates() == SHORT_RUN_LRS
+    # the rates follow the run's length, also when the preset's iterations are overridden
+    assert FitConfig.for_preset(p, iterations=5000).learning_rates() == LONG_RUN_LRS
+    assert FitConfig.for_preset(presets.base("full").replace(device="cpu", backend="torch"),
+                                iterations=300).learning_rates() == SHORT_RUN_LRS
+    assert FitConfig().learning_rates() == SHORT_RUN_LRS  # a plain config: 200 steps, short-run rates
+    assert FitConfig(iterations=5000, means_lr=1e-3).learning_rates() == {**LONG_RUN_LRS, "means_lr": 1e-3}

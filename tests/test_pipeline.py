@@ -17,7 +17,7 @@ from fastavatar_nb.template import build_template, load_template
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    return presets.get("smoke", num_subjects=3, num_test_subjects=1, image_width=20, image_height=29,
+    return presets.get("smoke", num_subjects=4, num_test_subjects=1, num_val_subjects=1, image_width=20, image_height=29,
                        num_gaussians=300, fit_iterations=4, fit_batch_size=2, run_dir=run_dir)
 
 
@@ -25,7 +25,8 @@ def test_prepare_dataset_makes_subjects_and_split_once(tiny):
     root = pipeline.prepare_dataset(tiny, progress=False)
     assert root == tiny.run_dir / "dataset"
     split = json.loads((root / "split.json").read_text())
-    assert len(split["train"]) == 2 and len(split["test"]) == 1
+    assert len(split["train"]) == 2 and len(split["val"]) == 1 and len(split["test"]) == 1
+    assert not set(split["train"]) & set(split["val"]) and not set(split["val"]) & set(split["test"])
     stamp = (root / "split.json").stat().st_mtime_ns
     assert pipeline.prepare_dataset(tiny, progress=False) == root  # second call: reused as it is
     assert (root / "split.json").stat().st_mtime_ns == stamp

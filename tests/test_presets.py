@@ -30,13 +30,26 @@ def no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastavatar_nb.render import gsplat_backend
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gsplat_backend, "gsplat_status", lambda: (True, "fake: kernels loaded"))
+
+
+def test_full_falls_back_to_the_torch_backend_where_gsplat_cannot_build(fake_cuda: None,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastavatar_nb.render import gsplat_backend
+
+    monkeypatch.setattr(gsplat_backend, "gsplat_status", lambda: (False, "nvcc not found"))
+    with pytest.warns(UserWarning, match=r"gsplat cannot run here \(nvcc not found\); using the torch backend"):
+        p = presets.get("full")
+    assert (p.device, p.backend, p.num_gaussians) == ("cuda", "torch", 12_680)
 
 
 def test_smoke_numbers(no_cuda: None) -> None:
     p = presets.get("smoke")
     assert (p.name, p.device, p.backend) == ("smoke", "cpu", "torch")
-    assert (p.num_subjects, p.num_train_subjects, p.num_test_subjects) == (12, 10, 2)
+    assert (p.num_subjects, p.num_train_subjects, p.num_val_subjects, p.num_test_subjects) == (14, 10, 2, 2)
     assert (p.image_width, p.image_height) == (69, 100)
     assert (p.num_gaussians, p.fit_iterations, p.refine_iterations) == (2_500, 200, 50)
     assert (p.latent_dim, p.embed_dim, p.num_views) == (512, 32, 16)
@@ -45,18 +58,26 @@ def test_smoke_numbers(no_cuda: None) -> None:
 def test_full_numbers_match_paper(fake_cuda: None) -> None:
     p = presets.get("full")
     assert (p.name, p.device, p.backend) == ("full", "cuda", "gsplat")
-    assert (p.num_subjects, p.num_train_subjects, p.num_test_subjects) == (417, 410, 7)
+    # the paper's 410 training and 7 test subjects, plus 10 val subjects to choose settings on
+    assert (p.num_subjects, p.num_train_subjects, p.num_val_subjects, p.num_test_subjects) == (427, 410, 10, 7)
     assert (p.image_width, p.image_height) == (275, 401)
-    assert (p.num_gaussians, p.fit_iterations, p.refine_iterations) == (10_144, 5_000, 300)
+    # K: FLAME's 10,144 head points (the paper's K) plus the bust points over the shoulders
+    from fastavatar_nb.data.bust import num_bust_points
+
+    assert p.num_gaussians - num_bust_points(p.num_gaussians) == 10_144
+    assert (p.num_gaussians, p.fit_iterations, p.refine_iterations) == (12_680, 5_000, 300)
     assert (p.latent_dim, p.embed_dim) == (512, 32)
     # 275x401 is the 550x802 NeRSemble frame halved (rounded), keeping its aspect ratio.
     assert abs(p.image_width / p.image_height - 550 / 802) < 2e-3
 
 
 def test_auto_follows_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastavatar_nb.render import gsplat_backend
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert presets.get("auto").name == "smoke"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gsplat_backend, "gsplat_status", lambda: (True, "fake: kernels loaded"))
     assert presets.get("auto").name == "full"
     assert presets.get("  AUTO ").name == "full"
 
@@ -71,7 +92,7 @@ def test_full_without_cuda_raises_unless_allowed(no_cuda: None, monkeypatch: pyt
         presets.get("full")
     with pytest.warns(UserWarning, match="very slow"):
         p = presets.get("full", allow_cpu=True)
-    assert (p.device, p.backend, p.num_gaussians) == ("cpu", "torch", 10_144)
+    assert (p.device, p.backend, p.num_gaussians) == ("cpu", "torch", 12_680)
     monkeypatch.setenv(presets.ALLOW_CPU_FULL_ENV, "1")
     with pytest.warns(UserWarning):
         assert presets.get("full").device == "cpu"
@@ -105,12 +126,15 @@ def test_run_dir_env_and_argument_overrides(
 
 
 def test_overrides_and_validation(no_cuda: None, tmp_path: Path) -> None:
-    p = presets.get("smoke", num_subjects=4, num_test_subjects=1, run_dir=tmp_path)
+    p = presets.get("smoke", num_subjects=4, num_test_subjects=1, num_val_subjects=0, run_dir=tmp_path)
     assert (p.num_subjects, p.num_train_subjects) == (4, 3)
     with pytest.raises(PresetError, match="Unknown preset field"):
         presets.get("smoke", num_subject=4)
     with pytest.raises(PresetError, match="num_test_subjects"):
-        presets.get("smoke", num_subjects=2, num_test_subjects=2)
+        presets.get("smoke", num_subjects=2, num_test_subjects=2, num_val_subjects=0)
+    with pytest.raises(PresetError, match=r"num_val_subjects \(2\) must be smaller"):
+        presets.get("smoke", num_subjects=4, num_test_subjects=2)
+    assert presets.get("smoke", num_subjects=5, num_test_subjects=1).num_train_subjects == 2
     with pytest.raises(PresetError, match="num_gaussians"):
         p.replace(num_gaussians=0)
     with pytest.raises(PresetError, match="gsplat"):
@@ -153,8 +177,8 @@ def test_describe_names_the_numbers(no_cuda: None, tmp_path: Path) -> None:
     assert "\n" not in line
     for part in (
         "smoke",
-        "12 subjects",
-        "10 train / 2 test",
+        "14 subjects",
+        "10 train / 2 val / 2 test",
         "69x100",
         "K=2,500",
         "200 it",

@@ -15,6 +15,7 @@ from fastavatar_nb.decoder import DecoderConfig, DecoderResult, positional_embed
 from fastavatar_nb.evaluation import novel_view_metrics
 from fastavatar_nb.gaussians import Gaussians
 from fastavatar_nb.metrics import lpips_available
+from fastavatar_nb.objective import NotOnWhiteError
 from fastavatar_nb.refine import RefineConfig, input_view, refine, refine_views
 from fastavatar_nb.render import render
 
@@ -33,7 +34,7 @@ def _decoder_result() -> DecoderResult:
     nan = torch.full((1,), float("nan"))
     return DecoderResult(decoder=dec, embeddings=positional_embedding(truth.means, 15), template=truth,
                          codes=torch.zeros(1, L), subject_ids=["s"], train_psnr=nan, train_ssim=nan,
-                         heldout_psnr=nan, heldout_ssim=nan, train_psnr_image=nan, loss_history=nan,
+                         heldout_psnr=nan, heldout_ssim=nan, heldout_psnr_head=nan, loss_history=nan,
                          psnr_history=nan, config=cfg)
 
 
@@ -77,15 +78,15 @@ def test_config_schedules_and_validation():
 def test_refining_the_code_on_one_view_recovers_the_other_views(problem):
     avatars, subject, w_true, w_start = problem
     before = _state(avatars.decoder)
-    image, cam, wts = input_view(subject, 8, region="image")
-    r = refine(avatars, w_start, image, cam, wts, RefineConfig(steps=40, schedule="code", code_lr=5e-2),
+    image, cam = input_view(subject, 8)
+    r = refine(avatars, w_start, image, cam, None, RefineConfig(steps=40, schedule="code", code_lr=5e-2),
                backend="torch", progress=False)
     assert r.psnr_history.shape == (40,) and r.final_psnr > float(r.psnr_history[0]) + 5.0, r.psnr_history
     assert r.loss_history[-5:].mean() < r.loss_history[:5].mean()
     assert (r.code - w_true).norm() < 0.7 * (w_start - w_true).norm()      # closer to the true code
     torch.testing.assert_close(r.initial_code, w_start, rtol=0, atol=0)
-    ff = novel_view_metrics(subject, avatars.decode(w_start[None]), [8], backend="torch", region="image")
-    ref = novel_view_metrics(subject, Gaussians.stack([r.head]), [8], backend="torch", region="image")
+    ff = novel_view_metrics(subject, avatars.decode(w_start[None]), [8], backend="torch")
+    ref = novel_view_metrics(subject, Gaussians.stack([r.head]), [8], backend="torch")
     assert float(ref["psnr"][0]) > float(ff["psnr"][0]) + 3.0, (ff, ref)  # the 15 views it never saw improve
     # the code schedule leaves the (copied) MLP as it was, and the shared decoder is never touched
     for k, v in r.decoder.state_dict().items():
@@ -97,21 +98,21 @@ def test_refining_the_code_on_one_view_recovers_the_other_views(problem):
 def test_decoder_schedule_keeps_the_code_and_joint_moves_both(problem):
     avatars, subject, _, w_start = problem
     before = _state(avatars.decoder)
-    image, cam, wts = input_view(subject, 3, region="image")
-    dec = refine(avatars, w_start, image, cam, wts, RefineConfig(steps=10, schedule="decoder", decoder_lr=1e-3,
+    image, cam = input_view(subject, 3)
+    dec = refine(avatars, w_start, image, cam, None, RefineConfig(steps=10, schedule="decoder", decoder_lr=1e-3,
                                                                  ), backend="torch", progress=False)
     torch.testing.assert_close(dec.code, w_start, rtol=0, atol=0)
     assert any((v - before[k]).abs().max() > 0 for k, v in dec.decoder.state_dict().items())
     assert dec.final_psnr > float(dec.psnr_history[0])
     torch.testing.assert_close(dec.embeddings, avatars.embeddings, rtol=0, atol=0)  # frozen by default
     # the authors' schedule: w moves in the first half only, exactly as a code-only run of that length
-    ctd = refine(avatars, w_start, image, cam, wts, RefineConfig(steps=4, schedule="code_then_decoder"),
+    ctd = refine(avatars, w_start, image, cam, None, RefineConfig(steps=4, schedule="code_then_decoder"),
                  backend="torch", progress=False)
-    code2 = refine(avatars, w_start, image, cam, wts, RefineConfig(steps=2, schedule="code"),
+    code2 = refine(avatars, w_start, image, cam, None, RefineConfig(steps=2, schedule="code"),
                    backend="torch", progress=False)
     torch.testing.assert_close(ctd.code, code2.code, rtol=0, atol=0)
     assert any((v - before[k]).abs().max() > 0 for k, v in ctd.decoder.state_dict().items())
-    joint = refine(avatars, w_start, image, cam, wts, RefineConfig(steps=3, schedule="joint", embeddings_lr=1e-2,
+    joint = refine(avatars, w_start, image, cam, None, RefineConfig(steps=3, schedule="joint", embeddings_lr=1e-2,
                                                                    ), backend="torch", progress=False)
     assert (joint.code - w_start).abs().max() > 0
     assert (joint.embeddings - avatars.embeddings).abs().max() > 0
@@ -121,14 +122,14 @@ def test_decoder_schedule_keeps_the_code_and_joint_moves_both(problem):
 
 def test_zero_steps_is_the_feed_forward_head_and_callback_sees_each_step(problem):
     avatars, subject, _, w_start = problem
-    image, cam, wts = input_view(subject, 0)
-    r = refine(avatars, w_start, image, cam, wts, RefineConfig(steps=0), backend="torch",
+    image, cam = input_view(subject, 0)
+    r = refine(avatars, w_start, image, cam, None, RefineConfig(steps=0), backend="torch",
                progress=False)
     ff = avatars.decode(w_start)
     torch.testing.assert_close(r.head.means, ff.means, rtol=0, atol=0)
     torch.testing.assert_close(r.head.sh, ff.sh, rtol=0, atol=0)
     seen = []
-    r3 = refine(avatars, w_start, image, cam, wts, RefineConfig(steps=3), backend="torch",
+    r3 = refine(avatars, w_start, image, cam, None, RefineConfig(steps=3), backend="torch",
                 progress=False, callback=lambda i: seen.append((i["step"], i["steps"], i["head"]())))
     assert [s[:2] for s in seen] == [(1, 3), (2, 3), (3, 3)]
     torch.testing.assert_close(seen[-1][2].means, r3.head.means, rtol=0, atol=0)
@@ -141,24 +142,43 @@ def test_refine_views_equals_one_refinement_per_view(problem):
     codes = torch.stack([w_start, w_start + 0.1])
     heads, seconds = refine_views(avatars, subject, codes, [2, 9], cfg, backend="torch", progress=False)
     assert heads.batch_shape == (2,) and seconds.shape == (2,) and (seconds > 0).all()
-    image, cam, wts = input_view(subject, 9)  # the decoder's region ("support") by default
-    one = refine(avatars, codes[1], image, cam, wts, cfg, backend="torch", progress=False)
-    torch.testing.assert_close(heads[1].means, one.head.means)
-    every_pixel, _ = refine_views(avatars, subject, codes[1:], [9], cfg, backend="torch", region="image",
-                                  progress=False)
-    image, cam, _ = input_view(subject, 9, region="image")
+    image, cam = input_view(subject, 9)  # the photo and its camera: nothing else of the subject
     one = refine(avatars, codes[1], image, cam, None, cfg, backend="torch", progress=False)
-    torch.testing.assert_close(every_pixel[0].sh, one.head.sh)
+    torch.testing.assert_close(heads[1].means, one.head.means)
+    torch.testing.assert_close(heads[1].sh, one.head.sh)
     with pytest.raises(ValueError, match="V=2"):
         refine_views(avatars, subject, codes[:1], [2, 9], cfg, progress=False)
 
 
+def test_refine_runs_from_a_photo_and_its_camera_alone(problem):
+    """No subject behind the photo: a bare image tensor and a camera built by hand."""
+    avatars, subject, _, w_start = problem
+    photo = subject.images[8].clone()                   # e.g. loaded from a PNG: only the pixels
+    vm, K = subject.cameras.viewmats[8].clone(), subject.cameras.Ks[8].clone()
+    camera = Cameras(vm[None], K[None], 16, 24)
+    del subject                                          # nothing else of the subject is around
+    r = refine(avatars, w_start, photo, camera, config=RefineConfig(steps=6, schedule="code", code_lr=5e-2),
+               backend="torch", progress=False)
+    assert r.final_psnr > float(r.psnr_history[0])
+
+
+def test_a_photo_not_on_white_needs_weights(problem):
+    avatars, subject, _, w_start = problem
+    image, cam = input_view(subject, 8)
+    grey = image * subject.masks[8, ..., None] + 0.4 * (1 - subject.masks[8, ..., None])  # grey background
+    with pytest.raises(NotOnWhiteError, match="not on a white background.*weights="):
+        refine(avatars, w_start, grey, cam, None, RefineConfig(steps=1), progress=False)
+    # the documented way out: weights saying which pixels the loss may see
+    r = refine(avatars, w_start, grey, cam, subject.masks[8], RefineConfig(steps=1), backend="torch", progress=False)
+    assert r.loss_history.shape == (1,) and torch.isfinite(r.loss_history).all()
+
+
 def test_inputs_are_checked(problem):
     avatars, subject, _, w_start = problem
-    image, cam, wts = input_view(subject, 5)
-    assert image.shape == (24, 16, 3) and wts is not None and wts.shape == (24, 16)
-    assert float(wts.min()) >= 0 and float(wts.max()) <= 1
+    image, cam = input_view(subject, 5)
+    assert image.shape == (24, 16, 3) and cam.viewmats.shape == (1, 4, 4)
     torch.testing.assert_close(image, subject.images[5], rtol=0, atol=0)
+    wts = subject.masks[5]
     cfg = RefineConfig(steps=1)
     with pytest.raises(ValueError, match=r"shape \[8\]"):
         refine(avatars, torch.zeros(2, L), image, cam, wts, cfg, progress=False)
@@ -170,6 +190,14 @@ def test_inputs_are_checked(problem):
         refine(avatars, w_start, image[:20], cam, wts, cfg, progress=False)
     with pytest.raises(ValueError, match="weights must be"):
         refine(avatars, w_start, image, cam, wts[:5], cfg, progress=False)
+    with pytest.raises(TypeError, match="divide uint8 photos by 255"):
+        refine(avatars, w_start, (image * 255).to(torch.uint8), cam, None, cfg, progress=False)
+    with pytest.raises(ValueError, match="looks like 0..255: divide by 255"):
+        refine(avatars, w_start, image * 255, cam, None, cfg, progress=False)
+    nan_image = image.clone()
+    nan_image[3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf pixels"):
+        refine(avatars, w_start, nan_image, cam, None, cfg, progress=False)
     with pytest.raises(ValueError, match="does not exist"):
         input_view(subject, 16)
     with_lpips = dataclasses.replace(avatars, config=dataclasses.replace(avatars.config, lpips_weight=0.1))

@@ -4,8 +4,9 @@
 ``from fastavatar_nb.data import synthetic``.
 """
 
+from .bust import BUST_FRACTION, bust_rays, fit_bust_points, neck_base_anchor, num_bust_points, with_bust
 from .nersemble import (
-    VAL_CAMERA,
+    HOLDOUT_VIEW,
     MissingSubjectFileError,
     SubjectDataset,
     SubjectFormatError,
@@ -20,6 +21,7 @@ from .subject import MultiViewSubject, resize_images, stack_subjects, target_siz
 
 __all__ = [
     "MultiViewSubject", "resize_images", "stack_subjects", "target_size",
+    "BUST_FRACTION", "num_bust_points", "bust_rays", "neck_base_anchor", "fit_bust_points", "with_bust",
     "SubjectFormatError", "MissingSubjectFileError", "read_subject", "write_subject", "list_subject_dirs",
-    "split_subjects", "write_split", "default_num_test", "SubjectDataset", "VAL_CAMERA",
+    "split_subjects", "write_split", "default_num_test", "SubjectDataset", "HOLDOUT_VIEW",
 ]

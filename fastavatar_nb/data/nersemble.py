@@ -21,9 +21,11 @@ Only one timestep is read (a MultiViewSubject is one instant): the first timeste
 file (``timestep_index`` 0 in every VHAP export we know), or the one asked for. Frames are
 sorted by ``camera_index``.
 
-A dataset is a root folder of subject folders; :class:`SubjectDataset` splits it into train
+A dataset is a root folder of subject folders; :class:`SubjectDataset` splits it into train, val
 and test *by subject* (never by view): from ``<root>/split.json`` if present, else with the
-deterministic hash rule of :func:`split_subjects`.
+deterministic hash rule of :func:`split_subjects`. Train subjects make the template, the decoder,
+the encoder and the attribute directions; every choice made by looking at numbers (learning rates,
+steps, C) is made on val subjects; test subjects are only scored (notebook 07, the README).
 """
 
 from __future__ import annotations
@@ -51,14 +53,16 @@ from .subject import MultiViewSubject, target_size
 
 __all__ = [
     "SubjectFormatError", "MissingSubjectFileError", "read_subject", "write_subject", "list_subject_dirs",
-    "split_subjects", "write_split", "SubjectDataset", "Split", "VAL_CAMERA", "default_num_test",
+    "split_subjects", "write_split", "SubjectDataset", "Split", "HOLDOUT_VIEW", "default_num_test",
 ]
 
-Split = Literal["train", "test", "all"]
-VAL_CAMERA = 8
-"""NeRSemble's official validation camera (``transforms_val.json``) when a subject has 16 cameras."""
+Split = Literal["train", "val", "test", "all"]
+HOLDOUT_VIEW = 8
+"""The held-out view: NeRSemble's official validation camera (``transforms_val.json``, the frontal
+camera of the lower row) when a subject has 16 cameras. Fits and the decoder never train on it."""
 
-_SPLITS = ("train", "test", "all")
+_SPLITS = ("train", "val", "test", "all")
+_PARTS = ("train", "val", "test")
 
 
 class SubjectFormatError(ValueError):
@@ -308,7 +312,7 @@ def write_subject(subject: MultiViewSubject, folder: str | os.PathLike, overwrit
             Image.fromarray(masks[c], mode="L").save(tmp / "fg_masks" / f"00000_{c:02d}.png")
             frames.append(_frame_dict(subject, c, c2ws[c]))
         indices = list(range(subject.num_views))
-        val = [VAL_CAMERA] if subject.num_views == 16 else []
+        val = [HOLDOUT_VIEW] if subject.num_views == 16 else []
         parts = {"transforms": frames, "transforms_train": [f for f in frames if f["camera_index"] not in val],
                  "transforms_val": [f for f in frames if f["camera_index"] in val], "transforms_test": []}
         for name, fr in parts.items():
@@ -353,70 +357,93 @@ def default_num_test(num_subjects: int) -> int:
     return max(1, min(7, num_subjects // 6))
 
 
-def split_subjects(subject_ids: Sequence[str], num_test: int | None = None, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Deterministic train/test split by subject.
+def split_subjects(subject_ids: Sequence[str], num_test: int | None = None, seed: int = 0,
+                   num_val: int = 0) -> tuple[list[str], list[str], list[str]]:
+    """Deterministic train/val/test split by subject.
 
-    Rule: rank the ids by ``sha256(f"{seed}:{id}")`` and take the first ``num_test`` as test.
-    It depends only on the ids, ``num_test`` and ``seed`` (not on their order, the platform or
-    any random state).
+    Rule: rank the ids by ``sha256(f"{seed}:{id}")``; the first ``num_test`` are test, the next
+    ``num_val`` val, the rest train. It depends only on the ids, the counts and ``seed`` (not on
+    their order, the platform or any random state), and the test subjects do not change with
+    ``num_val``.
 
     Args:
         subject_ids: unique subject ids.
         num_test: test subjects (default :func:`default_num_test`).
         seed: changes the split.
+        num_val: validation subjects (every choice made by looking at numbers is made on them).
 
     Returns:
-        ``(train_ids, test_ids)``, each sorted, disjoint, together all ids.
+        ``(train_ids, val_ids, test_ids)``, each sorted, disjoint, together all ids.
     """
     ids = [str(s) for s in subject_ids]
     if len(set(ids)) != len(ids):
         raise ValueError(f"split_subjects: subject ids are not unique: {sorted(ids)}")
     n_test = default_num_test(len(ids)) if num_test is None else int(num_test)
-    if not 0 <= n_test <= len(ids):
-        raise ValueError(f"split_subjects: num_test={n_test} must be in [0, {len(ids)}]")
+    n_val = int(num_val)
+    if n_test < 0 or n_val < 0 or n_test + n_val > len(ids):
+        raise ValueError(f"split_subjects: num_test={n_test} and num_val={n_val} must be >= 0 and add up to at "
+                         f"most the {len(ids)} subjects")
     ranked = sorted(ids, key=lambda s: hashlib.sha256(f"{seed}:{s}".encode()).hexdigest())
-    test = set(ranked[:n_test])
-    return sorted(s for s in ids if s not in test), sorted(test)
+    test, val = set(ranked[:n_test]), set(ranked[n_test:n_test + n_val])
+    return sorted(s for s in ids if s not in test and s not in val), sorted(val), sorted(test)
 
 
-def write_split(root: str | os.PathLike, train: Sequence[str], test: Sequence[str]) -> Path:
-    """Write ``<root>/split.json`` (``{"train": [...], "test": [...]}``), which
-    :class:`SubjectDataset` then uses instead of :func:`split_subjects`."""
-    train, test = sorted(map(str, train)), sorted(map(str, test))
-    overlap = set(train) & set(test)
-    if overlap:
-        raise ValueError(f"write_split: subjects in both train and test: {sorted(overlap)}")
+def _check_parts(parts: dict[str, list[str]], where: str) -> None:
+    """Raise naming ``where`` when a subject is listed twice, within a part or across parts."""
+    seen: dict[str, str] = {}
+    for part in _PARTS:
+        for sid in parts[part]:
+            if sid in seen:
+                raise SubjectFormatError(
+                    f"{where}: subject {sid!r} is in both {seen[sid]!r} and {part!r}" if seen[sid] != part else
+                    f"{where}: subject {sid!r} is listed twice in {part!r}")
+            seen[sid] = part
+
+
+def write_split(root: str | os.PathLike, train: Sequence[str], test: Sequence[str],
+                val: Sequence[str] = ()) -> Path:
+    """Write ``<root>/split.json`` (``{"train": [...], "val": [...], "test": [...]}``), which
+    :class:`SubjectDataset` then uses instead of :func:`split_subjects`.
+
+    Raises:
+        SubjectFormatError: a subject in two parts (or twice in one).
+    """
+    parts = {"train": [str(s) for s in train], "val": [str(s) for s in val], "test": [str(s) for s in test]}
+    _check_parts(parts, "write_split")
     path = Path(root) / "split.json"
-    path.write_text(json.dumps({"train": train, "test": test}, indent=1))
+    path.write_text(json.dumps({k: sorted(v) for k, v in parts.items()}, indent=1))
     return path
 
 
 def _read_split(path: Path, available: list[str]) -> dict[str, list[str]]:
     data = _load_json(path)
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("train", "test")):
-        raise SubjectFormatError(f"{path}: expected {{\"train\": [ids], \"test\": [ids]}}")
-    train, test = [str(s) for s in data["train"]], [str(s) for s in data["test"]]
-    overlap = set(train) & set(test)
-    if overlap:
-        raise SubjectFormatError(f"{path}: subjects in both train and test: {sorted(overlap)}")
-    missing = sorted(set(train + test) - set(available))
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("train", "test")) \
+            or not isinstance(data.get("val", []), list):
+        raise SubjectFormatError(f'{path}: expected {{"train": [ids], "val": [ids], "test": [ids]}} ("val" optional)')
+    unknown = sorted(set(data) - set(_PARTS))
+    if unknown:
+        raise SubjectFormatError(f"{path}: unknown keys {unknown}; a split has train, val and test")
+    parts = {k: [str(s) for s in data.get(k, [])] for k in _PARTS}
+    _check_parts(parts, str(path))
+    missing = sorted(set(sum(parts.values(), [])) - set(available))
     if missing:
         raise SubjectFormatError(f"{path}: names subjects with no folder in {path.parent}: {missing}")
-    return {"train": sorted(train), "test": sorted(test)}
+    return {k: sorted(v) for k, v in parts.items()}
 
 
 class SubjectDataset(Dataset):
     """The subjects of a root folder, read lazily (on ``__getitem__``) with a small LRU cache.
 
-    Split by subject: ``<root>/split.json`` (``{"train": [...], "test": [...]}``) when present,
-    else :func:`split_subjects` (``num_test``, ``seed``). ``"all"`` is every subject folder.
+    Split by subject: ``<root>/split.json`` (``{"train": [...], "val": [...], "test": [...]}``) when
+    present, else :func:`split_subjects` (``num_test``, ``seed``, ``num_val``). ``"all"`` is every
+    subject folder.
 
     Args:
         root: folder of subject folders (see :func:`list_subject_dirs`).
-        split: ``"train"``, ``"test"`` or ``"all"``.
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
         width, height: resize every subject on load (e.g. to a preset's resolution; give one to
             keep the aspect ratio). Default: stored size.
-        num_test, seed: for the hash split when there is no ``split.json``.
+        num_test, seed, num_val: for the hash split when there is no ``split.json``.
         cache_size: subjects kept in memory (0 disables the cache).
 
     Items are :class:`MultiViewSubject`; ``subject_ids`` and ``paths`` list them in order.
@@ -424,7 +451,8 @@ class SubjectDataset(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, split: Split = "train", width: int | None = None,
-                 height: int | None = None, num_test: int | None = None, seed: int = 0, cache_size: int = 8) -> None:
+                 height: int | None = None, num_test: int | None = None, seed: int = 0, cache_size: int = 8,
+                 num_val: int = 0) -> None:
         if split not in _SPLITS:
             raise ValueError(f"SubjectDataset: split must be one of {_SPLITS}, got {split!r}")
         self.root = Path(root)
@@ -437,12 +465,12 @@ class SubjectDataset(Dataset):
             parts = _read_split(split_file, list(dirs))
             self.split_source = str(split_file)
         else:
-            train, test = split_subjects(list(dirs), num_test, seed)
-            parts = {"train": train, "test": test}
-            self.split_source = f"split_subjects(num_test={num_test}, seed={seed})"
+            train, val, test = split_subjects(list(dirs), num_test, seed, num_val)
+            parts = {"train": train, "val": val, "test": test}
+            self.split_source = f"split_subjects(num_test={num_test}, seed={seed}, num_val={num_val})"
         self.subject_ids: list[str] = sorted(dirs) if split == "all" else parts[split]
         self.paths: list[Path] = [dirs[s] for s in self.subject_ids]
-        self._num_test, self._seed = num_test, seed
+        self._num_test, self._seed, self._num_val = num_test, seed, num_val
         self._cache: OrderedDict[int, MultiViewSubject] = OrderedDict()
 
     def __len__(self) -> int:
@@ -467,7 +495,8 @@ class SubjectDataset(Dataset):
 
     def resized(self, width: int | None, height: int | None = None) -> SubjectDataset:
         """The same subjects, loaded at another size."""
-        return SubjectDataset(self.root, self.split, width, height, self._num_test, self._seed, self.cache_size)
+        return SubjectDataset(self.root, self.split, width, height, self._num_test, self._seed, self.cache_size,
+                              self._num_val)
 
     def __repr__(self) -> str:
         size = "stored size" if self.width is None and self.height is None else f"{self.width}x{self.height}"

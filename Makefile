@@ -9,6 +9,9 @@
 #                it is skipped when no Chromium is found, except on CI (CI=true), where Debian's `chromium`
 #                is installed with apt-get when missing and FASTAVATAR_REQUIRE_BROWSER=1 makes a missing
 #                browser a failure. Its screenshots: runs/ci-artifacts/browser/ (or $FASTAVATAR_ARTIFACTS_DIR)
+#   make gpu-check  on a CUDA GPU: nvcc and ninja from PyPI where missing, gsplat's kernels built for this GPU
+#                only, pytest -m gpu, and full-preset timings beside their goals into
+#                benchmarks/results/<gpu-name>.json (benchmarks/gpu_check.py); without CUDA one "skipped" line
 #   make strip   remove outputs and execution counts from the notebooks (before committing)
 #   make lint    ruff over the package, tests and scripts
 #   make venv    only set up .venv: `python3 -m venv .venv` and `pip install -e '.[test]'`; skipped while
@@ -28,7 +31,7 @@ PYTEST_ARGS ?=
 PIP_ARGS ?=
 SANITIZE := tests/nbval_sanitize.cfg
 
-.PHONY: help venv browser-deps run test strip lint
+.PHONY: help venv browser-deps run test gpu-check strip lint
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -85,6 +88,10 @@ test: venv browser-deps
 	  "$(BIN)/python" -m pytest tests "$${notebooks[@]}" "$${nbval[@]}" $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 0 ]; then rm -rf "$$run_dir"; else echo "test: failed (pytest exit $$rc); run folder kept: $$run_dir"; fi; \
 	exit $$rc
+
+# The GPU path in one command (TORCH_CUDA_ARCH_LIST, CUDA_HOME and PATH are set by the script itself).
+gpu-check: venv
+	@"$(BIN)/python" benchmarks/gpu_check.py
 
 strip: venv
 	@"$(BIN)/python" scripts/check_notebooks.py --strip

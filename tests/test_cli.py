@@ -188,7 +188,7 @@ def test_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 def test_presets_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["presets"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("smoke: 12 subjects") and "full: 417 subjects" in out and "auto: smoke" in out
+    assert out.startswith("smoke: 14 subjects") and "full: 427 subjects" in out and "auto: smoke" in out
 
 
 def test_kernels_talk_over_local_sockets_and_stop_after_each_notebook(

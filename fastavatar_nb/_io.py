@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 C = TypeVar("C")
@@ -21,6 +21,16 @@ def atomic_save_tensors(tensors: dict[str, Tensor], path: Path, metadata: dict[s
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
+
+
+def load_tensors(path: Path, device: str = "cpu") -> dict[str, Tensor]:
+    """The tensors of a safetensors file, each copied into memory of its own.
+
+    Tensors read straight from a file can sit at any memory alignment, and CPU kernels may then take
+    other code paths: a model or checkpoint read back would differ from the one saved in the last
+    bits. Copies are allocated (and aligned) by torch, so a resumed run equals an uninterrupted one.
+    """
+    return {k: v.clone() for k, v in load_file(str(path), device=str(device)).items()}
 
 
 def atomic_write_text(path: Path, text: str) -> None:

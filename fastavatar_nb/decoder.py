@@ -48,10 +48,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ._io import atomic_save_tensors, atomic_write_text, check_fields, checked_metadata, config_from_dict
+from ._io import (
+    atomic_save_tensors,
+    atomic_write_text,
+    check_fields,
+    checked_metadata,
+    config_from_dict,
+    load_tensors,
+)
 from .cameras import Cameras
 from .data.subject import MultiViewSubject
 from .gaussians import Gaussians
@@ -418,10 +424,8 @@ class DecoderResult(StageScores):
         d = Path(directory)
         metas = [checked_metadata(p, fmt, "train a decoder with train_decoder (notebook 03)")
                  for p, fmt in ((d / DECODER_FILE, _DECODER_FORMAT), (d / LATENTS_FILE, _LATENTS_FORMAT))]
-        # cloned: tensors read from a file can sit at any memory alignment, and CPU kernels may then
-        # take other code paths (last-bit differences from the model that was saved)
-        dec_t = {k: v.clone() for k, v in load_file(str(d / DECODER_FILE), device=str(device)).items()}
-        lat_t = {k: v.clone() for k, v in load_file(str(d / LATENTS_FILE), device=str(device)).items()}
+        dec_t = load_tensors(d / DECODER_FILE, device)
+        lat_t = load_tensors(d / LATENTS_FILE, device)
         decoder = AutoDecoder(**json.loads(metas[0]["architecture"])).to(device)
         decoder.load_state_dict({k[8:]: v for k, v in dec_t.items() if k.startswith("decoder.")})
         decoder.eval()
@@ -704,7 +708,7 @@ def _resume(ckpt_json: Path, ckpt_tensors: Path, config: DecoderConfig, ids: lis
     if state.get("config") != json.loads(config.to_json()) or state.get("subject_ids") != ids:
         raise ValueError(f"{ckpt_json.parent} holds a checkpoint of another decoder run (different config or "
                          "subjects); use another folder or pass overwrite=True to discard it")
-    t = load_file(str(ckpt_tensors), device=str(dev))
+    t = load_tensors(ckpt_tensors, dev)
     decoder.load_state_dict({k[8:]: v for k, v in t.items() if k.startswith("decoder.")})
     with torch.no_grad():
         codes.copy_(t["codes"])

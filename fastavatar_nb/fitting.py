@@ -45,10 +45,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor
 
-from ._io import atomic_save_tensors, atomic_write_text, check_fields, checked_metadata, config_from_dict
+from ._io import (
+    atomic_save_tensors,
+    atomic_write_text,
+    check_fields,
+    checked_metadata,
+    config_from_dict,
+    load_tensors,
+)
 from .cameras import Cameras
 from .data.subject import MultiViewSubject, stack_subjects
 from .gaussians import Gaussians, knn, knn_spacing
@@ -411,7 +417,7 @@ class FitResult(StageScores):
         """Read a file written by :meth:`save`."""
         path = Path(path)
         meta = checked_metadata(path, _RESULT_FORMAT, "fit the subjects with fit_subjects (notebook 02)")
-        t = load_file(str(path), device=str(device))
+        t = load_tensors(path, device)
         g = Gaussians(**{k: t[f"gaussians.{k}"] for k in ("means", "log_scales", "quats", "opacity_logits", "sh")})
         return FitResult(
             subject_ids=json.loads(meta["subject_ids"]), gaussians=g, anchors=t["anchors"],
@@ -444,7 +450,7 @@ class _Checkpoint:
         if state.get("format") != _FORMAT:
             raise ValueError(f"{self.json} is not a fit checkpoint of this version (format {state.get('format')!r}, "
                              f"expected {_FORMAT!r}); choose another folder or pass overwrite=True")
-        return state, load_file(str(self.tensors))
+        return state, load_tensors(self.tensors)
 
     def save(self, state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

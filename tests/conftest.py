@@ -67,3 +67,14 @@ def shared_dir() -> Path:
     if not SHARED_DIR.is_dir():
         pytest.skip(f"shared folder {SHARED_DIR} is absent")
     return SHARED_DIR
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread (restored afterwards), for bitwise comparisons: with
+    several threads the BLAS may pick its thread count by the machine's load (MKL's dynamic
+    threads), which splits reductions differently and changes the last bits between two runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -217,7 +217,7 @@ def test_training_beats_the_template(scenes):
         result.code("nobody")
 
 
-def test_resume_equals_uninterrupted_run(scenes, tmp_path):
+def test_resume_equals_uninterrupted_run(scenes, tmp_path, one_thread):
     subjects, template = scenes
     cfg = DecoderConfig(epochs=3, **TINY)  # 9 steps, checkpoints after 4 and 8
     full = train_decoder(subjects, template, cfg, backend="torch", progress=False)
@@ -245,7 +245,7 @@ def test_resume_equals_uninterrupted_run(scenes, tmp_path):
                       checkpoint=tmp_path / "ck")
 
 
-def test_save_load_roundtrip(scenes, tmp_path):
+def test_save_load_roundtrip(scenes, tmp_path, one_thread):
     subjects, template = scenes
     result = train_decoder(subjects, template, DecoderConfig(epochs=1, **TINY), backend="torch", progress=False)
     dec_path, lat_path = result.save(tmp_path)

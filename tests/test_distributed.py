@@ -135,7 +135,7 @@ def test_shard_batches_are_whole_contiguous_batches():
         fit_subjects(_problems()[0][:1], FitConfig(**FIT), backend="torch", progress=False, subject_indices=[3, 4])
 
 
-def test_sharded_fits_equal_the_single_process_fits_bitwise(run):
+def test_sharded_fits_equal_the_single_process_fits_bitwise(run, one_thread):
     subjects = _problems()[0]
     ref = fit_subjects(subjects, FitConfig(**FIT), backend="torch", progress=False)
     got = FitResult.load(run / "fits.safetensors")
@@ -163,7 +163,7 @@ def test_a_shard_resumes_and_finished_shards_are_reused(run):
     _same(again.loss_history, first.loss_history, "loss_history")
 
 
-def test_data_parallel_decoder_equals_the_single_process_one(run):
+def test_data_parallel_decoder_equals_the_single_process_one(run, one_thread):
     _, subjects, template = _problems()
     ref = train_decoder(subjects, template, DEC, backend="torch", progress=False)
     ranks = [DecoderResult.load(run / f"decoder-rank{r}") for r in range(RANKS)]

@@ -134,7 +134,7 @@ def test_fitting_a_known_scene_increases_psnr():
     assert float(res.drift.max()) < 0.02
 
 
-def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, one_thread):
     subjects = [_scene(4)[0], _scene(5)[0]]
     cfg = _small_config()
     ref = fit_subjects(subjects, cfg, backend="torch", progress=False)

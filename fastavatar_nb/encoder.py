@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from ._io import atomic_save_tensors, check_fields, checked_metadata, config_from_dict
-from .faces import EMBEDDING_DIM, NoFaceError, crop_faces, make_mtcnn
+from .faces import EMBEDDING_DIM, make_mtcnn, truth_faces
 
 __all__ = ["ENCODER_FILE", "EncoderConfig", "EncoderMLP", "EncoderResult", "encoder_loss", "face_embeddings",
            "dataset_embeddings", "training_pairs", "train_encoder", "encode_faces"]
@@ -147,23 +147,8 @@ def face_embeddings(images: Tensor, net: nn.Module, mtcnn=None, batch_size: int 
         ``(embeddings [N, 512], found [N])``: unit-norm embeddings, NaN rows where MTCNN found no
         face (``found`` False). Use :func:`fastavatar_nb.faces.embed_faces` to get an error instead.
     """
-    mtcnn = mtcnn if mtcnn is not None else make_mtcnn()
-    crops, found = [], []
-    for i in range(images.shape[0]):
-        try:
-            crops.append(crop_faces(images[i:i + 1], mtcnn=mtcnn))
-            found.append(True)
-        except NoFaceError:
-            found.append(False)
-    out = torch.full((images.shape[0], EMBEDDING_DIM), float("nan"))
-    found_t = torch.tensor(found, dtype=torch.bool)
-    if crops:
-        dev = next(net.parameters()).device
-        c = torch.cat(crops)
-        emb = torch.cat([F.normalize(net(c[i:i + batch_size].to(dev)), dim=-1).cpu()
-                         for i in range(0, len(c), batch_size)])
-        out[found_t] = emb
-    return out.to(images.device), found_t.to(images.device)
+    faces = truth_faces(images, net, mtcnn, batch_size)  # the same detection, crop and embedding path
+    return faces.embeddings.to(images.device), faces.found.to(images.device)
 
 
 def dataset_embeddings(subjects: Sequence[Any], net: nn.Module, mtcnn=None, progress: bool = True,

@@ -82,9 +82,9 @@ test: venv browser-deps
 	  nbval=(); \
 	  echo "test: pytest tests/ (no notebooks/NN_*.ipynb yet, so nbval has nothing to run)"; \
 	fi; \
-	echo "test: FASTAVATAR_PRESET=smoke FASTAVATAR_RUN_DIR=$$run_dir (removed if everything passes)"; \
+	echo "test: FASTAVATAR_PRESET=smoke FASTAVATAR_HEADLESS=1 FASTAVATAR_RUN_DIR=$$run_dir (removed if everything passes)"; \
 	require_browser=$${FASTAVATAR_REQUIRE_BROWSER:-$$([ "$${CI:-}" = "true" ] && echo 1 || echo 0)}; \
-	rc=0; FASTAVATAR_PRESET=smoke FASTAVATAR_RUN_DIR="$$run_dir" FASTAVATAR_REQUIRE_BROWSER=$$require_browser \
+	rc=0; FASTAVATAR_PRESET=smoke FASTAVATAR_HEADLESS=1 FASTAVATAR_RUN_DIR="$$run_dir" FASTAVATAR_REQUIRE_BROWSER=$$require_browser \
 	  "$(BIN)/python" -m pytest tests "$${notebooks[@]}" "$${nbval[@]}" $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 0 ]; then rm -rf "$$run_dir"; else echo "test: failed (pytest exit $$rc); run folder kept: $$run_dir"; fi; \
 	exit $$rc

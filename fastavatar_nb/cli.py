@@ -18,6 +18,15 @@ Commands:
 The run folder is ``<--out>/<preset name>`` when ``--out`` is given, else
 ``FASTAVATAR_RUN_DIR`` when set, else ``<repository>/runs/<preset name>`` (see
 ``fastavatar_nb.presets.get``).
+
+Kernels started by ``run`` get ``FASTAVATAR_HEADLESS=1`` (unless the variable is set already):
+nobody watches them, so live figures are drawn once and progress bars print a few lines
+(:mod:`fastavatar_nb._live`).
+
+Bad input is reported as one ``fastavatar-nb: error: ...`` line naming the argument or file, what
+was expected and what to do, with exit code 2 (never a traceback): a missing or empty notebooks
+folder, a run folder that cannot be created or written, a damaged ``run_status.json``. A notebook
+that cannot be read (not JSON, not a notebook) is named and marked failed, and the others run.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from fastavatar_nb import presets, report
+from fastavatar_nb._live import HEADLESS_ENV
 
 if TYPE_CHECKING:
     from nbformat import NotebookNode
@@ -51,6 +61,10 @@ Status = Literal["ok", "failed", "skipped"]
 
 class CliError(Exception):
     """A usage problem reported as one line and exit code 2 (never a traceback)."""
+
+
+class NotebookReadError(Exception):
+    """A notebook file that cannot be read as a Jupyter notebook; the message names the file."""
 
 
 @dataclass
@@ -71,6 +85,8 @@ class NotebookResult:
     """Index in ``notebook.cells`` of the failing cell (markdown cells counted), when known."""
     cell_source: str = ""
     """First lines of the failing cell's source."""
+    cell_position: str = ""
+    """Where the failing cell is, counted from 1: e.g. "the notebook's 3rd cell (code cell 2 of 4)"."""
 
 
 def discover_notebooks(folder: Path) -> list[Path]:
@@ -114,11 +130,41 @@ def parse_only(spec: str, available: Sequence[int]) -> list[int]:
     return sorted(chosen)
 
 
+def _read_notebook_json(path: Path) -> dict:
+    """The notebook's JSON object; :class:`NotebookReadError` naming ``path`` and the problem otherwise."""
+    fix = "restore it (e.g. `git checkout -- FILE`) or save it again from Jupyter".replace("FILE", str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise NotebookReadError(f"cannot read {path}: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise NotebookReadError(
+            f"{path} is not a Jupyter notebook: expected UTF-8 JSON text, found a byte that is not UTF-8 "
+            f"at offset {err.start}; {fix}") from err
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        found = ("an empty file" if not text.strip()
+                 else f"invalid JSON at line {err.lineno}, column {err.colno} ({err.msg})")
+        raise NotebookReadError(f"{path} is not a Jupyter notebook: expected JSON, found {found}; {fix}") from err
+    cells = data.get("cells") if isinstance(data, dict) else None
+    if not isinstance(cells, list) or not all(isinstance(c, dict) for c in cells):
+        found = (f"a JSON {type(data).__name__}" if not isinstance(data, dict)
+                 else "no 'cells' list" if not isinstance(cells, list) else "a cell that is not an object")
+        raise NotebookReadError(
+            f"{path} is not a Jupyter notebook: expected a JSON object with a 'cells' list, found {found}; {fix}")
+    return data
+
+
 def _cells_hash(path: Path) -> str:
-    """sha256 of the cells' types and sources (outputs and metadata ignored)."""
-    data = json.loads(path.read_text(encoding="utf-8"))
+    """sha256 of the cells' types and sources (outputs and metadata ignored).
+
+    Raises:
+        NotebookReadError: the file cannot be read or is not a notebook (the message names it).
+    """
+    data = _read_notebook_json(path)
     digest = hashlib.sha256()
-    for cell in data.get("cells", []):
+    for cell in data["cells"]:
         source = cell.get("source", "")
         source = "".join(source) if isinstance(source, list) else str(source)
         digest.update(cell.get("cell_type", "").encode() + b"\0" + source.encode() + b"\0")
@@ -154,11 +200,16 @@ def execute_notebook(
     name = source.stem
     start = time.perf_counter()
     try:
+        _read_notebook_json(source)
         nb = nbformat.read(source, as_version=4)
-    except (OSError, ValueError) as err:  # nbformat's NotJSONError and ValidationError are ValueErrors
-        return NotebookResult(name, "failed", 0.0, None, error=f"cannot read {source}: {err}")
+    except NotebookReadError as err:
+        return NotebookResult(name, "failed", 0.0, None, error=f"NotebookReadError: {err}")
+    except Exception as err:  # nbformat: NotJSONError, ValidationError, a KeyError for a missing field, ...
+        return NotebookResult(name, "failed", 0.0, None, error=f"NotebookReadError: cannot read {source} "
+                              f"as a Jupyter notebook ({type(err).__name__}: {err})")
 
     failed_cell: list[int] = []
+    running_cell: list[int] = []  # the code cell sent to the kernel last (where a dead kernel died)
     num_cells = len(nb.cells)
 
     def cell_done(cell: object, cell_index: int, execute_reply: object) -> None:
@@ -167,6 +218,9 @@ def execute_notebook(
 
     def cell_error(cell: object, cell_index: int, execute_reply: object) -> None:
         failed_cell.append(cell_index)
+
+    def cell_execute(cell: object, cell_index: int) -> None:
+        running_cell[:] = [cell_index]
 
     kernel_name = nb.metadata.get("kernelspec", {}).get("name", "python3")
     config = Config()
@@ -183,6 +237,7 @@ def execute_notebook(
         resources={"metadata": {"path": str(source.parent)}},
         on_cell_executed=cell_done,
         on_cell_error=cell_error,
+        on_cell_execute=cell_execute,
     )
     error = ""
     try:
@@ -191,22 +246,46 @@ def execute_notebook(
         error = f"{err.ename}: {err.evalue}"
     except CellTimeoutError as err:
         error = f"CellTimeoutError: {str(err).splitlines()[0] if str(err) else 'cell timed out'}"
-    except DeadKernelError as err:
-        error = f"DeadKernelError: {err}"
+    except DeadKernelError:
+        error = ("DeadKernelError: the kernel died while this cell ran (its process exited or was killed: "
+                 "os._exit, a crash in native code, or the out-of-memory killer); the outputs so far are kept")
+        if not running_cell:
+            error = "DeadKernelError: the kernel died before any cell ran"
     except NoSuchKernel as err:
         error = f"NoSuchKernel: no Jupyter kernel named {err.name!r} (install ipykernel in this environment)"
+    except Exception as err:  # e.g. a kernel that does not start ("Kernel died before replying to kernel_info")
+        error = f"{type(err).__name__}: {err}".strip()
+        if not running_cell:
+            error += " (the kernel could not be started)"
     finally:
         if ipc_dir is not None:
             shutil.rmtree(ipc_dir, ignore_errors=True)
     seconds = time.perf_counter() - start
-    executed.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, executed)
+    try:
+        executed.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, executed)
+    except OSError as err:
+        write_error = f"cannot write the executed copy {executed}: {err.strerror or err}"
+        error = f"{error}; {write_error}" if error else f"OSError: {write_error}"
+        executed = None
     if not error:
         return NotebookResult(name, "ok", seconds, executed)
-    index = failed_cell[0] if failed_cell else _first_error_cell(nb)
+    index = failed_cell[0] if failed_cell else running_cell[0] if running_cell else _first_error_cell(nb)
     lines = nb.cells[index].source.splitlines() if index is not None else []
     head = "\n".join(lines[:5]) + ("\n..." if len(lines) > 5 else "")
-    return NotebookResult(name, "failed", seconds, executed, error=error, cell_index=index, cell_source=head)
+    position = ""
+    if index is not None:
+        position = f"the notebook's {_ordinal(index + 1)} cell"
+        if nb.cells[index].cell_type == "code":
+            code_number = sum(c.cell_type == "code" for c in nb.cells[: index + 1])
+            position += f" (code cell {code_number} of {sum(c.cell_type == 'code' for c in nb.cells)})"
+    return NotebookResult(name, "failed", seconds, executed, error=error, cell_index=index, cell_source=head,
+                          cell_position=position)
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _first_error_cell(nb: NotebookNode) -> int | None:
@@ -219,13 +298,84 @@ def _first_error_cell(nb: NotebookNode) -> int | None:
 def _load_status(path: Path) -> dict:
     if not path.exists():
         return {"notebooks": {}}
+    advice = "delete it or run with --force (every selected notebook then runs again)"
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise CliError(f"{path} is not valid JSON ({err}); delete it or run with --force") from err
+        raise CliError(f"{path} is not valid JSON ({err}); {advice}") from err
+    except UnicodeDecodeError as err:
+        raise CliError(f"{path} is not valid JSON (a byte that is not UTF-8 at offset {err.start}); {advice}") from err
+    except OSError as err:
+        raise CliError(f"cannot read the run status file {path}: {err.strerror or err}; {advice}") from err
     if not isinstance(data, dict) or not isinstance(data.get("notebooks"), dict):
-        raise CliError(f"{path} does not look like a run status file; delete it or run with --force")
+        raise CliError(f"{path} does not look like a run status file (expected a JSON object with a "
+                       f"'notebooks' object); {advice}")
+    # Entries of another shape are dropped (their notebooks run again), never trusted.
+    data["notebooks"] = {k: v for k, v in data["notebooks"].items() if isinstance(v, dict)}
     return data
+
+
+def _check_run_dir(run_dir: Path, origin: str, create: bool) -> None:
+    """Check that ``run_dir`` can be (or is) a writable folder; :class:`CliError` naming ``origin`` otherwise.
+
+    Args:
+        run_dir: the run folder.
+        origin: where the folder came from, for the message (``"--out /x"``, ...).
+        create: create it and write a probe file (a real run); else only look (``--dry-run``).
+    """
+    advice = "choose a writable folder with --out DIR"
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise CliError(f"{origin}: {folder} is a file, not a folder; the run folder {run_dir} "
+                               f"cannot be made inside it; {advice}")
+            break
+    if not create:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"{origin}: cannot create the run folder {run_dir} ({err.strerror or err}); "
+                       f"{advice}") from err
+    try:
+        with tempfile.NamedTemporaryFile(dir=run_dir, prefix=".write-check-"):
+            pass
+        for sub in ("executed", "metrics", "figures"):
+            folder = run_dir / sub
+            if folder.exists() and not folder.is_dir():
+                raise CliError(f"{origin}: {folder} is a file, where the run keeps a folder; move it away or "
+                               f"{advice}")
+    except OSError as err:
+        raise CliError(f"{origin}: the run folder {run_dir} is not writable ({err.strerror or err}); "
+                       f"{advice}") from err
+
+
+def _run_dir_origin(args: argparse.Namespace) -> str:
+    if args.out is not None:
+        return f"--out {args.out}"
+    if os.environ.get(presets.RUN_DIR_ENV):
+        return f"${presets.RUN_DIR_ENV}={os.environ[presets.RUN_DIR_ENV]}"
+    return "run folder"
+
+
+def _find_notebooks(args: argparse.Namespace) -> tuple[Path, list[Path]]:
+    """The notebooks folder and its ``NN_name.ipynb`` files; :class:`CliError` when there are none."""
+    given = args.notebooks is not None
+    folder = Path(args.notebooks).resolve() if given else presets.project_root() / "notebooks"
+    what = f"--notebooks {args.notebooks}" if given else f"notebooks folder {folder} (the default)"
+    expected = "expected a folder of notebooks named NN_name.ipynb (two digits, '_', a name; e.g. 01_basics.ipynb)"
+    if not folder.exists():
+        raise CliError(f"{what}: {folder} does not exist; {expected}; pass --notebooks DIR")
+    if not folder.is_dir():
+        raise CliError(f"{what}: {folder} is a file, not a folder; {expected}; pass --notebooks DIR")
+    found = discover_notebooks(folder)
+    if not found:
+        others = sorted(p.name for p in folder.glob("*.ipynb"))
+        seen = (f"found only {', '.join(others[:5])}{' ...' if len(others) > 5 else ''}" if others
+                else "found no .ipynb files")
+        raise CliError(f"{what}: no notebooks to run in {folder}: {expected}, {seen}; "
+                       f"rename them or pass --notebooks DIR")
+    return folder, found
 
 
 def _save_status(path: Path, data: dict) -> None:
@@ -257,17 +407,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     preset = _resolve_preset(args)
-    notebooks_dir = Path(args.notebooks).resolve() if args.notebooks else presets.project_root() / "notebooks"
-    found = discover_notebooks(notebooks_dir)
-    if not found:
-        print(f"No notebooks to run: {notebooks_dir} has no NN_name.ipynb files.")
-        return 0
+    notebooks_dir, found = _find_notebooks(args)
     numbers = [int(NOTEBOOK_PATTERN.match(p.name).group(1)) for p in found]  # type: ignore[union-attr]
-    if args.only:
+    if args.only is not None:
         wanted = set(parse_only(args.only, numbers))
         found = [p for p, n in zip(found, numbers, strict=True) if n in wanted]
 
     run_dir = preset.run_dir
+    origin = _run_dir_origin(args)
+    _check_run_dir(run_dir, origin, create=False)
     executed_dir = run_dir / "executed"
     status_path = run_dir / STATUS_FILE
     try:
@@ -279,28 +427,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"Preset {preset.describe()}")
     print(f"Notebooks: {notebooks_dir} ({len(found)} selected). Run folder: {run_dir}")
 
-    plan: list[tuple[Path, str, bool]] = []
+    plan: list[tuple[Path, str | None, bool]] = []
+    unreadable: dict[str, str] = {}
     for path in found:
-        digest = _cells_hash(path)
+        try:
+            digest: str | None = _cells_hash(path)
+        except NotebookReadError as err:
+            # Named now and marked failed when its turn comes; the other notebooks still run.
+            digest, unreadable[path.stem] = None, str(err)
+            print(f"fastavatar-nb: warning: {err}; {path.name} will be marked failed", file=sys.stderr)
         prev = status["notebooks"].get(path.stem, {})
+        executed_rel = prev.get("executed")
         done = (
-            prev.get("status") == "ok"
+            digest is not None
+            and prev.get("status") == "ok"
             and prev.get("cells_sha256") == digest
-            and (run_dir / (prev.get("executed") or "")).is_file()
+            and isinstance(executed_rel, str)
+            and (run_dir / executed_rel).is_file()
         )
         plan.append((path, digest, done and not args.force))
     if args.dry_run:
         for path, _, skip in plan:
-            print(f"  {path.name}: {'skip (done earlier, same cells)' if skip else 'run'}")
+            what = ("cannot be read (would be marked failed)" if path.stem in unreadable
+                    else "skip (done earlier, same cells)" if skip else "run")
+            print(f"  {path.name}: {what}")
         return 0
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_run_dir(run_dir, origin, create=True)
     preset.save()
     env = {
         **os.environ,
         presets.PRESET_ENV: preset.name,
         presets.RUN_DIR_ENV: str(run_dir),
     }
+    env.setdefault(HEADLESS_ENV, "1")  # nobody watches these kernels: no live redraws (fastavatar_nb._live)
     if args.allow_cpu:
         env[presets.ALLOW_CPU_FULL_ENV] = "1"
     status["preset"] = preset.name
@@ -310,9 +470,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     for path, digest, skip in bar:
         if skip:
             prev = status["notebooks"][path.stem]
+            seconds = prev.get("seconds")
             results.append(
                 NotebookResult(
-                    path.stem, "skipped", float(prev.get("seconds", 0.0)), run_dir / prev["executed"]
+                    path.stem, "skipped", float(seconds) if isinstance(seconds, int | float) else 0.0,
+                    run_dir / prev["executed"],
                 )
             )
             bar.write(f"[skip] {path.name}: succeeded earlier with the same cells (--force reruns it)")
@@ -323,9 +485,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(f"{stem} cell {index + 1}/{total}")
 
         try:
-            result = execute_notebook(
-                path, executed_dir / path.name, env, timeout=args.timeout, on_cell=on_cell
-            )
+            if path.stem in unreadable:
+                result = NotebookResult(path.stem, "failed", 0.0, None, error=f"NotebookReadError: {unreadable[path.stem]}")
+            else:
+                result = execute_notebook(
+                    path, executed_dir / path.name, env, timeout=args.timeout, on_cell=on_cell
+                )
         except KeyboardInterrupt:
             bar.close()
             print(f"\nInterrupted during {path.name}; finished notebooks are recorded in {status_path}.")
@@ -372,8 +537,11 @@ def _print_summary(results: list[NotebookResult], run_dir: Path, md_path: Path) 
     for r in results:
         if r.status != "failed":
             continue
-        where = f"cell {r.cell_index}" if r.cell_index is not None else "before any cell ran"
+        where = (f"cell {r.cell_index}" if r.cell_index is not None
+                 else "reading the file" if r.error.startswith("NotebookReadError") else "before any cell ran")
         print(f"\nFAILED {r.name}.ipynb at {where}: {r.error}")
+        if r.cell_position:
+            print(f"  cell {r.cell_index} counts from 0 (as nb.cells does): it is {r.cell_position}; it starts:")
         if r.cell_source:
             print("  " + r.cell_source.replace("\n", "\n  "))
         if r.executed:
@@ -383,8 +551,11 @@ def _print_summary(results: list[NotebookResult], run_dir: Path, md_path: Path) 
 def cmd_report(args: argparse.Namespace) -> int:
     """``fastavatar-nb report``; returns the exit code."""
     run_dir = _resolve_preset(args).run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CliError(f"{_run_dir_origin(args)}: {run_dir} is a file, not a run folder; pass the --out of a run")
     if not run_dir.is_dir():
         raise CliError(f"run folder {run_dir} does not exist; run `fastavatar-nb run` first")
+    _check_run_dir(run_dir, _run_dir_origin(args), create=True)
     md_path, html_path = report.write_report(run_dir)
     print(f"Wrote {md_path} and {html_path}")
     return 0
@@ -421,6 +592,16 @@ def _add_preset_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fastavatar-nb`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -440,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="rerun notebooks that succeeded earlier")
     run.add_argument("--fail-fast", action="store_true", help="stop at the first failing notebook")
     run.add_argument(
-        "--timeout", type=int, default=None, metavar="S", help="seconds allowed per cell (default: none)"
+        "--timeout", type=_positive_int, default=None, metavar="S", help="seconds allowed per cell (default: none)"
     )
     run.add_argument(
         "--notebooks", metavar="DIR", default=None, help="notebooks folder (default: <repository>/notebooks)"
@@ -463,6 +644,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as err:
         print(f"fastavatar-nb: error: {err}", file=sys.stderr)
         return 2
+    except report.MetricsError as err:
+        print(f"fastavatar-nb: error: {err}; fix or delete that file, then `fastavatar-nb report`", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file that vanished or filled the disk mid-run: name it, no traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"fastavatar-nb: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nfastavatar-nb: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -51,12 +51,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._io import (
+    ArtifactError,
+    CheckpointFile,
     atomic_save_tensors,
-    atomic_write_text,
     check_fields,
-    checked_metadata,
     config_from_dict,
-    load_tensors,
+    meta_json,
+    mismatch,
+    read_artifact,
 )
 from .cameras import Cameras
 from .data.subject import MultiViewSubject
@@ -75,7 +77,8 @@ from .render import Backend, render, resolve_backend
 
 __all__ = [
     "AutoDecoder", "DecoderConfig", "DecoderResult", "Residuals", "apply_residuals", "positional_embedding",
-    "train_decoder", "residual_penalty", "step_items", "DECODER_FILE", "LATENTS_FILE",
+    "train_decoder", "residual_penalty", "step_items", "DECODER_FILE", "LATENTS_FILE", "CHECKPOINT_FILE",
+    "checkpoint_state",
 ]
 
 DECODER_FILE = "decoder.safetensors"
@@ -84,9 +87,12 @@ LATENTS_FILE = "latents.safetensors"
 """The training subjects' latent codes ``w`` and their metrics, in a run folder."""
 _DECODER_FORMAT = "fastavatar-nb decoder v2"
 _LATENTS_FORMAT = "fastavatar-nb latents v2"
-_CKPT_FORMAT = "fastavatar-nb decoder checkpoint v2"
-_CKPT_JSON = "decoder_state.json"
-_CKPT_TENSORS = "decoder_state.safetensors"
+CHECKPOINT_FILE = "decoder_checkpoint.safetensors"
+"""The resumable checkpoint of :func:`train_decoder`, one file in its ``checkpoint`` folder: weights,
+codes, embeddings, Adam state and histories, with config and progress as JSON in its metadata."""
+_CKPT_FORMAT = "fastavatar-nb decoder checkpoint v3"
+_LEGACY_CHECKPOINT = ("decoder_state.json", "decoder_state.safetensors")  # the two-file layout (v2), refused
+_CKPT_STATE_KEYS = ("config", "subject_ids", "step", "steps", "seconds")
 HEADS: dict[str, int] = {"means": 3, "log_scales": 3, "quats": 4, "opacity_logits": 1, "sh": 48}
 """Output heads of the decoder and their sizes (59 numbers per Gaussian, as in the paper)."""
 _METRICS = StageScores.score_names()
@@ -167,6 +173,31 @@ def positional_embedding(points: Tensor, dim: int) -> Tensor:
     return F.pad(out, (0, dim - out.shape[-1]))
 
 
+def check_codes(w: Any, latent_dim: int, where: str, dtype: torch.dtype | None = None,
+                device: torch.device | None = None) -> None:
+    """Raise ``ValueError`` naming ``w`` unless it is a tensor of codes ``[..., latent_dim]`` of
+    ``dtype`` on ``device`` with finite values (a NaN or infinite code decodes to NaN Gaussians)."""
+    if not isinstance(w, Tensor):
+        raise ValueError(f"{where}: w must be a tensor of codes [..., {latent_dim}], got {type(w).__name__}; "
+                         "convert it with torch.as_tensor(w, dtype=torch.float32)")
+    if w.ndim == 0 or w.shape[-1] != latent_dim:
+        raise ValueError(f"{where}: w must be codes of shape [..., {latent_dim}] (latent_dim {latent_dim}), got shape "
+                         f"{list(w.shape)}; one code is a [{latent_dim}] vector, N codes are [N, {latent_dim}]")
+    if dtype is not None and w.dtype != dtype:
+        raise ValueError(f"{where}: w must be {dtype} (the decoder's weights), got {w.dtype}; convert it with "
+                         f"w.to({dtype})")
+    if device is not None and w.device != device:
+        raise ValueError(f"{where}: w is on {w.device}, the decoder on {device}; move it with w.to({str(device)!r})")
+    bad = ~torch.isfinite(w)
+    if bad.any():
+        rows = bad.reshape(-1, latent_dim).any(-1).nonzero().flatten().tolist()
+        raise ValueError(f"{where}: w must be finite, got {int(bad.sum())} NaN or infinite values of "
+                         f"{w.numel()} (in codes {rows[:8]}{' ...' if len(rows) > 8 else ''} of "
+                         f"{list(w.shape[:-1]) or 'one'}), which would decode to NaN Gaussians; check where the codes "
+                         "come from (a diverged training, refinement or edit, or an encoder fed a missing face) and "
+                         "pass finite codes")
+
+
 # -------------------------------------------------------------------------------- the MLP
 class AutoDecoder(nn.Module):
     """``h(w, e_k)``: shared MLP body and one small head per kind of residual.
@@ -214,8 +245,8 @@ class AutoDecoder(nn.Module):
         Returns:
             :class:`Residuals` with batch shape ``[...]`` (``w.shape[:-1]``) and K Gaussians.
         """
-        if w.shape[-1] != self.latent_dim:
-            raise ValueError(f"AutoDecoder: codes must be [..., {self.latent_dim}], got {tuple(w.shape)}")
+        check_codes(w, self.latent_dim, "AutoDecoder", dtype=self.body[0].weight.dtype,
+                    device=self.body[0].weight.device)
         if embeddings.ndim != 2 or embeddings.shape[-1] != self.embed_dim:
             raise ValueError(f"AutoDecoder: embeddings must be [K, {self.embed_dim}], got {tuple(embeddings.shape)}")
         first = self.body[0]
@@ -377,12 +408,20 @@ class DecoderResult(StageScores):
     seconds: float = 0.0
 
     def decode(self, w: Tensor) -> Gaussians:
-        """Gaussians ``[..., K, ...]`` of codes ``w`` ``[..., latent_dim]`` (no gradient)."""
+        """Gaussians ``[..., K, ...]`` of codes ``w`` ``[..., latent_dim]`` (no gradient).
+
+        Raises:
+            ValueError: ``w`` is not a finite float tensor ``[..., latent_dim]`` on the decoder's device.
+        """
+        p = self.decoder.body[0].weight
+        check_codes(w, self.decoder.latent_dim, "DecoderResult.decode", p.dtype, p.device)
         with torch.no_grad():
             return apply_residuals(self.template, self.decoder(w, self.embeddings))
 
     def residuals(self, w: Tensor) -> Residuals:
-        """The residuals of codes ``w`` (no gradient)."""
+        """The residuals of codes ``w`` (no gradient); ``w`` is checked as in :meth:`decode`."""
+        p = self.decoder.body[0].weight
+        check_codes(w, self.decoder.latent_dim, "DecoderResult.residuals", p.dtype, p.device)
         with torch.no_grad():
             return self.decoder(w, self.embeddings)
 
@@ -422,21 +461,29 @@ class DecoderResult(StageScores):
     def load(directory: str | os.PathLike, device: torch.device | str = "cpu") -> DecoderResult:
         """Read what :meth:`save` wrote into ``directory``."""
         d = Path(directory)
-        metas = [checked_metadata(p, fmt, "train a decoder with train_decoder (notebook 03)")
-                 for p, fmt in ((d / DECODER_FILE, _DECODER_FORMAT), (d / LATENTS_FILE, _LATENTS_FORMAT))]
-        dec_t = load_tensors(d / DECODER_FILE, device)
-        lat_t = load_tensors(d / LATENTS_FILE, device)
-        decoder = AutoDecoder(**json.loads(metas[0]["architecture"])).to(device)
-        decoder.load_state_dict({k[8:]: v for k, v in dec_t.items() if k.startswith("decoder.")})
+        hint = "train a decoder with train_decoder (notebook 03)"
+        gs = ("means", "log_scales", "quats", "opacity_logits", "sh")
+        dec_meta, dec_t = read_artifact(d / DECODER_FILE, _DECODER_FORMAT, hint, device=device,
+                                        meta_keys=("architecture", "config"),
+                                        tensor_names=("embeddings", *(f"template.{k}" for k in gs)))
+        lat_meta, lat_t = read_artifact(d / LATENTS_FILE, _LATENTS_FORMAT, hint, device=device,
+                                        meta_keys=("subject_ids",),
+                                        tensor_names=("codes", "loss_history", "psnr_history", *_METRICS))
+        arch = meta_json(d / DECODER_FILE, dec_meta, "architecture", hint)
+        try:
+            decoder = AutoDecoder(**arch).to(device)
+            decoder.load_state_dict({k[8:]: v for k, v in dec_t.items() if k.startswith("decoder.")})
+        except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's missing/unexpected keys
+            raise ArtifactError(f"{d / DECODER_FILE}: its weights do not make the decoder its metadata describes "
+                                f"({arch}): {e}; the file is damaged or was not written by fastavatar-nb; {hint}") from e
         decoder.eval()
-        template = Gaussians(**{k: dec_t[f"template.{k}"] for k in ("means", "log_scales", "quats",
-                                                                     "opacity_logits", "sh")})
+        template = Gaussians(**{k: dec_t[f"template.{k}"] for k in gs})
         return DecoderResult(
             decoder=decoder, embeddings=dec_t["embeddings"], template=template, codes=lat_t["codes"],
-            subject_ids=json.loads(metas[1]["subject_ids"]), **{m: lat_t[m] for m in _METRICS},
+            subject_ids=meta_json(d / LATENTS_FILE, lat_meta, "subject_ids", hint), **{m: lat_t[m] for m in _METRICS},
             loss_history=lat_t["loss_history"], psnr_history=lat_t["psnr_history"],
-            config=DecoderConfig.from_dict(json.loads(metas[0]["config"])), backend=metas[0]["backend"],
-            seconds=float(metas[0]["seconds"]))
+            config=DecoderConfig.from_dict(meta_json(d / DECODER_FILE, dec_meta, "config", hint)),
+            backend=dec_meta.get("backend", "torch"), seconds=float(dec_meta.get("seconds", "0")))
 
 
 # ------------------------------------------------------------------------------- training
@@ -477,10 +524,11 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
         template: ``[K, ...]`` from :func:`~fastavatar_nb.template.build_template`.
         config: settings (default :class:`DecoderConfig`).
         backend, device: renderer backend and where to train (default: the template's device).
-        checkpoint: folder for a resumable checkpoint (``decoder_state.json`` + ``.safetensors``,
-            written every ``checkpoint_every`` steps). An existing checkpoint of the same config
-            and subjects resumes (a finished one returns at once); another one raises unless
-            ``overwrite``.
+        checkpoint: folder for a resumable checkpoint (one file, :data:`CHECKPOINT_FILE`, replaced
+            atomically every ``checkpoint_every`` steps). An existing checkpoint of the same config
+            and subjects resumes (a finished one returns at once); another one, a damaged one or
+            leftovers of the earlier two-file layout (``decoder_state.json`` + ``.safetensors``)
+            raise a :class:`~fastavatar_nb._io.CheckpointError` unless ``overwrite``.
         progress: show a tqdm progress bar.
         callback: called after every step with ``step``, ``steps``, ``epoch``, ``loss``, ``psnr``
             (floats: means over the step's renders) and ``codes`` (the current ``[N, latent_dim]``).
@@ -493,7 +541,7 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
         A :class:`DecoderResult` (its metrics are measured on every subject's training views and
         on the held-out view after training).
     """
-    from tqdm.auto import tqdm
+    from ._live import progress_bar as tqdm
 
     config = (config or DecoderConfig()).validate()
     ids = subject_ids(subjects, "train_decoder")
@@ -560,20 +608,16 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
     hist_loss = torch.full((total,), float("nan"))
     hist_psnr = torch.full((total,), float("nan"))
     step0, seconds0 = 0, 0.0
-    ckpt_json = ckpt_tensors = None
-    if checkpoint is not None:
-        folder = Path(checkpoint)
-        ckpt_json, ckpt_tensors = folder / _CKPT_JSON, folder / _CKPT_TENSORS
-        if ckpt_json.exists() or ckpt_tensors.exists():
-            if overwrite:
-                ckpt_json.unlink(missing_ok=True)
-                ckpt_tensors.unlink(missing_ok=True)
-            else:
-                step0, seconds0 = _resume(ckpt_json, ckpt_tensors, config, ids, decoder, codes, embeddings, opt,
-                                          hist_loss, hist_psnr, dev)
+    ckpt = _checkpoint(checkpoint) if checkpoint is not None else None
+    if ckpt is not None and ckpt.exists():
+        if overwrite:
+            ckpt.discard()
+        else:
+            step0, seconds0 = _resume(ckpt, config, ids, total, decoder, codes, embeddings, opt, hist_loss, hist_psnr,
+                                      dev)
 
     def save_checkpoint(step: int, seconds: float) -> None:
-        if ckpt_json is None or ckpt_tensors is None or (comm is not None and comm.rank != 0):
+        if ckpt is None or (comm is not None and comm.rank != 0):
             return
         t = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
         t.update({"codes": codes.detach(), "embeddings": embeddings.detach(), "hist.loss": hist_loss,
@@ -585,11 +629,8 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
                     t[f"opt.{gi}.{pi}.exp_avg"] = st["exp_avg"]
                     t[f"opt.{gi}.{pi}.exp_avg_sq"] = st["exp_avg_sq"]
                     t[f"opt.{gi}.{pi}.step"] = torch.as_tensor(st["step"]).reshape(1)
-        ckpt_json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_tensors(t, ckpt_tensors, {"format": _CKPT_FORMAT})
-        atomic_write_text(ckpt_json, json.dumps({"format": _CKPT_FORMAT, "config": json.loads(config.to_json()),
-                                                 "subject_ids": ids, "step": step, "steps": total,
-                                                 "seconds": seconds, "backend": backend_name}, indent=1))
+        ckpt.save({"config": json.loads(config.to_json()), "subject_ids": ids, "step": step, "steps": total,
+                   "seconds": seconds, "backend": backend_name}, t)
 
     bar = tqdm(total=total, initial=step0, desc="training the decoder", disable=not progress, unit="step",
                mininterval=0.5)  # few redraws: a notebook's output channel keeps ~1,000 messages
@@ -691,24 +732,49 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
     return result
 
 
-def _resume(ckpt_json: Path, ckpt_tensors: Path, config: DecoderConfig, ids: list[str], decoder: AutoDecoder,
+def _checkpoint(folder: str | os.PathLike) -> CheckpointFile:
+    return CheckpointFile(folder, CHECKPOINT_FILE, _CKPT_FORMAT, "decoder checkpoint", legacy=_LEGACY_CHECKPOINT)
+
+
+def checkpoint_state(folder: str | os.PathLike) -> dict[str, Any]:
+    """The JSON state of the decoder checkpoint in ``folder`` (config, ``subject_ids``, ``step`` of
+    ``steps``, ``seconds``), without reading its tensors.
+
+    Raises:
+        FileNotFoundError: no checkpoint in ``folder``.
+        CheckpointError: a damaged or foreign file, or leftovers of the old two-file layout.
+    """
+    return _checkpoint(folder).state()
+
+
+def _resume(ckpt: CheckpointFile, config: DecoderConfig, ids: list[str], total: int, decoder: AutoDecoder,
             codes: Tensor, embeddings: Tensor, opt: torch.optim.Adam, hist_loss: Tensor, hist_psnr: Tensor,
             dev: torch.device) -> tuple[int, float]:
-    """Load a checkpoint into the fresh model and optimiser; returns ``(step, seconds)``."""
-    if not (ckpt_json.is_file() and ckpt_tensors.is_file()):
-        raise ValueError(f"incomplete decoder checkpoint in {ckpt_json.parent}: need both {_CKPT_JSON} and "
-                         f"{_CKPT_TENSORS}; pass overwrite=True to start afresh")
-    try:
-        state = json.loads(ckpt_json.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{ckpt_json}: not valid JSON ({e}); pass overwrite=True to start afresh") from e
-    if state.get("format") != _CKPT_FORMAT:
-        raise ValueError(f"{ckpt_json} is not a decoder checkpoint of this version (format {state.get('format')!r}, "
-                         f"expected {_CKPT_FORMAT!r}); choose another folder or pass overwrite=True")
-    if state.get("config") != json.loads(config.to_json()) or state.get("subject_ids") != ids:
-        raise ValueError(f"{ckpt_json.parent} holds a checkpoint of another decoder run (different config or "
-                         "subjects); use another folder or pass overwrite=True to discard it")
-    t = load_tensors(ckpt_tensors, dev)
+    """Load a checkpoint into the fresh model and optimiser; returns ``(step, seconds)``.
+
+    Refuses (:class:`~fastavatar_nb._io.CheckpointError`) a checkpoint of another config or other
+    subjects, and one whose state and tensors disagree (step, shapes, optimiser step counts)."""
+    weights = [f"decoder.{k}" for k in decoder.state_dict()]
+    state, t = ckpt.load(dev, state_keys=_CKPT_STATE_KEYS,
+                         tensor_names=(*weights, "codes", "embeddings", "hist.loss", "hist.psnr"))
+    want = {"config": json.loads(config.to_json()), "subject_ids": ids}
+    got = {"config": state["config"], "subject_ids": state["subject_ids"]}
+    if got != want:
+        what = (f"config {mismatch(want['config'], got['config'])}" if got["config"] != want["config"]
+                else mismatch(want, got))
+        raise ckpt.refuse(f"it holds a checkpoint of another decoder run ({what})")
+    step = state["step"]
+    if state["steps"] != total or not (isinstance(step, int) and 0 < step <= total):
+        raise ckpt.refuse(f"its state says step {step!r} of {state['steps']!r}, expected a step in 1..{total} of {total}")
+    shapes = {"codes": tuple(codes.shape), "embeddings": tuple(embeddings.shape), "hist.loss": (total,),
+              "hist.psnr": (total,), **{f"decoder.{k}": tuple(v.shape) for k, v in decoder.state_dict().items()}}
+    bad = {k: list(t[k].shape) for k, s in shapes.items() if tuple(t[k].shape) != s}
+    if bad:
+        raise ckpt.refuse(f"tensors of the wrong shape {bad}, expected {({k: list(shapes[k]) for k in bad})}")
+    steps = {k: int(v.reshape(-1)[0]) for k, v in t.items() if k.startswith("opt.") and k.endswith(".step")}
+    if not steps or any(v != step for v in steps.values()):
+        raise ckpt.refuse(f"the state and the tensors disagree: the state says step {step}, but the optimiser state "
+                          f"holds {sorted(set(steps.values())) or 'no'} steps")
     decoder.load_state_dict({k[8:]: v for k, v in t.items() if k.startswith("decoder.")})
     with torch.no_grad():
         codes.copy_(t["codes"])
@@ -721,4 +787,4 @@ def _resume(ckpt_json: Path, ckpt_tensors: Path, config: DecoderConfig, ids: lis
             if f"{key}.exp_avg" in t:
                 opt.state[p] = {"step": t[f"{key}.step"].reshape(()).cpu().clone(), "exp_avg": t[f"{key}.exp_avg"],
                                 "exp_avg_sq": t[f"{key}.exp_avg_sq"]}
-    return int(state["step"]), float(state.get("seconds", 0.0))
+    return int(step), float(state.get("seconds", 0.0))

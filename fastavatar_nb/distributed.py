@@ -13,7 +13,7 @@ make, and every rank gets a contiguous block of whole batches (:func:`shard_batc
 ``subject_indices=`` their indices in the whole list. Same batches, same schedule, same
 floating-point order: every subject's fit equals the single-process fit **bitwise**.
 Each rank writes its shard into its own folder ``<folder>/subjects-<first>-<last>/`` (a
-resumable fit checkpoint, ``fit_state.*``, and the shard's result, ``fits.safetensors``); once
+resumable fit checkpoint, ``fit_checkpoint.safetensors``, and the shard's result, ``fits.safetensors``); once
 every rank is done (a barrier), the shards are read back and concatenated in the original
 subject order (:func:`merge_fit_shards`). A rerun resumes each unfinished shard from its
 checkpoint and reuses the finished ones. The folder must be visible to every rank (one machine,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +37,33 @@ DIRECTIONS_FILE = "directions.json"
 
 def interpolate(w_a: Tensor, w_b: Tensor, t: Tensor | float) -> Tensor:
     """``(1 - t) w_a + t w_b`` for codes ``[L]`` and ``t`` a float or ``[T]`` (then ``[T, L]``)."""
-    t = torch.as_tensor(t, dtype=w_a.dtype, device=w_a.device)
+    _check_code(w_a, "w_a", "interpolate")
+    _check_code(w_b, "w_b", "interpolate")
+    if w_a.shape != w_b.shape:
+        raise ValueError(f"interpolate: w_a and w_b must be codes of one decoder (the same shape), got "
+                         f"{tuple(w_a.shape)} and {tuple(w_b.shape)}")
+    t = _finite(torch.as_tensor(t, dtype=w_a.dtype, device=w_a.device), "t", "interpolate")
     if t.ndim == 0:
         return (1 - t) * w_a + t * w_b
     return (1 - t)[:, None] * w_a + t[:, None] * w_b
+
+
+def _check_code(w: Tensor, name: str, fn: str, batched: bool = False) -> None:
+    """A latent code ``[L]`` (``[..., L]`` when ``batched``) of finite floats, or a clear error."""
+    if not isinstance(w, Tensor) or not w.is_floating_point():
+        raise TypeError(f"{fn}: {name} must be a float tensor {'[..., L]' if batched else '[L]'} (a latent code), "
+                        f"got {getattr(w, 'dtype', type(w).__name__)}")
+    if w.ndim < 1 or (not batched and w.ndim != 1):
+        raise ValueError(f"{fn}: {name} must be {'[..., L]' if batched else 'one code [L]'}, got shape {tuple(w.shape)}")
+    _finite(w, name, fn)
+
+
+def _finite(x: Tensor, name: str, fn: str) -> Tensor:
+    if not bool(torch.isfinite(x).all()):
+        hint = ("; codes with NaN rows come from photos without a detected face (encode_faces): drop those"
+                if name in ("codes", "w_a", "w_b") else "")
+        raise ValueError(f"{fn}: {name} holds NaN or infinite values{hint}")
+    return x
 
 
 @dataclass
@@ -108,9 +131,14 @@ def attribute_direction(codes: Tensor, labels: Tensor | list[bool], name: str = 
 
 def edit(codes: Tensor, direction: AttributeDirection | Tensor, amount: Tensor | float) -> Tensor:
     """``w + amount * n``: codes ``[..., L]``; ``amount`` a float or ``[T]`` (then ``[T, ..., L]``)."""
+    _check_code(codes, "codes", "edit", batched=True)
     n = direction.direction if isinstance(direction, AttributeDirection) else direction
+    _check_code(n, "direction", "edit")
+    if n.shape[-1] != codes.shape[-1]:
+        raise ValueError(f"edit: the direction has {n.shape[-1]} entries but the codes have {codes.shape[-1]}: "
+                         "use a direction found on codes of this decoder (attribute_direction)")
     n = n.to(codes)
-    a = torch.as_tensor(amount, dtype=codes.dtype, device=codes.device)
+    a = _finite(torch.as_tensor(amount, dtype=codes.dtype, device=codes.device), "amount", "edit")
     if a.ndim == 0:
         return codes + a * n
     return codes + a.reshape(-1, *([1] * codes.ndim)) * n
@@ -137,5 +165,22 @@ def load_directions(path: str | os.PathLike) -> list[AttributeDirection]:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict) or data.get("format") != "fastavatar-nb directions":
-        raise ValueError(f"{path}: not a directions file written by save_directions")
-    return [AttributeDirection.from_dict(d) for d in data["directions"]]
+        found = f"format {data.get('format')!r}" if isinstance(data, dict) else f"a JSON {type(data).__name__}"
+        raise ValueError(f"{path}: not a directions file written by save_directions ({found}, expected format "
+                         "'fastavatar-nb directions'); make them with attribute_direction (notebook 05)")
+    items = data.get("directions")
+    if not isinstance(items, list):
+        raise ValueError(f"{path}: a directions file without its 'directions' list (found {type(items).__name__}); "
+                         "the file is damaged: save the directions again (notebook 05)")
+    out = []
+    for i, d in enumerate(items):
+        try:
+            a = AttributeDirection.from_dict(d)
+            if a.direction.ndim != 1 or not torch.isfinite(a.direction).all():
+                raise ValueError(f"direction must be a list of finite numbers, got shape {list(a.direction.shape)}")
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{path}: direction {i} is damaged ({e!r}); it needs the fields "
+                             f"{[f.name for f in fields(AttributeDirection)]}: save the directions again (notebook 05)"
+                             ) from e
+        out.append(a)
+    return out

@@ -29,10 +29,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ._io import atomic_save_tensors, check_fields, checked_metadata, config_from_dict
+from ._io import ArtifactError, atomic_save_tensors, check_fields, config_from_dict, meta_json, read_artifact
 from .faces import EMBEDDING_DIM, make_mtcnn, truth_faces
 
 __all__ = ["ENCODER_FILE", "EncoderConfig", "EncoderMLP", "EncoderResult", "encoder_loss", "face_embeddings",
@@ -159,7 +158,7 @@ def dataset_embeddings(subjects: Sequence[Any], net: nn.Module, mtcnn=None, prog
         ``(embeddings [S, C, 512], found [S, C])`` on ``device`` (default: the network's), NaN
         rows where no face was found.
     """
-    from tqdm.auto import tqdm
+    from ._live import progress_bar as tqdm
 
     mtcnn = mtcnn if mtcnn is not None else make_mtcnn()
     dev = torch.device(device) if device is not None else next(net.parameters()).device
@@ -222,14 +221,20 @@ class EncoderResult:
     def load(directory: str | os.PathLike, device: torch.device | str = "cpu") -> EncoderResult:
         """Read what :meth:`save` wrote."""
         path = Path(directory) / ENCODER_FILE
-        meta = checked_metadata(path, _FORMAT, "train one with train_encoder (notebook 04)")
-        t = load_file(str(path), device=str(device))
-        arch = json.loads(meta["architecture"])
-        model = EncoderMLP(arch["latent_dim"], arch["in_dim"], tuple(arch["hidden"]), arch["dropout"]).to(device)
-        model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+        hint = "train one with train_encoder (notebook 04)"
+        meta, t = read_artifact(path, _FORMAT, hint, device=device, meta_keys=("architecture", "config"),
+                                tensor_names=("loss_history", "cos_history"))
+        arch = meta_json(path, meta, "architecture", hint)
+        try:
+            model = EncoderMLP(arch["latent_dim"], arch["in_dim"], tuple(arch["hidden"]), arch["dropout"]).to(device)
+            model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: missing/unexpected weights
+            raise ArtifactError(f"{path}: its weights do not make the encoder its metadata describes ({arch}): {e!r}; "
+                                f"the file is damaged or was not written by fastavatar-nb; {hint}") from e
         model.eval()
         return EncoderResult(model, t["loss_history"], t["cos_history"],
-                             EncoderConfig.from_dict(json.loads(meta["config"])), float(meta["seconds"]))
+                             EncoderConfig.from_dict(meta_json(path, meta, "config", hint)),
+                             float(meta.get("seconds", "0")))
 
 
 def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | None = None, progress: bool = True,
@@ -245,7 +250,7 @@ def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | N
     Returns:
         An :class:`EncoderResult` with the model in eval mode.
     """
-    from tqdm.auto import tqdm
+    from ._live import progress_bar as tqdm
 
     config = (config or EncoderConfig()).validate()
     if embeddings.ndim != 2 or targets.ndim != 2 or embeddings.shape[0] != targets.shape[0]:

@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._checks import MIN_FACE_PHOTO_SIDE, check_images
 from ._io import atomic_save_tensors
 
 __all__ = [
@@ -554,26 +555,6 @@ def make_mtcnn(device: torch.device | str = "cpu", margin: int = 32, size: int =
                  device=device)
 
 
-def _check_images(images: Tensor, name: str = "images", unit_range: bool = False) -> None:
-    if not isinstance(images, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor [N, H, W, 3], got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"{name} must be [N, H, W, 3] RGB, got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"{name} must be floats in [0, 1], got dtype {images.dtype}; divide uint8 images by 255")
-    if unit_range and images.numel():
-        if not torch.isfinite(images).all():
-            raise ValueError(f"{name} hold NaN or infinite values")
-        lo, hi = float(images.min()), float(images.max())
-        if lo < -_RANGE_SLACK or hi > 1 + _RANGE_SLACK:
-            raise ValueError(f"{name} must hold values in [0, 1], found [{lo:.4g}, {hi:.4g}]; "
-                             f"clamp them first ({name}.clamp(0, 1))")
-
-
-_RANGE_SLACK = 1e-4
-"""Rounding slack tolerated outside [0, 1] by :func:`identity_similarity` (pixels are quantised to 8 bits)."""
-
-
 def _pil_images(images: Tensor) -> list:
     """``[N, H, W, 3]`` floats in [0, 1] -> 8-bit PIL images (what MTCNN and the crops read)."""
     from PIL import Image
@@ -593,7 +574,7 @@ def detect_faces(images: Tensor, mtcnn=None) -> tuple[Tensor, Tensor]:
         ``(boxes [N, 4], found [N])`` on the CPU: float64 ``(x0, y0, x1, y1)`` in pixels of the
         image (before any margin), NaN rows where no face was found (``found`` False).
     """
-    _check_images(images)
+    check_images(images, fn="detect_faces", min_side=MIN_FACE_PHOTO_SIDE)
     if mtcnn is None:
         mtcnn = make_mtcnn()
     boxes = torch.full((images.shape[0], 4), float("nan"), dtype=torch.float64)
@@ -624,7 +605,7 @@ def crop_boxes(images: Tensor, boxes: Tensor, margin: int = 32, size: int = FACE
     """
     from facenet_pytorch import extract_face, fixed_image_standardization
 
-    _check_images(images)
+    check_images(images, fn="crop_boxes")
     if not isinstance(boxes, Tensor) or boxes.shape != (images.shape[0], 4):
         raise ValueError(f"boxes must be [N, 4] with N = {images.shape[0]} images, got "
                          f"{tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__}")
@@ -655,7 +636,7 @@ def crop_faces(images: Tensor, margin: int = 32, size: int = FACE_SIZE, mtcnn=No
     Raises:
         NoFaceError: naming the images in which no face was found.
     """
-    _check_images(images)
+    check_images(images, fn="crop_faces", min_side=MIN_FACE_PHOTO_SIDE)
     if mtcnn is None:
         mtcnn = make_mtcnn(margin=margin, size=size)
     boxes, found = detect_faces(images, mtcnn)
@@ -680,7 +661,7 @@ def embed_faces(images: Tensor, net: torch.nn.Module | None = None, batch_size: 
     Raises:
         NoFaceError: naming every image (index into ``images``) without a detected face.
     """
-    _check_images(images)
+    check_images(images, fn="embed_faces", min_side=MIN_FACE_PHOTO_SIDE)
     if net is None:
         net = load_facenet(device=images.device)
     device = next(net.parameters()).device
@@ -743,7 +724,7 @@ def _check_batch_size(batch_size: int) -> None:
 
 @torch.no_grad()
 def _compute_truth_faces(truths: Tensor, net, mtcnn, batch_size: int) -> TruthFaces:
-    _check_images(truths, "truths", unit_range=True)
+    check_images(truths, "truths", fn="truth_faces", min_side=MIN_FACE_PHOTO_SIDE)
     _check_batch_size(batch_size)
     if net is None:
         net = load_facenet()
@@ -804,13 +785,13 @@ def identity_similarity(renders: Tensor, truths: Tensor | None = None, net: torc
         ValueError: shapes that differ or are not ``[N, H, W, 3]``, values outside [0, 1], or neither
             (or both of) ``truths`` and ``truth_faces``.
     """
-    _check_images(renders, "renders", unit_range=True)
+    check_images(renders, "renders", fn="identity_similarity", min_side=MIN_FACE_PHOTO_SIDE)
     _check_batch_size(batch_size)
     if (truths is None) == (truth_faces is None):
         raise ValueError("identity_similarity: pass either truths (photos, [N, H, W, 3]) or truth_faces "
                          "(from faces.truth_faces(truths)), not both and not neither")
     if truths is not None:
-        _check_images(truths, "truths", unit_range=True)
+        check_images(truths, "truths", fn="identity_similarity", min_side=MIN_FACE_PHOTO_SIDE)
         if truths.shape != renders.shape:
             raise ValueError(f"renders and truths must have the same shape (the same cameras), got "
                              f"{tuple(renders.shape)} and {tuple(truths.shape)}")

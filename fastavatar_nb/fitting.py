@@ -24,10 +24,15 @@ its training views in a fresh random order every epoch; the order is a pure func
 ``(seed, subject index, epoch)`` (numpy ``SeedSequence``), so a run resumed from a checkpoint
 sees exactly the views an uninterrupted run would.
 
-Checkpoints (``checkpoint=`` a folder): ``fit_state.json`` (config, subject ids, progress,
-Adam hyper-parameters) and ``fit_state.safetensors`` (parameters, Adam moments and step
-counts, finished fits, metrics and loss histories), written atomically every
-``checkpoint_every`` steps and after each batch of subjects.
+Checkpoints (``checkpoint=`` a folder): one file, ``fit_checkpoint.safetensors``
+(:data:`CHECKPOINT_FILE`): parameters, Adam moments and step counts, finished fits, metrics and
+loss histories as tensors, with the config, subject ids, progress and Adam hyper-parameters as
+JSON in its metadata (:func:`checkpoint_state` reads them). It is replaced atomically (one
+rename, :func:`fastavatar_nb._io.save_checkpoint`) every ``checkpoint_every`` steps and after each
+batch of subjects, so a run killed at any moment resumes from the last complete checkpoint; a
+damaged checkpoint, one of another run or leftovers of the earlier two-file layout
+(``fit_state.json`` + ``fit_state.safetensors``) are refused with a
+:class:`~fastavatar_nb._io.CheckpointError` naming the file and the way out (``overwrite=True``).
 """
 
 from __future__ import annotations
@@ -48,12 +53,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._io import (
+    CheckpointFile,
     atomic_save_tensors,
-    atomic_write_text,
     check_fields,
-    checked_metadata,
     config_from_dict,
-    load_tensors,
+    meta_json,
+    mismatch,
+    read_artifact,
 )
 from .cameras import Cameras
 from .data.subject import MultiViewSubject, stack_subjects
@@ -72,15 +78,18 @@ from .render import Backend, render, resolve_backend
 
 __all__ = [
     "FitConfig", "FitResult", "fit_subjects", "estimate_normals", "sample_point_colors", "init_gaussians",
-    "view_for_step", "SHORT_RUN_LRS", "LONG_RUN_LRS", "SHORT_RUN_STEPS",
+    "view_for_step", "SHORT_RUN_LRS", "LONG_RUN_LRS", "SHORT_RUN_STEPS", "CHECKPOINT_FILE", "checkpoint_state",
 ]
 
-CHECKPOINT_JSON = "fit_state.json"
-CHECKPOINT_TENSORS = "fit_state.safetensors"
-_FORMAT = "fastavatar-nb fit checkpoint v2"
+CHECKPOINT_FILE = "fit_checkpoint.safetensors"
+"""The resumable checkpoint of :func:`fit_subjects`, one file in its ``checkpoint`` folder."""
+_LEGACY_CHECKPOINT = ("fit_state.json", "fit_state.safetensors")  # the two-file layout (format v2), refused
+_FORMAT = "fastavatar-nb fit checkpoint v3"
 _RESULT_FORMAT = "fastavatar-nb fits v2"
 _PARAM_NAMES = ("means", "log_scales", "quats", "opacity_logits", "sh0", "shN")
 _METRICS = ("init_train_psnr", *StageScores.score_names())
+_DONE = (*(f"g.{k}" for k in ("means", "log_scales", "quats", "opacity_logits", "sh")), "anchors", *_METRICS)
+_STATE_KEYS = ("config", "subject_ids", "num_done", "batch_start", "step", "seconds")
 _LR_FIELDS = ("means_lr", "scales_lr", "quats_lr", "opacities_lr", "sh0_lr", "shN_lr")
 
 
@@ -415,47 +424,71 @@ class FitResult(StageScores):
     @staticmethod
     def load(path: str | os.PathLike, device: torch.device | str = "cpu") -> FitResult:
         """Read a file written by :meth:`save`."""
-        path = Path(path)
-        meta = checked_metadata(path, _RESULT_FORMAT, "fit the subjects with fit_subjects (notebook 02)")
-        t = load_tensors(path, device)
+        path, hint = Path(path), "fit the subjects with fit_subjects (notebook 02)"
+        gs = [f"gaussians.{k}" for k in ("means", "log_scales", "quats", "opacity_logits", "sh")]
+        meta, t = read_artifact(path, _RESULT_FORMAT, hint, device=device, meta_keys=("subject_ids", "config"),
+                                tensor_names=(*gs, "anchors", *_METRICS, "loss_history", "psnr_history"))
         g = Gaussians(**{k: t[f"gaussians.{k}"] for k in ("means", "log_scales", "quats", "opacity_logits", "sh")})
         return FitResult(
-            subject_ids=json.loads(meta["subject_ids"]), gaussians=g, anchors=t["anchors"],
+            subject_ids=meta_json(path, meta, "subject_ids", hint), gaussians=g, anchors=t["anchors"],
             **{name: t[name] for name in (*_METRICS, "loss_history", "psnr_history")},
-            config=FitConfig.from_dict(json.loads(meta["config"])), backend=meta.get("backend", "torch"),
+            config=FitConfig.from_dict(meta_json(path, meta, "config", hint)), backend=meta.get("backend", "torch"),
             seconds=float(meta.get("seconds", "0")), extra=json.loads(meta.get("extra", "{}")),
         )
 
 
 # ----------------------------------------------------------------------------------- fitting
-class _Checkpoint:
-    """A checkpoint folder: ``fit_state.json`` + ``fit_state.safetensors``."""
+def _checkpoint(folder: str | os.PathLike) -> CheckpointFile:
+    return CheckpointFile(folder, CHECKPOINT_FILE, _FORMAT, "fit checkpoint", legacy=_LEGACY_CHECKPOINT)
 
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.folder = Path(folder)
-        self.json = self.folder / CHECKPOINT_JSON
-        self.tensors = self.folder / CHECKPOINT_TENSORS
 
-    def exists(self) -> bool:
-        return self.json.exists() or self.tensors.exists()
+def checkpoint_state(folder: str | os.PathLike) -> dict[str, Any]:
+    """The JSON state of the fit checkpoint in ``folder`` (config, ``subject_ids``, progress:
+    ``num_done`` subjects finished, ``batch_start`` and ``step`` of the batch in progress, ``seconds``),
+    without reading its tensors.
 
-    def load(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        if not (self.json.is_file() and self.tensors.is_file()):
-            raise ValueError(f"incomplete checkpoint in {self.folder}: need both {CHECKPOINT_JSON} and "
-                             f"{CHECKPOINT_TENSORS}; pass overwrite=True to start afresh")
-        try:
-            state = json.loads(self.json.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{self.json}: not valid JSON ({e}); pass overwrite=True to start afresh") from e
-        if state.get("format") != _FORMAT:
-            raise ValueError(f"{self.json} is not a fit checkpoint of this version (format {state.get('format')!r}, "
-                             f"expected {_FORMAT!r}); choose another folder or pass overwrite=True")
-        return state, load_tensors(self.tensors)
+    Raises:
+        FileNotFoundError: no checkpoint in ``folder``.
+        CheckpointError: a damaged or foreign file, or leftovers of the old two-file layout.
+    """
+    return _checkpoint(folder).state()
 
-    def save(self, state: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_save_tensors(tensors, self.tensors, {"format": _FORMAT})
-        atomic_write_text(self.json, json.dumps({"format": _FORMAT, **state}, indent=1))
+
+def _check_resumable(ckpt: CheckpointFile, st: dict[str, Any], t: dict[str, Tensor], n: int, T: int, bs: int) -> None:
+    """Raise a :class:`~fastavatar_nb._io.CheckpointError` when the state and the tensors of a fit
+    checkpoint disagree (they are written together, so this means a damaged or hand-made file)."""
+    num_done, b0, step = st["num_done"], st["batch_start"], st["step"]
+    if not (isinstance(num_done, int) and 0 <= num_done <= n and (num_done % bs == 0 or num_done == n)):
+        raise ckpt.refuse(f"its state says {num_done!r} subjects are done, expected a multiple of the batch size {bs} "
+                          f"up to {n}")
+    for k in ("hist.loss", "hist.psnr"):
+        if k not in t or tuple(t[k].shape) != (n, T):
+            raise ckpt.refuse(f"tensor {k!r} should be [{n}, {T}] (subjects, iterations), found "
+                              f"{list(t[k].shape) if k in t else 'none'}")
+    rows = {k: (t[f"done.{k}"].shape[0] if t[f"done.{k}"].ndim else -1) if f"done.{k}" in t else None for k in _DONE}
+    want = num_done if num_done else None
+    bad = {k: r for k, r in rows.items() if r != want}
+    if bad:
+        raise ckpt.refuse(f"the state and the tensors disagree: the state says {num_done} subjects are done, but the "
+                          f"finished fits hold {bad} rows (None: absent)")
+    cur = [k for k in t if k.startswith(("cur.", "opt."))]
+    if b0 is None:
+        if step != 0 or cur:
+            raise ckpt.refuse(f"the state and the tensors disagree: no batch in progress, but step {step!r} and "
+                              f"{len(cur)} tensors of a batch in progress")
+        return
+    if b0 != num_done or not (isinstance(step, int) and 1 <= step < T):
+        raise ckpt.refuse(f"its state says batch_start {b0!r}, step {step!r}; expected batch_start {num_done} (the "
+                          f"next unfinished subject) and a step in 1..{T - 1}")
+    need = [f"cur.{k}" for k in (*_PARAM_NAMES, "init_train_psnr")] + [f"opt.means.{k}" for k in
+                                                                        ("step", "exp_avg", "exp_avg_sq")]
+    missing = [k for k in need if k not in t]
+    if missing:
+        raise ckpt.refuse(f"the state says step {step} of a batch in progress, but the tensors {missing} are absent")
+    taken = int(t["opt.means.step"].reshape(-1)[0])
+    if taken != step:
+        raise ckpt.refuse(f"the state and the tensors disagree: the state says step {step} of the batch starting at "
+                          f"subject {b0}, but the optimiser state holds {taken} steps")
 
 
 def _split_params(g: Gaussians) -> dict[str, Tensor]:
@@ -531,7 +564,7 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
     Returns:
         A :class:`FitResult`.
     """
-    from tqdm.auto import tqdm
+    from ._live import progress_bar as tqdm
 
     config = (config or FitConfig()).validate()
     ids = subject_ids(subjects, "fit_subjects")
@@ -548,20 +581,23 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
     T, bs = config.iterations, config.batch_size
 
     # ---- resume or start
-    ckpt = _Checkpoint(checkpoint) if checkpoint is not None else None
+    ckpt = _checkpoint(checkpoint) if checkpoint is not None else None
     state: dict[str, Any] = {"num_done": 0, "batch_start": None, "step": 0, "seconds": 0.0}
     saved: dict[str, Tensor] = {}
     if ckpt is not None and ckpt.exists():
         if overwrite:
-            for p in (ckpt.json, ckpt.tensors):
-                p.unlink(missing_ok=True)
+            ckpt.discard()
         else:
-            st, saved = ckpt.load()
-            if (st.get("config") != json.loads(config.to_json()) or st.get("subject_ids") != ids
-                    or st.get("subject_indices") != shard.get("subject_indices")):
-                raise ValueError(
-                    f"{ckpt.folder} holds a checkpoint of another fit (different config or subjects); "
-                    "use another folder or pass overwrite=True to discard it")
+            st, saved = ckpt.load(state_keys=_STATE_KEYS, tensor_names=("hist.loss", "hist.psnr"))
+            want = {"config": json.loads(config.to_json()), "subject_ids": ids,
+                    "subject_indices": shard.get("subject_indices")}
+            got = {"config": st.get("config"), "subject_ids": st.get("subject_ids"),
+                   "subject_indices": st.get("subject_indices")}
+            if got != want:
+                what = (f"config {mismatch(want['config'], got['config'])}" if got["config"] != want["config"]
+                        else f"subjects {mismatch(want, got)}")
+                raise ckpt.refuse(f"it holds a checkpoint of another fit ({what})")
+            _check_resumable(ckpt, st, saved, n, T, bs)
             state.update({k: st[k] for k in ("num_done", "batch_start", "step", "seconds")})
 
     hist_loss = saved.get("hist.loss", torch.full((n, T), float("nan")))

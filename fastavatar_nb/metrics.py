@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import ImageDtypeError
+
 __all__ = [
     "LpipsUnavailableError", "LpipsWeightsError", "LPIPS_WEIGHTS_ENV", "psnr", "mse", "ssim", "ssim_map", "mae",
     "lpips_available", "lpips_unavailable_reason", "lpips_weights_path", "lpips", "image_loss", "gaussian_window",
@@ -53,6 +55,26 @@ def _check_pair(a: Tensor, b: Tensor, name: str) -> None:
         raise ValueError(f"{name}: images must be [..., H, W, 3], got {tuple(a.shape)}")
     if a.shape != b.shape:
         raise ValueError(f"{name}: image shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    for which, x in (("first", a), ("second", b)):
+        if not x.is_floating_point():
+            raise ImageDtypeError(f"{name}: images must be floats in [0, 1], the {which} are {x.dtype}"
+                                  + ("; divide uint8 images by 255 (.float() / 255)" if x.dtype == torch.uint8 else ""))
+    if a.device != b.device:
+        raise ValueError(f"{name}: images are on different devices ({a.device} and {b.device}); move one with .to()")
+
+
+def _checked(out: Tensor, a: Tensor, b: Tensor, name: str) -> Tensor:
+    """``out``, after checking that a score (not a training loss: no gradient) is not NaN because
+    of NaN/inf pixels in ``a`` or ``b``; training losses skip the check (no device sync per step)."""
+    if out.requires_grad or not bool(out.isnan().any()):
+        return out
+    for which, x in (("first", a), ("second", b)):
+        bad = ~torch.isfinite(x).flatten(-3).all(-1)
+        if bad.any():
+            where = f" (images {torch.nonzero(bad.reshape(-1)).flatten().tolist()[:10]} of the batch)" if bad.ndim else ""
+            raise ValueError(f"{name}: the {which} images hold NaN or infinite pixel values{where}; "
+                             "a score of them would be NaN: fix or drop those images")
+    return out
 
 
 def _check_mask(mask: Tensor, a: Tensor, name: str) -> Tensor:
@@ -78,13 +100,13 @@ def mse(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
     _check_pair(a, b, "mse")
     se = (a - b) ** 2
     if mask is None:
-        return se.mean(dim=(-3, -2, -1))
+        return _checked(se.mean(dim=(-3, -2, -1)), a, b, "mse")
     m = _check_mask(mask, a, "mse")
     num = (se * m).sum(dim=(-3, -2, -1))
     den = (m.expand_as(se)).sum(dim=(-3, -2, -1))
     if (den <= 0).any():
         raise ValueError("mse: the mask is empty (all zero) for at least one image")
-    return num / den
+    return _checked(num / den, a, b, "mse")
 
 
 def psnr(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -108,12 +130,12 @@ def mae(a: Tensor, b: Tensor, mask: Tensor | None = None) -> Tensor:
     _check_pair(a, b, "mae")
     ae = (a - b).abs()
     if mask is None:
-        return ae.mean(dim=(-3, -2, -1))
+        return _checked(ae.mean(dim=(-3, -2, -1)), a, b, "mae")
     m = _check_mask(mask, a, "mae")
     den = m.expand_as(ae).sum(dim=(-3, -2, -1))
     if (den <= 0).any():
         raise ValueError("mae: the mask is empty (all zero) for at least one image")
-    return (ae * m).sum(dim=(-3, -2, -1)) / den
+    return _checked((ae * m).sum(dim=(-3, -2, -1)) / den, a, b, "mae")
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5, dtype: torch.dtype = torch.float32,
@@ -190,7 +212,7 @@ def ssim(a: Tensor, b: Tensor, window_size: int = 11, sigma: float = 1.5, paddin
     """
     s = ssim_map(a, b, window_size, sigma, padding)
     if mask is None:
-        return s.mean(dim=(-3, -2, -1))
+        return _checked(s.mean(dim=(-3, -2, -1)), a, b, "ssim")
     m = _check_mask(mask, a, "ssim")
     if padding == "valid":
         h = window_size // 2
@@ -198,7 +220,7 @@ def ssim(a: Tensor, b: Tensor, window_size: int = 11, sigma: float = 1.5, paddin
     den = m.expand_as(s).sum(dim=(-3, -2, -1))
     if (den <= 0).any():
         raise ValueError("ssim: the mask is empty (all zero) for at least one image")
-    return (s * m).sum(dim=(-3, -2, -1)) / den
+    return _checked((s * m).sum(dim=(-3, -2, -1)) / den, a, b, "ssim")
 
 
 # --------------------------------------------------------------------------- LPIPS

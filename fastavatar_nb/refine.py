@@ -41,6 +41,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_images
 from ._io import check_fields, config_from_dict
 from .cameras import Cameras
 from .data.subject import MultiViewSubject
@@ -171,6 +172,9 @@ def input_view(subject: MultiViewSubject, view: int) -> tuple[Tensor, Cameras]:
 def _check_inputs(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
                   weights: Tensor | None) -> None:
     L = avatars.codes.shape[-1]
+    if not isinstance(code, Tensor) or not code.is_floating_point():
+        raise TypeError(f"refine: code must be a float tensor of shape [{L}] (e.g. encode_faces(...)[0] or "
+                        f"avatars.code(subject_id)), got {getattr(code, 'dtype', type(code).__name__)}")
     if code.shape != (L,):
         raise ValueError(f"refine: need one code of shape [{L}] (the decoder's latent size), got {tuple(code.shape)}")
     if not torch.isfinite(code).all():
@@ -179,17 +183,10 @@ def _check_inputs(avatars: DecoderResult, code: Tensor, image: Tensor, camera: C
     if camera.viewmats.shape[:-2] != (1,):
         raise ValueError(f"refine: need the camera of exactly one view (Cameras of shape [1]), got "
                          f"{tuple(camera.viewmats.shape[:-2])}")
+    check_images(image, "image", fn="refine", batched=False)
     if image.shape != (camera.height, camera.width, 3):
         raise ValueError(f"refine: image must be [H, W, 3] = [{camera.height}, {camera.width}, 3] to match the "
                          f"camera, got {tuple(image.shape)}")
-    if not image.is_floating_point():
-        raise TypeError(f"refine: image must be float in [0, 1], got dtype {image.dtype} (divide uint8 photos by 255)")
-    if not torch.isfinite(image).all():
-        raise ValueError("refine: image has NaN/inf pixels")
-    lo, hi = float(image.min()), float(image.max())
-    if lo < 0 or hi > 1:
-        hint = " (it looks like 0..255: divide by 255)" if hi > 1.5 else ""
-        raise ValueError(f"refine: image must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]{hint}")
     if weights is not None and weights.shape != image.shape[:2]:
         raise ValueError(f"refine: weights must be [H, W] = {tuple(image.shape[:2])}, got {tuple(weights.shape)}")
 
@@ -220,7 +217,7 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
     Raises:
         NotOnWhiteError: ``weights`` is ``None`` and the photo is not on white.
     """
-    from tqdm.auto import tqdm
+    from ._live import progress_bar as tqdm
 
     config = (config or RefineConfig()).validate()
     dcfg = avatars.config  # the decoder's loss
@@ -325,7 +322,7 @@ def refine_views(avatars: DecoderResult, subject: MultiViewSubject, codes: Tenso
         ``(heads [V, K], seconds [V])``: the refined heads (score them with
         :func:`fastavatar_nb.evaluation.novel_view_metrics`) and each refinement's time.
     """
-    from tqdm.auto import tqdm
+    from ._live import progress_bar as tqdm
 
     config = (config or RefineConfig()).validate()
     views = list(views)

@@ -127,9 +127,13 @@ def record_metrics(where: Preset | PathLike, notebook: str, metrics: Mapping[str
 
 def _read_metrics_file(path: Path) -> dict[str, int | float]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise MetricsError(f"{path}: not valid JSON ({err})") from err
+    except UnicodeDecodeError as err:
+        raise MetricsError(f"{path}: not valid JSON (a byte that is not UTF-8 at offset {err.start})") from err
+    except OSError as err:
+        raise MetricsError(f"{path}: cannot read it ({err.strerror or err})") from err
     if not isinstance(data, dict):
         raise MetricsError(f"{path}: expected a JSON object of name -> number, got {type(data).__name__}")
     return {str(k): _as_number(str(k), v) for k, v in data.items()}
@@ -188,9 +192,22 @@ def _format_number(value: int | float) -> str:
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # ValueError: JSONDecodeError, UnicodeDecodeError
         return None
+
+
+def _collect_metrics_leniently(run_dir: Path) -> tuple[dict[str, dict[str, int | float]], list[str]]:
+    """Like :func:`collect_metrics`, but a damaged file is left out and described instead of raising."""
+    folder = run_dir / "metrics"
+    metrics: dict[str, dict[str, int | float]] = {}
+    problems: list[str] = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            metrics[path.stem] = _read_metrics_file(path)
+        except MetricsError as err:
+            problems.append(str(err).replace(str(run_dir) + "/", "", 1))
+    return metrics, problems
 
 
 def write_report(run_dir: PathLike) -> tuple[Path, Path]:
@@ -199,14 +216,18 @@ def write_report(run_dir: PathLike) -> tuple[Path, Path]:
     The report lists the preset (``preset.json``), each notebook's status and time
     (``run_status.json``), the metric table (``metrics/*.json``) and the figures
     (``figures/*.png``, linked relative to the run folder). Missing pieces are named as
-    missing rather than left out silently.
+    missing rather than left out silently; a damaged metrics file or status entry is named in the
+    report, never raised (the report is written at the end of a long run).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     preset = _read_json(run_dir / "preset.json")
     status = _read_json(run_dir / "run_status.json")
-    notebooks: dict[str, Any] = (status or {}).get("notebooks", {}) if isinstance(status, dict) else {}
-    metrics = collect_metrics(run_dir)
+    notebooks: dict[str, Any] = status.get("notebooks", {}) if isinstance(status, dict) else {}
+    if not isinstance(notebooks, dict):
+        notebooks = {}
+    notebooks = {str(k): v for k, v in notebooks.items() if isinstance(v, dict)}
+    metrics, metric_problems = _collect_metrics_leniently(run_dir)
     figures = [p.relative_to(run_dir).as_posix() for p in list_figures(run_dir)]
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
@@ -237,7 +258,8 @@ def write_report(run_dir: PathLike) -> tuple[Path, Path]:
             seconds = info.get("seconds")
             took = f"{seconds:.1f} s" if isinstance(seconds, int | float) else ""
             executed = info.get("executed") or ""
-            rows.append((stem, str(info.get("status", "?")), took, executed, info.get("error") or ""))
+            executed = executed if isinstance(executed, str) else ""
+            rows.append((stem, str(info.get("status", "?")), took, executed, str(info.get("error") or "")))
         md += ["| notebook | status | time | executed copy | error |", "|---|---|---|---|---|"]
         md += [
             f"| {s} | {st} | {t} | {f'[{e}]({e})' if e else ''} | {_md_cell(err)} |"
@@ -260,9 +282,12 @@ def write_report(run_dir: PathLike) -> tuple[Path, Path]:
             "",
         ]
         body.append(_html_table(["notebook", "metric", "value"], rows))
-    else:
+    elif not metric_problems:
         md += ["No metrics recorded (`metrics/*.json` missing).", ""]
         body.append("<p>No metrics recorded.</p>")
+    for problem in metric_problems:
+        md += [f"Left out: {problem}", ""]
+        body.append(f"<p>Left out: {html.escape(problem)}</p>")
 
     md += ["## Figures", ""]
     body.append("<h2>Figures</h2>")

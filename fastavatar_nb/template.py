@@ -12,10 +12,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from ._io import checked_metadata
+from ._io import ArtifactError, atomic_save_tensors, checked_metadata, read_artifact
 from .gaussians import Gaussians
 
 __all__ = ["average_quaternions", "build_template", "save_template", "load_template", "template_metadata"]
@@ -144,7 +143,7 @@ def save_template(template: Gaussians, directory: str | os.PathLike, overwrite: 
         if bad:
             raise TypeError(f"save_template: metadata keys and values must be strings (bad keys: {bad})")
         meta.update(metadata)
-    save_file({k: v.contiguous() for k, v in t.parameters().items()}, str(st), metadata=meta)
+    atomic_save_tensors(t.parameters(), st, meta)
     return ply, st
 
 
@@ -155,12 +154,13 @@ def load_template(directory: str | os.PathLike, device: torch.device | str = "cp
     ``Gaussians.load_ply``.)
     """
     st = Path(directory) / TEMPLATE_SAFETENSORS
-    checked_metadata(st, _TEMPLATE_FORMAT, _MISSING_HINT)
-    tensors = load_file(str(st), device=str(device))
-    missing = [k for k in ("means", "log_scales", "quats", "opacity_logits", "sh") if k not in tensors]
-    if missing:
-        raise ValueError(f"{st}: not a template file (missing tensors {missing})")
-    return Gaussians(**{k: tensors[k] for k in ("means", "log_scales", "quats", "opacity_logits", "sh")}).validate()
+    names = ("means", "log_scales", "quats", "opacity_logits", "sh")
+    _, tensors = read_artifact(st, _TEMPLATE_FORMAT, _MISSING_HINT, device=device, tensor_names=names)
+    try:
+        return Gaussians(**{k: tensors[k] for k in names}).validate()
+    except ValueError as e:
+        raise ArtifactError(f"{st}: its tensors are not a valid template ({e}); the file is damaged or was not written "
+                            f"by save_template; {_MISSING_HINT}") from e
 
 
 def template_metadata(directory: str | os.PathLike) -> dict[str, str]:

@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from . import _live
 from .cameras import Cameras
 from .gaussians import Gaussians, quat_to_rotmat
 
@@ -562,11 +563,21 @@ class LiveCurves:
     """Training curves that redraw while a loop runs, one panel per named value.
 
     In a Jupyter kernel the figure is shown on the first :meth:`update` and then replaced in
-    place (an IPython display handle, redrawn at most every ``min_interval_s`` seconds), which
-    works in JupyterLab, VS Code and ``nbconvert --execute`` alike and leaves the final figure
-    in the saved notebook. Outside a kernel nothing is displayed; :meth:`figure` returns the
-    curves. (plotly's ``FigureWidget`` is not used: plotly >= 6 needs the optional ``anywidget``
-    package for it and widget state does not survive an HTML export.)
+    place (an IPython display handle), which works in JupyterLab, VS Code and ``nbconvert
+    --execute`` alike and leaves the final figure in the saved notebook. Outside a kernel nothing
+    is displayed; :meth:`figure` returns the curves. (plotly's ``FigureWidget`` is not used:
+    plotly >= 6 needs the optional ``anywidget`` package for it and widget state does not
+    survive an HTML export.)
+
+    Every redraw sends the whole figure to the frontend, so redraws are rationed (mode
+    ``"auto"``): the wait before the next one is the largest of ``min_interval_s``,
+    ``COST_FACTOR`` (10) times what the last redraw took (a slow machine draws less often) and
+    ``AGE_FRACTION`` (5 %) of the time since the first one (a long loop: about 20 redraws in the
+    first 20 s, then a few dozen more for every tenfold of its duration); there are at most
+    ``max_redraws`` of them, and during the loop each curve is thinned to ``live_points``
+    points. :meth:`finish` draws every recorded point. When ``FASTAVATAR_HEADLESS=1`` (a
+    headless run: ``fastavatar-nb run``, ``make test``; see :func:`fastavatar_nb._live.live_displays`)
+    nobody watches: the figure is drawn once, by :meth:`finish`.
 
     Example::
 
@@ -574,33 +585,60 @@ class LiveCurves:
         for step in range(n):
             ...
             curves.update(step, loss=loss.item(), psnr=psnr)
-        curves.finish()          # final redraw
+        curves.finish()          # final redraw, every point
         fig = curves.figure()    # the static figure (e.g. to save)
 
     Args:
         title: figure title.
         log_y: logarithmic y axes.
         min_interval_s: least time between redraws during the loop.
-        mode: ``"auto"`` (live when in a kernel), ``"display"`` (always call IPython.display),
-            ``"none"`` (record only).
+        mode: ``"auto"`` (in a kernel: rationed redraws, or one drawing at :meth:`finish` when
+            headless), ``"display"`` (always call IPython.display, a redraw every
+            ``min_interval_s`` up to ``max_redraws``, whatever the environment; for tests and
+            debugging), ``"none"`` (record only).
         height: figure height in pixels.
         cols: panels per row.
+        max_redraws: most redraws during the loop (the one by :meth:`finish` not counted).
+        live_points: most points per curve in a redraw during the loop (evenly thinned, the
+            last one kept); :meth:`finish` and :meth:`figure` use every point.
+        clock: the time source in seconds (tests pass a fake one).
     """
 
+    COST_FACTOR = 10.0
+    """Mode "auto": wait at least this many times the duration of the last redraw."""
+    AGE_FRACTION = 0.05
+    """Mode "auto": wait at least this fraction of the time since the first redraw."""
+
     def __init__(self, title: str = "training curves", *, log_y: bool = False, min_interval_s: float = 1.0,
-                 mode: LiveMode = "auto", height: int = 300, cols: int = 3) -> None:
+                 mode: LiveMode = "auto", height: int = 300, cols: int = 3, max_redraws: int = 200,
+                 live_points: int = 1000, clock: Callable[[], float] = time.perf_counter) -> None:
         if mode not in ("auto", "display", "none"):
             raise ValueError(f"LiveCurves mode must be 'auto', 'display' or 'none', got {mode!r}")
+        if max_redraws < 0:
+            raise ValueError(f"LiveCurves max_redraws must be >= 0, got {max_redraws}")
+        if live_points < 2:
+            raise ValueError(f"LiveCurves live_points must be >= 2, got {live_points}")
         self.title = title
         self.log_y = log_y
         self.min_interval_s = float(min_interval_s)
         self.height = height
         self.cols = cols
-        self.live = mode == "display" or (mode == "auto" and in_notebook_kernel())
+        self.max_redraws = int(max_redraws)
+        self.live_points = int(live_points)
+        self.mode = mode
+        self.live = mode == "display" or (mode == "auto" and _live.in_notebook_kernel())
+        """Whether anything is displayed (at least the figure drawn by :meth:`finish`)."""
+        self.redraw = mode == "display" or (mode == "auto" and _live.live_displays())
+        """Whether the figure is also redrawn during the loop (False when headless)."""
+        self.redraws = 0
+        """Redraws made by :meth:`update` so far."""
         self.history: dict[str, tuple[list[int], list[float]]] = {}
         """Recorded curves: name -> (steps, values)."""
+        self._clock = clock
         self._handle = None
+        self._first_draw = -math.inf
         self._last_draw = -math.inf
+        self._last_cost = 0.0
 
     def update(self, step: int, **values: float | Tensor) -> None:
         """Record ``values`` (floats or 0-d tensors) at ``step`` and redraw if it is time to."""
@@ -614,8 +652,16 @@ class LiveCurves:
             steps, vals = self.history.setdefault(k, ([], []))
             steps.append(int(step))
             vals.append(x)
-        if self.live and time.perf_counter() - self._last_draw >= self.min_interval_s:
-            self._draw()
+        if self.redraw and self.redraws < self.max_redraws and self._clock() - self._last_draw >= self._wait():
+            self.redraws += 1
+            self._draw(self.live_points)
+
+    def _wait(self) -> float:
+        """Seconds to wait after the last redraw before the next one."""
+        if self.mode != "auto" or self._first_draw == -math.inf:
+            return self.min_interval_s
+        age = self._last_draw - self._first_draw
+        return max(self.min_interval_s, self.COST_FACTOR * self._last_cost, self.AGE_FRACTION * age)
 
     def last(self, name: str) -> float:
         """The most recent value recorded for ``name``."""
@@ -623,8 +669,13 @@ class LiveCurves:
             raise KeyError(f"LiveCurves has no curve {name!r}; recorded: {sorted(self.history)}")
         return self.history[name][1][-1]
 
-    def figure(self) -> go.Figure:
-        """The curves so far as a static figure (one panel per value, sharing the step axis)."""
+    def figure(self, max_points: int | None = None) -> go.Figure:
+        """The curves so far as a static figure (one panel per value, sharing the step axis).
+
+        Args:
+            max_points: thin each curve evenly to at most this many points (its last point kept);
+                ``None``: every point.
+        """
         names = list(self.history)
         n = max(1, len(names))
         cols = min(self.cols, n)
@@ -632,7 +683,7 @@ class LiveCurves:
         fig = make_subplots(rows=rows, cols=cols, subplot_titles=names or [""], horizontal_spacing=0.08,
                             vertical_spacing=0.15)
         for i, k in enumerate(names):
-            steps, vals = self.history[k]
+            steps, vals = _thin(*self.history[k], max_points)
             r, c = divmod(i, cols)
             fig.add_trace(go.Scatter(x=steps, y=vals, mode="lines", name=k, showlegend=False), row=r + 1, col=c + 1)
             fig.update_xaxes(title_text="step", row=r + 1, col=c + 1)
@@ -642,28 +693,42 @@ class LiveCurves:
         return fig
 
     def finish(self) -> None:
-        """Redraw the live figure once more with every recorded value (call after the loop).
+        """Draw the figure once more with every recorded value (call after the loop).
 
-        Returns nothing, so that a notebook cell ending in ``curves.finish()`` does not show the
-        curves a second time; :meth:`figure` gives the static figure.
+        In a kernel this always draws, also when headless (the figure stays in the saved
+        notebook). Returns nothing, so that a notebook cell ending in ``curves.finish()`` does
+        not show the curves a second time; :meth:`figure` gives the static figure.
         """
         if self.live:
-            self._draw()
+            self._draw(None)
 
-    def _draw(self) -> None:
+    def _draw(self, max_points: int | None) -> None:
         from IPython.display import display
 
+        t0 = self._clock()
         # A raw mime bundle, not the figure: plotly's _ipython_display_ ignores display ids, so
         # updating a displayed figure in place would append a new output each time.
-        bundle = _figure_bundle(self.figure())
+        bundle = _figure_bundle(self.figure(max_points))
         if self._handle is None:
             self._handle = display(bundle, raw=True, display_id=True)
         else:
             self._handle.update(bundle, raw=True)
-        self._last_draw = time.perf_counter()
+        self._last_draw = self._clock()
+        self._last_cost = self._last_draw - t0
+        if self._first_draw == -math.inf:
+            self._first_draw = self._last_draw
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, Any]:
         return _figure_bundle(self.figure())
+
+
+def _thin(steps: list[int], values: list[float], max_points: int | None) -> tuple[list[int], list[float]]:
+    """At most ``max_points`` evenly spaced entries of a curve, its last one included."""
+    n = len(steps)
+    if max_points is None or n <= max_points:
+        return steps, values
+    keep = np.unique(np.linspace(0, n - 1, max_points).round().astype(np.int64))
+    return [steps[i] for i in keep], [values[i] for i in keep]
 
 
 def _figure_bundle(fig: go.Figure) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import torch
 from test_fitting import _scene
 
 from fastavatar_nb.decoder import (
+    CHECKPOINT_FILE,
     DECODER_FILE,
     LATENTS_FILE,
     AutoDecoder,
@@ -19,6 +20,7 @@ from fastavatar_nb.decoder import (
     DecoderResult,
     Residuals,
     apply_residuals,
+    checkpoint_state,
     positional_embedding,
     step_items,
     train_decoder,
@@ -232,7 +234,8 @@ def test_resume_equals_uninterrupted_run(scenes, tmp_path, one_thread):
     with pytest.raises(Stop):
         train_decoder(subjects, template, cfg, backend="torch", progress=False, checkpoint=tmp_path / "ck",
                       callback=stop_after_5)
-    assert json.loads((tmp_path / "ck" / "decoder_state.json").read_text())["step"] == 4
+    assert checkpoint_state(tmp_path / "ck")["step"] == 4
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [CHECKPOINT_FILE]
     resumed = train_decoder(subjects, template, cfg, backend="torch", progress=False, checkpoint=tmp_path / "ck")
     torch.testing.assert_close(resumed.codes, full.codes, rtol=0, atol=0)
     torch.testing.assert_close(resumed.embeddings, full.embeddings, rtol=0, atol=0)
@@ -274,3 +277,62 @@ def test_train_decoder_checks_its_inputs(scenes):
         train_decoder([subjects[0], subjects[1].resize(8, 12)], template, cfg, progress=False)
     with pytest.raises(ValueError, match="no subjects"):
         train_decoder([], template, cfg, progress=False)
+
+
+def test_decode_refuses_nan_and_misshapen_codes(scenes, tmp_path):
+    subjects, template = scenes
+    result = train_decoder(subjects, template, DecoderConfig(epochs=1, **TINY), backend="torch", progress=False)
+    w = result.codes.clone()
+    w[1, 3] = float("nan")
+    for call, name in ((result.decode, "DecoderResult.decode"), (result.residuals, "DecoderResult.residuals"),
+                       (lambda c: result.decoder(c, result.embeddings), "AutoDecoder")):
+        with pytest.raises(ValueError, match=rf"{name}: w must be finite, got 1 NaN or infinite values .*codes \[1\]"):
+            call(w)
+    with pytest.raises(ValueError, match="w must be finite"):
+        result.decode(torch.full((8,), float("inf")))
+    with pytest.raises(ValueError, match=r"w must be codes of shape \[\.\.\., 8\] .*got shape \[2, 7\]"):
+        result.decode(torch.zeros(2, 7))
+    with pytest.raises(ValueError, match=r"w must be codes of shape \[\.\.\., 8\]"):
+        result.decode(torch.tensor(0.0))
+    with pytest.raises(ValueError, match=r"w must be torch.float32 .*got torch.float64; convert it with w.to"):
+        result.decode(result.codes.double())
+    with pytest.raises(ValueError, match="w must be a tensor of codes"):
+        result.decode(result.codes.tolist())
+    assert torch.isfinite(result.decode(result.codes[0]).means).all()  # one code [8] still decodes
+
+
+def test_damaged_or_foreign_decoder_files_name_the_file(scenes, tmp_path):
+    from safetensors.torch import save_file
+
+    from fastavatar_nb._io import ArtifactError
+
+    subjects, template = scenes
+    result = train_decoder(subjects, template, DecoderConfig(epochs=1, **TINY), backend="torch", progress=False)
+    result.save(tmp_path)
+    dec = tmp_path / DECODER_FILE
+    good = dec.read_bytes()
+    dec.write_bytes(good[:-50])  # an interrupted copy
+    with pytest.raises(ArtifactError, match=f"{dec}: not a readable safetensors file.*notebook 03"):
+        DecoderResult.load(tmp_path)
+    # the right format tag, the wrong content: a clear error, not KeyError: 'architecture'
+    save_file({"x": torch.zeros(1)}, str(dec), {"format": "fastavatar-nb decoder v2"})
+    with pytest.raises(ArtifactError, match=f"{dec}: a fastavatar-nb decoder v2 file without its 'architecture', "
+                                            "'config' metadata"):
+        DecoderResult.load(tmp_path)
+    # the metadata of one decoder, the weights of another
+    from safetensors import safe_open
+
+    from fastavatar_nb._io import load_tensors
+
+    dec.write_bytes(good)
+    t = load_tensors(dec)
+    with safe_open(str(dec), "pt") as f:
+        meta = f.metadata()
+    arch = json.loads(meta["architecture"])
+    save_file(t, str(dec), {**meta, "architecture": json.dumps({**arch, "hidden_dim": 16})})
+    with pytest.raises(ArtifactError, match=f"{dec}: its weights do not make the decoder its metadata describes"):
+        DecoderResult.load(tmp_path)
+    del t["embeddings"]
+    save_file(t, str(dec), meta)
+    with pytest.raises(ArtifactError, match=r"without the tensors \['embeddings'\]"):
+        DecoderResult.load(tmp_path)

@@ -32,7 +32,7 @@ from fastavatar_nb.distributed import (
     shard_folder,
     train_decoder_distributed,
 )
-from fastavatar_nb.fitting import CHECKPOINT_JSON, FitConfig, FitResult, fit_subjects
+from fastavatar_nb.fitting import CHECKPOINT_FILE, FitConfig, FitResult, checkpoint_state, fit_subjects
 from fastavatar_nb.gaussians import Gaussians
 from fastavatar_nb.template import build_template
 
@@ -106,7 +106,7 @@ def run(tmp_path_factory) -> Path:
     with pytest.raises(_Stop):
         fit_shard(_problems()[0], 1, RANKS, root / "shards", FitConfig(**FIT), backend="torch", progress=False,
                   callback=stop)
-    state = json.loads((root / "shards" / "subjects-00002-00004" / CHECKPOINT_JSON).read_text())
+    state = checkpoint_state(root / "shards" / "subjects-00002-00004")
     assert (state["num_done"], state["batch_start"], state["step"]) == (2, 2, 2)
     torch.save(_problems(), root / "problems.pt")  # the ranks load the scenes instead of rendering them again
     # fork where there is one: the ranks start at once with this process's modules (each sets one thread,
@@ -149,7 +149,7 @@ def test_sharded_fits_equal_the_single_process_fits_bitwise(run, one_thread):
     # each rank wrote its own shard: a checkpoint and its result
     for folder in ("subjects-00000-00001", "subjects-00002-00004"):
         assert (run / "shards" / folder / SHARD_FITS_FILE).is_file()
-        assert (run / "shards" / folder / CHECKPOINT_JSON).is_file()
+        assert (run / "shards" / folder / CHECKPOINT_FILE).is_file()
 
 
 def test_a_shard_resumes_and_finished_shards_are_reused(run):
@@ -189,7 +189,9 @@ def test_data_parallel_decoder_equals_the_single_process_one(run, one_thread):
     for m in DecoderResult.score_names():  # PSNR in dB, SSIM: the decoded heads score the same
         _same(getattr(got, m), getattr(ref, m), m, atol=1e-3)
     # only rank 0 wrote the checkpoint, at the end of training
-    assert json.loads((run / "decoder_checkpoint" / "decoder_state.json").read_text())["step"] == 10
+    from fastavatar_nb.decoder import checkpoint_state as decoder_checkpoint_state
+
+    assert decoder_checkpoint_state(run / "decoder_checkpoint")["step"] == 10
 
 
 def test_cli_argument_errors_are_clear(capsys, tmp_path):

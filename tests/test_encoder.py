@@ -143,3 +143,25 @@ def test_face_embeddings_mark_views_without_a_face(shared_dir, tmp_path):
     assert torch.isnan(emb[1]).all()
     assert float(emb[0].norm()) == pytest.approx(1.0, abs=1e-5)
     torch.testing.assert_close(emb[0], faces.embed_faces(images[:1], net)[0], atol=1e-5, rtol=0)
+
+
+def test_damaged_or_foreign_encoder_files_name_the_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from fastavatar_nb._io import ArtifactError
+
+    emb, codes = _clusters()
+    x, y = emb.flatten(0, 1), codes[:, None].expand(-1, 16, -1).flatten(0, 1)
+    path = train_encoder(x, y, EncoderConfig(epochs=1, batch_size=32, hidden=(16,)), progress=False).save(tmp_path)
+    good = path.read_bytes()
+    path.write_bytes(good[:-40])  # truncated: an interrupted copy
+    with pytest.raises(ArtifactError, match=f"{path}: not a readable safetensors file.*notebook 04"):
+        EncoderResult.load(tmp_path)
+    # the right format tag, the wrong content: a clear error, not KeyError: 'architecture'
+    save_file({"x": torch.zeros(1)}, str(path), {"format": "fastavatar-nb encoder"})
+    with pytest.raises(ArtifactError, match=f"{path}: a fastavatar-nb encoder file without its 'architecture'"):
+        EncoderResult.load(tmp_path)
+    save_file({"loss_history": torch.zeros(1), "cos_history": torch.zeros(1)}, str(path),
+              {"format": "fastavatar-nb encoder", "architecture": "{not json", "config": "{}"})
+    with pytest.raises(ArtifactError, match=f"{path}: metadata 'architecture' is missing or not valid JSON"):
+        EncoderResult.load(tmp_path)

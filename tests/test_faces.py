@@ -369,4 +369,6 @@ def test_identity_similarity_checks_its_inputs():
     with pytest.raises(ValueError, match="batch_size"):
         faces.identity_similarity(a, a, batch_size=0)
     # a rounding slack of 1e-4 outside [0, 1] is tolerated (checked up to loading the network)
-    faces._check_images(a.clamp(0, 1) + 5e-5, "renders", unit_range=True)
+    from fastavatar_nb._checks import check_images
+
+    check_images(a.clamp(0, 1) + 5e-5, "renders")

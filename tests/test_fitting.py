@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -12,12 +11,12 @@ import torch
 from fastavatar_nb.cameras import Cameras
 from fastavatar_nb.data.subject import MultiViewSubject
 from fastavatar_nb.fitting import (
-    CHECKPOINT_JSON,
-    CHECKPOINT_TENSORS,
+    CHECKPOINT_FILE,
     LONG_RUN_LRS,
     SHORT_RUN_LRS,
     FitConfig,
     FitResult,
+    checkpoint_state,
     estimate_normals,
     fit_subjects,
     init_gaussians,
@@ -149,9 +148,9 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, one_thread):
     ck = tmp_path / "ck"
     with pytest.raises(Stop):
         fit_subjects(subjects, cfg, backend="torch", checkpoint=ck, progress=False, callback=stop_in_second_subject)
-    state = json.loads((ck / CHECKPOINT_JSON).read_text())
+    state = checkpoint_state(ck)
     assert (state["num_done"], state["batch_start"], state["step"]) == (1, 1, 2)  # last checkpoint: step 2
-    assert (ck / CHECKPOINT_TENSORS).is_file()
+    assert sorted(p.name for p in ck.iterdir()) == [CHECKPOINT_FILE]  # one file, no leftovers
     res = fit_subjects(subjects, cfg, backend="torch", checkpoint=ck, progress=False)
     for name, v in ref.gaussians.parameters().items():
         torch.testing.assert_close(getattr(res.gaussians, name), v, atol=0, rtol=0, msg=name)
@@ -163,7 +162,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, one_thread):
                          callback=lambda info: pytest.fail("should not optimise again"))
     torch.testing.assert_close(again.gaussians.means, ref.gaussians.means, atol=0, rtol=0)
     # another config never silently reuses or overwrites the checkpoint
-    with pytest.raises(ValueError, match="overwrite=True"):
+    with pytest.raises(ValueError, match=r"another fit \(config iterations: this call 4, the checkpoint 6\).*overwrite=True"):
         fit_subjects(subjects, _small_config(iterations=4), backend="torch", checkpoint=ck, progress=False)
     fresh = fit_subjects(subjects, _small_config(iterations=4), backend="torch", checkpoint=ck, overwrite=True,
                          progress=False)
@@ -192,8 +191,21 @@ def test_fit_result_save_load_roundtrip(tmp_path):
         res.save(p)
     with pytest.raises(FileNotFoundError, match="notebook 02"):
         FitResult.load(Path(tmp_path) / "missing.safetensors")
-    p.write_bytes(p.read_bytes()[:100])  # a truncated file (an interrupted copy)
+    good = p.read_bytes()
+    p.write_bytes(good[:100])  # a truncated file (an interrupted copy)
     with pytest.raises(ValueError, match="not a readable safetensors"):
+        FitResult.load(p)
+    p.write_bytes(good[:-30])  # cut in the tensors, the header intact
+    with pytest.raises(ValueError, match=f"{p}: not a readable safetensors file.*notebook 02"):
+        FitResult.load(p)
+    from safetensors.torch import save_file
+
+    save_file({"anchors": torch.zeros(1, 3)}, str(p), {"format": "fastavatar-nb fits v2"})  # right tag, wrong content
+    with pytest.raises(ValueError, match=f"{p}: a fastavatar-nb fits v2 file without its 'subject_ids', 'config'"):
+        FitResult.load(p)
+    save_file({"anchors": torch.zeros(1, 3)}, str(p), {"format": "fastavatar-nb fits v2", "subject_ids": "[]",
+                                                       "config": "{}"})
+    with pytest.raises(ValueError, match=r"a fastavatar-nb fits v2 file without the tensors \['gaussians.means'"):
         FitResult.load(p)
 
 

@@ -190,13 +190,13 @@ def test_inputs_are_checked(problem):
         refine(avatars, w_start, image[:20], cam, wts, cfg, progress=False)
     with pytest.raises(ValueError, match="weights must be"):
         refine(avatars, w_start, image, cam, wts[:5], cfg, progress=False)
-    with pytest.raises(TypeError, match="divide uint8 photos by 255"):
+    with pytest.raises(TypeError, match="divide uint8 images by 255"):
         refine(avatars, w_start, (image * 255).to(torch.uint8), cam, None, cfg, progress=False)
-    with pytest.raises(ValueError, match="looks like 0..255: divide by 255"):
+    with pytest.raises(ValueError, match="look like 0..255: divide by 255"):
         refine(avatars, w_start, image * 255, cam, None, cfg, progress=False)
     nan_image = image.clone()
     nan_image[3, 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN/inf pixels"):
+    with pytest.raises(ValueError, match="NaN or infinite pixel"):
         refine(avatars, w_start, nan_image, cam, None, cfg, progress=False)
     with pytest.raises(ValueError, match="does not exist"):
         input_view(subject, 16)

@@ -115,3 +115,24 @@ def test_save_and_load_template(tmp_path):
     save_file({"means": torch.zeros(2, 3)}, str(tmp_path / "run" / "template.safetensors"), {"format": "other"})
     with pytest.raises(ValueError, match="not a fastavatar-nb template file"):
         template_metadata(tmp_path / "run")
+
+
+def test_damaged_template_files_name_the_file(tmp_path):
+    from fastavatar_nb._io import ArtifactError
+
+    t = build_template(_random_gaussians(40, 5, batch=(2,)))
+    _, st = save_template(t, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["template.ply", "template.safetensors"]  # no .tmp left
+    good = st.read_bytes()
+    st.write_bytes(good[:-64])  # truncated: an interrupted copy
+    with pytest.raises(ArtifactError, match=f"{st}: not a readable safetensors file.*notebook 02"):
+        load_template(tmp_path)
+    save_file({"means": torch.zeros(40, 3)}, str(st), {"format": "fastavatar-nb template"})
+    with pytest.raises(ArtifactError, match=f"{st}: a fastavatar-nb template file without the tensors "
+                                           r"\['log_scales', 'quats', 'opacity_logits', 'sh'\]"):
+        load_template(tmp_path)
+    params = {k: v.contiguous() for k, v in t.parameters().items()}
+    params["sh"] = params["sh"][:, :4].contiguous()  # the wrong shape
+    save_file(params, str(st), {"format": "fastavatar-nb template"})
+    with pytest.raises(ArtifactError, match=f"{st}: its tensors are not a valid template .*sh"):
+        load_template(tmp_path)

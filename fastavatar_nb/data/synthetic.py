@@ -900,8 +900,7 @@ def generate_dataset(root: str | Path, num_subjects: int, seed: int = 0, width: 
     Returns:
         The ``num_subjects`` subject folders, in order.
     """
-    from tqdm.auto import tqdm
-
+    from .._live import progress_bar as tqdm
     from .nersemble import write_subject
 
     if num_subjects < 0:

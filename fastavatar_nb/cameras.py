@@ -73,6 +73,13 @@ def look_at_viewmat(eye: Tensor, target: Tensor | None = None, up: Tensor | None
     return V
 
 
+def _indices(mask: Tensor) -> str:
+    """The indices where ``mask`` is true, as ``1`` or ``(0, 3)`` (a few at most)."""
+    idx = torch.nonzero(mask).tolist()
+    shown = [str(i[0]) if len(i) == 1 else str(tuple(i)) for i in idx[:5]]
+    return ", ".join(shown) + (f" and {len(idx) - 5} more" if len(idx) > 5 else "")
+
+
 @dataclass
 class Cameras:
     """A batch of pinhole cameras sharing one image size.
@@ -90,6 +97,19 @@ class Cameras:
     height: int
 
     def __post_init__(self) -> None:
+        for name in ("viewmats", "Ks"):
+            t = getattr(self, name)
+            if not isinstance(t, Tensor):
+                raise TypeError(f"Cameras.{name} must be a torch.Tensor, got {type(t).__name__} (use torch.as_tensor)")
+            if not t.is_floating_point():
+                raise TypeError(f"Cameras.{name} must be a floating-point tensor, got {t.dtype} (use .float())")
+        if self.Ks.device != self.viewmats.device:
+            raise ValueError(f"Cameras.Ks is on {self.Ks.device} but viewmats on {self.viewmats.device}; move one of them")
+        for name in ("width", "height"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__index__") \
+                    or isinstance(v, float) and not v.is_integer():
+                raise ValueError(f"Cameras.{name} must be a whole number of pixels, got {v!r}")
         if self.viewmats.ndim < 3 or self.viewmats.shape[-2:] != (4, 4):
             raise ValueError(f"Cameras.viewmats must be [..., C, 4, 4], got {tuple(self.viewmats.shape)}")
         if self.Ks.shape[:-2] != self.viewmats.shape[:-2] or self.Ks.shape[-2:] != (3, 3):
@@ -101,7 +121,23 @@ class Cameras:
             raise ValueError(f"Cameras need a positive image size, got {self.width}x{self.height}")
         self.width, self.height = int(self.width), int(self.height)
         if not (torch.isfinite(self.viewmats).all() and torch.isfinite(self.Ks).all()):
-            raise ValueError("Cameras contain non-finite values (NaN or inf) in viewmats or Ks")
+            bad = ~(torch.isfinite(self.viewmats).flatten(-2).all(-1) & torch.isfinite(self.Ks).flatten(-2).all(-1))
+            raise ValueError(f"Cameras contain non-finite values (NaN or inf) in viewmats or Ks, at camera index "
+                             f"{_indices(bad)}")
+        # A world-to-camera matrix must be invertible with last row (0, 0, 0, 1): the renderer inverts it.
+        V = self.viewmats.detach().double()
+        R = V[..., :3, :3]
+        det = torch.linalg.det(R) if R.numel() else R.new_zeros(R.shape[:-2])
+        scale = R.flatten(-2).norm(dim=-1) / math.sqrt(3)
+        last = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=V.dtype, device=V.device)
+        bad = (det.abs() <= 1e-9 * scale.clamp_min(1e-30) ** 3) | ((V[..., 3, :] - last).abs() > 1e-5).any(-1)
+        if bad.any():
+            raise ValueError(
+                f"Cameras.viewmats: camera index {_indices(bad)} has a singular or non-rigid world-to-camera matrix "
+                f"(rotation part determinant {det[bad].flatten()[:3].tolist()}, last row "
+                f"{V[bad][0, 3].tolist()}); expected an OpenCV world-to-camera [[R, t], [0, 0, 0, 1]] with R a "
+                "rotation. Build it with look_at_viewmat or opengl_c2w_to_viewmat"
+            )
 
     # ------------------------------------------------------------------ basics
     @property

@@ -130,6 +130,10 @@ class Gaussians:
         """Check shapes agree (always) and, with ``check_values``, that values are finite and
         quaternions normalisable. Raises ``ValueError`` naming the field; returns ``self``."""
         m = self.means
+        if not isinstance(m, Tensor):
+            raise TypeError(f"Gaussians.means must be a torch.Tensor, got {type(m).__name__} (use torch.as_tensor)")
+        if not m.is_floating_point():
+            raise TypeError(f"Gaussians.means must be a floating-point tensor (float32 for rendering), got {m.dtype}")
         if m.ndim < 2 or m.shape[-1] != 3:
             raise ValueError(f"Gaussians.means must be [..., K, 3], got {tuple(m.shape)}")
         lead = m.shape[:-1]
@@ -140,16 +144,25 @@ class Gaussians:
         for name, shape in want.items():
             t = getattr(self, name)
             if not isinstance(t, Tensor):
-                raise TypeError(f"Gaussians.{name} must be a torch.Tensor, got {type(t).__name__}")
+                raise TypeError(f"Gaussians.{name} must be a torch.Tensor, got {type(t).__name__} (use torch.as_tensor)")
+            if not t.is_floating_point():
+                raise TypeError(f"Gaussians.{name} must be a floating-point tensor like means ({m.dtype}), got {t.dtype}")
             if tuple(t.shape) != tuple(shape):
                 raise ValueError(
                     f"Gaussians.{name} must have shape {tuple(shape)} to match means {tuple(m.shape)}, "
                     f"got {tuple(t.shape)}"
                 )
             if t.device != m.device:
-                raise ValueError(f"Gaussians.{name} is on {t.device} but means is on {m.device}")
+                raise ValueError(f"Gaussians.{name} is on {t.device} but means is on {m.device}; move them with .to(device)")
         if check_values:
-            for f in fields(self):
+            for t in (self.log_scales, self.quats, self.opacity_logits, self.sh):
+                if t.dtype != m.dtype:
+                    raise TypeError(
+                        f"Gaussians fields have different dtypes ({', '.join(f'{f.name}={getattr(self, f.name).dtype}' for f in fields(self))}); "
+                        "the renderer needs one: convert with gaussians.to(torch.float32)"
+                    )
+            all_finite = torch.stack([torch.isfinite(getattr(self, f.name)).all() for f in fields(self)]).all()
+            for f in () if bool(all_finite) else fields(self):  # one sync; details only on failure
                 t = getattr(self, f.name)
                 bad = ~torch.isfinite(t)
                 if bad.any():
@@ -259,9 +272,23 @@ class Gaussians:
         if points.ndim < 2 or points.shape[-1] != 3:
             raise ValueError(f"points must be [..., K, 3], got {tuple(points.shape)}")
         lead = points.shape[:-1]
-        if scale is None:
+        if not points.is_floating_point():
+            raise TypeError(f"Gaussians.from_points: points must be a floating-point tensor, got {points.dtype}")
+        if scale is not None:
+            scale_t = torch.as_tensor(scale, dtype=points.dtype, device=points.device)
+            bad = ~(torch.isfinite(scale_t) & (scale_t > 0))
+            if bad.any():
+                found = scale if isinstance(scale, (int, float)) else \
+                    f"a tensor with {int(bad.sum())} such values, e.g. {scale_t[bad].flatten()[0].item()}"
+                raise ValueError(
+                    f"Gaussians.from_points: scale must be positive and finite (a standard deviation in world "
+                    f"units, e.g. 0.005 for 5 mm; None: from the nearest neighbours), got {found}"
+                )
+        else:  # coincident points give 0 here; clamped to 1e-8 below (tiny, still valid)
             scale = knn_spacing(points, k=3)
         scale_t = torch.as_tensor(scale, dtype=points.dtype, device=points.device)
+        if not (0.0 < opacity < 1.0):
+            raise ValueError(f"Gaussians.from_points: opacity must be in (0, 1), got {opacity}")
         log_s = torch.log(scale_t.clamp_min(1e-8)).expand(lead).unsqueeze(-1).repeat_interleave(3, -1).clone()
         quats = torch.zeros(lead + (4,), dtype=points.dtype, device=points.device)
         quats[..., 0] = 1.0

@@ -82,6 +82,8 @@ def _parse_header(f, path: Path) -> tuple[str, list[tuple[str, int, list[tuple[s
                 )
             if len(words) != 3 or words[1] not in _PLY_TO_NUMPY:
                 raise PlyError(f"{path}: malformed or unsupported property line {line!r}")
+            if any(words[2] == q for q, _ in elements[-1][2]):
+                raise PlyError(f"{path}: element {elements[-1][0]!r} declares property {words[2]!r} twice")
             elements[-1][2].append((words[2], _PLY_TO_NUMPY[words[1]]))
         else:
             raise PlyError(f"{path}: unexpected header line {line!r}")
@@ -118,6 +120,10 @@ def read_ply(path: str | os.PathLike) -> dict[str, PlyElement]:
             chunk = lines[start:start + count]
             if len(chunk) < count:
                 raise PlyError(f"{path}: element {name!r} declares {count} rows but the file has {len(chunk)} (truncated?)")
+            for i, ln in enumerate(chunk):
+                if len(ln.split()) != len(props):
+                    raise PlyError(f"{path}: element {name!r} row {i} has {len(ln.split())} values, expected "
+                                   f"{len(props)} (file truncated or header and data disagree?)")
             try:
                 values = np.array([ln.split() for ln in chunk], dtype=np.float64)
             except ValueError as e:
@@ -144,6 +150,11 @@ def read_ply(path: str | os.PathLike) -> dict[str, PlyElement]:
             arr = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
             out[name] = PlyElement(name, arr.astype(dtype.newbyteorder("=")))
             offset += need
+        if len(body) - offset > 1:  # one stray newline is tolerated
+            raise PlyError(
+                f"{path}: {len(body) - offset} bytes follow the {len(specs)} element(s) the header declares "
+                "(header and data disagree: a property missing from the header?)"
+            )
     return out
 
 

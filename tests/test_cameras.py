@@ -110,3 +110,28 @@ def test_nersemble_points_project_inside_foreground_masks(shared_dir, subject):
         row = uv[c, :, 1].floor().long().clamp(0, mask.shape[0] - 1).numpy()
         inside = (mask[row, col] > 0.5).mean()
         assert inside >= 0.95, f"camera {c}: only {inside:.1%} of points inside the mask"
+
+
+def test_singular_and_malformed_cameras_name_the_camera():
+    K3 = intrinsics(40.0, 40.0, 16.0, 12.0)[None].expand(3, 3, 3)
+    V = torch.eye(4)[None].repeat(3, 1, 1)
+    V[1, :3, :3] = 0.0
+    with pytest.raises(ValueError, match=r"camera index 1 has a singular"):
+        Cameras(V, K3, 32, 24)
+    V = torch.eye(4)[None].repeat(3, 1, 1)
+    V[2, 3, 3] = 0.0
+    with pytest.raises(ValueError, match=r"camera index 2 .*last row"):
+        Cameras(V, K3, 32, 24)
+    V = torch.eye(4)[None].repeat(3, 1, 1)
+    V[0, 1, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite.*camera index 0"):
+        Cameras(V, K3, 32, 24)
+    with pytest.raises(TypeError, match="viewmats must be a torch.Tensor"):
+        Cameras(torch.eye(4)[None].numpy(), K3[:1], 32, 24)
+    with pytest.raises(TypeError, match="floating-point"):
+        Cameras(torch.eye(4, dtype=torch.long)[None], K3[:1], 32, 24)
+    with pytest.raises(ValueError, match="whole number of pixels"):
+        Cameras(torch.eye(4)[None], K3[:1], 32.5, 24)
+    with pytest.raises(ValueError, match="Ks"):
+        Cameras(torch.eye(4)[None], torch.zeros(1, 3, 4), 32, 24)
+    assert Cameras(torch.eye(4)[None], K3[:1], 32.0, 24).width == 32

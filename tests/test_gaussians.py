@@ -165,3 +165,33 @@ def test_from_points_initialisation():
     grid = torch.stack(torch.meshgrid(*(torch.arange(5.0) * h,) * 3, indexing="ij"), -1).reshape(-1, 3)
     g = Gaussians.from_points(grid)
     assert torch.allclose(g.scales.median(), torch.tensor(h), rtol=1e-4)
+
+
+def test_bad_construction_is_refused_clearly(tmp_path: Path):
+    pts = torch.rand(10, 3)
+    for bad in (-0.01, 0.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale must be positive and finite"):
+            Gaussians.from_points(pts, scale=bad)
+    with pytest.raises(ValueError, match="scale must be positive"):
+        Gaussians.from_points(pts, scale=torch.full((10,), -1.0))
+    with pytest.raises(ValueError, match="opacity must be in"):
+        Gaussians.from_points(pts, scale=0.01, opacity=1.0)
+    g = Gaussians.from_points(pts, scale=0.01)
+    with pytest.raises(TypeError, match="floating-point"):
+        Gaussians(g.means.long(), g.log_scales, g.quats, g.opacity_logits, g.sh)
+    with pytest.raises(TypeError, match="means must be a torch.Tensor"):
+        Gaussians(g.means.numpy(), g.log_scales, g.quats, g.opacity_logits, g.sh)
+    with pytest.raises(TypeError, match="different dtypes"):
+        Gaussians(g.means.double(), g.log_scales, g.quats, g.opacity_logits, g.sh).validate()
+    # PLY: duplicate properties, a header missing a property the data has, a truncated ASCII row
+    data = g.save_ply(tmp_path / "g.ply").read_bytes()
+    (tmp_path / "dup.ply").write_bytes(data.replace(b"property float x\n", b"property float x\nproperty float x\n"))
+    with pytest.raises(PlyError, match=r"dup\.ply.*declares property 'x' twice"):
+        Gaussians.load_ply(tmp_path / "dup.ply")
+    (tmp_path / "hdr.ply").write_bytes(data.replace(b"property float nz\n", b""))
+    with pytest.raises(PlyError, match=r"hdr\.ply: 40 bytes follow"):
+        Gaussians.load_ply(tmp_path / "hdr.ply")
+    write_points_ply(tmp_path / "a.ply", pts)
+    (tmp_path / "a.ply").write_bytes((tmp_path / "a.ply").read_bytes()[:-30])
+    with pytest.raises(PlyError, match=r"a\.ply: element 'vertex' row 9 has"):
+        read_points_ply(tmp_path / "a.ply")

@@ -303,3 +303,27 @@ def test_automatic_tile_size_changes_speed_not_the_image():
     assert auto_tile_size(m, torch.full((10, 2), 1)) == 4
     assert auto_tile_size(m + 100, torch.full((10, 2), 200)) == 16
     assert auto_tile_size(m, torch.zeros(10, 2, dtype=torch.long)) == 16  # nothing visible
+
+
+def test_bad_dtypes_devices_and_empty_gaussians():
+    from fastavatar_nb.render import RenderDtypeError
+
+    g, cam = random_scene(5, dtype=torch.float32), identity_camera(dtype=torch.float32)
+    for dt in (torch.float16, torch.bfloat16):
+        with pytest.raises(RenderDtypeError, match=rf"{str(dt)[6:]}.*gaussians.to\(torch.float32\)"):
+            render(g.to(dt), cam, backend="torch")
+    assert issubclass(RenderDtypeError, TypeError)
+    with pytest.raises(ValueError, match="focal.*camera"):
+        render(g, Cameras(cam.viewmats, cam.Ks * torch.tensor([-1.0, 1, 1])[:, None], 32, 24))
+    # no Gaussians: the background, with gradients that flow (zeros)
+    empty = g.select(torch.zeros(5, dtype=torch.bool)).clone().requires_grad_()
+    out = render(empty, cam, background=torch.tensor([1.0, 0.5, 0.0]), backend="torch")
+    assert out.colors.shape == (1, 24, 32, 3) and out.alphas.abs().max() == 0
+    torch.testing.assert_close(out.colors[0], torch.tensor([1.0, 0.5, 0.0]).expand(24, 32, 3))
+    out.colors.sum().backward()
+    # validate=False skips the value pass (for training loops), the cheap checks stay
+    bad = g.clone()
+    bad.means[0, 0] = float("nan")
+    render(bad, cam, backend="torch", validate=False)
+    with pytest.raises(ValueError, match="non-finite"):
+        render(bad, cam, backend="torch")

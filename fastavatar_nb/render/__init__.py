@@ -13,6 +13,7 @@ low-pass, near-plane culling at 0.01.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,9 +23,12 @@ from torch import Tensor
 from ..cameras import Cameras
 from ..gaussians import Gaussians
 from .gsplat_backend import gsplat_status, rasterize_gsplat
+from .torch_rasterizer import RenderMemoryError, auto_tile_size, estimate_memory, overlaps_per_image
 from .torch_rasterizer import rasterize as rasterize_torch
 
-__all__ = ["Backend", "DEFAULT_TILE_SIZE", "RenderOutput", "render", "resolve_backend", "composite"]
+__all__ = ["Backend", "DEFAULT_TILE_SIZE", "RenderOutput", "render", "resolve_backend", "composite",
+           "RenderMemoryError", "RenderDtypeError", "MEMORY_ENV", "MEMORY_FRACTION", "memory_budget",
+           "estimate_render_memory"]
 
 Backend = Literal["auto", "torch", "gsplat"]
 _BACKENDS = ("auto", "torch", "gsplat")
@@ -33,6 +37,97 @@ _announced: set[tuple[str, str]] = set()
 DEFAULT_TILE_SIZE: dict[str, int | None] = {"torch": None, "gsplat": 16}
 """Tile edge in pixels per backend when ``render(tile_size=None)``; ``None``: the torch
 rasterizer picks 4, 8 or 16 from the Gaussians' screen size (``torch_rasterizer.auto_tile_size``)."""
+
+
+MEMORY_ENV = "FASTAVATAR_RENDER_MEMORY_GB"
+"""Environment variable: the torch backend's memory budget in GiB (overrides the default)."""
+MEMORY_FRACTION = 0.75
+"""Default budget of the torch backend: this fraction of the memory available now (RAM on CPU,
+free GPU memory on CUDA)."""
+
+
+class RenderDtypeError(TypeError):
+    """The Gaussians (or cameras) have a dtype the renderer cannot compute in."""
+
+
+def _available_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_budget(device: torch.device | str = "cpu", budget_gb: float | None = None) -> int | None:
+    """The torch backend's memory budget in bytes.
+
+    ``budget_gb`` if given, else the environment variable :data:`MEMORY_ENV` (GiB), else
+    :data:`MEMORY_FRACTION` of the memory available now; ``None`` when that cannot be found out.
+    """
+    source = "memory_budget_gb"
+    if budget_gb is None and os.environ.get(MEMORY_ENV, "").strip():
+        raw, source = os.environ[MEMORY_ENV], MEMORY_ENV
+        try:
+            budget_gb = float(raw)
+        except ValueError:
+            raise ValueError(f"{MEMORY_ENV}={raw!r} is not a number of GiB (e.g. {MEMORY_ENV}=8)") from None
+    if budget_gb is not None:
+        if not (budget_gb > 0):  # also refuses NaN
+            raise ValueError(f"{source} must be a positive number of GiB, got {budget_gb!r}")
+        return int(min(budget_gb * 1024 ** 3, 2 ** 62))
+    avail = _available_memory(torch.device(device))
+    return None if avail is None else int(MEMORY_FRACTION * avail)
+
+
+def estimate_render_memory(gaussians: Gaussians, cameras: Cameras, tile_size: int | None = None,
+                           grad: bool | None = None, chunks: list[tuple[int, int]] | None = None) -> int:
+    """Estimated peak bytes of ``render(gaussians, cameras, backend="torch")`` (with ``grad``: and
+    its backward pass; default: whether any Gaussian field requires grad).
+
+    Projects the Gaussians (cheap: no pixels) to count the tile overlaps of every image exactly,
+    then applies :func:`~fastavatar_nb.render.torch_rasterizer.estimate_memory`; ``chunks`` are
+    groups of flattened images drawn together (default: all at once).
+    """
+    from ..gaussians import covariance
+    from .torch_rasterizer import (
+        conics_from_covariances,
+        perspective_projection,
+        screen_radii,
+        world_to_camera,
+    )
+
+    if grad is None:
+        grad = any(t.requires_grad for t in gaussians.parameters().values())
+    with torch.no_grad():
+        batch = torch.broadcast_shapes(gaussians.batch_shape, cameras.viewmats.shape[:-3])
+        K, C = gaussians.num_gaussians, len(cameras)
+        B = int(torch.Size(batch).numel())
+        g = gaussians.to(torch.float32) if gaussians.dtype not in (torch.float32, torch.float64) else gaussians
+        dtype = g.dtype
+        means = g.means.expand(*batch, K, 3).reshape(B, K, 3)
+        covars = covariance(g.quats, g.scales).expand(*batch, K, 3, 3).reshape(B, K, 3, 3)
+        viewmats = cameras.viewmats.to(dtype).expand(*batch, C, 4, 4).reshape(B, C, 4, 4)
+        Ks = cameras.Ks.to(dtype).expand(*batch, C, 3, 3).reshape(B, C, 3, 3)
+        W, H = cameras.width, cameras.height
+        means_c, covars_c = world_to_camera(means, covars, viewmats)
+        means2d, covars2d = perspective_projection(means_c, covars_c, Ks, W, H)
+        _, blurred, det = conics_from_covariances(covars2d)
+        op = g.opacities.expand(*batch, K).reshape(B, 1, K).expand(B, C, K)
+        radii = screen_radii(means2d, blurred, det, means_c[..., 2], op, W, H)
+        ts = tile_size or auto_tile_size(means2d, radii)
+        ov = overlaps_per_image(means2d.reshape(B * C, K, 2), radii.reshape(B * C, K, 2), W, H, ts)
+    return estimate_memory(ov, K, W, H, ts, torch.empty((), dtype=dtype).element_size(), grad, chunks)
 
 
 @dataclass
@@ -104,7 +199,8 @@ def _background(background, batch_shape: torch.Size, dtype, device) -> Tensor:
 
 
 def render(gaussians: Gaussians, cameras: Cameras, background: float | Tensor | tuple | None = 1.0,
-           backend: Backend = "auto", sh_degree: int = 3, tile_size: int | None = None) -> RenderOutput:
+           backend: Backend = "auto", sh_degree: int = 3, tile_size: int | None = None,
+           memory_budget_gb: float | None = None, validate: bool = True) -> RenderOutput:
     """Render Gaussians from cameras.
 
     Batching: the Gaussians' batch shape broadcasts with the cameras' leading shape (all but
@@ -121,6 +217,18 @@ def render(gaussians: Gaussians, cameras: Cameras, background: float | Tensor | 
         tile_size: tile edge in pixels; default :data:`DEFAULT_TILE_SIZE` of the backend (gsplat
             16; torch: chosen from the Gaussians' screen size, because its cost grows with tile
             area times overlaps, see ``benchmarks/render.py``).
+        memory_budget_gb: torch backend only: the most memory (GiB) one call may use; default the
+            environment variable ``FASTAVATAR_RENDER_MEMORY_GB``, else 75% of the memory available
+            now. Over it, the cameras are drawn in groups that fit (the same pixels and gradients);
+            if one camera at a time does not fit, :class:`RenderMemoryError` (a ``MemoryError``)
+            says how much is needed and what to do.
+        validate: check every Gaussian value is finite and every quaternion normalisable (one
+            pass over the Gaussians; shapes, dtypes, devices and cameras are always checked).
+
+    Raises:
+        ValueError: bad shapes, values or cameras (the message names the argument).
+        RenderDtypeError: a ``TypeError``: Gaussians that are not float32 or float64.
+        RenderMemoryError: a ``MemoryError``: the torch backend would exceed the memory budget.
 
     Returns:
         :class:`RenderOutput` with ``colors [..., C, H, W, 3]``, ``alphas`` and ``depths``
@@ -134,12 +242,26 @@ def render(gaussians: Gaussians, cameras: Cameras, background: float | Tensor | 
         raise ValueError(f"sh_degree must be 0..3, got {sh_degree}")
     if tile_size is not None and tile_size < 1:
         raise ValueError(f"tile_size must be positive, got {tile_size}")
-    gaussians.validate(check_values=True)
+    gaussians.validate(check_values=validate)
+    if gaussians.dtype not in (torch.float32, torch.float64):
+        raise RenderDtypeError(
+            f"render: the Gaussians are {gaussians.dtype}; the renderer computes in torch.float32 or "
+            f"torch.float64 (covariances and their inverses lose too much in half precision). "
+            f"Convert them first: gaussians.to(torch.float32)"
+        )
     if cameras.device != gaussians.device:
-        raise ValueError(f"cameras are on {cameras.device} but the Gaussians on {gaussians.device}; move one of them")
+        raise ValueError(
+            f"render: the cameras are on {cameras.device} but the Gaussians on {gaussians.device}; "
+            f"move one of them (cameras.to({str(gaussians.device)!r}) or gaussians.to({str(cameras.device)!r}))"
+        )
     focal = torch.stack([cameras.Ks[..., 0, 0], cameras.Ks[..., 1, 1]], -1)
-    if not (focal > 0).all():
-        raise ValueError("camera intrinsics must have positive focal lengths (Ks[..., 0, 0] and Ks[..., 1, 1])")
+    bad_focal = ~(focal > 0).all(-1)
+    if bad_focal.any():
+        idx = [tuple(i) if len(i) > 1 else i[0] for i in torch.nonzero(bad_focal).tolist()]
+        raise ValueError(
+            f"render: camera intrinsics must have positive focal lengths (Ks[..., 0, 0] and Ks[..., 1, 1]); "
+            f"camera(s) {idx[:8]} have fx, fy = {focal[bad_focal][:3].tolist()}"
+        )
     name = resolve_backend(backend, gaussians.device)
     tile_size = tile_size or DEFAULT_TILE_SIZE[name]
     if name == "gsplat" and tile_size is None:
@@ -174,9 +296,21 @@ def render(gaussians: Gaussians, cameras: Cameras, background: float | Tensor | 
                                              opac.contiguous(), sh.contiguous(), viewmats.contiguous(),
                                              Ks.contiguous(), W, H, sh_degree=sh_degree, tile_size=tile_size)
     else:
+        if memory_budget_gb is not None or os.environ.get(MEMORY_ENV, "").strip():
+            budget = memory_budget(gaussians.device, memory_budget_gb)
+        else:  # looked up only when the estimate is over MEMORY_CHECK_FLOOR: training steps stay cheap
+            budget = lambda: memory_budget(gaussians.device)  # noqa: E731
         rgb, alpha, depth = rasterize_torch(means, quats, scales, opac, sh, viewmats, Ks, W, H,
-                                            sh_degree=sh_degree, tile_size=tile_size)
+                                            sh_degree=sh_degree, tile_size=tile_size, memory_budget=budget)
     out_shape = (*batch, C, H, W)
     rgb, alpha, depth = rgb.reshape(*out_shape, 3), alpha.reshape(out_shape), depth.reshape(out_shape)
     bg = _background(background, torch.Size((*batch, C)), dtype, rgb.device)
-    return RenderOutput(composite(rgb, alpha, bg), alpha, depth, name)
+    if rgb.requires_grad or rgb.numel() * rgb.element_size() < 64 * 1024 ** 2:
+        return RenderOutput(composite(rgb, alpha, bg), alpha, depth, name)
+    # large and no graph: composite in place, one image at a time (the same arithmetic, no full-size temporaries)
+    flat_rgb, flat_alpha = rgb.reshape(-1, H, W, 3), alpha.reshape(-1, H, W)
+    flat_bg = bg.expand(*batch, C, 1, 1, 3).reshape(-1, 1, 1, 3)
+    for i in range(flat_rgb.shape[0]):
+        flat_rgb[i] = composite(flat_rgb[i], flat_alpha[i], flat_bg[i])
+    return RenderOutput(rgb, alpha, depth, name)
+

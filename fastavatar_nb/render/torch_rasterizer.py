@@ -26,6 +26,7 @@ Only steps 2, 3, 5 and 7 carry gradients; the integer bookkeeping (4, 6) does no
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "ALPHA_MAX", "ALPHA_MIN", "TRANSMITTANCE_MIN",
     "world_to_camera", "perspective_projection", "conics_from_covariances", "screen_radii",
     "TILE_OVERHEAD_PX", "TileBins", "auto_tile_size", "bin_tiles", "BlendWeights", "alpha_blend", "rasterize",
+    "RenderMemoryError", "MEMORY_CHECK_FLOOR", "overlaps_per_image", "estimate_memory", "plan_image_chunks",
 ]
 
 ALPHA_MAX = 0.999
@@ -330,6 +332,7 @@ def alpha_blend(bins: TileBins, means2d: Tensor, conics: Tensor, opacities: Tens
         neg_sigma = (-0.5 * a * dx * dx)[:, None, :] + (-0.5 * c * dy * dy)[:, :, None] \
             - (b * dy)[:, :, None] * dx[:, None, :]
         alpha = torch.clamp_max(opacities.reshape(-1)[g][:, None, None] * torch.exp(neg_sigma), ALPHA_MAX)
+        del neg_sigma  # [M, ts, ts]: not needed by autograd (exp saves its output), free it now
         alpha = alpha * (alpha >= ALPHA_MIN)
         feats = torch.cat([features.reshape(-1, F_)[g], torch.ones(M, 1, dtype=dtype, device=dev)], -1)
         alpha = alpha.reshape(M, P)
@@ -355,16 +358,182 @@ def alpha_blend(bins: TileBins, means2d: Tensor, conics: Tensor, opacities: Tens
             w = BlendWeights.apply(alpha_p)  # [n, L, P]: alpha_d T_d, 0 once the pixel is done
             per_tile = torch.bmm(w.transpose(1, 2), feat_p.reshape(n, L, F_ + 1))  # [n, P, F+1]
             out = out.index_copy(0, tiles[segs], per_tile)
+    if M == 0 and features.requires_grad:  # nothing drawn: keep the graph so a backward still runs (zero grads)
+        out = out + 0.0 * features.sum()
     img = out.reshape(bins.num_images, bins.tiles_y, bins.tiles_x, ts, ts, F_ + 1)
     img = img.permute(0, 1, 3, 2, 4, 5).reshape(bins.num_images, bins.tiles_y * ts, bins.tiles_x * ts, F_ + 1)
     img = img[:, :height, :width]
     return img[..., :F_], img[..., F_]
 
 
+# ------------------------------------------------------------------------------------ memory
+GIB = 1024 ** 3
+MEMORY_CHECK_FLOOR = 256 * 1024 ** 2
+"""Estimates below this many bytes are not compared with a default (looked-up) budget."""
+
+
+class RenderMemoryError(MemoryError):
+    """The torch rasterizer would need more memory than the budget, even one image at a time.
+
+    Attributes: ``estimate`` (bytes, the whole call), ``budget`` (bytes), ``one_image`` (bytes
+    the call would need with the images drawn one at a time).
+    """
+
+    def __init__(self, message: str, estimate: int, budget: int, one_image: int):
+        super().__init__(message)
+        self.estimate, self.budget, self.one_image = estimate, budget, one_image
+
+
+# Bytes per element, read off the code and checked with a tensor-allocation tracker
+# (tests/test_render_memory.py; measured/estimated is 0.57-0.95 over 200-20k Gaussians, 1-16 cameras,
+# 16x23 to 2000x2916 pixels, tiles 4-16, with and without gradients). ``s`` is the dtype's size.
+MEM_PROJECTION = 110
+"""Peak elements (x s) per Gaussian per image while projecting and shading: covariances,
+Jacobians, conics, radii, and SH (``bases[..., None] * sh`` alone is 48)."""
+MEM_PROJECTION_KEPT = (45, 125)
+"""Elements (x s) per Gaussian per image that stay alive during blending (without, with grad)."""
+MEM_BINS_BYTES = 90
+"""Peak bytes per (tile, Gaussian) overlap in :func:`bin_tiles` (int64 ids, sort, segments)."""
+MEM_OVERLAP = 12
+"""Elements (x s) per overlap in :func:`alpha_blend` besides its pixels (centre, conic, features),
+plus ``2 x tile_size`` (the ``dx``, ``dy`` offsets)."""
+MEM_BLEND = (7, 12)
+"""Peak elements (x s) per overlap-pixel (``M x tile_size^2``) while blending one group of images
+(without, with grad): the ``[M, P]`` alphas and the padded ``[tiles, L, P]`` blocks of the
+transmittance (padding at most doubles a block)."""
+MEM_BLEND_SAVED = 10
+"""Elements (x s) per overlap-pixel that autograd keeps for the backward pass (every group)."""
+MEM_BACKWARD = 8
+"""Extra elements (x s) per overlap-pixel of the largest group while the backward pass runs."""
+MEM_BLEND_PIXEL = 15
+"""Elements (x s) per padded pixel inside :func:`alpha_blend` (the tile buffer, its copies)."""
+MEM_OUTPUT_PIXEL = (5, 16)
+"""Elements (x s) per pixel of the outputs (without, with grad): colours, alphas and depths (5);
+with grad also the concatenation of groups and the compositing over the background in
+:func:`fastavatar_nb.render.render` (without grad it is done in place, one image at a time)."""
+
+
+@torch.no_grad()
+def overlaps_per_image(means2d: Tensor, radii: Tensor, width: int, height: int, tile_size: int) -> Tensor:
+    """``[I]`` number of (tile, Gaussian) overlaps of each image, as :func:`bin_tiles` would list them.
+
+    Args: means2d ``[I, N, 2]``, radii ``[I, N, 2]`` (0 = culled).
+    """
+    tiles_x, tiles_y = math.ceil(width / tile_size), math.ceil(height / tile_size)
+    m = means2d / tile_size
+    r = radii.to(means2d.dtype) / tile_size
+    nx = torch.ceil(m[..., 0] + r[..., 0]).clamp(0, tiles_x) - torch.floor(m[..., 0] - r[..., 0]).clamp(0, tiles_x)
+    ny = torch.ceil(m[..., 1] + r[..., 1]).clamp(0, tiles_y) - torch.floor(m[..., 1] - r[..., 1]).clamp(0, tiles_y)
+    counts = (nx * ny).nan_to_num(0.0) * (radii[..., 0] > 0)
+    return counts.sum(-1).to(torch.int64)
+
+
+def estimate_memory(overlaps: Tensor | list[int], num_gaussians: int, width: int, height: int, tile_size: int,
+                    itemsize: int = 4, grad: bool = False, chunks: list[tuple[int, int]] | None = None) -> int:
+    """Estimated peak bytes of :func:`rasterize` (plus the compositing in ``render``).
+
+    ``peak = s * (P_proj * I * N) + max over groups g of [s * kept * I * N + saved(groups <= g)
+    + (90 + s (12 + 2 t)) M_g + s * blend * M_g t^2 + s * 15 * px_g + s * 5 * px_done]``, then the outputs
+    ``s * (5 | 16) * I * H * W`` (without, with grad), with ``I`` images, ``N`` Gaussians, ``M_g`` the overlaps of a group of
+    images drawn together (``chunks``; default all at once), ``t`` the tile edge and ``s`` the
+    dtype's size; with ``grad`` autograd's saved tensors (``10 s M t^2`` over all groups) and a
+    backward pass (``8 s M_g t^2`` for the largest group) are added. The constants are
+    ``MEM_*`` above.
+
+    Args:
+        overlaps: ``[I]`` overlaps per image (:func:`overlaps_per_image`).
+    """
+    ov = [int(v) for v in (overlaps.tolist() if isinstance(overlaps, Tensor) else overlaps)]
+    n_images = len(ov)
+    if chunks is None:
+        chunks = [(0, n_images)]
+    s, P = itemsize, tile_size * tile_size
+    px = width * height
+    padpx = math.ceil(width / tile_size) * tile_size * math.ceil(height / tile_size) * tile_size
+    gi = n_images * num_gaussians
+    peak = s * MEM_PROJECTION * gi
+    kept = s * MEM_PROJECTION_KEPT[grad] * gi
+    saved = 0
+    largest_group = 0
+    for start, stop in chunks:
+        M = sum(ov[start:stop])
+        largest_group = max(largest_group, M)
+        if grad:
+            saved += s * MEM_BLEND_SAVED * M * P
+        if len(chunks) == 1:
+            done = 0
+        else:  # without grad the outputs are allocated first; with grad the groups' results pile up
+            done = s * MEM_OUTPUT_PIXEL[0] * px * (start if grad else n_images)
+        work = (MEM_BINS_BYTES + s * (MEM_OVERLAP + 2 * tile_size)) * M + s * MEM_BLEND[grad] * M * P + s * MEM_BLEND_PIXEL * padpx * (stop - start)
+        peak = max(peak, kept + saved + done + work)
+    outputs = kept + saved + s * MEM_OUTPUT_PIXEL[grad] * px * n_images
+    peak = max(peak, outputs)
+    if grad:
+        peak = max(peak, outputs + s * MEM_BACKWARD * largest_group * P)
+    return int(peak)
+
+
+def plan_image_chunks(overlaps: Tensor | list[int], num_gaussians: int, width: int, height: int, tile_size: int,
+                      budget: int, itemsize: int = 4, grad: bool = False) -> tuple[list[tuple[int, int]], int]:
+    """Group consecutive images so that :func:`estimate_memory` stays within ``budget`` bytes.
+
+    Returns:
+        ``(chunks, estimate)``: ``[(start, stop), ...]`` (one group when everything fits at once)
+        and the estimated peak with that grouping.
+
+    Raises:
+        RenderMemoryError: not even one image at a time fits.
+    """
+    ov = [int(v) for v in (overlaps.tolist() if isinstance(overlaps, Tensor) else overlaps)]
+    n = len(ov)
+    args = (num_gaussians, width, height, tile_size, itemsize, grad)
+    whole = estimate_memory(ov, *args)
+    if whole <= budget or n <= 1:
+        if whole > budget:
+            raise _memory_error(whole, budget, whole, n, *args)
+        return [(0, n)], whole
+    singles = [(i, i + 1) for i in range(n)]
+    one = estimate_memory(ov, *args, chunks=singles)
+    if one > budget:
+        raise _memory_error(whole, budget, one, n, *args)
+    chunks: list[tuple[int, int]] = []
+    start = 0
+    while start < n:  # greedy: grow each group while the estimate stays within budget
+        stop = start + 1
+        while stop < n and estimate_memory(ov, *args, chunks=chunks + [(start, stop + 1)] + singles[stop + 1:]) <= budget:
+            stop += 1
+        chunks.append((start, stop))
+        start = stop
+    return chunks, estimate_memory(ov, *args, chunks=chunks)
+
+
+def _memory_error(estimate: int, budget: int, one: int, n_images: int, num_gaussians: int, width: int,
+                  height: int, tile_size: int, itemsize: int, grad: bool) -> RenderMemoryError:
+    what = "rendering and the backward pass" if grad else "rendering"
+    return RenderMemoryError(
+        f"render (torch backend): {what} of {n_images} image(s) of {width}x{height} pixels with "
+        f"{num_gaussians:,} Gaussians would need about {estimate / GIB:.2f} GiB "
+        f"({one / GIB:.2f} GiB even one image at a time, the outputs included), over the memory budget of "
+        f"{budget / GIB:.2f} GiB. Render fewer cameras per call (cameras[i:j]) or a smaller image "
+        f"(cameras.resize(width, height)); or change the budget with the environment variable "
+        f"FASTAVATAR_RENDER_MEMORY_GB or render(..., memory_budget_gb=...) if the memory is really there.",
+        estimate, budget, one,
+    )
+
+
+def _finish(out: Tensor, alphas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``alpha_blend``'s ``[I, H, W, 4]`` sums and ``[I, H, W]`` alphas -> premultiplied RGB, alphas and
+    the expected depth (the z sum over alpha, 0 where nothing is drawn)."""
+    rgb = out[..., :3].contiguous()
+    zsum = out[..., 3]
+    exp_depth = torch.where(alphas > 1e-10, zsum / alphas.clamp_min(1e-10), torch.zeros_like(zsum))
+    return rgb, alphas.contiguous(), exp_depth
+
+
 def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, sh: Tensor, viewmats: Tensor,
               Ks: Tensor, width: int, height: int, sh_degree: int = 3, tile_size: int | None = None,
               near_plane: float = 0.01, far_plane: float = 1e10, eps2d: float = 0.3,
-              return_meta: bool = False):
+              return_meta: bool = False, memory_budget: int | Callable[[], int | None] | None = None):
     """Render ``B`` Gaussian sets, each from its ``C`` cameras (all steps above).
 
     Args:
@@ -374,11 +543,17 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, s
 
     ``tile_size=None`` picks it from the Gaussians' screen size (:func:`auto_tile_size`).
 
+    ``memory_budget`` (bytes, or a function returning them or ``None``, called only when the
+    estimate is over :data:`MEMORY_CHECK_FLOOR`): when the estimated peak (:func:`estimate_memory`, from the exact
+    number of tile overlaps of each image) is over it, the images are binned and blended in
+    groups that fit (the same pixels, gradients flow through every group); when one image at a
+    time does not fit either, :class:`RenderMemoryError`. ``None``: everything at once, no check.
+
     Returns:
         ``colors [B, C, H, W, 3]`` (premultiplied, no background), ``alphas [B, C, H, W]``,
         ``depths [B, C, H, W]`` (expected camera z, 0 where nothing is drawn), and with
         ``return_meta`` a dict with ``means2d, conics, radii, depths`` per Gaussian and the
-        :class:`TileBins`.
+        :class:`TileBins` (``None`` when the images were drawn in groups).
     """
     B, N = means.shape[:2]
     C = viewmats.shape[1]
@@ -395,14 +570,48 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, s
     n_images = B * C
     if tile_size is None:
         tile_size = auto_tile_size(means2d, radii)
-    bins = bin_tiles(means2d.reshape(n_images, N, 2), radii.reshape(n_images, N, 2), depths.reshape(n_images, N), width, height, tile_size)
+    m2, r2, d2 = means2d.reshape(n_images, N, 2), radii.reshape(n_images, N, 2), depths.reshape(n_images, N)
     feats = torch.cat([colors, depths[..., None]], -1).reshape(n_images, N, 4)
-    out, alphas = alpha_blend(bins, means2d.reshape(n_images, N, 2), conics.reshape(n_images, N, 3), op.reshape(n_images, N), feats,
-                              width, height)
-    rgb = out[..., :3].reshape(B, C, height, width, 3)
+    con2, op2 = conics.reshape(n_images, N, 3), op.reshape(n_images, N)
+    chunks = [(0, n_images)]
+    if memory_budget is not None:
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (means, quats, scales, opacities, sh, viewmats, Ks))
+        ov = overlaps_per_image(m2, r2, width, height, tile_size)
+        args = (N, width, height, tile_size)
+        if callable(memory_budget):  # a default budget: look it up only for large renders
+            if estimate_memory(ov, *args, means.element_size(), grad) <= MEMORY_CHECK_FLOOR:
+                memory_budget = None
+            else:
+                memory_budget = memory_budget()
+        if memory_budget is not None:
+            chunks, _ = plan_image_chunks(ov, *args, int(memory_budget), means.element_size(), grad)
+    if len(chunks) == 1:
+        bins = bin_tiles(m2, r2, d2, width, height, tile_size)
+        out, alphas = alpha_blend(bins, m2, con2, op2, feats, width, height)
+        rgb, alphas, exp_depth = _finish(out, alphas)
+    else:  # groups of images, each finished on its own: the same pixels as one pass (test_render_memory.py)
+        bins = None
+        parts = [_finish(*alpha_blend(bin_tiles(m2[a:b], r2[a:b], d2[a:b], width, height, tile_size),
+                                      m2[a:b], con2[a:b], op2[a:b], feats[a:b], width, height))
+                 for a, b in chunks[:1]]
+        if torch.is_grad_enabled() and parts[0][0].requires_grad:
+            for a, b in chunks[1:]:
+                parts.append(_finish(*alpha_blend(bin_tiles(m2[a:b], r2[a:b], d2[a:b], width, height, tile_size),
+                                                  m2[a:b], con2[a:b], op2[a:b], feats[a:b], width, height)))
+            rgb, alphas, exp_depth = (torch.cat(t) for t in zip(*parts, strict=True))
+        else:  # no graph: write each group into the outputs, so the peak is the outputs and one group
+            first = parts.pop()
+            rgb, alphas, exp_depth = (t.new_empty((n_images, *t.shape[1:])) for t in first)
+            for (a, b), vals in zip(chunks, [first] + [None] * (len(chunks) - 1), strict=True):
+                if vals is None:
+                    vals = _finish(*alpha_blend(bin_tiles(m2[a:b], r2[a:b], d2[a:b], width, height, tile_size),
+                                                m2[a:b], con2[a:b], op2[a:b], feats[a:b], width, height))
+                for dst, src in zip((rgb, alphas, exp_depth), vals, strict=True):
+                    dst[a:b] = src
+                del vals
+    rgb = rgb.reshape(B, C, height, width, 3)
     alphas = alphas.reshape(B, C, height, width)
-    zsum = out[..., 3].reshape(B, C, height, width)
-    exp_depth = torch.where(alphas > 1e-10, zsum / alphas.clamp_min(1e-10), torch.zeros_like(zsum))
+    exp_depth = exp_depth.reshape(B, C, height, width)
     if return_meta:
         meta = {"means2d": means2d, "conics": conics, "radii": radii, "depths": depths, "bins": bins}
         return rgb, alphas, exp_depth, meta

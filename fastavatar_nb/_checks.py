@@ -59,13 +59,13 @@ def check_images(images: Tensor, name: str = "images", *, fn: str | None = None,
             hint = " (one image? add the batch dimension with image[None])"
         raise ValueError(f"{what} must be {layout} RGB, got {tuple(images.shape)}{hint}")
     if batched and images.shape[0] == 0:
-        raise ValueError(f"{what} holds no images (shape {tuple(images.shape)}): pass at least one")
+        raise ValueError(f"{what} is an empty batch (shape {tuple(images.shape)}): pass at least one image")
     if not images.is_floating_point():
         raise ImageDtypeError(f"{what} must be floats in [0, 1], got dtype {images.dtype}"
                               + ("; divide uint8 images by 255 (.float() / 255)" if images.dtype == torch.uint8 else ""))
     H, W = images.shape[-3], images.shape[-2]
     if H < min_side or W < min_side:
-        raise ValueError(f"{what} are {H}x{W} pixels; need at least {min_side}x{min_side} (a face must be about 20 "
+        raise ValueError(f"{what} {'are' if batched else 'is'} {H}x{W} pixels; need at least {min_side}x{min_side} (a face must be about 20 "
                          "pixels across to be found): pass a larger photo or upsample it")
     if not unit_range:
         return
@@ -73,8 +73,8 @@ def check_images(images: Tensor, name: str = "images", *, fn: str | None = None,
     if not bool(finite.all()):
         which = f" (images {torch.nonzero(~finite).flatten().tolist()[:10]})" if batched else ""
         count = int((~torch.isfinite(images)).sum())
-        raise ValueError(f"{what} hold {count} NaN or infinite pixel values{which}: a damaged photo or a failed "
-                         "conversion; fix or drop those images")
+        raise ValueError(f"{what} {'hold' if batched else 'holds'} {count} NaN or infinite pixel values{which}: a "
+                         f"damaged photo or a failed conversion; fix or drop {'those images' if batched else 'it'}")
     lo, hi = float(images.min()), float(images.max())
     if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:
         hint = "they look like 0..255: divide by 255" if hi > 1.5 else f"clamp them first ({name}.clamp(0, 1))"

@@ -27,6 +27,7 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from . import _live
+from ._live import in_notebook_kernel
 from .cameras import Cameras
 from .gaussians import Gaussians, quat_to_rotmat
 
@@ -76,16 +77,6 @@ def setup_plotly(mode: PlotlyMode = "embedded") -> str:
 
 
 # ----------------------------------------------------------------------------- small utilities
-def in_notebook_kernel() -> bool:
-    """True inside a Jupyter kernel (where ``IPython.display`` reaches a notebook), else False."""
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    ip = get_ipython()
-    return ip is not None and getattr(ip, "kernel", None) is not None
-
-
 def to_uint8(image: Tensor | np.ndarray) -> np.ndarray:
     """An image ``[H, W, 3]`` or ``[H, W]`` (float in [0, 1], or uint8) -> uint8 numpy array.
 

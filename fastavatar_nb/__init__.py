@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = ["Cameras", "Gaussians", "render", "__version__"]
 
 _LAZY = {"presets", "data", "fitting", "template", "decoder", "pipeline", "faces", "encoder", "editing", "evaluation",
-         "metrics", "viewers", "cli", "report", "ply", "gaussians", "cameras", "objective", "refine", "distributed"}
+         "metrics", "viewers", "cli", "report", "ply", "gaussians", "cameras", "objective", "refine", "distributed", "threads"}
 
 
 def __getattr__(name: str):

@@ -358,7 +358,11 @@ def _version(dist: str) -> str:
 
 
 def setup(preset: Preset, *, save: bool = True) -> str:
-    """Seed torch, numpy and random with ``preset.seed``, create the run folder, report the environment.
+    """Set torch's threads, seed torch, numpy and random with ``preset.seed``, create the run folder,
+    report the environment.
+
+    Threads: :func:`fastavatar_nb.threads.configure_threads` (the cores free now; a warning when
+    other jobs keep some busy).
 
     Args:
         preset: the preset of this notebook or script.
@@ -366,8 +370,11 @@ def setup(preset: Preset, *, save: bool = True) -> str:
 
     Returns:
         A few lines to print in the setup cell: versions of Python, torch, numpy, gsplat and
-        fastavatar-nb, the device (with the GPU's name on CUDA), the backend and the preset.
+        fastavatar-nb, the device (with the GPU's name on CUDA), the backend, the threads and the preset.
     """
+    from .threads import configure_threads
+
+    threads = configure_threads()  # the free cores only: a busy machine slows two-thread torch tenfold
     random.seed(preset.seed)
     np.random.seed(preset.seed)
     torch.manual_seed(preset.seed)  # seeds every CUDA device too
@@ -381,7 +388,7 @@ def setup(preset: Preset, *, save: bool = True) -> str:
         [
             f"python {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__} | "
             f"gsplat {_version('gsplat')} | fastavatar-nb {_version('fastavatar-nb')}",
-            f"device {device} | backend {preset.backend} | seed {preset.seed}",
+            f"device {device} | backend {preset.backend} | seed {preset.seed} | {threads}",
             f"preset {preset.describe()}",
         ]
     )

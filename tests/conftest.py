@@ -52,6 +52,14 @@ def _seed_everything() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Each test leaves torch's thread count as it found it (``presets.setup`` sets it to the free cores)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def device(request: pytest.FixtureRequest) -> torch.device:
     """The device tests run on: cpu unless cuda was requested (and is available)."""

@@ -385,12 +385,56 @@ def _save_status(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
+def _data_overrides(args: argparse.Namespace) -> dict:
+    """Preset overrides from ``--data``, ``--split``, ``--labels`` and ``--timestep`` (none when not given)."""
+    out: dict = {}
+    for name, value in (("data", args.data), ("data_split", args.split), ("data_labels", args.labels),
+                        ("data_timestep", args.timestep)):
+        if value is not None:
+            out[name] = value
+    if out and args.data is None and not os.environ.get(presets.DATA_ENV):
+        given = ", ".join(f"--{n.removeprefix('data_')}" for n in out)
+        raise CliError(f"{given} need --data DIR (a folder of real NeRSemble/VHAP subjects)")
+    return out
+
+
 def _resolve_preset(args: argparse.Namespace) -> presets.Preset:
     try:
         name = presets.get(args.preset, allow_cpu=args.allow_cpu).name
         overrides = {"run_dir": Path(args.out) / name} if args.out is not None else {}
-        return presets.get(name, allow_cpu=args.allow_cpu, **overrides)
+        return presets.get(name, allow_cpu=args.allow_cpu, **overrides, **_data_overrides(args))
     except presets.PresetError as err:
+        message = str(err)
+        for field, option in (("data_split ", "--split "), ("data_labels ", "--labels "), ("data ", "--data ")):
+            if message.startswith(field):
+                message = option + message.removeprefix(field)
+                break
+        raise CliError(message) from err
+
+
+def _check_data(preset: presets.Preset) -> None:
+    """With ``--data``: every subject folder checked before anything runs or is written (one report of
+    every problem, :class:`CliError`), and a run folder holding another dataset refused."""
+    if preset.data is None:
+        return
+    from fastavatar_nb.data.real import check_cache, check_dataset, source_record
+
+    print(f"Checking every subject in {preset.data} before the run ...")
+    try:
+        check = check_dataset(preset.data, preset.data_timestep, preset.data_split, preset.data_labels,
+                              content=True, progress=True, num_points=preset.num_gaussians)
+    except FileNotFoundError as err:
+        raise CliError(str(err)) from err
+    if not check.ok:
+        raise CliError(f"--data {preset.data} has problems; nothing was run and nothing in the run folder "
+                       f"{preset.run_dir} was written:\n{check.report()}\nFix or remove these subject folders "
+                       "(or the --split/--labels file) and run again.")
+    print(check.report())
+    record = source_record(preset.data, preset.image_width, preset.image_height, preset.num_gaussians,
+                           preset.data_timestep, preset.data_split, preset.data_labels)
+    try:
+        check_cache(preset.run_dir / "dataset", record)
+    except FileExistsError as err:
         raise CliError(str(err)) from err
 
 
@@ -425,7 +469,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise
         status = {"notebooks": {}}
     print(f"Preset {preset.describe()}")
+    print(preset.describe_data())
     print(f"Notebooks: {notebooks_dir} ({len(found)} selected). Run folder: {run_dir}")
+    _check_data(preset)
 
     plan: list[tuple[Path, str | None, bool]] = []
     unreadable: dict[str, str] = {}
@@ -463,6 +509,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     env.setdefault(HEADLESS_ENV, "1")  # nobody watches these kernels: no live redraws (fastavatar_nb._live)
     if args.allow_cpu:
         env[presets.ALLOW_CPU_FULL_ENV] = "1"
+    for var, value in ((presets.DATA_ENV, preset.data), (presets.DATA_SPLIT_ENV, preset.data_split),
+                       (presets.DATA_LABELS_ENV, preset.data_labels), (presets.DATA_TIMESTEP_ENV, preset.data_timestep)):
+        if value is not None:
+            env[var] = str(value)
+        else:
+            env.pop(var, None)
     status["preset"] = preset.name
     results: list[NotebookResult] = []
     # disable=None: a live bar on a terminal only; logs (CI) get the one-line [ok]/[FAILED] records.
@@ -585,6 +637,19 @@ def _add_preset_args(parser: argparse.ArgumentParser) -> None:
         help="parent of the run folder: the run goes to DIR/<preset> "
         "(default: $FASTAVATAR_RUN_DIR if set, else <repository>/runs/<preset>)",
     )
+    parser.add_argument(
+        "--data",
+        metavar="DIR",
+        default=None,
+        help="run on the real NeRSemble/VHAP subject folders in DIR instead of synthetic heads (every folder is "
+        "checked first; default run folder runs/<preset>-<DIR name>; also $FASTAVATAR_DATA)",
+    )
+    parser.add_argument("--split", metavar="FILE", default=None,
+                        help='with --data: split file {"train": [ids], "val": [ids], "test": [ids]} (default: hash split)')
+    parser.add_argument("--labels", metavar="CSV", default=None,
+                        help="with --data: attribute labels, a CSV 'subject,<attribute>,...' (notebook 05's edits)")
+    parser.add_argument("--timestep", metavar="N", type=int, default=None,
+                        help="with --data: the timestep read from every subject (default: the first, 00000)")
     parser.add_argument(
         "--allow-cpu",
         action="store_true",

@@ -5,7 +5,10 @@ Every notebook reads what the stages before it made (``runs/<preset>/dataset/``,
 library calls the earlier notebooks make, at the same preset. So any notebook runs on its own,
 top to bottom, and a full run never does the same work twice.
 
-- :func:`prepare_dataset`: notebook 00's synthetic dataset and its train/test split.
+- :func:`prepare_dataset`: notebook 00's dataset and its train/val/test split: synthetic heads, or
+  with ``preset.data`` the real subjects of that folder, checked, resized and cached in the run folder.
+- :func:`validation_subjects`: the val subjects (the training subjects, with a warning, when a small
+  real dataset has none).
 - :func:`ensure_template`: notebook 02's fits of the training subjects and their average.
 - :func:`ensure_decoder`: notebook 03's auto-decoder and the training subjects' codes ``w``.
 - :func:`ensure_encoder`: notebook 04's encoder, distilled onto those codes.
@@ -13,6 +16,7 @@ top to bottom, and a full run never does the same work twice.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,8 +38,8 @@ from .gaussians import Gaussians
 from .presets import Preset
 from .template import TEMPLATE_SAFETENSORS, build_template, load_template, save_template
 
-__all__ = ["FITS_FILE", "FIT_CHECKPOINT", "DECODER_CHECKPOINT", "prepare_dataset", "ensure_template",
-           "ensure_decoder", "ensure_encoder"]
+__all__ = ["FITS_FILE", "FIT_CHECKPOINT", "DECODER_CHECKPOINT", "NoValidationSubjectsWarning", "prepare_dataset",
+           "validation_subjects", "ensure_template", "ensure_decoder", "ensure_encoder"]
 
 FITS_FILE = "fits.safetensors"
 """The per-subject fits of notebook 02, in the run folder."""
@@ -45,15 +49,34 @@ DECODER_CHECKPOINT = "decoder_checkpoint"
 """The decoder's resumable checkpoint folder, in the run folder."""
 
 
-def prepare_dataset(preset: Preset, progress: bool = True) -> Path:
-    """``preset.run_dir / "dataset"``: the preset's synthetic subjects and ``split.json``.
+class NoValidationSubjectsWarning(UserWarning):
+    """The split has no val subjects: choices are made on training subjects (optimistic numbers)."""
 
-    Generates the subjects that are missing (existing ones are checked, never overwritten:
+
+def prepare_dataset(preset: Preset, progress: bool = True) -> Path:
+    """``preset.run_dir / "dataset"``: the preset's subjects and ``split.json``.
+
+    With ``preset.data`` (``--data``): the real subjects of that folder, checked up front (every
+    problem listed before anything is written), read at ``preset.data_timestep``, resized to the
+    preset's size, given ``preset.num_gaussians`` points (FLAME points + bust points) and labelled
+    from ``preset.data_labels``, cached once in the run folder
+    (:func:`fastavatar_nb.data.real.prepare_real_dataset`); later calls reuse the cache.
+
+    Otherwise generates the subjects that are missing (existing ones are checked, never overwritten:
     see :func:`fastavatar_nb.data.synthetic.generate_dataset`) and writes the split by subject
     (``preset.num_test_subjects`` test and ``preset.num_val_subjects`` val subjects, chosen by the
     preset's seed) unless the folder already has one.
     """
     root = preset.run_dir / "dataset"
+    if preset.data is not None:
+        from .data.real import prepare_real_dataset
+
+        # a complete cache (split.json is written last) is not checked again; source.json is still compared
+        check = not ((root / "split.json").is_file() and (root / "source.json").is_file())
+        return prepare_real_dataset(preset.data, root, preset.image_width, preset.image_height, preset.num_gaussians,
+                                    timestep=preset.data_timestep, split_file=preset.data_split,
+                                    labels_file=preset.data_labels, num_test=preset.num_test_subjects,
+                                    num_val=preset.num_val_subjects, seed=preset.seed, check=check, progress=progress)
     paths = synthetic.generate_dataset(root, num_subjects=preset.num_subjects, seed=preset.seed,
                                        width=preset.image_width, height=preset.image_height,
                                        num_points=preset.num_gaussians, device=preset.torch_device, progress=progress)
@@ -62,6 +85,23 @@ def prepare_dataset(preset: Preset, progress: bool = True) -> Path:
                                                       seed=preset.seed, num_val=preset.num_val_subjects)
         write_split(root, train_ids, test_ids, val_ids)
     return root
+
+
+def validation_subjects(preset: Preset, root: Path, cache_size: int | None = None) -> SubjectDataset:
+    """The run's val subjects; when the split has none (e.g. 2 real subjects: 1 train, 1 test), the
+    *training* subjects instead, with a :class:`NoValidationSubjectsWarning` saying that choices and
+    numbers made on them are optimistic (they were trained on). Test subjects are never used."""
+    size = preset.num_subjects if cache_size is None else cache_size
+    val = SubjectDataset(root, "val", cache_size=size)
+    if len(val):
+        return val
+    train = SubjectDataset(root, "train", cache_size=size)
+    warnings.warn(f"the split of {root} has no validation subjects ({len(train)} train, "
+                  f"{len(SubjectDataset(root, 'test'))} test): using the training subjects {train.subject_ids} where "
+                  "validation subjects are needed; their numbers are optimistic (the models were trained on them) "
+                  "and choices made on them are not held out. Give a split file with val subjects (--split) for "
+                  "honest validation.", NoValidationSubjectsWarning, stacklevel=2)
+    return train
 
 
 def ensure_template(preset: Preset, train: SubjectDataset, progress: bool = True) -> Gaussians:

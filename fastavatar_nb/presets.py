@@ -68,6 +68,10 @@ PRESET_NAMES: tuple[str, ...] = (*get_args(PresetName), "auto")
 RUN_DIR_ENV = "FASTAVATAR_RUN_DIR"
 PRESET_ENV = "FASTAVATAR_PRESET"
 ALLOW_CPU_FULL_ENV = "FASTAVATAR_ALLOW_CPU_FULL"
+DATA_ENV = "FASTAVATAR_DATA"
+DATA_SPLIT_ENV = "FASTAVATAR_DATA_SPLIT"
+DATA_LABELS_ENV = "FASTAVATAR_DATA_LABELS"
+DATA_TIMESTEP_ENV = "FASTAVATAR_DATA_TIMESTEP"
 
 
 class PresetError(ValueError):
@@ -120,6 +124,18 @@ class Preset:
     """Seed for torch, numpy and random (see :func:`setup`) and for the synthetic data."""
     run_dir: Path = field(default=Path("runs"))
     """Folder for this run's artifacts (dataset, fits, weights, metrics/, figures/)."""
+    data: Path | None = None
+    """Folder of real NeRSemble/VHAP subject folders to run on instead of synthetic heads (``--data``,
+    ``FASTAVATAR_DATA``); ``None``: synthetic heads. The subject counts then come from the data."""
+    data_split: Path | None = None
+    """With ``data``: a split file ``{"train": [...], "val": [...], "test": [...]}`` (``--split``,
+    ``FASTAVATAR_DATA_SPLIT``); ``None``: the hash split of :func:`fastavatar_nb.data.real.real_split`."""
+    data_labels: Path | None = None
+    """With ``data``: a label CSV (subject id, attribute columns) for latent editing (``--labels``,
+    ``FASTAVATAR_DATA_LABELS``); ``None``: no labels (notebook 05 then shows interpolation only)."""
+    data_timestep: int | None = None
+    """With ``data``: the timestep read from every subject (``--timestep``, ``FASTAVATAR_DATA_TIMESTEP``);
+    ``None``: each subject's first (``00000`` in VHAP's exports, the authors' choice)."""
 
     def __post_init__(self) -> None:
         if self.device not in get_args(Device):
@@ -154,6 +170,16 @@ class Preset:
                 "subjects are left for training"
             )
         object.__setattr__(self, "run_dir", Path(self.run_dir))
+        for name in ("data", "data_split", "data_labels"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
+        if self.data is None and (self.data_split is not None or self.data_labels is not None):
+            raise PresetError(f"Preset {self.name!r}: data_split and data_labels need data (a folder of real "
+                              "subjects); set data too, or leave them unset for synthetic heads")
+        ts = self.data_timestep
+        if ts is not None and (not isinstance(ts, int) or isinstance(ts, bool) or ts < 0):
+            raise PresetError(f"Preset {self.name!r}: data_timestep must be a non-negative int or None, got {ts!r}")
 
     @property
     def num_train_subjects(self) -> int:
@@ -187,6 +213,8 @@ class Preset:
         """JSON-ready dict of every field (``run_dir`` as a string)."""
         out = dataclasses.asdict(self)
         out["run_dir"] = str(self.run_dir)
+        for name in ("data", "data_split", "data_labels"):
+            out[name] = None if out[name] is None else str(out[name])
         return out
 
     def save(self, path: str | os.PathLike[str] | None = None) -> Path:
@@ -217,7 +245,20 @@ class Preset:
             f"decoder {self.decoder_epochs} ep, encoder {self.encoder_epochs} ep, "
             f"refine {self.refine_iterations} it, device={self.device}, backend={self.backend}, "
             f"seed={self.seed}, run_dir={self.run_dir}"
+            + (f", data={self.data}" if self.data is not None else "")
         )
+
+    def describe_data(self) -> str:
+        """One line saying which data the run uses (printed by :func:`setup` in every notebook)."""
+        if self.data is None:
+            return ("data: synthetic heads (procedural, made by notebook 00 into "
+                    f"{self.run_dir / 'dataset'}); `--data DIR` runs on real NeRSemble subjects")
+        ts = "first timestep" if self.data_timestep is None else f"timestep {self.data_timestep}"
+        split = f"split {self.data_split}" if self.data_split is not None else "hash split"
+        labels = f"labels {self.data_labels}" if self.data_labels is not None else "no attribute labels"
+        return (f"data: {self.num_subjects} real NeRSemble/VHAP subjects from {self.data} ({ts}, {split}, {labels}), "
+                f"cached at {self.image_width}x{self.image_height} with K = {self.num_gaussians:,} in "
+                f"{self.run_dir / 'dataset'}")
 
 
 _BASE: dict[str, Preset] = {
@@ -339,15 +380,75 @@ def get(name: str = "auto", *, allow_cpu: bool | None = None, **overrides: Any) 
                 stacklevel=2,
             )
             preset = preset.replace(backend="torch")
+    overrides = _data_overrides(preset, overrides)
     run_dir_env = os.environ.get(RUN_DIR_ENV, "").strip()
     if "run_dir" in overrides:
         run_dir = Path(overrides["run_dir"]).expanduser()
     elif run_dir_env:
         run_dir = Path(run_dir_env).expanduser()
+    elif overrides.get("data") is not None:
+        run_dir = project_root() / "runs" / f"{preset.name}-{Path(overrides['data']).name}"
     else:
         run_dir = project_root() / "runs" / preset.name
     overrides = {**overrides, "run_dir": run_dir.resolve()}
     return preset.replace(**overrides)
+
+
+def _data_overrides(preset: Preset, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` completed from the ``FASTAVATAR_DATA*`` variables and, with data, the subject counts.
+
+    Without ``data`` (argument or ``FASTAVATAR_DATA``) nothing changes. With it, the paths become
+    absolute and ``num_subjects``, ``num_test_subjects`` and ``num_val_subjects`` come from the data
+    folder and the split file (unless given as overrides): the folder is listed, nothing is decoded.
+    """
+    out = dict(overrides)
+    for name, env in (("data", DATA_ENV), ("data_split", DATA_SPLIT_ENV), ("data_labels", DATA_LABELS_ENV)):
+        value = os.environ.get(env, "").strip()
+        if name not in out and value:
+            out[name] = value
+    ts = os.environ.get(DATA_TIMESTEP_ENV, "").strip()
+    if "data_timestep" not in out and ts:
+        try:
+            out["data_timestep"] = int(ts)
+        except ValueError:
+            raise PresetError(f"{DATA_TIMESTEP_ENV}={ts!r}: expected a whole number (the timestep index)") from None
+    if out.get("data") is None:
+        return out
+    for name in ("data", "data_split", "data_labels"):
+        if out.get(name) is not None:
+            out[name] = Path(out[name]).expanduser().resolve()
+    from .data.nersemble import list_subject_dirs
+    from .data.real import default_real_counts, real_split
+
+    data = out["data"]
+    try:
+        ids = [p.name for p in list_subject_dirs(data)]
+    except FileNotFoundError as e:
+        raise PresetError(f"data {data}: {e}; expected a folder of NeRSemble/VHAP subject folders "
+                          "(transforms.json, images/, fg_masks/, points3d.ply)") from None
+    for name in ("data_split", "data_labels"):
+        if out.get(name) is not None and not Path(out[name]).is_file():
+            raise PresetError(f"{name} {out[name]}: no such file")
+    if out.get("data_split") is not None:
+        try:
+            parts = real_split(ids, out["data_split"], 0, 0, 0)
+        except ValueError as e:
+            raise PresetError(f"data_split {out['data_split']}: {e}") from None
+        unused = len(ids) - sum(len(v) for v in parts.values())
+        if unused:
+            raise PresetError(f"data_split {out['data_split']}: lists {len(ids) - unused} of the {len(ids)} subjects "
+                              f"in {data}; list every subject (or move the others out of the folder)")
+        counts = {"num_subjects": len(ids), "num_test_subjects": len(parts["test"]),
+                  "num_val_subjects": len(parts["val"])}
+    else:
+        n_test, n_val = default_real_counts(len(ids), preset.num_val_subjects)
+        counts = {"num_subjects": len(ids), "num_test_subjects": n_test, "num_val_subjects": n_val}
+        if len(ids) < 2:
+            raise PresetError(f"data {data}: {len(ids)} subject folder(s); a run needs at least 2 (one to train on, "
+                              "one to test)")
+    for name, value in counts.items():
+        out.setdefault(name, value)
+    return out
 
 
 def _version(dist: str) -> str:
@@ -390,5 +491,6 @@ def setup(preset: Preset, *, save: bool = True) -> str:
             f"gsplat {_version('gsplat')} | fastavatar-nb {_version('fastavatar-nb')}",
             f"device {device} | backend {preset.backend} | seed {preset.seed} | {threads}",
             f"preset {preset.describe()}",
+            preset.describe_data(),
         ]
     )

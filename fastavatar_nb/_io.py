@@ -330,6 +330,17 @@ class CheckpointFile:
         """Replace the checkpoint atomically (:func:`save_checkpoint`)."""
         save_checkpoint(self.path, self.fmt, state, tensors)
 
+    def require_same_run(self, state: dict[str, Any], want: dict[str, Any], run: str) -> None:
+        """Refuse a checkpoint of another ``run`` (e.g. ``"fit"``): one whose state differs from
+        ``want`` (this call's ``config`` and subjects) in any of ``want``'s keys; the message names
+        the differing config fields, else the differing subject keys."""
+        got = {k: state.get(k) for k in want}
+        if got == want:
+            return
+        what = (f"config {mismatch(want['config'], got['config'])}" if got.get("config") != want.get("config")
+                else f"subjects {mismatch(want, got)}")
+        raise self.refuse(f"it holds a checkpoint of another {run} ({what})")
+
     def refuse(self, problem: str) -> CheckpointError:
         """A :class:`CheckpointError` for a checkpoint that does not match this run: names the file,
         says ``problem`` (what was expected and found) and the way out."""

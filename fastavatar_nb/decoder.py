@@ -57,7 +57,6 @@ from ._io import (
     check_fields,
     config_from_dict,
     meta_json,
-    mismatch,
     read_artifact,
 )
 from .cameras import Cameras
@@ -757,12 +756,7 @@ def _resume(ckpt: CheckpointFile, config: DecoderConfig, ids: list[str], total: 
     weights = [f"decoder.{k}" for k in decoder.state_dict()]
     state, t = ckpt.load(dev, state_keys=_CKPT_STATE_KEYS,
                          tensor_names=(*weights, "codes", "embeddings", "hist.loss", "hist.psnr"))
-    want = {"config": json.loads(config.to_json()), "subject_ids": ids}
-    got = {"config": state["config"], "subject_ids": state["subject_ids"]}
-    if got != want:
-        what = (f"config {mismatch(want['config'], got['config'])}" if got["config"] != want["config"]
-                else mismatch(want, got))
-        raise ckpt.refuse(f"it holds a checkpoint of another decoder run ({what})")
+    ckpt.require_same_run(state, {"config": json.loads(config.to_json()), "subject_ids": ids}, "decoder run")
     step = state["step"]
     if state["steps"] != total or not (isinstance(step, int) and 0 < step <= total):
         raise ckpt.refuse(f"its state says step {step!r} of {state['steps']!r}, expected a step in 1..{total} of {total}")

@@ -58,7 +58,6 @@ from ._io import (
     check_fields,
     config_from_dict,
     meta_json,
-    mismatch,
     read_artifact,
 )
 from .cameras import Cameras
@@ -589,14 +588,8 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
             ckpt.discard()
         else:
             st, saved = ckpt.load(state_keys=_STATE_KEYS, tensor_names=("hist.loss", "hist.psnr"))
-            want = {"config": json.loads(config.to_json()), "subject_ids": ids,
-                    "subject_indices": shard.get("subject_indices")}
-            got = {"config": st.get("config"), "subject_ids": st.get("subject_ids"),
-                   "subject_indices": st.get("subject_indices")}
-            if got != want:
-                what = (f"config {mismatch(want['config'], got['config'])}" if got["config"] != want["config"]
-                        else f"subjects {mismatch(want, got)}")
-                raise ckpt.refuse(f"it holds a checkpoint of another fit ({what})")
+            ckpt.require_same_run(st, {"config": json.loads(config.to_json()), "subject_ids": ids,
+                                       "subject_indices": shard.get("subject_indices")}, "fit")
             _check_resumable(ckpt, st, saved, n, T, bs)
             state.update({k: st[k] for k in ("num_done", "batch_start", "step", "seconds")})
 

@@ -90,6 +90,21 @@ def memory_budget(device: torch.device | str = "cpu", budget_gb: float | None = 
     return None if avail is None else int(MEMORY_FRACTION * avail)
 
 
+def _flat_inputs(gaussians: Gaussians, cameras: Cameras, batch: torch.Size) -> tuple[Tensor, ...]:
+    """The rasterizers' inputs with the broadcast ``batch`` flattened to ``B``: ``means [B, K, 3]``,
+    ``quats [B, K, 4]``, ``scales [B, K, 3]``, ``opacities [B, K]``, ``sh [B, K, 16, 3]``,
+    ``viewmats [B, C, 4, 4]`` and ``Ks [B, C, 3, 3]`` (cameras in the Gaussians' dtype)."""
+    K, C, dtype = gaussians.num_gaussians, len(cameras), gaussians.dtype
+    B = int(torch.Size(batch).numel())
+
+    def flat(t: Tensor, tail: tuple[int, ...]) -> Tensor:
+        return t.expand(*batch, *tail).reshape(B, *tail)
+
+    return (flat(gaussians.means, (K, 3)), flat(gaussians.quats, (K, 4)), flat(gaussians.scales, (K, 3)),
+            flat(gaussians.opacities, (K,)), flat(gaussians.sh, (K, 16, 3)),
+            flat(cameras.viewmats.to(dtype), (C, 4, 4)), flat(cameras.Ks.to(dtype), (C, 3, 3)))
+
+
 def estimate_render_memory(gaussians: Gaussians, cameras: Cameras, tile_size: int | None = None,
                            grad: bool | None = None, chunks: list[tuple[int, int]] | None = None) -> int:
     """Estimated peak bytes of ``render(gaussians, cameras, backend="torch")`` (with ``grad``: and
@@ -99,32 +114,17 @@ def estimate_render_memory(gaussians: Gaussians, cameras: Cameras, tile_size: in
     then applies :func:`~fastavatar_nb.render.torch_rasterizer.estimate_memory`; ``chunks`` are
     groups of flattened images drawn together (default: all at once).
     """
-    from ..gaussians import covariance
-    from .torch_rasterizer import (
-        conics_from_covariances,
-        perspective_projection,
-        screen_radii,
-        world_to_camera,
-    )
+    from .torch_rasterizer import project
 
     if grad is None:
         grad = any(t.requires_grad for t in gaussians.parameters().values())
     with torch.no_grad():
         batch = torch.broadcast_shapes(gaussians.batch_shape, cameras.viewmats.shape[:-3])
-        K, C = gaussians.num_gaussians, len(cameras)
-        B = int(torch.Size(batch).numel())
         g = gaussians.to(torch.float32) if gaussians.dtype not in (torch.float32, torch.float64) else gaussians
         dtype = g.dtype
-        means = g.means.expand(*batch, K, 3).reshape(B, K, 3)
-        covars = covariance(g.quats, g.scales).expand(*batch, K, 3, 3).reshape(B, K, 3, 3)
-        viewmats = cameras.viewmats.to(dtype).expand(*batch, C, 4, 4).reshape(B, C, 4, 4)
-        Ks = cameras.Ks.to(dtype).expand(*batch, C, 3, 3).reshape(B, C, 3, 3)
-        W, H = cameras.width, cameras.height
-        means_c, covars_c = world_to_camera(means, covars, viewmats)
-        means2d, covars2d = perspective_projection(means_c, covars_c, Ks, W, H)
-        _, blurred, det = conics_from_covariances(covars2d)
-        op = g.opacities.expand(*batch, K).reshape(B, 1, K).expand(B, C, K)
-        radii = screen_radii(means2d, blurred, det, means_c[..., 2], op, W, H)
+        means, quats, scales, opac, _, viewmats, Ks = _flat_inputs(g, cameras, batch)
+        (B, K), C, W, H = means.shape[:2], len(cameras), cameras.width, cameras.height
+        means2d, _, _, _, radii = project(means, quats, scales, opac, viewmats, Ks, W, H)
         ts = tile_size or auto_tile_size(means2d, radii)
         ov = overlaps_per_image(means2d.reshape(B * C, K, 2), radii.reshape(B * C, K, 2), W, H, ts)
     return estimate_memory(ov, K, W, H, ts, torch.empty((), dtype=dtype).element_size(), grad, chunks)
@@ -276,20 +276,8 @@ def render(gaussians: Gaussians, cameras: Cameras, background: float | Tensor | 
             f"Gaussians with batch shape {tuple(gb)} cannot be rendered with cameras of leading shape {tuple(cb)}: "
             "the shapes must broadcast (e.g. Gaussians [S, K] with Cameras [C] or [S, C])"
         ) from e
-    K, C = gaussians.num_gaussians, len(cameras)
-    B = int(torch.Size(batch).numel())
-    dtype = gaussians.dtype
-
-    def flat(t: Tensor, tail: tuple[int, ...]) -> Tensor:
-        return t.expand(*batch, *tail).reshape(B, *tail)
-
-    means = flat(gaussians.means, (K, 3))
-    quats = flat(gaussians.quats, (K, 4))
-    scales = flat(gaussians.scales, (K, 3))
-    opac = flat(gaussians.opacities, (K,))
-    sh = flat(gaussians.sh, (K, 16, 3))
-    viewmats = flat(cameras.viewmats.to(dtype), (C, 4, 4))
-    Ks = flat(cameras.Ks.to(dtype), (C, 3, 3))
+    C = len(cameras)
+    means, quats, scales, opac, sh, viewmats, Ks = _flat_inputs(gaussians, cameras, batch)
     W, H = cameras.width, cameras.height
     if name == "gsplat":
         rgb, alpha, depth = rasterize_gsplat(means.contiguous(), quats.contiguous(), scales.contiguous(),
@@ -304,7 +292,7 @@ def render(gaussians: Gaussians, cameras: Cameras, background: float | Tensor | 
                                             sh_degree=sh_degree, tile_size=tile_size, memory_budget=budget)
     out_shape = (*batch, C, H, W)
     rgb, alpha, depth = rgb.reshape(*out_shape, 3), alpha.reshape(out_shape), depth.reshape(out_shape)
-    bg = _background(background, torch.Size((*batch, C)), dtype, rgb.device)
+    bg = _background(background, torch.Size((*batch, C)), gaussians.dtype, rgb.device)
     if rgb.requires_grad or rgb.numel() * rgb.element_size() < 64 * 1024 ** 2:
         return RenderOutput(composite(rgb, alpha, bg), alpha, depth, name)
     # large and no graph: composite in place, one image at a time (the same arithmetic, no full-size temporaries)

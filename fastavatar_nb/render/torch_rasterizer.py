@@ -530,6 +530,27 @@ def _finish(out: Tensor, alphas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return rgb, alphas.contiguous(), exp_depth
 
 
+def project(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, viewmats: Tensor, Ks: Tensor,
+            width: int, height: int, near_plane: float = 0.01, far_plane: float = 1e10, eps2d: float = 0.3
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Steps 1-4 for ``B`` Gaussian sets, each seen by its ``C`` cameras (shapes as in :func:`rasterize`).
+
+    Returns:
+        ``means2d [B, C, N, 2]``, ``conics [B, C, N, 3]``, ``depths [B, C, N]`` (camera z),
+        ``opacities [B, C, N]`` (expanded over the cameras) and ``radii [B, C, N, 2]`` (0 = culled).
+    """
+    B, N = means.shape[:2]
+    C = viewmats.shape[1]
+    covars = covariance(quats, scales)  # [B, N, 3, 3]
+    means_c, covars_c = world_to_camera(means, covars, viewmats)
+    means2d, covars2d = perspective_projection(means_c, covars_c, Ks, width, height)
+    conics, blurred, det = conics_from_covariances(covars2d, eps2d)
+    depths = means_c[..., 2]  # [B, C, N]
+    op = opacities[:, None, :].expand(B, C, N)
+    radii = screen_radii(means2d, blurred, det, depths, op, width, height, near_plane, far_plane)
+    return means2d, conics, depths, op, radii
+
+
 def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, sh: Tensor, viewmats: Tensor,
               Ks: Tensor, width: int, height: int, sh_degree: int = 3, tile_size: int | None = None,
               near_plane: float = 0.01, far_plane: float = 1e10, eps2d: float = 0.3,
@@ -557,13 +578,8 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, s
     """
     B, N = means.shape[:2]
     C = viewmats.shape[1]
-    covars = covariance(quats, scales)  # [B, N, 3, 3]
-    means_c, covars_c = world_to_camera(means, covars, viewmats)
-    means2d, covars2d = perspective_projection(means_c, covars_c, Ks, width, height)
-    conics, blurred, det = conics_from_covariances(covars2d, eps2d)
-    depths = means_c[..., 2]  # [B, C, N]
-    op = opacities[:, None, :].expand(B, C, N)
-    radii = screen_radii(means2d, blurred, det, depths, op, width, height, near_plane, far_plane)
+    means2d, conics, depths, op, radii = project(means, quats, scales, opacities, viewmats, Ks, width, height,
+                                                 near_plane, far_plane, eps2d)
     campos = torch.linalg.inv(viewmats)[..., :3, 3]  # [B, C, 3]
     dirs = means[:, None, :, :] - campos[:, :, None, :]  # [B, C, N, 3]
     colors = sh_to_color(sh[:, None].expand(B, C, N, 16, 3), dirs, sh_degree)  # [B, C, N, 3]

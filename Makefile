@@ -12,12 +12,15 @@
 #   make gpu-check  on a CUDA GPU: nvcc and ninja from PyPI where missing, gsplat's kernels built for this GPU
 #                only, pytest -m gpu, and full-preset timings beside their goals into
 #                benchmarks/results/<gpu-name>.json (benchmarks/gpu_check.py); without CUDA one "skipped" line
+#   make course  run the course preset (300 synthetic subjects, about 1.5 hours on a 2-core CPU) into
+#                runs/course/, then ship its models to data_samples/course/ (scripts/ship_checkpoint.py;
+#                ARGS="--overwrite" replaces the shipped folder)
 #   make strip   remove outputs and execution counts from the notebooks (before committing)
 #   make lint    ruff over the package, tests and scripts
 #   make venv    only set up .venv: `python3 -m venv .venv` and `pip install -e '.[test]'`; skipped while
 #                .venv holds a stamp of the current pyproject.toml's hash
 #
-# Variables: PRESET=smoke|full|auto (make run), ARGS="--only 02..04 --force" (extra `fastavatar-nb run`
+# Variables: PRESET=smoke|course|full|auto (make run), ARGS="--only 02..04 --force" (extra `fastavatar-nb run`
 # arguments), PYTEST_ARGS="-x -k presets" (extra pytest arguments), PIP_ARGS="..." (extra pip install
 # arguments, e.g. an extra index for CPU-only torch wheels), PYTHON=python3, VENV=.venv.
 
@@ -31,7 +34,7 @@ PYTEST_ARGS ?=
 PIP_ARGS ?=
 SANITIZE := tests/nbval_sanitize.cfg
 
-.PHONY: help venv browser-deps run test gpu-check strip lint
+.PHONY: help venv browser-deps run course test gpu-check strip lint
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -68,6 +71,11 @@ browser-deps:
 run: venv
 	@echo "run: $(BIN)/fastavatar-nb run --preset $(PRESET) $(ARGS)"
 	@"$(BIN)/fastavatar-nb" run --preset $(PRESET) $(ARGS)
+
+course: venv
+	@echo "course: $(BIN)/fastavatar-nb run --preset course, then scripts/ship_checkpoint.py runs/course $(ARGS)"
+	@"$(BIN)/fastavatar-nb" run --preset course
+	@"$(BIN)/python" scripts/ship_checkpoint.py runs/course $(ARGS)
 
 test: venv browser-deps
 	@echo "test: checking that committed notebooks are clean (scripts/check_notebooks.py)"

@@ -80,6 +80,9 @@ __all__ = [
     "checkpoint_state",
 ]
 
+COURSE_CODES_INIT_STD = 0.01
+"""The course preset's initial code scale (DeepSDF's): codes grow from one point along what tells
+subjects apart, so an encoder can land between them (see :attr:`DecoderConfig.codes_init_std`)."""
 DECODER_FILE = "decoder.safetensors"
 """Decoder weights, Gaussian embeddings, template and config, in a run folder."""
 LATENTS_FILE = "latents.safetensors"
@@ -276,6 +279,10 @@ class DecoderConfig:
     of steps matters most: see ``benchmarks/results/cpu-2core/decoder_sweep_smoke.json``."""
     latent_dim: int = 512
     """Size of the codes ``w``."""
+    codes_init_std: float = 1.0
+    """Standard deviation of the codes' initialisation (the paper: standard normal, 1.0). Small
+    codes (DeepSDF's 0.01) start every subject at the same point, so subjects that look alike
+    move their codes the same way: a code space an encoder can generalise in."""
     embed_dim: int = 32
     """Size of the Gaussian embeddings ``e_k``."""
     hidden_dim: int = 256
@@ -323,7 +330,7 @@ class DecoderConfig:
                                          "hidden_dim", "depth", "checkpoint_every", "tile_size"),
                      non_negative=("decoder_lr", "codes_lr", "embeddings_lr", "l1_weight", "ssim_weight",
                                    "lpips_weight", "means_reg_weight", "scales_reg_weight", "grad_clip"),
-                     positive=("lr_final", "scene_scale"), optional=("tile_size",))
+                     positive=("lr_final", "scene_scale", "codes_init_std"), optional=("tile_size",))
         if self.embed_dim < 3:
             raise ValueError(f"DecoderConfig.embed_dim must be >= 3 (it starts as the template positions), "
                              f"got {self.embed_dim}")
@@ -346,10 +353,15 @@ class DecoderConfig:
         ``latent_dim``, ``embed_dim`` and ``seed``, with the defaults above (tuned for the smoke
         preset on a CPU). On CUDA (the full preset, 400 epochs) every step decodes 8 subjects and
         renders one view of each, at the authors' learning rate of 1e-4 for the MLP and the codes
-        (1e-3 for the embeddings); that schedule has not been run yet. ``overrides`` replace any
-        field."""
+        (1e-3 for the embeddings); that schedule has not been run yet. The course preset (268
+        subjects, 4 epochs on a CPU) decodes 4 subjects x 4 views per step (the cheapest (subject,
+        view) pairs on 2 cores: 99 ms against 119 ms for 1 x 2) and starts the codes small
+        (:data:`COURSE_CODES_INIT_STD`; chosen on validation subjects of a 64-subject pilot, see
+        ``benchmarks/results/cpu-2core/course_pilot.json``). ``overrides`` replace any field."""
         kw: dict[str, Any] = {"epochs": preset.decoder_epochs, "latent_dim": preset.latent_dim,
                               "embed_dim": preset.embed_dim, "seed": preset.seed}
+        if preset.name == "course":
+            kw.update(subjects_per_step=4, views_per_step=4, codes_init_std=COURSE_CODES_INIT_STD)
         if preset.device == "cuda":
             kw.update(subjects_per_step=8, views_per_step=1, decoder_lr=1e-4, codes_lr=1e-4, embeddings_lr=1e-3)
         kw.update(overrides)
@@ -590,7 +602,7 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
     torch.manual_seed(config.seed)
     decoder = config.make_decoder().to(dev)
     gen = torch.Generator().manual_seed(config.seed)
-    codes = torch.randn(n, config.latent_dim, generator=gen).to(dev).requires_grad_(True)
+    codes = (torch.randn(n, config.latent_dim, generator=gen) * config.codes_init_std).to(dev).requires_grad_(True)
     embeddings = positional_embedding(template.means, config.embed_dim).requires_grad_(True)
     opt = torch.optim.Adam([
         {"params": list(decoder.parameters()), "lr": config.decoder_lr, "name": "decoder"},

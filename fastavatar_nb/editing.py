@@ -106,6 +106,9 @@ def attribute_direction(codes: Tensor, labels: Tensor | list[bool], name: str = 
                         seed: int = 0) -> AttributeDirection:
     """Fit a linear SVM (scikit-learn ``LinearSVC``) on codes ``[N, L]`` with boolean labels ``[N]``.
 
+    The codes are divided by their RMS length first (one number for all of them), so ``C`` does not
+    depend on the codes' scale; the direction, bias and spread are in the codes' own units.
+
     Raises:
         ValueError: fewer than one positive or one negative code, or mismatched sizes.
     """
@@ -119,12 +122,15 @@ def attribute_direction(codes: Tensor, labels: Tensor | list[bool], name: str = 
     if pos == 0 or neg == 0:
         raise ValueError(f"attribute_direction: {name!r} needs codes with and without the attribute; got {pos} with "
                          f"and {neg} without")
-    svm = LinearSVC(C=C, random_state=seed, max_iter=100_000).fit(x, np.where(y, 1, -1))
+    # one scale for every code (their RMS length): C then means the same for codes of any size
+    # (the paper's standard-normal codes or small initial codes), and the direction is unchanged
+    rms = float(np.sqrt((x ** 2).sum(1).mean())) or 1.0
+    svm = LinearSVC(C=C, random_state=seed, max_iter=100_000).fit(x / rms, np.where(y, 1, -1))
     n = svm.coef_[0]
     norm = float(np.linalg.norm(n))
     unit = torch.tensor(n / norm, dtype=torch.float32)
-    accuracy = float((svm.predict(x) == np.where(y, 1, -1)).mean())
-    return AttributeDirection(name=name, direction=unit.to(codes.device), bias=float(svm.intercept_[0]) / norm,
+    accuracy = float((svm.predict(x / rms) == np.where(y, 1, -1)).mean())
+    return AttributeDirection(name=name, direction=unit.to(codes.device), bias=float(svm.intercept_[0]) * rms / norm,
                               spread=float((x @ (n / norm)).std()), train_accuracy=accuracy, num_positive=pos,
                               num_negative=neg)
 

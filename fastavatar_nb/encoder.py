@@ -82,6 +82,10 @@ def encoder_loss(pred: Tensor, target: Tensor, mse_weight: float = 0.1, cos_weig
     return {"mse": mse, "cos": cos, "total": mse_weight * mse + cos_weight * (1 - cos)}
 
 
+COURSE_MSE_WEIGHT = 100.0
+"""The course preset's weight of the squared error to ``w`` (see :meth:`EncoderConfig.for_preset`)."""
+
+
 @dataclass
 class EncoderConfig:
     """Settings of :func:`train_encoder`."""
@@ -126,8 +130,14 @@ class EncoderConfig:
 
     @staticmethod
     def for_preset(preset: Any, **overrides: Any) -> EncoderConfig:
-        """The preset's ``encoder_epochs`` and ``seed``; on CUDA (full preset) the authors' lr 1e-4."""
+        """The preset's ``encoder_epochs`` and ``seed``; on CUDA (full preset) the authors' lr 1e-4.
+        The course preset's codes start small (``decoder.COURSE_CODES_INIT_STD``) and stay about
+        100 times shorter than standard-normal ones, so their squared error weighs
+        :data:`COURSE_MSE_WEIGHT` instead of 0.1 (without it the encoder learns the direction of
+        ``w`` but not its length; chosen on validation subjects of a pilot run)."""
         kw: dict[str, Any] = {"epochs": preset.encoder_epochs, "seed": preset.seed}
+        if preset.name == "course":
+            kw["mse_weight"] = COURSE_MSE_WEIGHT
         if preset.device == "cuda":
             kw["lr"] = 1e-4
         kw.update(overrides)

@@ -34,15 +34,36 @@ from ._io import atomic_write_text
 from .cameras import Cameras
 from .data.subject import MultiViewSubject
 from .gaussians import Gaussians
-from .objective import evaluate_views, head_region
+from .objective import HOLDOUT_VIEW, evaluate_views, head_region
 from .render import Backend
 
-__all__ = ["EVAL_DIR", "identity_scorer", "novel_view_metrics", "protocol_rows", "summarize", "save_rows", "load_rows", "file_digest",
+__all__ = ["EVAL_DIR", "input_views", "identity_scorer", "novel_view_metrics", "protocol_rows", "summarize", "save_rows", "load_rows", "file_digest",
            "protocol_dir"]
 
 EVAL_DIR = "eval"
 """Folder of evaluation results in a run folder."""
 _FORMAT = "fastavatar-nb protocol rows"
+
+
+def input_views(found: Tensor, limit: int | None = None, first: int = HOLDOUT_VIEW) -> list[int]:
+    """The input views of one test subject in the protocol: every view with a detected face, or at most
+    ``limit`` of them: ``first`` (the frontal camera 8) when it has a face, then views spread evenly
+    over the rest of the rig.
+
+    Args:
+        found: ``[C]`` bool, whether MTCNN found the face in each view.
+        limit: at most this many views (``None``: all of them); a preset's ``eval_input_views``.
+    """
+    ok = [v for v in range(len(found)) if bool(found[v])]
+    if limit is None or len(ok) <= limit:
+        return ok
+    if limit < 1:
+        raise ValueError(f"input_views: limit must be >= 1 or None, got {limit}")
+    head = [first] if first in ok else []
+    rest = [v for v in ok if v != first]
+    k = limit - len(head)
+    picks = [rest[round(i * (len(rest) - 1) / max(1, k - 1))] for i in range(k)] if k > 1 else rest[:k]
+    return sorted(head + picks)
 
 
 def identity_scorer(subject: MultiViewSubject, net: torch.nn.Module,

@@ -9,8 +9,9 @@ top to bottom, and a full run never does the same work twice.
   with ``preset.data`` the real subjects of that folder, checked, resized and cached in the run folder.
 - :func:`validation_subjects`: the val subjects (the training subjects, with a warning, when a small
   real dataset has none).
-- :func:`ensure_template`: notebook 02's fits of the training subjects and their average.
+- :func:`ensure_template`: notebook 02's fits of the training subjects (:func:`template_subjects`) and their average.
 - :func:`ensure_decoder`: notebook 03's auto-decoder and the training subjects' codes ``w``.
+- :func:`ensure_embeddings`: FaceNet embeddings of every view of one split (notebooks 04-07).
 - :func:`ensure_encoder`: notebook 04's encoder, distilled onto those codes.
 """
 
@@ -21,9 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from .data import SubjectDataset, split_subjects, synthetic, write_split
+from .data import MultiViewSubject, SubjectDataset, split_subjects, synthetic, write_split
 from .decoder import DECODER_FILE, DecoderConfig, DecoderResult, train_decoder
 from .encoder import (
     ENCODER_FILE,
@@ -39,7 +41,7 @@ from .presets import Preset
 from .template import TEMPLATE_SAFETENSORS, build_template, load_template, save_template
 
 __all__ = ["FITS_FILE", "FIT_CHECKPOINT", "DECODER_CHECKPOINT", "NoValidationSubjectsWarning", "prepare_dataset",
-           "validation_subjects", "ensure_template", "ensure_decoder", "ensure_encoder"]
+           "validation_subjects", "template_subjects", "ensure_template", "EMBEDDINGS_FILE", "ensure_embeddings", "ensure_decoder", "ensure_encoder"]
 
 FITS_FILE = "fits.safetensors"
 """The per-subject fits of notebook 02, in the run folder."""
@@ -79,7 +81,8 @@ def prepare_dataset(preset: Preset, progress: bool = True) -> Path:
                                     num_val=preset.num_val_subjects, seed=preset.seed, check=check, progress=progress)
     paths = synthetic.generate_dataset(root, num_subjects=preset.num_subjects, seed=preset.seed,
                                        width=preset.image_width, height=preset.image_height,
-                                       num_points=preset.num_gaussians, device=preset.torch_device, progress=progress)
+                                       num_points=preset.num_gaussians, device=preset.torch_device, progress=progress,
+                                       workers=torch.get_num_threads() if preset.device == "cpu" else 1)
     if not (root / "split.json").exists():
         train_ids, val_ids, test_ids = split_subjects([p.name for p in paths], num_test=preset.num_test_subjects,
                                                       seed=preset.seed, num_val=preset.num_val_subjects)
@@ -104,10 +107,16 @@ def validation_subjects(preset: Preset, root: Path, cache_size: int | None = Non
     return train
 
 
+def template_subjects(preset: Preset, train: SubjectDataset) -> list[MultiViewSubject]:
+    """The training subjects fitted and averaged into the template: the first
+    ``preset.num_template_subjects`` of ``train`` (all of them unless the preset sets ``template_subjects``)."""
+    return [train[i] for i in range(min(len(train), preset.num_template_subjects))]
+
+
 def ensure_template(preset: Preset, train: SubjectDataset, progress: bool = True) -> Gaussians:
     """The run's template: ``template.safetensors`` when the run folder has one, else made now.
 
-    Making it is notebook 02 without the figures: the training subjects are fitted with
+    Making it is notebook 02 without the figures: the :func:`template_subjects` are fitted with
     ``FitConfig.for_preset(preset)`` (reusing ``fits.safetensors``, or resuming
     ``fit_checkpoint/``, when present), averaged with :func:`build_template` and saved.
 
@@ -118,13 +127,15 @@ def ensure_template(preset: Preset, train: SubjectDataset, progress: bool = True
     if (run / TEMPLATE_SAFETENSORS).is_file():
         return load_template(run, device=preset.torch_device)
     fits_path = run / FITS_FILE
+    fitted = template_subjects(preset, train)
     if fits_path.is_file():
         fits = FitResult.load(fits_path, device=preset.torch_device)
-        if fits.subject_ids != train.subject_ids:
-            raise ValueError(f"{fits_path} holds fits of {fits.subject_ids}, not of the training subjects "
-                             f"{train.subject_ids}; delete it (and {FIT_CHECKPOINT}/) to fit again")
+        want = [s.subject_id for s in fitted]
+        if fits.subject_ids != want:
+            raise ValueError(f"{fits_path} holds fits of {fits.subject_ids}, not of the template's training subjects "
+                             f"{want}; delete it (and {FIT_CHECKPOINT}/) to fit again")
     else:
-        fits = fit_subjects(train, FitConfig.for_preset(preset), backend=preset.backend, device=preset.torch_device,
+        fits = fit_subjects(fitted, FitConfig.for_preset(preset), backend=preset.backend, device=preset.torch_device,
                             checkpoint=run / FIT_CHECKPOINT, progress=progress)
         fits.save(fits_path)
     template = build_template(fits.gaussians)
@@ -157,6 +168,40 @@ def ensure_decoder(preset: Preset, train: SubjectDataset, progress: bool = True,
     return result
 
 
+EMBEDDINGS_FILE = "embeddings_{split}.safetensors"
+"""FaceNet embeddings of every view of one split's subjects, in the run folder (``{split}``: train, val, test)."""
+_EMBEDDINGS_FORMAT = "fastavatar-nb face embeddings v1"
+
+
+def ensure_embeddings(preset: Preset, subjects: SubjectDataset, net: Any = None, mtcnn: Any = None,
+                      progress: bool = True) -> tuple[Tensor, Tensor]:
+    """``(embeddings [S, C, 512], found [S, C])`` of every view of ``subjects`` (one split of the run's
+    dataset), from :data:`EMBEDDINGS_FILE` when the run folder has them for these subjects, else computed
+    with :func:`~fastavatar_nb.encoder.dataset_embeddings` and saved (notebooks 04-07 share them: FaceNet
+    on thousands of views takes minutes on a CPU). ``net`` and ``mtcnn`` are made when needed and not given.
+    """
+    from ._io import atomic_save_tensors, read_artifact
+
+    ids = list(subjects.subject_ids)
+    path = preset.run_dir / EMBEDDINGS_FILE.format(split=subjects.split)
+    dev = preset.torch_device
+    if path.is_file():
+        meta, t = read_artifact(path, _EMBEDDINGS_FORMAT, f"delete {path.name} to compute it again", device=dev,
+                                meta_keys=("subject_ids",), tensor_names=("embeddings", "found"))
+        if meta["subject_ids"].split(",") == ids:
+            return t["embeddings"], t["found"].bool()
+        warnings.warn(f"{path} holds embeddings of other subjects than the {subjects.split} split's; computing them "
+                      "again", stacklevel=2)
+    if net is None:
+        from .faces import load_facenet
+
+        net = load_facenet(device=dev)
+    emb, found = dataset_embeddings(subjects, net, mtcnn, progress=progress, device=dev)
+    atomic_save_tensors({"embeddings": emb, "found": found.to(torch.uint8)}, path,
+                        {"format": _EMBEDDINGS_FORMAT, "subject_ids": ",".join(ids), "split": subjects.split})
+    return emb, found
+
+
 def ensure_encoder(preset: Preset, train: SubjectDataset, avatars: DecoderResult,
                    embeddings: tuple[Tensor, Tensor] | None = None, progress: bool = True,
                    callback: Callable[[dict[str, Any]], None] | None = None) -> EncoderResult:
@@ -180,9 +225,7 @@ def ensure_encoder(preset: Preset, train: SubjectDataset, avatars: DecoderResult
             raise ValueError(f"{run / ENCODER_FILE} was trained with another EncoderConfig; delete it to train again")
         return encoder
     if embeddings is None:
-        from .faces import load_facenet
-
-        embeddings = dataset_embeddings(train, load_facenet(device=preset.torch_device), progress=progress)
+        embeddings = ensure_embeddings(preset, train, progress=progress)
     x, y = training_pairs(*embeddings, avatars.codes)
     encoder = train_encoder(x, y, config, progress=progress, callback=callback)
     encoder.save(run)

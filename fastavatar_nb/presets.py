@@ -11,6 +11,11 @@ Names:
 
 - ``"smoke"``: CPU, pure-PyTorch renderer, 14 small subjects (10 train / 2 val / 2 test).
   Minutes on a laptop; used by CI (``make test``) and Binder.
+- ``"course"``: CPU, the smoke preset's image size and K (so its artifacts work in smoke notebooks)
+  with 300 synthetic subjects (268 train / 16 val / 16 test): enough for the learned stages to
+  generalise to unseen subjects. About 1.5 hours on a 2-core CPU; its artifacts ship in
+  ``data_samples/course/`` (:mod:`fastavatar_nb.checkpoints`), so the smoke notebooks show what
+  scale buys without running it.
 - ``"full"``: CUDA, gsplat renderer (the torch renderer on CUDA, with a warning saying why, where
   gsplat's kernels cannot be built), paper scale (410 training subjects as in the paper, plus 10
   val and 7 test; K = 12,680 = FLAME's 10,144 + 2,536 bust points, 5,000 fit iterations, 300
@@ -61,7 +66,7 @@ __all__ = [
 
 Device = Literal["cpu", "cuda"]
 Backend = Literal["torch", "gsplat"]
-PresetName = Literal["smoke", "full"]
+PresetName = Literal["smoke", "course", "full"]
 PRESET_NAMES: tuple[str, ...] = (*get_args(PresetName), "auto")
 """Every name :func:`get` accepts."""
 
@@ -83,7 +88,7 @@ class Preset:
     """Every size and switch of one run. Frozen: derive variants with :meth:`replace`."""
 
     name: str
-    """Preset name ("smoke", "full"); also the default run folder's last component."""
+    """Preset name ("smoke", "course", "full"); also the default run folder's last component."""
     device: Device
     """Where tensors live: "cpu" or "cuda". Notebooks pass ``preset.torch_device`` down."""
     backend: Backend
@@ -111,6 +116,14 @@ class Preset:
     """Passes over the training subjects when distilling the image encoder to the codes ``w``."""
     refine_iterations: int
     """Test-time refinement steps on the single input view (paper default 300)."""
+    eval_input_views: int | None = None
+    """Input views per test subject in notebook 07's protocol
+    (:func:`fastavatar_nb.evaluation.input_views`: camera 8 and views spread over the rig); ``None``:
+    every view with a face, as the paper. Each refined head costs ``refine_iterations`` steps."""
+    template_subjects: int | None = None
+    """Training subjects fitted and averaged into the template (the first ones of the training split);
+    ``None``: all of them, as the paper does. The average of a few dozen heads is already the average
+    head, and per-subject fits are the slowest stage on a CPU."""
     num_val_subjects: int = 0
     """Validation subjects: never trained on; every choice made by looking at numbers (refinement
     steps and learning rates, the SVM's C) is made on them."""
@@ -169,6 +182,11 @@ class Preset:
                 f"({self.num_val_subjects}) must be smaller than num_subjects ({self.num_subjects}) so that some "
                 "subjects are left for training"
             )
+        for name, none_means in (("template_subjects", "all training subjects"), ("eval_input_views", "every view")):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise PresetError(f"Preset {self.name!r}: {name} must be a positive int or None ({none_means}), "
+                                  f"got {value!r}")
         object.__setattr__(self, "run_dir", Path(self.run_dir))
         for name in ("data", "data_split", "data_labels"):
             value = getattr(self, name)
@@ -185,6 +203,12 @@ class Preset:
     def num_train_subjects(self) -> int:
         """Subjects used for the template, the decoder, the encoder and the attribute directions."""
         return self.num_subjects - self.num_test_subjects - self.num_val_subjects
+
+    @property
+    def num_template_subjects(self) -> int:
+        """Training subjects fitted for the template: ``template_subjects`` capped at the training subjects."""
+        n = self.num_train_subjects
+        return n if self.template_subjects is None else min(n, self.template_subjects)
 
     @property
     def torch_device(self) -> torch.device:
@@ -241,7 +265,9 @@ class Preset:
         return (
             f"{self.name}: {self.num_subjects} subjects ({self.num_train_subjects} train / "
             f"{self.num_val_subjects} val / {self.num_test_subjects} test) x {self.num_views} views at {self.image_width}x{self.image_height}, "
-            f"K={self.num_gaussians:,} Gaussians, fit {self.fit_iterations:,} it (batch {self.fit_batch_size}), "
+            f"K={self.num_gaussians:,} Gaussians, fit {self.fit_iterations:,} it (batch {self.fit_batch_size}"
+            + (f", template from {self.num_template_subjects} subjects" if self.template_subjects is not None else "")
+            + "), "
             f"decoder {self.decoder_epochs} ep, encoder {self.encoder_epochs} ep, "
             f"refine {self.refine_iterations} it, device={self.device}, backend={self.backend}, "
             f"seed={self.seed}, run_dir={self.run_dir}"
@@ -261,6 +287,15 @@ class Preset:
                 f"{self.run_dir / 'dataset'}")
 
 
+SMOKE_EVAL_INPUT_VIEWS = 4
+"""Smoke preset: input views per test subject in notebook 07 (2 subjects x 4 refined heads; all 16 took 8 minutes)."""
+COURSE_TEMPLATE_SUBJECTS = 32
+"""Course preset: training subjects fitted for the template (of 268; fits are a CPU's slowest stage)."""
+COURSE_EVAL_INPUT_VIEWS = 2
+"""Course preset: input views per test subject in notebook 07 (camera 8 and a side camera: 16 x 2 refined heads)."""
+COURSE_DECODER_EPOCHS = 4
+"""Course preset: decoder epochs over 268 subjects x 15 views (about 30 minutes on 2 cores)."""
+
 _BASE: dict[str, Preset] = {
     "smoke": Preset(
         name="smoke",
@@ -277,7 +312,27 @@ _BASE: dict[str, Preset] = {
         decoder_epochs=20,
         encoder_epochs=50,
         refine_iterations=50,
+        eval_input_views=SMOKE_EVAL_INPUT_VIEWS,
         run_dir=Path("runs") / "smoke",
+    ),
+    "course": Preset(
+        name="course",
+        device="cpu",
+        backend="torch",
+        num_subjects=300,
+        num_test_subjects=16,
+        num_val_subjects=16,
+        image_width=69,
+        image_height=100,
+        num_gaussians=2_500,
+        fit_iterations=200,
+        fit_batch_size=4,
+        template_subjects=COURSE_TEMPLATE_SUBJECTS,
+        eval_input_views=COURSE_EVAL_INPUT_VIEWS,
+        decoder_epochs=COURSE_DECODER_EPOCHS,
+        encoder_epochs=50,
+        refine_iterations=50,
+        run_dir=Path("runs") / "course",
     ),
     "full": Preset(
         name="full",
@@ -313,7 +368,7 @@ def project_root(start: str | os.PathLike[str] | None = None) -> Path:
 
 
 def base(name: str) -> Preset:
-    """The preset ``name`` ("smoke" or "full") as defined, without any environment check or override.
+    """The preset ``name`` ("smoke", "course" or "full") as defined, without any environment check or override.
 
     Its ``run_dir`` is the relative ``runs/<name>``; use :func:`get` to run with it.
     """
@@ -328,10 +383,10 @@ def _env_flag(name: str) -> bool:
 
 
 def get(name: str = "auto", *, allow_cpu: bool | None = None, **overrides: Any) -> Preset:
-    """The preset called ``name`` ("smoke", "full" or "auto"), with its run folder resolved.
+    """The preset called ``name`` ("smoke", "course", "full" or "auto"), with its run folder resolved.
 
     Args:
-        name: "smoke", "full", or "auto" (= "full" when CUDA is available, else "smoke").
+        name: "smoke", "course", "full", or "auto" (= "full" when CUDA is available, else "smoke").
             Case and surrounding spaces are ignored.
         allow_cpu: return "full" even without CUDA (on device "cpu", backend "torch") instead
             of raising. ``None`` reads the environment variable ``FASTAVATAR_ALLOW_CPU_FULL``.

@@ -62,7 +62,7 @@ def test_ensure_template_refuses_fits_of_other_subjects(tiny):
     pipeline.ensure_template(tiny, SubjectDataset(root, "train"), progress=False)
     for name in ("template.safetensors", "template.ply"):
         (tiny.run_dir / name).unlink()
-    with pytest.raises(ValueError, match="not of the training subjects"):
+    with pytest.raises(ValueError, match="not of the template.s training subjects"):
         pipeline.ensure_template(tiny, test, progress=False)
 
 

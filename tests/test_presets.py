@@ -83,7 +83,7 @@ def test_auto_follows_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_unknown_name_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match=r"'laptop'.*smoke, full, auto"):
+    with pytest.raises(ValueError, match=r"'laptop'.*smoke, course, full, auto"):
         presets.get("laptop")
 
 
@@ -214,5 +214,5 @@ def test_base_is_untouched_by_environment(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setenv(presets.RUN_DIR_ENV, str(tmp_path))
     assert presets.base("full").run_dir == Path("runs") / "full"
     assert presets.base("full").device == "cuda"
-    with pytest.raises(PresetError, match="smoke, full"):
+    with pytest.raises(PresetError, match="smoke, course, full"):
         presets.base("auto")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -872,7 +872,8 @@ def _expected_attributes(seed: int, width: int, height: int, num_points: int, su
 def generate_dataset(root: str | Path, num_subjects: int, seed: int = 0, width: int = 69, height: int | None = None,
                      num_points: int = 2500, supersample: int = 2, device: torch.device | str | None = None,
                      overwrite: bool = False, progress: bool = True, prefix: str = "synth",
-                     cpu_threads: int | None = 1) -> list[Path]:
+                     cpu_threads: int | None = 1, indices: Sequence[int] | None = None,
+                     workers: int = 1) -> list[Path]:
     """Write ``num_subjects`` synthetic subjects as NeRSemble folders ``<root>/<prefix>_000, ...``.
 
     Subject ``i`` is drawn with :func:`subject_seed` ``(seed, i)``, so subject ``i`` does not
@@ -896,12 +897,15 @@ def generate_dataset(root: str | Path, num_subjects: int, seed: int = 0, width: 
         progress: show a tqdm progress bar.
         prefix: folder-name prefix.
         cpu_threads: intra-op CPU threads while rendering (see :func:`render_head`).
+        indices: write only these subjects of the dataset (e.g. a shipped run's test subjects:
+            :meth:`fastavatar_nb.checkpoints.Checkpoint.subjects`); each must be ``< num_subjects``.
+        workers: processes generating subjects at once on a CPU (each with ``cpu_threads`` threads;
+            the files are the same as with one).
 
     Returns:
-        The ``num_subjects`` subject folders, in order.
+        The subject folders, in order (``num_subjects`` of them, or one per index).
     """
     from .._live import progress_bar as tqdm
-    from .nersemble import write_subject
 
     if num_subjects < 0:
         raise ValueError(f"generate_dataset: num_subjects must be >= 0, got {num_subjects}")
@@ -910,7 +914,12 @@ def generate_dataset(root: str | Path, num_subjects: int, seed: int = 0, width: 
     rig = Cameras.nersemble_rig(width=width, height=height)
     W, H = rig.width, rig.height
     paths = []
-    for i in tqdm(range(num_subjects), desc=f"synthetic subjects -> {root}", disable=not progress):
+    todo = list(range(num_subjects)) if indices is None else [int(i) for i in indices]
+    bad = [i for i in todo if not 0 <= i < num_subjects]
+    if bad:
+        raise ValueError(f"generate_dataset: indices {bad[:5]} are not subjects of a dataset of {num_subjects}")
+    jobs: list[tuple] = []  # the subjects to write (complete folders of the same subject are kept)
+    for i in todo:
         folder = root / f"{prefix}_{i:03d}"
         sseed = subject_seed(seed, i)
         paths.append(folder)
@@ -930,9 +939,28 @@ def generate_dataset(root: str | Path, num_subjects: int, seed: int = 0, width: 
                                       "overwrite=True to replace it, or use another root")
             else:
                 replace = True
-        subject = generate_subject(sseed, W, H, num_points, subject_id=folder.name, supersample=supersample,
-                                   device=device, cpu_threads=cpu_threads)
-        if own_partial and not (folder / "transforms.json").is_file():
-            shutil.rmtree(folder)  # our own partial subject without transforms.json (write_subject won't replace it)
-        write_subject(subject, folder, overwrite=replace)
+        jobs.append((sseed, W, H, num_points, folder, supersample, device, cpu_threads, replace, own_partial))
+    if workers > 1 and len(jobs) > 1 and (device is None or torch.device(device).type == "cpu"):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+            for _ in tqdm(pool.map(_write_generated, jobs), total=len(jobs), disable=not progress,
+                          desc=f"synthetic subjects -> {root} ({workers} processes)"):
+                pass
+    else:
+        for job in tqdm(jobs, desc=f"synthetic subjects -> {root}", disable=not progress):
+            _write_generated(job)
     return paths
+
+
+def _write_generated(job: tuple) -> None:
+    """Generate one subject and write its folder (one job of :func:`generate_dataset`)."""
+    from .nersemble import write_subject
+
+    sseed, W, H, num_points, folder, supersample, device, cpu_threads, replace, own_partial = job
+    subject = generate_subject(sseed, W, H, num_points, subject_id=folder.name, supersample=supersample,
+                               device=device, cpu_threads=cpu_threads)
+    if own_partial and not (folder / "transforms.json").is_file():
+        shutil.rmtree(folder)  # our own partial subject without transforms.json (write_subject won't replace it)
+    write_subject(subject, folder, overwrite=replace)

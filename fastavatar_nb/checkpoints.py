@@ -58,6 +58,10 @@ def shipped_dir(name: str = "course") -> Path:
     key = str(name).strip().lower()
     if key not in SHIPPED:
         raise ValueError(f"no shipped checkpoint {name!r}; shipped: {', '.join(SHIPPED)}")
+    # the checkout the package was imported from (an editable install), else the one around the current folder
+    for root in (project_root(Path(__file__).resolve().parent), project_root()):
+        if (root / "data_samples" / key).is_dir():
+            return root / "data_samples" / key
     return project_root(Path(__file__).resolve().parent) / "data_samples" / key
 
 

@@ -2,7 +2,7 @@
 
 Commands:
 
-- ``fastavatar-nb run [--preset smoke|full|auto] [--only 02..04|01,03] [--out runs/] [--force]``
+- ``fastavatar-nb run [--preset smoke|course|full|auto] [--only 02..04|01,03] [--out runs/] [--force]``
   executes ``notebooks/NN_name.ipynb`` in order with nbclient, each in a fresh kernel whose
   working directory is the notebooks folder and whose environment carries
   ``FASTAVATAR_PRESET`` (the resolved name) and ``FASTAVATAR_RUN_DIR`` (the run folder).
@@ -628,7 +628,8 @@ def _add_preset_args(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=presets.PRESET_NAMES,
         default="auto",
-        help="preset to run at: smoke (CPU), full (CUDA), auto = full if CUDA is available else smoke (default)",
+        help="preset to run at: smoke (CPU, minutes), course (CPU, about 1.5 hours: the shipped course checkpoint), "
+        "full (CUDA), auto = full if CUDA is available else smoke (default)",
     )
     parser.add_argument(
         "--out",

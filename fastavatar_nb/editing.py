@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ._io import atomic_write_text
 
-__all__ = ["DIRECTIONS_FILE", "AttributeDirection", "attribute_direction", "edit", "interpolate", "save_directions",
+__all__ = ["DIRECTIONS_FILE", "AttributeDirection", "attribute_direction", "cross_validated_accuracy", "edit", "interpolate", "save_directions",
            "load_directions"]
 
 DIRECTIONS_FILE = "directions.json"
@@ -106,8 +106,9 @@ def attribute_direction(codes: Tensor, labels: Tensor | list[bool], name: str = 
                         seed: int = 0) -> AttributeDirection:
     """Fit a linear SVM (scikit-learn ``LinearSVC``) on codes ``[N, L]`` with boolean labels ``[N]``.
 
-    The codes are divided by their RMS length first (one number for all of them), so ``C`` does not
-    depend on the codes' scale; the direction, bias and spread are in the codes' own units.
+    The codes are divided by the RMS of their entries first (one number for all of them; 1 for
+    standard-normal codes), so ``C`` does not depend on the codes' scale; the direction, bias and
+    spread are in the codes' own units.
 
     Raises:
         ValueError: fewer than one positive or one negative code, or mismatched sizes.
@@ -122,9 +123,10 @@ def attribute_direction(codes: Tensor, labels: Tensor | list[bool], name: str = 
     if pos == 0 or neg == 0:
         raise ValueError(f"attribute_direction: {name!r} needs codes with and without the attribute; got {pos} with "
                          f"and {neg} without")
-    # one scale for every code (their RMS length): C then means the same for codes of any size
-    # (the paper's standard-normal codes or small initial codes), and the direction is unchanged
-    rms = float(np.sqrt((x ** 2).sum(1).mean())) or 1.0
+    # one scale for every code (the RMS of their entries, 1 for standard-normal codes): C then means the
+    # same for codes of any size (the paper's standard-normal codes or small initial codes); the direction
+    # is unchanged
+    rms = float(np.sqrt((x ** 2).mean())) or 1.0
     svm = LinearSVC(C=C, random_state=seed, max_iter=100_000).fit(x / rms, np.where(y, 1, -1))
     n = svm.coef_[0]
     norm = float(np.linalg.norm(n))
@@ -133,6 +135,34 @@ def attribute_direction(codes: Tensor, labels: Tensor | list[bool], name: str = 
     return AttributeDirection(name=name, direction=unit.to(codes.device), bias=float(svm.intercept_[0]) * rms / norm,
                               spread=float((x @ (n / norm)).std()), train_accuracy=accuracy, num_positive=pos,
                               num_negative=neg)
+
+
+def cross_validated_accuracy(codes: Tensor, labels: Tensor | list[bool], folds: int = 10, C: float = 1.0,
+                             seed: int = 0) -> float:
+    """How well an :func:`attribute_direction` predicts codes it was not fitted on.
+
+    Code ``i`` goes to fold ``i % folds``; for each fold a direction is fitted on the other folds and
+    the sign of its score predicts the fold's labels. With ``folds >= N`` this is leave-one-out. A fold
+    whose complement holds only one class is skipped (nothing to fit).
+
+    Returns:
+        The fraction of predicted codes whose label was right (NaN when no fold could be fitted).
+    """
+    y = torch.as_tensor(labels, dtype=torch.bool).cpu()
+    if codes.ndim != 2 or len(codes) != len(y):
+        raise ValueError(f"cross_validated_accuracy: need codes [N, L] and N labels, got {tuple(codes.shape)} "
+                         f"and {len(y)} labels")
+    if not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"cross_validated_accuracy: folds must be an int >= 2, got {folds!r}")
+    fold_of = torch.arange(len(y)) % min(folds, len(y))
+    hits: list[bool] = []
+    for f in range(int(fold_of.max()) + 1 if len(y) else 0):
+        keep = fold_of != f
+        if y[keep].all() or not y[keep].any():
+            continue
+        d = attribute_direction(codes[keep.to(codes.device)], y[keep], C=C, seed=seed)
+        hits += ((d.score(codes[(~keep).to(codes.device)]) > 0).cpu() == y[~keep]).tolist()
+    return float(np.mean(hits)) if hits else float("nan")
 
 
 def edit(codes: Tensor, direction: AttributeDirection | Tensor, amount: Tensor | float) -> Tensor:

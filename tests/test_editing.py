@@ -79,3 +79,26 @@ def test_directions_json_roundtrip(tmp_path):
         load_directions(path)
     with pytest.raises(FileNotFoundError, match="notebook 05"):
         load_directions(tmp_path / "missing.json")
+
+
+def test_cross_validated_accuracy_tells_structure_from_noise():
+    from fastavatar_nb.editing import cross_validated_accuracy
+
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randn(60, 8, generator=g)
+    signal = codes[:, 2] > 0
+    codes[:, 2] += torch.where(signal, 0.5, -0.5)  # a margin between the classes
+    noise = torch.rand(60, generator=g) > 0.5
+    assert cross_validated_accuracy(codes, signal) > 0.9
+    assert 0.25 < cross_validated_accuracy(codes, noise) < 0.75
+    # folds >= N is leave-one-out: each prediction by a direction fitted on the other N - 1 codes
+    small, lab = codes[:6], torch.tensor([True, False, True, False, True, False])
+    hits = []
+    for i in range(6):
+        keep = torch.arange(6) != i
+        d = attribute_direction(small[keep], lab[keep])
+        hits.append(bool(d.score(small[i]) > 0) == bool(lab[i]))
+    assert cross_validated_accuracy(small, lab, folds=6) == pytest.approx(sum(hits) / 6)
+    assert cross_validated_accuracy(small, lab, folds=100) == pytest.approx(sum(hits) / 6)
+    with pytest.raises(ValueError, match="folds"):
+        cross_validated_accuracy(small, lab, folds=1)

@@ -74,7 +74,8 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def ship(run_dir: Path, out: Path, name: str = "course", overwrite: bool = False) -> Path:
+def ship(run_dir: Path, out: Path, name: str = "course", overwrite: bool = False, notes: list[str] | None = None
+         ) -> Path:
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
     sources = {
         "decoder.safetensors": run_dir / "decoder.safetensors",
@@ -121,6 +122,7 @@ def ship(run_dir: Path, out: Path, name: str = "course", overwrite: bool = False
         "python": platform.python_version(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
+        "notes": list(notes or []),
     }
     (tmp / checkpoints.PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")
     ckpt = checkpoints.load(name, folder=tmp)
@@ -146,9 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--name", default="course", choices=checkpoints.SHIPPED)
     ap.add_argument("--out", type=Path, default=None, help="default: data_samples/<name>")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    ap.add_argument("--note", action="append", default=[], help="a line for provenance.json (repeatable)")
     args = ap.parse_args(argv)
     ship(args.run_dir, args.out if args.out is not None else checkpoints.shipped_dir(args.name), args.name,
-         args.overwrite)
+         args.overwrite, args.note)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@
 #   make gpu-check  on a CUDA GPU: nvcc and ninja from PyPI where missing, gsplat's kernels built for this GPU
 #                only, pytest -m gpu, and full-preset timings beside their goals into
 #                benchmarks/results/<gpu-name>.json (benchmarks/gpu_check.py); without CUDA one "skipped" line
-#   make course  run the course preset (300 synthetic subjects, about 1.5 hours on a 2-core CPU) into
+#   make course  run the course preset (300 synthetic subjects, about 80 minutes on a 2-core CPU) into
 #                runs/course/, then ship its models to data_samples/course/ (scripts/ship_checkpoint.py;
 #                ARGS="--overwrite" replaces the shipped folder)
 #   make strip   remove outputs and execution counts from the notebooks (before committing)

@@ -1,7 +1,7 @@
 """Shipped checkpoints: a finished run's models, loaded with one call.
 
 The smoke preset trains on 10 subjects: enough to see what each stage does, too few for the
-learned stages to generalise. The ``course`` preset (300 synthetic subjects, about 1.5 hours on a
+learned stages to generalise. The ``course`` preset (300 synthetic subjects, about 80 minutes on a
 2-core CPU) is where one photo of an unseen person gives a head that is clearly that person; its
 artifacts ship in ``data_samples/course/`` so any notebook can show them::
 

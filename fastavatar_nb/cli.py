@@ -628,7 +628,7 @@ def _add_preset_args(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=presets.PRESET_NAMES,
         default="auto",
-        help="preset to run at: smoke (CPU, minutes), course (CPU, about 1.5 hours: the shipped course checkpoint), "
+        help="preset to run at: smoke (CPU, minutes), course (CPU, about 80 minutes: the shipped course checkpoint), "
         "full (CUDA), auto = full if CUDA is available else smoke (default)",
     )
     parser.add_argument(

@@ -13,7 +13,7 @@ Names:
   Minutes on a laptop; used by CI (``make test``) and Binder.
 - ``"course"``: CPU, the smoke preset's image size and K (so its artifacts work in smoke notebooks)
   with 300 synthetic subjects (268 train / 16 val / 16 test): enough for the learned stages to
-  generalise to unseen subjects. About 1.5 hours on a 2-core CPU; its artifacts ship in
+  generalise to unseen subjects. About 80 minutes on a 2-core CPU; its artifacts ship in
   ``data_samples/course/`` (:mod:`fastavatar_nb.checkpoints`), so the smoke notebooks show what
   scale buys without running it.
 - ``"full"``: CUDA, gsplat renderer (the torch renderer on CUDA, with a warning saying why, where

@@ -1,6 +1,6 @@
 """Ship a finished run's models as a checkpoint folder (``data_samples/course`` by default).
 
-    fastavatar-nb run --preset course              # about 1.5 hours on a 2-core CPU
+    fastavatar-nb run --preset course              # about 80 minutes on a 2-core CPU
     python scripts/ship_checkpoint.py runs/course  # -> data_samples/course (<= 15 MB)
 
 (``make course`` does both.) The folder gets the decoder, codes, encoder, directions, split, preset,

@@ -296,42 +296,36 @@ COURSE_EVAL_INPUT_VIEWS = 2
 COURSE_DECODER_EPOCHS = 4
 """Course preset: decoder epochs over 268 subjects x 15 views (about 30 minutes on 2 cores)."""
 
+_SMOKE = Preset(
+    name="smoke",
+    device="cpu",
+    backend="torch",
+    num_subjects=14,
+    num_test_subjects=2,
+    num_val_subjects=2,
+    image_width=69,
+    image_height=100,
+    num_gaussians=2_500,
+    fit_iterations=200,
+    fit_batch_size=4,
+    decoder_epochs=20,
+    encoder_epochs=50,
+    refine_iterations=50,
+    eval_input_views=SMOKE_EVAL_INPUT_VIEWS,
+    run_dir=Path("runs") / "smoke",
+)
+
 _BASE: dict[str, Preset] = {
-    "smoke": Preset(
-        name="smoke",
-        device="cpu",
-        backend="torch",
-        num_subjects=14,
-        num_test_subjects=2,
-        num_val_subjects=2,
-        image_width=69,
-        image_height=100,
-        num_gaussians=2_500,
-        fit_iterations=200,
-        fit_batch_size=4,
-        decoder_epochs=20,
-        encoder_epochs=50,
-        refine_iterations=50,
-        eval_input_views=SMOKE_EVAL_INPUT_VIEWS,
-        run_dir=Path("runs") / "smoke",
-    ),
-    "course": Preset(
+    "smoke": _SMOKE,
+    # the smoke preset's image size, K and schedules, so its artifacts run in smoke notebooks
+    "course": _SMOKE.replace(
         name="course",
-        device="cpu",
-        backend="torch",
         num_subjects=300,
         num_test_subjects=16,
         num_val_subjects=16,
-        image_width=69,
-        image_height=100,
-        num_gaussians=2_500,
-        fit_iterations=200,
-        fit_batch_size=4,
         template_subjects=COURSE_TEMPLATE_SUBJECTS,
         eval_input_views=COURSE_EVAL_INPUT_VIEWS,
         decoder_epochs=COURSE_DECODER_EPOCHS,
-        encoder_epochs=50,
-        refine_iterations=50,
         run_dir=Path("runs") / "course",
     ),
     "full": Preset(

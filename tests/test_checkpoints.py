@@ -3,13 +3,13 @@ the template from a subset of subjects, cached embeddings, parallel generation, 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from repo_scripts import load_script
 
 from fastavatar_nb import checkpoints, pipeline, presets
 from fastavatar_nb._io import ArtifactError
@@ -21,13 +21,6 @@ from fastavatar_nb.evaluation import input_views
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "data_samples" / "course"
-
-
-def _ship_script():
-    spec = importlib.util.spec_from_file_location("ship_checkpoint", REPO / "scripts" / "ship_checkpoint.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # ----------------------------------------------------------------------------- the shipped checkpoint
@@ -77,7 +70,7 @@ def test_course_checkpoint_reproduces_its_recorded_validation_numbers(course, tm
     check = course.provenance["check"]
     val = course.subjects("val", count=len(check["subjects"]), root=tmp_path)
     assert [s.subject_id for s in val] == check["subjects"]
-    got = _ship_script().check_numbers(course, val)
+    got = load_script("scripts/ship_checkpoint.py").check_numbers(course, val)
     tol = check["tolerance_db"]
     assert tol <= 0.05
     for key in ("feed_forward_psnr", "template_psnr"):
@@ -108,7 +101,7 @@ def test_for_lesson_only_at_smoke():
 
 
 def test_ship_refuses_an_unfinished_run_and_overwriting(tmp_path):
-    mod = _ship_script()
+    mod = load_script("scripts/ship_checkpoint.py")
     with pytest.raises(SystemExit, match="not a finished run"):
         mod.ship(tmp_path, tmp_path / "out")
 

@@ -7,7 +7,6 @@ their use of the library is checked before a GPU run spends its minutes on them.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from repo_scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
@@ -23,10 +23,7 @@ SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 
 @pytest.fixture(scope="module")
 def gc():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
+    module = load_script(str(SCRIPT.relative_to(REPO)))
     yield module
     sys.modules.pop("gpu_check", None)
 

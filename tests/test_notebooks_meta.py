@@ -9,30 +9,19 @@ or second code cell) reading the one preset switch ``FASTAVATAR_PRESET`` through
 from __future__ import annotations
 
 import configparser
-import importlib.util
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+from repo_scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
-def _load_checker() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("check_notebooks", REPO / "scripts" / "check_notebooks.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("check_notebooks", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-check = _load_checker()
+check = load_script("scripts/check_notebooks.py")
 
 
 def _dirty_notebook(path: Path, payload_kb: int = 1) -> Path:

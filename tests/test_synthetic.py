@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import io
 import json
 import math
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from repo_scripts import load_script
 
 from fastavatar_nb.cameras import Cameras
 from fastavatar_nb.checkpoints import SHIPPED
@@ -39,13 +39,6 @@ def _same_content(a: bytes, b: bytes, name: str) -> bool:
 
     ia, ib = Image.open(io.BytesIO(a)), Image.open(io.BytesIO(b))
     return ia.mode == ib.mode and np.array_equal(np.asarray(ia), np.asarray(ib))
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("make_data_samples", REPO / "scripts" / "make_data_samples.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +90,7 @@ def test_data_samples_regenerate_bit_exactly(tmp_path):
     """The first committed sample is reproduced byte for byte by scripts/make_data_samples.py."""
     committed = REPO / "data_samples"
     assert (committed / "synth_000" / "transforms.json").is_file(), "data_samples/ is missing: run the script"
-    mod = _load_script()
+    mod = load_script("scripts/make_data_samples.py")
     mod.make_data_samples(tmp_path, num_subjects=1, progress=False)
     new, old = _files(tmp_path / "synth_000"), _files(committed / "synth_000")
     assert new.keys() == old.keys()
@@ -109,7 +102,7 @@ def test_data_samples_regenerate_bit_exactly(tmp_path):
 @pytest.mark.slow
 def test_all_data_samples_regenerate_bit_exactly(tmp_path):
     committed = REPO / "data_samples"
-    mod = _load_script()
+    mod = load_script("scripts/make_data_samples.py")
     mod.make_data_samples(tmp_path, progress=False)
     new, old = _files(tmp_path), _files(committed)
     assert new.keys() == old.keys()

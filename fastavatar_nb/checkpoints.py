@@ -59,10 +59,9 @@ def shipped_dir(name: str = "course") -> Path:
     if key not in SHIPPED:
         raise ValueError(f"no shipped checkpoint {name!r}; shipped: {', '.join(SHIPPED)}")
     # the checkout the package was imported from (an editable install), else the one around the current folder
-    for root in (project_root(Path(__file__).resolve().parent), project_root()):
-        if (root / "data_samples" / key).is_dir():
-            return root / "data_samples" / key
-    return project_root(Path(__file__).resolve().parent) / "data_samples" / key
+    candidates = [project_root(Path(__file__).resolve().parent) / "data_samples" / key,
+                  project_root() / "data_samples" / key]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 @dataclass
@@ -169,9 +168,8 @@ def load(name: str = "course", device: torch.device | str = "cpu", folder: str |
     if not where.is_dir():
         raise FileNotFoundError(f"no checkpoint folder {where}: it ships with the repository checkout "
                                 "(data_samples/); a pip-installed package without the checkout does not have it")
-    preset = Preset.load(where / PRESET_FILE) if (where / PRESET_FILE).is_file() else None
-    if preset is None:
-        _read_json(where / PRESET_FILE, "the run's preset")
+    _read_json(where / PRESET_FILE, "the run's preset")  # a missing or damaged file, named with the way out
+    preset = Preset.load(where / PRESET_FILE)
     avatars = DecoderResult.load(where, device=device)
     encoder = EncoderResult.load(where, device=device)
     directions = load_directions(where / DIRECTIONS_FILE)
@@ -183,7 +181,7 @@ def load(name: str = "course", device: torch.device | str = "cpu", folder: str |
     split.setdefault("val", [])
     if list(split["train"]) != list(avatars.subject_ids):
         raise ArtifactError(f"{where}: the decoder's codes are of other subjects than {SPLIT_FILE}'s training split")
-    return Checkpoint(name=str(name), folder=where, preset=preset, avatars=avatars, encoder=encoder,  # type: ignore[arg-type]
+    return Checkpoint(name=str(name), folder=where, preset=preset, avatars=avatars, encoder=encoder,
                       directions=directions, split=split, metrics=metrics, provenance=provenance)
 
 

@@ -37,7 +37,7 @@ from .gaussians import Gaussians
 from .objective import HOLDOUT_VIEW, evaluate_views, head_region
 from .render import Backend
 
-__all__ = ["EVAL_DIR", "input_views", "identity_scorer", "novel_view_metrics", "protocol_rows", "summarize", "save_rows", "load_rows", "file_digest",
+__all__ = ["EVAL_DIR", "input_views", "cosine_within_between", "identity_scorer", "novel_view_metrics", "protocol_rows", "summarize", "save_rows", "load_rows", "file_digest",
            "protocol_dir"]
 
 EVAL_DIR = "eval"
@@ -64,6 +64,31 @@ def input_views(found: Tensor, limit: int | None = None, first: int = HOLDOUT_VI
     k = limit - len(head)
     picks = [rest[round(i * (len(rest) - 1) / max(1, k - 1))] for i in range(k)] if k > 1 else rest[:k]
     return sorted(head + picks)
+
+
+def cosine_within_between(vectors: Tensor, found: Tensor) -> tuple[float, float]:
+    """Mean cosine similarity of the vectors of one subject's views (pairs of different views) and of
+    different subjects (every pair across subjects): does a code or embedding say *who*, whatever the view?
+
+    Args:
+        vectors: ``[S, C, D]`` one vector per subject and view (FaceNet embeddings, encoder codes).
+        found: ``[S, C]`` bool, the views to use (e.g. where a face was found).
+
+    Returns:
+        ``(within, between)``; ``between`` is NaN with one subject, ``within`` with one view each.
+    """
+    if vectors.ndim != 3 or found.shape != vectors.shape[:2]:
+        raise ValueError(f"cosine_within_between: need vectors [S, C, D] and found [S, C], got "
+                         f"{tuple(vectors.shape)} and {tuple(found.shape)}")
+    found = found.to(vectors.device).bool()
+    v = torch.nn.functional.normalize(vectors[found], dim=-1)
+    who = torch.arange(vectors.shape[0], device=vectors.device)[:, None].expand_as(found)[found]
+    cos = v @ v.T
+    same = who[:, None] == who[None, :]
+    within = cos[same & ~torch.eye(len(who), dtype=torch.bool, device=cos.device)]
+    between = cos[~same]
+    return (float(within.mean()) if within.numel() else float("nan"),
+            float(between.mean()) if between.numel() else float("nan"))
 
 
 def identity_scorer(subject: MultiViewSubject, net: torch.nn.Module,

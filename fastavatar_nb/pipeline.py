@@ -82,7 +82,7 @@ def prepare_dataset(preset: Preset, progress: bool = True) -> Path:
     paths = synthetic.generate_dataset(root, num_subjects=preset.num_subjects, seed=preset.seed,
                                        width=preset.image_width, height=preset.image_height,
                                        num_points=preset.num_gaussians, device=preset.torch_device, progress=progress,
-                                       workers=torch.get_num_threads() if preset.device == "cpu" else 1)
+                                       workers=torch.get_num_threads())  # processes, on a CPU
     if not (root / "split.json").exists():
         train_ids, val_ids, test_ids = split_subjects([p.name for p in paths], num_test=preset.num_test_subjects,
                                                       seed=preset.seed, num_val=preset.num_val_subjects)

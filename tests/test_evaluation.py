@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from test_fitting import _scene
@@ -142,3 +144,22 @@ def test_identity_scores_are_averaged_over_views_with_a_face():
     rows = protocol_rows(subject, {"truth": _stack(truth, 1)}, [0], backend="torch",
                          identity=lambda r, views: torch.full((1, len(views)), float("nan")))
     assert "identity" not in rows[0] and "psnr" in rows[0]   # no face anywhere: left out, not a NaN
+
+
+def test_cosine_within_between_against_a_hand_count():
+    from fastavatar_nb.evaluation import cosine_within_between
+
+    # subject 0: two views along x (cosine 1 with each other); subject 1: one view along y, one missing
+    vectors = torch.tensor([[[2.0, 0.0], [1.0, 0.0]], [[0.0, 3.0], [float("nan"), 0.0]]])
+    found = torch.tensor([[True, True], [True, False]])
+    within, between = cosine_within_between(vectors, found)
+    assert within == pytest.approx(1.0) and between == pytest.approx(0.0)
+    # a view at 45 degrees in subject 1: between = mean of cos(x, y) = 0 (x2) and cos(x, diag) = 0.7071 (x2)
+    vectors[1, 1] = torch.tensor([1.0, 1.0])
+    within, between = cosine_within_between(vectors, torch.ones(2, 2, dtype=torch.bool))
+    assert within == pytest.approx((1.0 + 2 ** -0.5) / 2)
+    assert between == pytest.approx(2 ** -0.5 / 2)
+    one = cosine_within_between(vectors[:1], torch.ones(1, 2, dtype=torch.bool))
+    assert one[0] == pytest.approx(1.0) and math.isnan(one[1])
+    with pytest.raises(ValueError, match=r"\[S, C, D\]"):
+        cosine_within_between(vectors[0], found)

@@ -899,8 +899,8 @@ def generate_dataset(root: str | Path, num_subjects: int, seed: int = 0, width: 
         cpu_threads: intra-op CPU threads while rendering (see :func:`render_head`).
         indices: write only these subjects of the dataset (e.g. a shipped run's test subjects:
             :meth:`fastavatar_nb.checkpoints.Checkpoint.subjects`); each must be ``< num_subjects``.
-        workers: processes generating subjects at once on a CPU (each with ``cpu_threads`` threads;
-            the files are the same as with one).
+        workers: processes generating subjects at once when ``device`` is the CPU (each with
+            ``cpu_threads`` threads; the files are the same as with one); ignored on a GPU.
 
     Returns:
         The subject folders, in order (``num_subjects`` of them, or one per index).

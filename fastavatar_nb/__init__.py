@@ -10,7 +10,7 @@ Typical use in a notebook::
 :class:`Gaussians` and :class:`Cameras` are imported here; ``fa.render`` is the renderer
 subpackage (``fa.render.render`` the function, ``fa.render.torch_rasterizer`` its steps).
 The stage modules (``presets``, ``data``, ``objective``, ``fitting``, ``template``, ``decoder``,
-``refine``, ``distributed``, ``pipeline``, ``metrics``, ``viewers``, ``checkpoints``, ...) load on first use so ``import fastavatar_nb`` stays quick.
+``refine``, ``distributed``, ``pipeline``, ``metrics``, ``viewers``, ``checkpoints``, ``photo``, ...) load on first use so ``import fastavatar_nb`` stays quick.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ __all__ = ["Cameras", "Gaussians", "render", "__version__"]
 
 _LAZY = {"presets", "data", "fitting", "template", "decoder", "pipeline", "faces", "encoder", "editing", "evaluation",
          "metrics", "viewers", "cli", "report", "ply", "gaussians", "cameras", "objective", "refine", "distributed", "threads",
-         "checkpoints"}
+         "checkpoints", "photo"}
 
 
 def __getattr__(name: str):

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["Cameras", "opengl_c2w_to_viewmat", "viewmat_to_opengl_c2w", "look_at_viewmat", "intrinsics"]
+__all__ = ["Cameras", "opengl_c2w_to_viewmat", "viewmat_to_opengl_c2w", "look_at_viewmat", "intrinsics", "rotvec_to_matrix",
+           "matrix_to_rotvec"]
 
 _GL_TO_CV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
 
@@ -39,6 +40,30 @@ def opengl_c2w_to_viewmat(c2w: Tensor) -> Tensor:
 def viewmat_to_opengl_c2w(viewmats: Tensor) -> Tensor:
     """Inverse of :func:`opengl_c2w_to_viewmat`."""
     return torch.linalg.inv(viewmats) @ _GL_TO_CV.to(viewmats)
+
+
+def rotvec_to_matrix(r: Tensor) -> Tensor:
+    """Rodrigues: ``[..., 3]`` axis-angle -> ``[..., 3, 3]`` (smooth at 0)."""
+    theta2 = (r * r).sum(-1, keepdim=True)
+    theta = theta2.clamp_min(1e-30).sqrt()
+    small = theta2 < 1e-12
+    a = torch.where(small, 1 - theta2 / 6, torch.sin(theta) / theta)
+    b = torch.where(small, 0.5 - theta2 / 24, (1 - torch.cos(theta)) / theta2.clamp_min(1e-30))
+    x, y, z = r.unbind(-1)
+    zero = torch.zeros_like(x)
+    Kx = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).reshape(r.shape[:-1] + (3, 3))
+    eye = torch.eye(3, dtype=r.dtype, device=r.device).expand_as(Kx)
+    return eye + a[..., None] * Kx + b[..., None] * (Kx @ Kx)
+
+
+def matrix_to_rotvec(R: Tensor) -> Tensor:
+    """Inverse of :func:`rotvec_to_matrix` for rotations below 180 degrees."""
+    cos = ((R.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
+    theta = torch.acos(cos)
+    w = torch.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1)
+    sin = torch.sin(theta)
+    k = torch.where(sin.abs() < 1e-8, torch.full_like(theta, 0.5), theta / (2 * sin.clamp_min(1e-12)))
+    return w * k[..., None]
 
 
 def intrinsics(fx: Tensor | float, fy: Tensor | float, cx: Tensor | float, cy: Tensor | float) -> Tensor:

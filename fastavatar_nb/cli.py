@@ -14,6 +14,12 @@ Commands:
   failing cell and the error.
 - ``fastavatar-nb report [--preset ...] [--out ...]`` rewrites the report of a run folder.
 - ``fastavatar-nb presets`` prints every preset's one-line description.
+- ``fastavatar-nb reconstruct photo.jpg [--refine N] [--out DIR] [--run DIR | --checkpoint course]
+  [--json] [--overwrite]`` turns one photo into a 3D head (:func:`fastavatar_nb.photo.reconstruct`)
+  and writes ``head.ply``, ``turntable.gif``, ``viewer.html``, ``detection.png`` and
+  ``summary.json`` into ``DIR`` (default ``<photo name>_head``), printing each step's time; with
+  ``--json`` the summary goes to stdout as JSON and the step lines to stderr. A photo that is not
+  an image, has no face, or models that are missing give one error line and exit code 2.
 
 The run folder is ``<--out>/<preset name>`` when ``--out`` is given, else
 ``FASTAVATAR_RUN_DIR`` when set, else ``<repository>/runs/<preset name>`` (see
@@ -623,6 +629,100 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reconstruct_models(args: argparse.Namespace):
+    """``(avatars, encoder, width, height, source)`` from ``--run`` or ``--checkpoint``."""
+    import torch
+
+    from fastavatar_nb import checkpoints
+    from fastavatar_nb._io import ArtifactError
+    from fastavatar_nb.decoder import DecoderResult
+    from fastavatar_nb.encoder import EncoderResult
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.run is not None:
+        run = Path(args.run)
+        if not run.is_dir():
+            raise CliError(f"--run {run}: no such run folder; pass a folder written by `fastavatar-nb run` (it holds "
+                           "decoder.safetensors, encoder.safetensors and preset.json) or use --checkpoint course")
+        try:
+            preset = presets.Preset.load(run / "preset.json")
+            avatars = DecoderResult.load(run, device=device)
+            encoder = EncoderResult.load(run, device=device)
+        except (FileNotFoundError, ArtifactError, presets.PresetError, ValueError) as e:
+            raise CliError(f"--run {run}: {e}; the run must have trained the decoder and the encoder (notebooks "
+                           "03-04), or use --checkpoint course") from None
+        return avatars, encoder, preset.image_width, preset.image_height, f"run {run}"
+    try:
+        ckpt = checkpoints.load(args.checkpoint, device=device)
+    except (FileNotFoundError, ArtifactError, ValueError) as e:
+        raise CliError(f"--checkpoint {args.checkpoint}: {e}") from None
+    return (ckpt.avatars, ckpt.encoder, ckpt.preset.image_width, ckpt.preset.image_height,
+            f"checkpoint {args.checkpoint}")
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """``fastavatar-nb reconstruct``; returns the exit code."""
+    import warnings
+
+    from fastavatar_nb import photo
+
+    log = sys.stderr if args.json else sys.stdout
+    src = Path(args.photo)
+    out = Path(args.out) if args.out is not None else Path(f"{src.stem}_head")
+    existing = [n for n in photo.OUTPUT_FILES if (out / n).exists()]
+    if out.exists() and not out.is_dir():
+        raise CliError(f"--out {out} is a file; pass a folder for the outputs")
+    if existing and not args.overwrite:
+        raise CliError(f"--out {out} already holds {', '.join(existing)} from an earlier reconstruction; choose "
+                       "another folder with --out or pass --overwrite to replace them")
+    if args.refine < 0:
+        raise CliError(f"--refine must be >= 0 steps, got {args.refine}")
+    if args.frames < 1:
+        raise CliError(f"--frames must be >= 1, got {args.frames}")
+    if args.focal_px is not None and not (args.focal_px > 0 and args.focal_px < float("inf")):
+        raise CliError(f"--focal-px must be a positive number of the photo's pixels, got {args.focal_px}")
+    t0 = time.perf_counter()
+    avatars, encoder, width, height, source = _reconstruct_models(args)
+    print(f"models: {source} ({width}x{height}, K={avatars.template.num_gaussians}) "
+          f"{time.perf_counter() - t0:6.2f} s", file=log)
+
+    def step(name: str, seconds: float) -> None:
+        print(f"{name:>22s}: {seconds:6.2f} s", file=log, flush=True)
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            recon = photo.reconstruct(src, avatars, encoder, width, height, refine_steps=args.refine,
+                                      focal_px=args.focal_px, progress=not args.json, on_step=step)
+    except (photo.PhotoError, photo.NoFaceError, FileNotFoundError) as e:
+        raise CliError(str(e)) from None
+    for w in caught:
+        if issubclass(w.category, UserWarning) and str(w.message).startswith(recon.photo.name):
+            print(f"fastavatar-nb: warning: {w.message}", file=sys.stderr)
+    t1 = time.perf_counter()
+    paths = photo.save_reconstruction(recon, out, overwrite=args.overwrite, frames=args.frames,
+                                      sh_degree=avatars.config.sh_degree, summary={"models": source})
+    step("write outputs", time.perf_counter() - t1)
+    summary = dict(recon.summary(), models=source, outputs={k: str(v) for k, v in paths.items()},
+                   total_s=round(time.perf_counter() - t0, 3))
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        cam = recon.pose
+        print(f"camera (PnP): yaw {cam.yaw_deg:+.1f} deg, pitch {cam.pitch_deg:+.1f} deg, {cam.distance:.2f} m, "
+              f"landmarks reprojected within {cam.reprojection_px:.1f} px (RMS)")
+        if summary["camera_refined"] is not None:
+            ref = summary["camera_refined"]
+            print(f"camera (refined with the head): yaw {ref['yaw_deg']:+.1f} deg, pitch {ref['pitch_deg']:+.1f} deg, "
+                  f"{ref['distance_m']:.2f} m; PSNR on the photo {summary['refine_psnr_first']:.2f} -> "
+                  f"{summary['refine_psnr_final']:.2f} dB")
+        for note in summary["notes"]:
+            print(f"note: {note}")
+        print(f"wrote {out}/: " + ", ".join(paths) + f" ({summary['total_s']:.1f} s in all)")
+        print(f"open {paths['viewer.html']} in a browser, or {paths['head.ply']} in any 3DGS viewer")
+    return 0
+
+
 def _add_preset_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--preset",
@@ -699,6 +799,27 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(func=cmd_report)
     pre = sub.add_parser("presets", help="describe the presets")
     pre.set_defaults(func=cmd_presets)
+    rec = sub.add_parser(
+        "reconstruct", help="one photo -> a 3D head (head.ply, turntable.gif, viewer.html)",
+        description="Detect the face and its five landmarks, estimate the photo's camera (PnP against the "
+        "template), encode the face (FaceNet -> encoder -> decoder) and optionally refine the head on the photo; "
+        "write head.ply, turntable.gif, viewer.html, detection.png and summary.json.")
+    rec.add_argument("photo", metavar="PHOTO", help="the photo (JPEG, PNG, WebP, ...)")
+    rec.add_argument("--refine", type=int, default=0, metavar="N",
+                     help="test-time refinement steps on the photo (default 0: the feed-forward head; 50 take about "
+                     "10 s on a CPU at the course checkpoint's size)")
+    rec.add_argument("--out", metavar="DIR", default=None, help="output folder (default: <photo name>_head)")
+    models = rec.add_mutually_exclusive_group()
+    models.add_argument("--run", metavar="DIR", default=None,
+                        help="use the decoder and encoder of this run folder (e.g. runs/full)")
+    models.add_argument("--checkpoint", metavar="NAME", default="course",
+                        help="use a shipped checkpoint (default: course)")
+    rec.add_argument("--focal-px", type=float, default=None, metavar="F",
+                     help="the photo's focal length in its pixels (default: from EXIF, else the rig's framing)")
+    rec.add_argument("--frames", type=int, default=36, metavar="N", help="turntable frames (default 36)")
+    rec.add_argument("--json", action="store_true", help="print a machine-readable summary to stdout")
+    rec.add_argument("--overwrite", action="store_true", help="replace the files of an earlier reconstruction")
+    rec.set_defaults(func=cmd_reconstruct)
     return parser
 
 

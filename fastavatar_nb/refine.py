@@ -18,7 +18,8 @@ better: notebook 06 measures both, and :func:`refine_views` runs the paper's pro
 refinement per input view).
 
 Only the photo and its camera are used: no 3D points, masks or other views of the subject
-(those are for scoring only). The loss covers every pixel of a photo on white, the same objective
+(those are for scoring only). A camera estimated from the photo itself (:mod:`fastavatar_nb.photo`)
+can be refined along with the head (``pose_rotation_lr``, ``pose_translation_lr``). The loss covers every pixel of a photo on white, the same objective
 as decoder training; :func:`refine` checks the photo's background
 (:func:`~fastavatar_nb.objective.check_on_white`) and refuses another one unless ``weights``
 say which pixels the loss may see.
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 
 from ._checks import check_images
 from ._io import check_fields, config_from_dict
-from .cameras import Cameras
+from .cameras import Cameras, rotvec_to_matrix
 from .data.subject import MultiViewSubject
 from .decoder import DecoderResult, apply_residuals, residual_penalty
 from .gaussians import Gaussians
@@ -86,6 +87,18 @@ class RefineConfig:
     """Adam learning rate of the embeddings ``e_k`` while the MLP is optimised (0: frozen)."""
     grad_clip: float = 1.0
     """Clip the gradient norm of every step (0: no clipping)."""
+    pose_rotation_lr: float = 0.0
+    """Adam learning rate (radians) of a rotation applied to the input camera at every step (0: the
+    camera is trusted, as a calibrated one is). A photo's camera is estimated from five landmarks
+    (:mod:`fastavatar_nb.photo`) and is several degrees off; refining it photometrically brings it
+    within a few degrees (``benchmarks/photo.py``)."""
+    pose_translation_lr: float = 0.0
+    """Adam learning rate (metres) of a shift of the input camera, with ``pose_rotation_lr``."""
+
+    @property
+    def refines_pose(self) -> bool:
+        """Whether the input camera's pose is optimised too."""
+        return self.pose_rotation_lr > 0 or self.pose_translation_lr > 0
 
     def validate(self) -> RefineConfig:
         """Raise ``ValueError`` naming the first bad field; returns ``self``."""
@@ -96,7 +109,8 @@ class RefineConfig:
                              f"got {self.schedule!r}")
         if not (isinstance(self.code_fraction, (int, float)) and 0 <= self.code_fraction <= 1):
             raise ValueError(f"RefineConfig.code_fraction must be in [0, 1], got {self.code_fraction!r}")
-        check_fields(self, non_negative=("code_lr", "decoder_lr", "embeddings_lr", "grad_clip"))
+        check_fields(self, non_negative=("code_lr", "decoder_lr", "embeddings_lr", "grad_clip", "pose_rotation_lr",
+                                         "pose_translation_lr"))
         return self
 
     @property
@@ -146,6 +160,7 @@ class RefineResult:
         final_psnr: PSNR of ``head`` on the input view.
         config: the :class:`RefineConfig`; seconds: wall time of the optimisation (the callback's
             time left out).
+        camera: the input camera, refined when ``config.refines_pose`` (else the one given).
     """
 
     head: Gaussians
@@ -158,6 +173,7 @@ class RefineResult:
     final_psnr: float
     config: RefineConfig
     seconds: float
+    camera: Cameras | None = None
 
 
 def input_view(subject: MultiViewSubject, view: int) -> tuple[Tensor, Cameras]:
@@ -245,6 +261,20 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
         groups.append({"params": [emb], "lr": config.embeddings_lr})
     mlp_opt = torch.optim.Adam(groups)
     gt, wt = image[None, None], None if weights is None else weights[None, None]  # [1, 1, H, W, ...]
+    # the camera's pose: a rotation (axis-angle, applied in the camera's frame) and a shift of the given one
+    d_rot = torch.zeros(3, device=dev, requires_grad=config.pose_rotation_lr > 0)
+    d_shift = torch.zeros(3, device=dev, requires_grad=config.pose_translation_lr > 0)
+    pose_opt = torch.optim.Adam([{"params": [d_rot], "lr": config.pose_rotation_lr},
+                                 {"params": [d_shift], "lr": config.pose_translation_lr}])
+    pose_params = [p for p in (d_rot, d_shift) if p.requires_grad]
+
+    def current_camera() -> Cameras:
+        if not pose_params:
+            return camera
+        V = camera.viewmats[0]
+        R = rotvec_to_matrix(d_rot) @ V[:3, :3]
+        top = torch.cat([R, (V[:3, 3] + d_shift)[:, None]], 1)
+        return Cameras(torch.cat([top, V[3:]], 0)[None], camera.Ks, camera.width, camera.height)
 
     def forward():
         res = decoder(w, emb)
@@ -266,12 +296,13 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
                 p.requires_grad_(do_mlp)
             emb.requires_grad_(do_mlp and config.embeddings_lr > 0)
             res, head = forward()
-            out = render(head, camera, background=1.0, backend=backend_name, sh_degree=dcfg.sh_degree,
+            out = render(head, current_camera(), background=1.0, backend=backend_name, sh_degree=dcfg.sh_degree,
                          tile_size=dcfg.tile_size)
             terms = photometric_loss(out.colors[None], gt, wt, dcfg.l1_weight, dcfg.ssim_weight, dcfg.lpips_weight)
             total = terms["total"].mean() + residual_penalty(res, dcfg)
             code_opt.zero_grad(set_to_none=True)
             mlp_opt.zero_grad(set_to_none=True)
+            pose_opt.zero_grad(set_to_none=True)
             total.backward()
             params = ([w] if do_code else []) + (mlp + ([emb] if emb.requires_grad else []) if do_mlp else [])
             if config.grad_clip > 0:
@@ -280,6 +311,8 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
                 code_opt.step()
             if do_mlp:
                 mlp_opt.step()
+            if pose_params:
+                pose_opt.step()
             losses[step] = float(total.detach())
             with torch.no_grad():
                 psnrs[step] = float(psnr(out.colors.detach().clamp(0, 1)[None], gt, mask=wt).flatten()[0])
@@ -297,12 +330,13 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
         p.requires_grad_(False)
     head = current_head()
     with torch.no_grad():
-        final = render(head, camera, background=1.0, backend=backend_name, sh_degree=dcfg.sh_degree,
+        final_camera = Cameras(current_camera().viewmats.detach(), camera.Ks, camera.width, camera.height)
+        final = render(head, final_camera, background=1.0, backend=backend_name, sh_degree=dcfg.sh_degree,
                        tile_size=dcfg.tile_size).colors.clamp(0, 1)
         final_psnr = float(psnr(final[None], gt, mask=wt).flatten()[0])
     return RefineResult(head=head, code=w.detach(), initial_code=code, decoder=decoder, embeddings=emb.detach(),
                         loss_history=losses, psnr_history=psnrs, final_psnr=final_psnr, config=config,
-                        seconds=seconds)
+                        seconds=seconds, camera=final_camera)
 
 
 def refine_views(avatars: DecoderResult, subject: MultiViewSubject, codes: Tensor, views: Sequence[int],

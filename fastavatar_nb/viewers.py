@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OrbitViewer", "LiveCurves", "scatter_gaussians", "ellipsoids", "camera_frusta", "camera_frusta_traces",
     "splat_figure", "sh_sphere", "image_grid", "colorize", "to_uint8", "png_bytes", "in_notebook_kernel",
-    "setup_plotly",
+    "setup_plotly", "turntable_frames", "save_gif", "turntable_html",
 ]
 
 RenderFn = Callable[..., Any]
@@ -1008,6 +1008,104 @@ class OrbitViewer:
     def __repr__(self) -> str:
         return (f"OrbitViewer(K={self.gaussians.num_gaussians}, {self.width}x{self.height}, "
                 f"backend={self.backend!r})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Turntables: frames, a GIF and a standalone HTML page
+# ---------------------------------------------------------------------------------------------
+
+
+def turntable_frames(gaussians: Gaussians, n: int = 36, width: int = 138, height: int = 200, *,
+                     radius: float = 1.1, pitch_deg: float = 0.0, fov_y_deg: float = 15.0, sh_degree: int = 3,
+                     background: float = 1.0, backend: Backend = "auto", batch: int = 6) -> np.ndarray:
+    """``n`` uint8 frames ``[n, height, width, 3]`` of a head turning once, starting from the front.
+
+    Cameras: :meth:`~fastavatar_nb.cameras.Cameras.orbit` (yaw 0 looks at the face from +z).
+    """
+    from .render import render
+
+    if n < 1:
+        raise ValueError(f"turntable_frames: n must be >= 1, got {n}")
+    cams = Cameras.orbit(n, width, height, radius=radius, pitch_deg=pitch_deg, fov_y_deg=fov_y_deg)
+    cams = cams.to(gaussians.means.device)
+    frames = []
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            out = render(gaussians, cams[i:i + batch], background=background, backend=backend, sh_degree=sh_degree)
+            frames.append(out.colors.clamp(0, 1).cpu())
+    return (torch.cat(frames).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def save_gif(frames: np.ndarray | Sequence[np.ndarray], path, fps: float = 12.0) -> None:
+    """Write uint8 frames ``[n, H, W, 3]`` as a looping GIF (Pillow; no other dependency)."""
+    images = [Image.fromarray(to_uint8(f)) for f in frames]
+    if not images:
+        raise ValueError("save_gif: no frames")
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0,
+                   optimize=False, disposal=2)
+
+
+def _data_uri(image: Tensor | np.ndarray | Image.Image, fmt: str = "PNG") -> str:
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(to_uint8(image))
+    buf = io.BytesIO()
+    pil.convert("RGB").save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {"compress_level": 6}))
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def turntable_html(frames: np.ndarray | Sequence[np.ndarray], title: str = "3D head", *,
+                   images: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
+                   display_height: int = 400, fps: float = 12.0) -> str:
+    """A standalone HTML page (no network, no external files): a turntable to drag or play, beside
+    named still images (e.g. the photo and its detection) and a table of ``info``.
+
+    The frames are embedded as PNG data URIs; a slider or dragging the picture turns the head, a
+    button plays it. Until the WebGL splat viewer exists this is the page
+    ``fastavatar-nb reconstruct`` writes as ``viewer.html``.
+    """
+    import html
+    import json
+
+    uris = [_data_uri(f) for f in frames]
+    if not uris:
+        raise ValueError("turntable_html: no frames")
+    stills = "".join(
+        f'<figure><img src="{_data_uri(img)}" style="height:{display_height}px;image-rendering:pixelated">'
+        f"<figcaption>{html.escape(str(name))}</figcaption></figure>" for name, img in (images or {}).items())
+    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                   for k, v in (info or {}).items())
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
+.row {{ display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }}
+figure {{ margin: 0; text-align: center; }} figcaption {{ font-size: 0.9em; color: #555; }}
+#turn {{ height: {display_height}px; cursor: grab; image-rendering: pixelated; user-select: none; }}
+table {{ border-collapse: collapse; margin-top: 1em; font-size: 0.9em; }}
+th, td {{ border-bottom: 1px solid #ddd; padding: 0.25em 0.8em; text-align: left; }}
+</style></head><body>
+<h2>{html.escape(title)}</h2>
+<div class="row">{stills}
+<figure><img id="turn" alt="turntable" draggable="false"><figcaption>
+<button id="play">pause</button> <input id="yaw" type="range" min="0" max="{len(uris) - 1}" value="0">
+<span id="deg">0&deg;</span> &middot; drag the head to turn it</figcaption></figure></div>
+<table>{rows}</table>
+<script>
+const frames = {json.dumps(uris)};
+const img = document.getElementById("turn"), yaw = document.getElementById("yaw");
+const deg = document.getElementById("deg"), play = document.getElementById("play");
+let i = 0, playing = true, dragX = null;
+function show(k) {{ i = ((k % frames.length) + frames.length) % frames.length; img.src = frames[i];
+  yaw.value = i; deg.textContent = Math.round(360 * i / frames.length) + "\u00b0"; }}
+yaw.oninput = () => {{ playing = false; play.textContent = "play"; show(+yaw.value); }};
+play.onclick = () => {{ playing = !playing; play.textContent = playing ? "pause" : "play"; }};
+img.onmousedown = (e) => {{ dragX = e.clientX; playing = false; play.textContent = "play"; }};
+window.onmouseup = () => {{ dragX = null; }};
+window.onmousemove = (e) => {{ if (dragX === null) return; const step = Math.trunc((e.clientX - dragX) / 8);
+  if (step) {{ show(i - step); dragX = e.clientX; }} }};
+setInterval(() => {{ if (playing) show(i + 1); }}, {round(1000 / fps)});
+show(0);
+</script></body></html>
+"""
 
 
 def _running_loop():

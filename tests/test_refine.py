@@ -204,3 +204,30 @@ def test_inputs_are_checked(problem):
     if not lpips_available():
         with pytest.raises(ValueError, match="LPIPS"):
             refine(with_lpips, w_start, image, cam, wts, cfg, progress=False)
+
+
+def test_pose_refinement_moves_a_wrong_camera_back(problem):
+    """With the true code and a camera turned by 4 degrees, refining only the pose (code_lr 0)
+    brings the camera back towards the truth; without pose learning rates the camera is returned
+    unchanged."""
+    from fastavatar_nb.cameras import rotvec_to_matrix
+    from fastavatar_nb.photo import rotation_error_deg
+
+    avatars, subject, w_true, _ = problem
+    image, cam = input_view(subject, 8)
+    V = cam.viewmats.clone()
+    V[0, :3, :3] = rotvec_to_matrix(torch.tensor([0.04, -0.05, 0.0])) @ V[0, :3, :3]
+    wrong = Cameras(V, cam.Ks, cam.width, cam.height)
+    before = float(rotation_error_deg(wrong, cam))
+    assert 3.5 < before < 4.0
+    cfg = RefineConfig(steps=60, schedule="code", code_lr=0.0, pose_rotation_lr=5e-3, pose_translation_lr=1e-3)
+    assert cfg.refines_pose and not RefineConfig().refines_pose
+    r = refine(avatars, w_true, image, wrong, None, cfg, backend="torch", progress=False)
+    assert float(rotation_error_deg(r.camera, cam)) < 0.5 * before
+    assert r.final_psnr > float(r.psnr_history[0]) + 2.0
+    torch.testing.assert_close(r.code, w_true)                               # code_lr 0: the code stays
+    fixed = refine(avatars, w_true, image, wrong, None, RefineConfig(steps=3, schedule="code"), backend="torch",
+                   progress=False)
+    torch.testing.assert_close(fixed.camera.viewmats, wrong.viewmats, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pose_rotation_lr"):
+        RefineConfig(pose_rotation_lr=-1.0).validate()

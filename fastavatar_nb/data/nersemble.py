@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..cameras import Cameras, intrinsics
+from ..cameras import Cameras, intrinsics, rotvec_to_matrix
 from ..gaussians import read_points_ply, write_points_ply
 from ..ply import PlyError
 from .subject import MultiViewSubject, target_size
@@ -54,6 +54,7 @@ from .subject import MultiViewSubject, target_size
 __all__ = [
     "SubjectFormatError", "MissingSubjectFileError", "read_subject", "write_subject", "list_subject_dirs",
     "split_subjects", "write_split", "SubjectDataset", "Split", "HOLDOUT_VIEW", "default_num_test",
+    "tracked_head_rotation",
 ]
 
 Split = Literal["train", "val", "test", "all"]
@@ -333,6 +334,27 @@ def write_subject(subject: MultiViewSubject, folder: str | os.PathLike, overwrit
 
 
 # ------------------------------------------------------------------------ datasets
+def tracked_head_rotation(folder: str | os.PathLike, timestep: int = 0) -> torch.Tensor:
+    """``[3, 3]`` (float64) how the tracked head is turned in the rig's world at ``timestep``.
+
+    VHAP's FLAME fit rotates the canonical head (face along +z, +y up) by its global ``rotation``
+    and then by the ``neck_pose`` (axis-angle, ``flame_param/NNNNN.npz``): the subjects do not
+    hold their heads straight (306: about 9 degrees of yaw; 369: about 13 degrees of pitch). A
+    camera relative to the head, as a camera estimated from a photo is, is ``R_cam @ R_head``.
+    """
+    path = Path(folder) / "flame_param" / f"{timestep:05d}.npz"
+    if not path.is_file():
+        raise MissingSubjectFileError(f"{path}: missing (the FLAME fit of timestep {timestep}); a VHAP export "
+                                      "holds flame_param/NNNNN.npz per timestep")
+    try:
+        with np.load(path) as d:
+            rot, neck = (torch.as_tensor(np.asarray(d[k], dtype=np.float64).reshape(-1)[:3]) for k in
+                         ("rotation", "neck_pose"))
+    except (KeyError, ValueError, OSError) as e:
+        raise SubjectFormatError(f"{path}: no FLAME 'rotation' and 'neck_pose' ({e})") from None
+    return rotvec_to_matrix(rot) @ rotvec_to_matrix(neck)
+
+
 def list_subject_dirs(root: str | os.PathLike) -> list[Path]:
     """Subject folders (direct children of ``root`` holding ``transforms.json``), sorted by name.
 

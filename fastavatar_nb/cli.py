@@ -669,12 +669,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     log = sys.stderr if args.json else sys.stdout
     src = Path(args.photo)
     out = Path(args.out) if args.out is not None else Path(f"{src.stem}_head")
-    existing = [n for n in photo.OUTPUT_FILES if (out / n).exists()]
-    if out.exists() and not out.is_dir():
-        raise CliError(f"--out {out} is a file; pass a folder for the outputs")
-    if existing and not args.overwrite:
-        raise CliError(f"--out {out} already holds {', '.join(existing)} from an earlier reconstruction; choose "
-                       "another folder with --out or pass --overwrite to replace them")
+    try:
+        photo.check_output_folder(out, args.overwrite)
+    except FileExistsError as e:
+        raise CliError(f"--out: {e}") from None
     if args.refine < 0:
         raise CliError(f"--refine must be >= 0 steps, got {args.refine}")
     if args.frames < 1:

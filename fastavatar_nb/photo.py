@@ -37,6 +37,7 @@ face looking along +z).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -63,7 +64,7 @@ __all__ = [
     "PhotoError", "NoFaceError", "LANDMARK_NAMES", "MAX_PHOTO_SIDE", "MIN_PHOTO_SIDE", "FRONTAL_VIEW", "PHOTO_REFINE",
     "Photo", "load_photo", "FaceDetection", "detect_face", "template_landmarks", "PhotoView", "photo_view",
     "Pose", "estimate_pose", "camera_angles", "photo_refine_config", "rotation_error_deg", "face_ellipse", "loss_region", "Reconstruction", "reconstruct",
-    "draw_detection", "OUTPUT_FILES", "save_reconstruction",
+    "draw_detection", "OUTPUT_FILES", "check_output_folder", "save_reconstruction",
 ]
 
 LANDMARK_NAMES = ("left eye", "right eye", "nose", "mouth left", "mouth right")
@@ -810,8 +811,8 @@ def reconstruct(photo: Photo | Any, avatars, encoder, width: int, height: int, *
     Raises:
         PhotoError, FileNotFoundError: the photo cannot be read. NoFaceError: no face in it.
     """
-    from .faces import crop_boxes, load_facenet, make_mtcnn
-    from .refine import RefineConfig, refine
+    from .faces import _embed_boxes, load_facenet, make_mtcnn
+    from .refine import refine
 
     times: dict[str, float] = {}
     t = time.perf_counter()
@@ -847,9 +848,8 @@ def reconstruct(photo: Photo | Any, avatars, encoder, width: int, height: int, *
     # the face as MTCNN found it in the photo itself (what notebook 04's route embeds); the working
     # view, resampled once more, embeds worse: 15.34 against 16.08 dB on the other views of the
     # course checkpoint's validation subjects (4 subjects x 2 views x 1x/4x photos; dataset route 16.11)
-    crop = crop_boxes(photo.image[None], detection.box.double()[None], margin=mtcnn.margin, size=mtcnn.image_size)
     with torch.no_grad():
-        emb = F.normalize(net(crop.to(next(net.parameters()).device)), dim=-1)[0]
+        emb = _embed_boxes(photo.image[None], detection.box.double()[None], net, mtcnn.margin, mtcnn.image_size, 1)[0]
     done("FaceNet embedding")
     code = encoder.encode(emb[None].to(next(encoder.model.parameters()).device))[0].to(dev)
     head = avatars.decode(code)
@@ -872,7 +872,7 @@ def reconstruct(photo: Photo | Any, avatars, encoder, width: int, height: int, *
     refined = None
     if refine_steps > 0:
         cfg = photo_refine_config(refine_steps) if refine_config is None else \
-            RefineConfig(**{**refine_config.__dict__, "steps": int(refine_steps)})
+            dataclasses.replace(refine_config, steps=int(refine_steps))
         refined = refine(avatars, code, view.image.to(dev), cam, None if weights is None else weights.to(dev), cfg,
                          backend, progress=progress)
         done("refinement")
@@ -912,6 +912,22 @@ def draw_detection(photo: Photo, detection: FaceDetection, max_side: int = 480):
     return img
 
 
+def check_output_folder(folder: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse a ``folder`` for :func:`save_reconstruction` that is a file, or that holds an earlier
+    reconstruction's :data:`OUTPUT_FILES` unless ``overwrite`` (the CLI checks before any work).
+
+    Raises:
+        FileExistsError: naming the folder and the files found.
+    """
+    out = Path(folder)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file; pass a folder for the outputs")
+    existing = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds {', '.join(existing)} from an earlier reconstruction; choose "
+                              "another folder or pass overwrite=True (--overwrite) to replace them")
+
+
 def save_reconstruction(recon: Reconstruction, folder: str | os.PathLike, *, overwrite: bool = False,
                         frames: int = 36, frame_scale: int = 2, backend: Backend = "auto", sh_degree: int = 3,
                         summary: dict[str, Any] | None = None) -> dict[str, Path]:
@@ -930,14 +946,8 @@ def save_reconstruction(recon: Reconstruction, folder: str | os.PathLike, *, ove
     from .viewers import save_gif, turntable_frames, turntable_html
 
     out = Path(folder)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file; pass a folder for the outputs")
+    check_output_folder(out, overwrite)
     paths = {name: out / name for name in OUTPUT_FILES}
-    existing = [str(p) for p in paths.values() if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds {', '.join(Path(p).name for p in existing)} from an earlier "
-                              "reconstruction; choose another folder or pass overwrite=True (--overwrite) to replace "
-                              "them")
     out.mkdir(parents=True, exist_ok=True)
     head = recon.head
     head.save_ply(paths["head.ply"])
@@ -949,8 +959,6 @@ def save_reconstruction(recon: Reconstruction, folder: str | os.PathLike, *, ove
     detection = draw_detection(recon.photo, recon.detection)
     detection.save(paths["detection.png"])
     info = dict(recon.summary(), **(summary or {}))
-    from .render import render
-
     with torch.no_grad():
         rendered = render(head, recon.camera.to(head.means.device), background=1.0, backend=backend,
                           sh_degree=sh_degree).colors[0].clamp(0, 1).cpu()

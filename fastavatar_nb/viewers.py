@@ -1045,11 +1045,8 @@ def save_gif(frames: np.ndarray | Sequence[np.ndarray], path, fps: float = 12.0)
                    optimize=False, disposal=2)
 
 
-def _data_uri(image: Tensor | np.ndarray | Image.Image, fmt: str = "PNG") -> str:
-    pil = image if isinstance(image, Image.Image) else Image.fromarray(to_uint8(image))
-    buf = io.BytesIO()
-    pil.convert("RGB").save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {"compress_level": 6}))
-    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+def _data_uri(image: Tensor | np.ndarray | Image.Image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image, compress_level=6)).decode("ascii")
 
 
 def turntable_html(frames: np.ndarray | Sequence[np.ndarray], title: str = "3D head", *,

@@ -17,6 +17,9 @@
 #                ARGS="--overwrite" replaces the shipped folder)
 #   make strip   remove outputs and execution counts from the notebooks (before committing)
 #   make lint    ruff over the package, tests and scripts
+#   make js      rebuild the browser viewer's script fastavatar_nb/assets/splat_viewer.js from js/ (npm ci, then
+#                esbuild bundles js/src/splat_viewer.js with gsplat.js at the versions of js/package-lock.json);
+#                only needed after changing js/: the built file is committed, so nothing needs npm otherwise
 #   make venv    only set up .venv: `python3 -m venv .venv` and `pip install -e '.[test]'`; skipped while
 #                .venv holds a stamp of the current pyproject.toml's hash
 #
@@ -34,7 +37,7 @@ PYTEST_ARGS ?=
 PIP_ARGS ?=
 SANITIZE := tests/nbval_sanitize.cfg
 
-.PHONY: help venv browser-deps run course test gpu-check strip lint
+.PHONY: help venv browser-deps run course test gpu-check strip lint js
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -106,3 +109,6 @@ strip: venv
 
 lint: venv
 	@"$(BIN)/ruff" check fastavatar_nb tests scripts
+
+js:
+	@cd js && npm ci --no-audit --no-fund && npm run build

@@ -244,6 +244,10 @@ def execute_notebook(
         on_cell_executed=cell_done,
         on_cell_error=cell_error,
         on_cell_execute=cell_execute,
+        # No widget state in the executed copy: nbconvert would then draw widgets with a script from a CDN
+        # (nothing shows offline). Each of our viewers carries its own fallback instead (a PNG, or the
+        # self-contained WebGL page of webviewer.HeadViewer), which nbconvert uses when the state is absent.
+        store_widget_state=False,
     )
     error = ""
     try:

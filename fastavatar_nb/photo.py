@@ -935,7 +935,8 @@ def save_reconstruction(recon: Reconstruction, folder: str | os.PathLike, *, ove
 
     ``head.ply`` (the standard 3DGS layout: any splat viewer opens it), ``turntable.gif`` (``frames``
     views around the head at ``frame_scale`` times the working size), ``viewer.html`` (standalone:
-    the photo, its detection, the working view and the turntable), ``detection.png`` and
+    the photo, its detection, the working view and the head in a WebGL viewer, feed-forward and refined
+    side by side; :mod:`fastavatar_nb.webviewer`), ``detection.png`` and
     ``summary.json`` (:meth:`Reconstruction.summary`, plus ``summary``).
 
     Raises:
@@ -943,7 +944,8 @@ def save_reconstruction(recon: Reconstruction, folder: str | os.PathLike, *, ove
     """
     import json
 
-    from .viewers import save_gif, turntable_frames, turntable_html
+    from .viewers import save_gif, turntable_frames
+    from .webviewer import html_page, viewer_state
 
     out = Path(folder)
     check_output_folder(out, overwrite)
@@ -962,7 +964,9 @@ def save_reconstruction(recon: Reconstruction, folder: str | os.PathLike, *, ove
     with torch.no_grad():
         rendered = render(head, recon.camera.to(head.means.device), background=1.0, backend=backend,
                           sh_degree=sh_degree).colors[0].clamp(0, 1).cpu()
-    page = turntable_html(turn, f"{recon.photo.name}: 3D head", info={
+    view = viewer_state({"feed-forward": recon.feed_forward, "refined": head} if recon.refined is not None else
+                        {"feed-forward": head}, width=W, height=H, distance=recon.pose.distance, fov_y_deg=fov)
+    page = html_page(view, f"{recon.photo.name}: 3D head", info={
         "photo": f"{recon.photo.name} ({recon.photo.width}x{recon.photo.height})",
         "faces found": recon.detection.num_faces,
         "camera": ", ".join(f"{k} {v}" for k, v in recon.pose.summary().items()),
@@ -970,7 +974,7 @@ def save_reconstruction(recon: Reconstruction, folder: str | os.PathLike, *, ove
         "notes": "; ".join(info["notes"]) or "-",
         "steps (s)": ", ".join(f"{k} {v:.2f}" for k, v in recon.times.items()),
     }, images={"photo and the face used": detection, "working view": recon.view.image,
-               "head from the photo's camera": rendered}, display_height=min(300, 4 * H))
+               "head from the photo's camera": rendered})
     paths["viewer.html"].write_text(page)
     paths["summary.json"].write_text(json.dumps(info, indent=2) + "\n")
     return paths

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OrbitViewer", "LiveCurves", "scatter_gaussians", "ellipsoids", "camera_frusta", "camera_frusta_traces",
     "splat_figure", "sh_sphere", "image_grid", "colorize", "to_uint8", "png_bytes", "in_notebook_kernel",
-    "setup_plotly", "turntable_frames", "save_gif", "turntable_html",
+    "setup_plotly", "turntable_frames", "save_gif", "orbit_framing",
 ]
 
 RenderFn = Callable[..., Any]
@@ -746,6 +746,22 @@ def _default_render() -> RenderFn:
     return render
 
 
+ORBIT_MARGIN = 1.1
+"""The default orbit distance leaves this much room around the head's bounding sphere."""
+
+
+def orbit_framing(gaussians: Gaussians, fov_y_deg: float = 15.0) -> tuple[tuple[float, float, float], float]:
+    """Default orbit ``(target, distance)`` for one set: the centre of the 2-98 percentile box of the
+    means, and the distance at which that box's bounding sphere fills the vertical field of view
+    (with :data:`ORBIT_MARGIN`). Shared by :class:`OrbitViewer` and the browser viewer."""
+    g = gaussians.detach()
+    m = g.means.reshape(-1, 3).to("cpu", torch.float32)
+    lo, hi = torch.quantile(m, 0.02, dim=0), torch.quantile(m, 0.98, dim=0)
+    radius = max(float((hi - lo).norm()) / 2, 3.0 * float(g.scales.max()), 1e-3)
+    target = tuple(float(v) for v in (lo + hi) / 2)
+    return target, radius / math.sin(math.radians(fov_y_deg) / 2) * ORBIT_MARGIN
+
+
 class OrbitViewer:
     """An orbit viewer for any :class:`~fastavatar_nb.gaussians.Gaussians`, rendered server-side.
 
@@ -815,11 +831,9 @@ class OrbitViewer:
         self._render_fn = render_fn
         self._render_kwargs: dict[str, Any] = {} if tile_size is None else {"tile_size": int(tile_size)}
 
-        m = self.gaussians.means.to("cpu", torch.float32)
-        lo, hi = torch.quantile(m, 0.02, dim=0), torch.quantile(m, 0.98, dim=0)
-        self.target = tuple(float(v) for v in ((lo + hi) / 2 if target is None else torch.as_tensor(target)))
-        radius = max(float((hi - lo).norm()) / 2, 3.0 * float(self.gaussians.scales.max()), 1e-3)
-        d0 = radius / math.sin(math.radians(self.fov_y_deg) / 2) * 1.1 if distance is None else float(distance)
+        auto_target, auto_distance = orbit_framing(self.gaussians, self.fov_y_deg)
+        self.target = auto_target if target is None else tuple(float(v) for v in target)
+        d0 = auto_distance if distance is None else float(distance)
         if not d0 > 0:
             raise ValueError(f"OrbitViewer distance must be positive, got {d0}")
 
@@ -1047,62 +1061,6 @@ def save_gif(frames: np.ndarray | Sequence[np.ndarray], path, fps: float = 12.0)
 
 def _data_uri(image: Tensor | np.ndarray | Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image, compress_level=6)).decode("ascii")
-
-
-def turntable_html(frames: np.ndarray | Sequence[np.ndarray], title: str = "3D head", *,
-                   images: dict[str, Any] | None = None, info: dict[str, Any] | None = None,
-                   display_height: int = 400, fps: float = 12.0) -> str:
-    """A standalone HTML page (no network, no external files): a turntable to drag or play, beside
-    named still images (e.g. the photo and its detection) and a table of ``info``.
-
-    The frames are embedded as PNG data URIs; a slider or dragging the picture turns the head, a
-    button plays it. Until the WebGL splat viewer exists this is the page
-    ``fastavatar-nb reconstruct`` writes as ``viewer.html``.
-    """
-    import html
-    import json
-
-    uris = [_data_uri(f) for f in frames]
-    if not uris:
-        raise ValueError("turntable_html: no frames")
-    stills = "".join(
-        f'<figure><img src="{_data_uri(img)}" style="height:{display_height}px;image-rendering:pixelated">'
-        f"<figcaption>{html.escape(str(name))}</figcaption></figure>" for name, img in (images or {}).items())
-    rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-                   for k, v in (info or {}).items())
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }}
-.row {{ display: flex; flex-wrap: wrap; gap: 1.5em; align-items: flex-start; }}
-figure {{ margin: 0; text-align: center; }} figcaption {{ font-size: 0.9em; color: #555; }}
-#turn {{ height: {display_height}px; cursor: grab; image-rendering: pixelated; user-select: none; }}
-table {{ border-collapse: collapse; margin-top: 1em; font-size: 0.9em; }}
-th, td {{ border-bottom: 1px solid #ddd; padding: 0.25em 0.8em; text-align: left; }}
-</style></head><body>
-<h2>{html.escape(title)}</h2>
-<div class="row">{stills}
-<figure><img id="turn" alt="turntable" draggable="false"><figcaption>
-<button id="play">pause</button> <input id="yaw" type="range" min="0" max="{len(uris) - 1}" value="0">
-<span id="deg">0&deg;</span> &middot; drag the head to turn it</figcaption></figure></div>
-<table>{rows}</table>
-<script>
-const frames = {json.dumps(uris)};
-const img = document.getElementById("turn"), yaw = document.getElementById("yaw");
-const deg = document.getElementById("deg"), play = document.getElementById("play");
-let i = 0, playing = true, dragX = null;
-function show(k) {{ i = ((k % frames.length) + frames.length) % frames.length; img.src = frames[i];
-  yaw.value = i; deg.textContent = Math.round(360 * i / frames.length) + "\u00b0"; }}
-yaw.oninput = () => {{ playing = false; play.textContent = "play"; show(+yaw.value); }};
-play.onclick = () => {{ playing = !playing; play.textContent = playing ? "pause" : "play"; }};
-img.onmousedown = (e) => {{ dragX = e.clientX; playing = false; play.textContent = "play"; }};
-window.onmouseup = () => {{ dragX = null; }};
-window.onmousemove = (e) => {{ if (dragX === null) return; const step = Math.trunc((e.clientX - dragX) / 8);
-  if (step) {{ show(i - step); dragX = e.clientX; }} }};
-setInterval(() => {{ if (playing) show(i + 1); }}, {round(1000 / fps)});
-show(0);
-</script></body></html>
-"""
 
 
 def _running_loop():

@@ -3,9 +3,11 @@ the loss region, and the issue's acceptance cases (a) to (f) with the course che
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from fastavatar_nb.cameras import Cameras, matrix_to_rotvec, rotvec_to_matrix
 from fastavatar_nb.cli import main
 from fastavatar_nb.gaussians import Gaussians, quat_to_rotmat
 from fastavatar_nb.objective import evaluate_views
+from fastavatar_nb.webviewer import pack_head
 
 # ---------------------------------------------------------------------------------------------
 # Fixtures: the course checkpoint, its template's landmarks and one unseen test subject
@@ -395,8 +398,11 @@ def test_cli_reconstruct_writes_head_turntable_and_viewer(tmp_path, subject, cap
     assert head.num_gaussians == summary["num_gaussians"]
     gif = Image.open(out / "turntable.gif")
     assert gif.n_frames == 8 and gif.size == (138, 200)
-    page = (out / "viewer.html").read_text()
-    assert page.count("data:image/png;base64,") == 8 + 3 and "http" not in page.replace("http-equiv", "")
+    page = (out / "viewer.html").read_text()  # the WebGL viewer, feed-forward and refined, plus 3 stills
+    assert page.count("data:image/png;base64,") == 3 and not re.search(r'(src|href)="(?!data:)', page)
+    state = json.loads(re.search(r'id="fa-splat-state">(.*?)</script>', page, re.S).group(1))
+    assert state["titles"] == ["feed-forward", "refined"] and (state["width"], state["height"]) == (138, 200)
+    assert base64.b64decode(state["heads_b64"][1]) == pack_head(head)  # the head of head.ply
     assert json.loads((out / "summary.json").read_text())["photo"] == "me.png"
     # nothing is overwritten without asking
     assert main(["reconstruct", str(photo), "--out", str(out)]) == 2

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..cameras import Cameras
+
+if TYPE_CHECKING:
+    from ..gaussians import Gaussians
 
 __all__ = ["AttributeValue", "MultiViewSubject", "resize_images", "stack_subjects", "target_size"]
 
@@ -248,6 +252,28 @@ class MultiViewSubject:
     def view(self, i: int) -> MultiViewSubject:
         """View ``i`` as a one-view subject (``images [1, H, W, 3]``; keeps the view dim like ``cams[i]``)."""
         return self.select_views([i])
+
+    def point_gaussians(self, opacity: float = 0.95) -> Gaussians:
+        """The subject's ``K`` points as Gaussians, each coloured from the view that faces it most directly.
+
+        A picture of the subject's 3D shape from its ground truth (its points and all its views), to
+        show beside a reconstruction. It is made for looking and scoring only: nothing at test time
+        may use it (a single photo carries neither the points nor the other views). Each point's
+        colour is the pixel it projects to in the camera most aligned with its outward direction
+        from the points' centre (occlusion is not checked); its scale is the mean distance to its 3
+        nearest neighbours (:meth:`Gaussians.from_points`).
+        """
+        from ..gaussians import Gaussians
+
+        points = self.points
+        uv, _ = self.cameras.project(points)  # [C, K, 2]
+        outward = F.normalize(points - points.mean(0), dim=-1)
+        to_cam = F.normalize(self.cameras.centers[:, None] - points, dim=-1)  # [C, K, 3]
+        cam = (to_cam * outward).sum(-1).argmax(0)  # [K]
+        k = torch.arange(len(points), device=points.device)
+        u = uv[cam, k, 0].long().clamp(0, self.width - 1)
+        v = uv[cam, k, 1].long().clamp(0, self.height - 1)
+        return Gaussians.from_points(points, self.images[cam, v, u], opacity=opacity)
 
     # --------------------------------------------------------------- checks
     def mask_coverage(self, points: Tensor | None = None, threshold: float = 0.5) -> Tensor:

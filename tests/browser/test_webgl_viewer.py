@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 from labtools import (
+    CHROMIUM_ARGS,
     Deadline,
     LabServer,
     cell_error,
@@ -270,3 +271,23 @@ def _drive_explorer(page, server: LabServer, deadline: Deadline, record_property
     record_property("timing", timing)
     assert drag_change > MIN_CHANGE, f"a 70 px drag changed the canvas by only {drag_change:.2f}"
     assert "yaw 0°" not in status, f"the status line did not follow the drag: {status}"
+
+
+# ----------------------------------------------------------------------------- 4. no WebGL2
+def test_page_without_webgl_says_so(course, chromium_path: str, tmp_path: Path) -> None:
+    """A browser without WebGL (here Chromium with its 3D APIs switched off) gets a sentence, not a blank
+    canvas; in a notebook the kernel then swaps in the OrbitViewer (tests/test_webviewer.py)."""
+    from playwright.sync_api import sync_playwright
+
+    path = course.template.to_html(tmp_path / "head.html")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path, args=[*CHROMIUM_ARGS, "--disable-3d-apis"],
+                                     headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(path.as_uri(), timeout=30_000)
+            page.get_by_text("WebGL2 is not available in this browser").wait_for(timeout=30_000)
+            canvases = page.locator("canvas").count()
+        finally:
+            browser.close()
+    assert canvases == 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from torch import Tensor
 
 from ._io import atomic_write_text
 
-__all__ = ["DIRECTIONS_FILE", "AttributeDirection", "attribute_direction", "cross_validated_accuracy", "edit", "interpolate", "save_directions",
+__all__ = ["DIRECTIONS_FILE", "AttributeDirection", "attribute_direction", "cross_validated_accuracy", "heldout_accuracy", "edit", "interpolate", "save_directions",
            "load_directions"]
 
 DIRECTIONS_FILE = "directions.json"
@@ -162,6 +163,27 @@ def cross_validated_accuracy(codes: Tensor, labels: Tensor | list[bool], folds: 
             continue
         d = attribute_direction(codes[keep.to(codes.device)], y[keep], C=C, seed=seed)
         hits += ((d.score(codes[(~keep).to(codes.device)]) > 0).cpu() == y[~keep]).tolist()
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def heldout_accuracy(direction: AttributeDirection, codes: Sequence[Tensor], labels: Sequence[bool]) -> float:
+    """How often the sign of ``direction``'s score agrees with the label, over held-out subjects' codes.
+
+    Args:
+        direction: an attribute direction (fitted on other codes).
+        codes: per subject, its codes ``[C, L]`` (e.g. the encoder's code of each view; rows with NaN,
+            views without a detected face, are skipped).
+        labels: per subject, whether it has the attribute.
+
+    Returns:
+        The fraction of the (finite) codes classified correctly; NaN when there is none.
+    """
+    if len(codes) != len(labels):
+        raise ValueError(f"heldout_accuracy: {len(codes)} subjects' codes but {len(labels)} labels")
+    hits: list[bool] = []
+    for enc, label in zip(codes, labels, strict=True):
+        ok = torch.isfinite(enc).all(-1)
+        hits += ((direction.score(enc[ok]) > 0).cpu() == bool(label)).tolist()
     return float(np.mean(hits)) if hits else float("nan")
 
 

@@ -270,3 +270,73 @@ def load_rows(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, 
     if not isinstance(d, dict) or d.get("format") != _FORMAT:
         raise ValueError(f"{p} is not a file of protocol rows (format {d.get('format') if isinstance(d, dict) else d!r})")
     return d["rows"], d["meta"]
+
+
+def feed_forward(encoder, avatars, embeddings: Tensor) -> tuple[Tensor, Gaussians, Tensor]:
+    """One photo's face embedding -> code -> Gaussians, for each of ``embeddings [V, 512]``, timed one by one.
+
+    Returns ``(codes [V, L], heads [V, K], seconds [V])``; the time covers the encoder and the decoder
+    (synchronised on CUDA), not FaceNet's crop and embedding, which notebook 07 times on its own.
+    """
+    import time
+
+    codes, heads, secs = [], [], []
+    for e in embeddings:
+        t0 = time.perf_counter()
+        codes.append(encoder.encode(e[None])[0])
+        heads.append(avatars.decode(codes[-1]))
+        if codes[-1].device.type == "cuda":
+            torch.cuda.synchronize()
+        secs.append(time.perf_counter() - t0)
+    return torch.stack(codes), Gaussians.stack(heads), torch.tensor(secs)
+
+
+def run_protocol(subjects: Sequence[MultiViewSubject], embeddings: Tensor, found: Tensor, avatars, encoder,
+                 refine_config, folder: str | os.PathLike, meta: Mapping[str, Any], *, backend: Backend = "auto",
+                 input_view_limit: int | None = None, with_lpips: bool = False, net: torch.nn.Module | None = None,
+                 mtcnn=None, log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict]:
+    """The paper's protocol over test subjects, for the template, the feed-forward head and the refined head.
+
+    For each subject: its input views (:func:`input_views` of the views with a face), the feed-forward
+    heads (:func:`feed_forward`), one refinement per input view
+    (:func:`fastavatar_nb.refine.refine_views`), then :func:`protocol_rows` on the other views; the rows
+    are saved to ``folder/<subject>.json`` with ``meta``, and a subject whose file exists is read back
+    instead of being run again (an interrupted evaluation resumes).
+
+    Args:
+        subjects: the test subjects (moved to the decoder's device here).
+        embeddings, found: ``[T, C, 512]`` face embeddings of their views and ``[T, C]`` whether a face was found.
+        avatars, encoder, refine_config: the trained decoder and encoder, the refinement settings.
+        folder, meta: where rows go (:func:`protocol_dir`) and what made them.
+        input_view_limit: at most this many input views per subject (``None``: every view with a face).
+        net, mtcnn: FaceNet and MTCNN for the identity column (``net=None``: no identity column).
+        log: where the "reusing ..." lines go.
+
+    Returns:
+        ``(rows, refined_heads)``: every row, and ``{(subject_id, input view): refined head}`` of the
+        subjects run now (not of those read back).
+    """
+    from .refine import refine_views
+
+    device = avatars.template.means.device
+    rows: list[dict[str, Any]] = []
+    refined_heads: dict = {}
+    for t, subject in enumerate(subjects):
+        s = subject.to(device)
+        path = Path(folder) / f"{s.subject_id}.json"
+        if path.exists():
+            rows += load_rows(path)[0]
+            log(f"{s.subject_id}: reusing {path}")
+            continue
+        views = input_views(found[t], input_view_limit)
+        codes, ff_heads, ff_secs = feed_forward(encoder, avatars, embeddings[t, views])
+        ref_heads, ref_secs = refine_views(avatars, s, codes, views, refine_config, backend)
+        refined_heads.update({(s.subject_id, v): ref_heads[j] for j, v in enumerate(views)})
+        heads = {"template": Gaussians.stack([avatars.template] * len(views)), "feed-forward": ff_heads,
+                 "refined": ref_heads}
+        subject_rows = protocol_rows(s, heads, views, backend, seconds={"feed-forward": ff_secs,
+                                                                        "refined": ff_secs + ref_secs},
+                                     with_lpips=with_lpips, identity=None if net is None else identity_scorer(s, net, mtcnn))
+        save_rows(path, subject_rows, meta)
+        rows += subject_rows
+    return rows, refined_heads

@@ -102,3 +102,18 @@ def test_cross_validated_accuracy_tells_structure_from_noise():
     assert cross_validated_accuracy(small, lab, folds=100) == pytest.approx(sum(hits) / 6)
     with pytest.raises(ValueError, match="folds"):
         cross_validated_accuracy(small, lab, folds=1)
+
+
+def test_heldout_accuracy_counts_views_with_a_face():
+    from fastavatar_nb.editing import heldout_accuracy
+
+    d = AttributeDirection("smiling", torch.tensor([1.0, 0.0]), bias=-0.5, spread=1.0, train_accuracy=1.0,
+                           num_positive=1, num_negative=1)
+    nan = float("nan")
+    smiling = torch.tensor([[2.0, 0.0], [0.0, 9.0], [nan, nan]])   # scores 1.5 (right), -0.5 (wrong), no face
+    neutral = torch.tensor([[-1.0, 3.0]])                          # score -1.5 (right)
+    assert heldout_accuracy(d, [smiling, neutral], [True, False]) == pytest.approx(2 / 3)
+    assert heldout_accuracy(d, [smiling, neutral], [False, True]) == pytest.approx(1 / 3)
+    assert heldout_accuracy(d, [torch.full((2, 2), nan)], [True]) != heldout_accuracy(d, [neutral], [False])  # NaN
+    with pytest.raises(ValueError, match="2 subjects' codes but 1 labels"):
+        heldout_accuracy(d, [smiling, neutral], [True])

@@ -163,3 +163,63 @@ def test_cosine_within_between_against_a_hand_count():
     assert one[0] == pytest.approx(1.0) and math.isnan(one[1])
     with pytest.raises(ValueError, match=r"\[S, C, D\]"):
         cosine_within_between(vectors[0], found)
+
+
+class _FakeEncoder:
+    def encode(self, e: torch.Tensor) -> torch.Tensor:  # a code is the embedding's first 4 numbers
+        return e[:, :4].clone()
+
+
+class _FakeAvatars:
+    """A stand-in for DecoderResult: the code shifts the base colour of a known head."""
+
+    def __init__(self, head: Gaussians) -> None:
+        self.template = head
+
+    def decode(self, w: torch.Tensor) -> Gaussians:
+        g = self.template.clone()
+        g.sh[:, 0] += 0.05 * w[0]
+        return g
+
+
+def test_run_protocol_scores_three_methods_saves_and_resumes(tmp_path, monkeypatch):
+    import fastavatar_nb.refine as refine_module
+    from fastavatar_nb.evaluation import feed_forward, input_views, run_protocol
+
+    subject, truth = _scene(7, K=150)
+    truth.sh[:, 0] += 0.02  # finite PSNRs
+    avatars, encoder = _FakeAvatars(truth), _FakeEncoder()
+    emb = torch.randn(1, subject.num_views, 512, generator=torch.Generator().manual_seed(0))
+    found = torch.ones(1, subject.num_views, dtype=torch.bool)
+    found[0, 8] = False  # no face in camera 8's photo: another view is the first input
+    calls = []
+
+    def fake_refine_views(av, s, codes, views, config, backend, progress=True):
+        calls.append(list(views))
+        heads = Gaussians.stack([av.decode(c) for c in codes])
+        heads.sh[:, :, 0] -= 0.01  # "refined": a little different from the feed-forward heads
+        return heads, torch.full((len(views),), 2.0)
+
+    monkeypatch.setattr(refine_module, "refine_views", fake_refine_views)
+    codes, heads, secs = feed_forward(encoder, avatars, emb[0, :2])
+    torch.testing.assert_close(codes, emb[0, :2, :4])
+    torch.testing.assert_close(heads.sh[1, :, 0], truth.sh[:, 0] + 0.05 * emb[0, 1, 0])
+    assert secs.shape == (2,) and (secs >= 0).all()
+
+    views = input_views(found[0], 2)
+    assert 8 not in views and len(views) == 2
+    logs = []
+    rows, refined = run_protocol([subject], emb, found, avatars, encoder, None, tmp_path, {"k": 1}, backend="torch",
+                                 input_view_limit=2, log=logs.append)
+    assert calls == [views] and not logs
+    assert [(r["method"], r["input_view"]) for r in rows] == [(m, v) for m in ("template", "feed-forward", "refined")
+                                                               for v in views]
+    assert sorted(refined) == [(subject.subject_id, v) for v in sorted(views)]
+    ff = [r for r in rows if r["method"] == "feed-forward"]
+    assert all(r["seconds"] < 2.0 for r in ff) and all(r["seconds"] >= 2.0 for r in rows if r["method"] == "refined")
+    assert "seconds" not in rows[0] and "identity" not in rows[0]  # no FaceNet given: no identity column
+    assert (tmp_path / f"{subject.subject_id}.json").is_file()
+    # a second run reads the subject back instead of refining again
+    again, refined_again = run_protocol([subject], emb, found, avatars, encoder, None, tmp_path, {"k": 1},
+                                        backend="torch", input_view_limit=2, log=logs.append)
+    assert again == rows and refined_again == {} and len(calls) == 1 and "reusing" in logs[0]

@@ -15,17 +15,22 @@
 #   make course  run the course preset (300 synthetic subjects, about 80 minutes on a 2-core CPU) into
 #                runs/course/, then ship its models to data_samples/course/ (scripts/ship_checkpoint.py;
 #                ARGS="--overwrite" replaces the shipped folder)
+#   make book    build a static HTML site of the course (Jupyter Book 1.x, nothing executed or fetched): the
+#                notebooks executed into runs/<PRESET>/executed by `make run` (the committed ones, without
+#                outputs, where missing) and the run's report, into runs/<PRESET>/book/index.html
+#                (scripts/build_book.py; PRESET=auto is the preset `make run` picks; ARGS="--out DIR")
 #   make strip   remove outputs and execution counts from the notebooks (before committing)
 #   make lint    ruff over the package, tests and scripts
 #   make js      rebuild the browser viewer's script fastavatar_nb/assets/splat_viewer.js from js/ (npm ci, then
 #                esbuild bundles js/src/splat_viewer.js with gsplat.js at the versions of js/package-lock.json);
 #                only needed after changing js/: the built file is committed, so nothing needs npm otherwise
-#   make venv    only set up .venv: `python3 -m venv .venv` and `pip install -e '.[test]'`; skipped while
+#   make venv    only set up .venv: `python3 -m venv .venv` and `pip install -e '.[test,book]'`; skipped while
 #                .venv holds a stamp of the current pyproject.toml's hash
 #
-# Variables: PRESET=smoke|course|full|auto (make run), ARGS="--only 02..04 --force" (extra `fastavatar-nb run`
-# arguments), PYTEST_ARGS="-x -k presets" (extra pytest arguments), PIP_ARGS="..." (extra pip install
-# arguments, e.g. an extra index for CPU-only torch wheels), PYTHON=python3, VENV=.venv.
+# Variables: PRESET=smoke|course|full|auto (make run, make book), ARGS="--only 02..04 --force" (extra
+# `fastavatar-nb run` arguments; for make book, scripts/build_book.py's), PYTEST_ARGS="-x -k presets" (extra
+# pytest arguments), PIP_ARGS="..." (extra pip install arguments, e.g. an extra index for CPU-only torch
+# wheels), PYTHON=python3, VENV=.venv.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -37,7 +42,7 @@ PYTEST_ARGS ?=
 PIP_ARGS ?=
 SANITIZE := tests/nbval_sanitize.cfg
 
-.PHONY: help venv browser-deps run course test gpu-check strip lint js
+.PHONY: help venv browser-deps run course book test gpu-check strip lint js
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -53,9 +58,9 @@ venv:
 	  echo "venv: creating $(VENV) with $(PYTHON) -m venv"; \
 	  $(PYTHON) -m venv "$(VENV)"; \
 	fi; \
-	echo "venv: installing the package and its test tools: pip install -e '.[test]' $(PIP_ARGS)"; \
+	echo "venv: installing the package, its test tools and the book's: pip install -e '.[test,book]' $(PIP_ARGS)"; \
 	echo "venv: (the first install brings torch and takes a few minutes)"; \
-	"$(BIN)/python" -m pip install --quiet --progress-bar off -e '.[test]' $(PIP_ARGS); \
+	"$(BIN)/python" -m pip install --quiet --progress-bar off -e '.[test,book]' $(PIP_ARGS); \
 	rm -f "$(VENV)"/.fastavatar-nb-installed-*; \
 	touch "$$stamp"; \
 	echo "venv: ready ($(VENV), pyproject.toml $$hash)"
@@ -79,6 +84,21 @@ course: venv
 	@echo "course: $(BIN)/fastavatar-nb run --preset course, then scripts/ship_checkpoint.py runs/course $(ARGS)"
 	@"$(BIN)/fastavatar-nb" run --preset course
 	@"$(BIN)/python" scripts/ship_checkpoint.py runs/course $(ARGS)
+
+# The run folder is the one `make run` writes: FASTAVATAR_RUN_DIR when set, else runs/<preset>.
+book: venv
+	@set -euo pipefail; \
+	if ! "$(BIN)/python" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('jupyter_book') and u.find_spec('sphinx-mathjax-offline')))"; then \
+	  echo "book: installing the book's tools: pip install -e '.[book]' $(PIP_ARGS)"; \
+	  "$(BIN)/python" -m pip install --quiet --progress-bar off -e '.[book]' $(PIP_ARGS); \
+	fi; \
+	preset="$(PRESET)"; \
+	if [ "$$preset" = auto ]; then \
+	  preset=$$("$(BIN)/python" -c "import torch; print('full' if torch.cuda.is_available() else 'smoke')"); \
+	fi; \
+	run_dir="$${FASTAVATAR_RUN_DIR:-runs/$$preset}"; \
+	echo "book: $(BIN)/python scripts/build_book.py --run-dir $$run_dir $(ARGS)"; \
+	"$(BIN)/python" scripts/build_book.py --run-dir "$$run_dir" $(ARGS)
 
 test: venv browser-deps
 	@echo "test: checking that committed notebooks are clean (scripts/check_notebooks.py)"

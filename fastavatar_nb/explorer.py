@@ -135,8 +135,7 @@ class LatentExplorer:
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, Any]:
         bundle = dict(self.widget._repr_mimebundle_(include=include, exclude=exclude) or {})
-        viewer = self.viewer._repr_mimebundle_(include=include, exclude=exclude)
-        bundle["text/html"] = viewer["text/html"]  # without a kernel: the head at the sliders' position
+        bundle["text/html"] = self.viewer.offline_html()  # without a kernel: the head at the sliders' position
         bundle["text/plain"] = f"LatentExplorer({self._title()}; {self.names[0]} -> {self.names[1]})"
         return bundle
 

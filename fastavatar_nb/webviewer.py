@@ -66,21 +66,17 @@ IFRAME_EXTRA_HEIGHT = 64
 FALLBACK_NOTE = "WebGL2 is not available in this browser: showing the kernel-rendered OrbitViewer instead."
 
 
+@lru_cache(maxsize=1)
 def _bundle() -> str:
     """The browser module's text (read once)."""
-    return _read_bundle(str(ASSET))
-
-
-@lru_cache(maxsize=1)
-def _read_bundle(path: str) -> str:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = ASSET.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"the browser viewer's script {path} is missing from this installation; rebuild it with "
+            f"the browser viewer's script {ASSET} is missing from this installation; rebuild it with "
             "`make js` (npm ci && npm run build in js/) or reinstall fastavatar-nb") from None
     if "</script" in text.lower():  # would end the <script> element that embeds it in a page
-        raise ValueError(f"{path} contains '</script' and cannot be embedded in an HTML page")
+        raise ValueError(f"{ASSET} contains '</script' and cannot be embedded in an HTML page")
     return text
 
 
@@ -281,10 +277,15 @@ class HeadViewer:
         self._fallback = orbits
         self.box.children = [widgets.Label(FALLBACK_NOTE), widgets.HBox(panels)]
 
+    def offline_html(self) -> str:
+        """The current heads and view as a self-contained WebGL page in an ``<iframe>`` (what a display
+        carries as ``text/html`` for pages without a kernel)."""
+        return iframe(html_page(self.state(), "3D heads", bare=True), self.widget)
+
     def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, Any]:
         """The widget for live frontends, a self-contained WebGL page (an iframe) for everything else."""
         bundle = dict(self.box._repr_mimebundle_(include=include, exclude=exclude) or {})
-        bundle["text/html"] = iframe(html_page(self.state(), "3D heads", bare=True), self.widget)
+        bundle["text/html"] = self.offline_html()
         bundle["text/plain"] = repr(self)
         return bundle
 

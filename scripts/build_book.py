@@ -35,9 +35,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastavatar_nb.cli import discover_notebooks
+
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
-NOTEBOOK_PATTERN = re.compile(r"^(\d{2})_[A-Za-z0-9_-]+\.ipynb$")
 MARKER = ".fastavatar-book"
 """File in the output folder that marks it as this script's build (so a rebuild may replace it)."""
 INSTALL_HINT = "pip install -e '.[book]'"
@@ -152,10 +153,9 @@ def copy_without_cdn_mathjax(path: Path, dest: Path) -> int:
 
 
 def discover(folder: Path) -> dict[str, Path]:
-    """``{file name: path}`` of the ``NN_name.ipynb`` files directly in ``folder``."""
-    if not folder.is_dir():
-        return {}
-    return {p.name: p for p in folder.iterdir() if p.is_file() and NOTEBOOK_PATTERN.match(p.name)}
+    """``{file name: path}`` of the ``NN_name.ipynb`` files directly in ``folder`` (as ``fastavatar-nb run``
+    finds them: :func:`fastavatar_nb.cli.discover_notebooks`)."""
+    return {p.name: p for p in discover_notebooks(folder)}
 
 
 def assemble(run_dir: Path, folder: Path, notebooks_dir: Path = NOTEBOOKS) -> Source:

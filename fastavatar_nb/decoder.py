@@ -296,6 +296,11 @@ class DecoderConfig:
     embeddings_lr: float = 3e-2
     """Learning rate of the embeddings ``e_k`` (higher than the MLP's: each ``e_k`` is seen by one
     Gaussian only)."""
+    template_lr: float = 0.0
+    """Adam learning rate of the template's own parameters, optimised jointly with the MLP, the codes
+    and the embeddings (the centres' rate is this times ``scene_scale``, in metres per step; it decays
+    like the others). 0: the template stays as given, the paper's method. Above 0: Table 2's
+    "Joint-Opt." ablation (``benchmarks/ablations.py``); the learnt template is the result's ``template``."""
     lr_final: float = 0.1
     """Factor every learning rate decays to by the last step."""
     l1_weight: float = 0.6
@@ -329,7 +334,8 @@ class DecoderConfig:
         check_fields(self, positive_int=("epochs", "subjects_per_step", "views_per_step", "latent_dim", "embed_dim",
                                          "hidden_dim", "depth", "checkpoint_every", "tile_size"),
                      non_negative=("decoder_lr", "codes_lr", "embeddings_lr", "l1_weight", "ssim_weight",
-                                   "lpips_weight", "means_reg_weight", "scales_reg_weight", "grad_clip"),
+                                   "lpips_weight", "means_reg_weight", "scales_reg_weight", "grad_clip",
+                                   "template_lr"),
                      positive=("lr_final", "scene_scale", "codes_init_std"), optional=("tile_size",))
         if self.embed_dim < 3:
             raise ValueError(f"DecoderConfig.embed_dim must be >= 3 (it starts as the template positions), "
@@ -527,7 +533,8 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
     ``l1 L1 + ssim (1 - SSIM) [+ lpips LPIPS]`` over the whole image on white
     (:func:`~fastavatar_nb.objective.photometric_loss`, as in fitting) plus
     ``means_reg_weight |d_mu|^2 / scene_scale^2 + scales_reg_weight |d_s|^2`` (means over
-    Gaussians), with Adam, exponentially decaying learning rates and gradient clipping.
+    Gaussians), with Adam, exponentially decaying learning rates and gradient clipping. The template
+    stays fixed unless ``config.template_lr > 0`` (Table 2's joint optimisation).
 
     Args:
         subjects: the N training subjects (a list or a ``SubjectDataset``): equal views, image
@@ -540,6 +547,7 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
             and subjects resumes (a finished one returns at once); another one, a damaged one or
             leftovers of the earlier two-file layout (``decoder_state.json`` + ``.safetensors``)
             raise a :class:`~fastavatar_nb._io.CheckpointError` unless ``overwrite``.
+            With ``config.template_lr > 0`` it also holds the template being learnt.
         progress: show a tqdm progress bar.
         callback: called after every step with ``step``, ``steps``, ``epoch``, ``loss``, ``psnr``
             (floats: means over the step's renders) and ``codes`` (the current ``[N, latent_dim]``).
@@ -604,11 +612,18 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
     gen = torch.Generator().manual_seed(config.seed)
     codes = (torch.randn(n, config.latent_dim, generator=gen) * config.codes_init_std).to(dev).requires_grad_(True)
     embeddings = positional_embedding(template.means, config.embed_dim).requires_grad_(True)
-    opt = torch.optim.Adam([
+    groups = [
         {"params": list(decoder.parameters()), "lr": config.decoder_lr, "name": "decoder"},
         {"params": [codes], "lr": config.codes_lr, "name": "codes"},
         {"params": [embeddings], "lr": config.embeddings_lr, "name": "embeddings"},
-    ])
+    ]
+    if config.template_lr > 0:  # joint optimisation: the template's fields become leaves of their own
+        template = template.clone().requires_grad_(True)
+        tp = template.parameters()
+        groups += [{"params": [tp["means"]], "lr": config.template_lr * config.scene_scale, "name": "template.means"},
+                   {"params": [v for k, v in tp.items() if k != "means"], "lr": config.template_lr,
+                    "name": "template"}]
+    opt = torch.optim.Adam(groups)
     base_lrs = [g["lr"] for g in opt.param_groups]
 
     def set_lr(step: int) -> None:
@@ -625,7 +640,7 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
             ckpt.discard()
         else:
             step0, seconds0 = _resume(ckpt, config, ids, total, decoder, codes, embeddings, opt, hist_loss, hist_psnr,
-                                      dev)
+                                      dev, template if config.template_lr > 0 else None)
 
     def save_checkpoint(step: int, seconds: float) -> None:
         if ckpt is None or (comm is not None and comm.rank != 0):
@@ -633,6 +648,8 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
         t = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
         t.update({"codes": codes.detach(), "embeddings": embeddings.detach(), "hist.loss": hist_loss,
                   "hist.psnr": hist_psnr})
+        if config.template_lr > 0:
+            t.update({f"template.{k}": v.detach() for k, v in template.parameters().items()})
         for gi, g in enumerate(opt.param_groups):
             for pi, p in enumerate(g["params"]):
                 st = opt.state.get(p)
@@ -714,7 +731,7 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
     # ---- evaluate every training subject's decoded Gaussians
     decoder.eval()
     result = DecoderResult(
-        decoder=decoder, embeddings=embeddings.detach(), template=template, codes=codes.detach(), subject_ids=ids,
+        decoder=decoder, embeddings=embeddings.detach(), template=template.detach(), codes=codes.detach(), subject_ids=ids,
         train_psnr=torch.empty(n), train_ssim=torch.empty(n), heldout_psnr=torch.full((n,), float("nan")),
         heldout_ssim=torch.full((n,), float("nan")), heldout_psnr_head=torch.full((n,), float("nan")),
         loss_history=hist_loss, psnr_history=hist_psnr, config=config, backend=backend_name, seconds=seconds)
@@ -760,20 +777,23 @@ def checkpoint_state(folder: str | os.PathLike) -> dict[str, Any]:
 
 def _resume(ckpt: CheckpointFile, config: DecoderConfig, ids: list[str], total: int, decoder: AutoDecoder,
             codes: Tensor, embeddings: Tensor, opt: torch.optim.Adam, hist_loss: Tensor, hist_psnr: Tensor,
-            dev: torch.device) -> tuple[int, float]:
-    """Load a checkpoint into the fresh model and optimiser; returns ``(step, seconds)``.
+            dev: torch.device, template: Gaussians | None = None) -> tuple[int, float]:
+    """Load a checkpoint into the fresh model and optimiser (and ``template``, when it is trained
+    jointly); returns ``(step, seconds)``.
 
     Refuses (:class:`~fastavatar_nb._io.CheckpointError`) a checkpoint of another config or other
     subjects, and one whose state and tensors disagree (step, shapes, optimiser step counts)."""
     weights = [f"decoder.{k}" for k in decoder.state_dict()]
+    own = {} if template is None else {f"template.{k}": v for k, v in template.parameters().items()}
     state, t = ckpt.load(dev, state_keys=_CKPT_STATE_KEYS,
-                         tensor_names=(*weights, "codes", "embeddings", "hist.loss", "hist.psnr"))
+                         tensor_names=(*weights, "codes", "embeddings", "hist.loss", "hist.psnr", *own))
     ckpt.require_same_run(state, {"config": json.loads(config.to_json()), "subject_ids": ids}, "decoder run")
     step = state["step"]
     if state["steps"] != total or not (isinstance(step, int) and 0 < step <= total):
         raise ckpt.refuse(f"its state says step {step!r} of {state['steps']!r}, expected a step in 1..{total} of {total}")
     shapes = {"codes": tuple(codes.shape), "embeddings": tuple(embeddings.shape), "hist.loss": (total,),
-              "hist.psnr": (total,), **{f"decoder.{k}": tuple(v.shape) for k, v in decoder.state_dict().items()}}
+              "hist.psnr": (total,), **{f"decoder.{k}": tuple(v.shape) for k, v in decoder.state_dict().items()},
+              **{k: tuple(v.shape) for k, v in own.items()}}
     bad = {k: list(t[k].shape) for k, s in shapes.items() if tuple(t[k].shape) != s}
     if bad:
         raise ckpt.refuse(f"tensors of the wrong shape {bad}, expected {({k: list(shapes[k]) for k in bad})}")
@@ -785,6 +805,8 @@ def _resume(ckpt: CheckpointFile, config: DecoderConfig, ids: list[str], total: 
     with torch.no_grad():
         codes.copy_(t["codes"])
         embeddings.copy_(t["embeddings"])
+        for k, v in own.items():
+            v.copy_(t[k])
     hist_loss.copy_(t["hist.loss"].cpu())
     hist_psnr.copy_(t["hist.psnr"].cpu())
     for gi, g in enumerate(opt.param_groups):

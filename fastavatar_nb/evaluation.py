@@ -37,7 +37,7 @@ from .gaussians import Gaussians
 from .objective import HOLDOUT_VIEW, evaluate_views, head_region
 from .render import Backend
 
-__all__ = ["EVAL_DIR", "input_views", "cosine_within_between", "identity_scorer", "novel_view_metrics", "protocol_rows", "summarize", "save_rows", "load_rows", "file_digest",
+__all__ = ["EVAL_DIR", "PAPER_TABLE1", "results_markdown", "input_views", "cosine_within_between", "identity_scorer", "novel_view_metrics", "protocol_rows", "summarize", "save_rows", "load_rows", "file_digest",
            "protocol_dir"]
 
 EVAL_DIR = "eval"
@@ -219,6 +219,32 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
         entry["n"] = float(len(mine))
         out[method] = entry
     return out
+
+
+PAPER_TABLE1: dict[str, dict[str, float]] = {
+    "feed-forward": {"psnr": 21.26, "ssim": 0.90, "lpips": 0.20, "mae": 0.03},
+    "refined": {"psnr": 24.09, "ssim": 0.92, "lpips": 0.18, "mae": 0.02},
+}
+"""The paper's Table 1 for FastAvatar (single-pass and full): whole image on white, NeRSemble test subjects."""
+
+
+def results_markdown(table: Mapping[str, Mapping[str, float]],
+                     paper: Mapping[str, Mapping[str, float]] = PAPER_TABLE1) -> str:
+    """A Markdown table of :func:`summarize`'s ``table``: whole-image PSNR, SSIM, MAE, LPIPS, identity,
+    head-region PSNR, time per head, and the paper's PSNR / SSIM for the methods it reports.
+
+    A column a method lacks reads "not measured" (LPIPS), "-" (time) or "nan" (identity)."""
+    lines = ["| method | PSNR (dB) | SSIM | MAE | LPIPS | identity | head PSNR (dB) | time per head | paper PSNR / SSIM |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method, m in table.items():
+        secs = m.get("seconds")
+        when = "-" if secs is None else (f"{secs * 1000:.1f} ms" if secs < 1 else f"{secs:.1f} s")
+        lpips = f"{m['lpips']:.3f}" if "lpips" in m else "not measured"
+        ref = paper.get(method)
+        ref_s = f"{ref['psnr']:.2f} / {ref['ssim']:.2f}" if ref else "-"
+        lines.append(f"| {method} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['mae']:.4f} | {lpips} | "
+                     f"{m.get('identity', float('nan')):.3f} | {m['psnr_head']:.2f} | {when} | {ref_s} |")
+    return "\n".join(lines)
 
 
 def file_digest(path: str | os.PathLike, length: int = 16) -> str:

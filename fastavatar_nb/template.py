@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 
 from ._io import ArtifactError, atomic_save_tensors, checked_metadata, read_artifact
-from .gaussians import Gaussians
+from .gaussians import NUM_SH, Gaussians, knn_spacing, rgb_to_sh0
 
-__all__ = ["average_quaternions", "build_template", "save_template", "load_template", "template_metadata"]
+__all__ = ["average_quaternions", "build_template", "random_template", "save_template", "load_template",
+           "template_metadata"]
 
 TEMPLATE_PLY = "template.ply"
 TEMPLATE_SAFETENSORS = "template.safetensors"
@@ -108,6 +109,53 @@ def build_template(fits: Gaussians) -> Gaussians:
         opacity_logits=f.opacity_logits.mean(0),
         sh=f.sh.mean(0),
     )
+
+
+RANDOM_LOG_SCALE_SPREAD = 1.0
+""":func:`random_template`: log-scales are drawn uniformly within this many nats of the points' log-spacing."""
+
+
+def random_template(points: Tensor, seed: int = 0) -> Gaussians:
+    """A template with random parameters at given centres: Table 2's "Random Init" ablation.
+
+    Nothing is fitted: only the centres carry information (the Gaussians must sit where the subjects'
+    corresponded points are, or Gaussian ``k`` would not be the same part of every head, which the
+    decoder's residuals and the embeddings ``e_k`` rely on). Every other parameter is drawn at random:
+
+    - ``log_scales``: ``log(spacing_k) + U(-1, 1) * RANDOM_LOG_SCALE_SPREAD`` per axis, where ``spacing_k``
+      is point ``k``'s mean distance to its 3 nearest neighbours (random sizes around the points' spacing);
+    - ``quats``: uniformly random rotations (normalised 4D standard normals);
+    - ``opacity_logits``: standard normal (opacities spread around 0.5);
+    - ``sh``: a uniformly random colour in the DC band, higher bands zero.
+
+    Args:
+        points: ``[K, 3]`` centres, e.g. the mean of the training subjects' corresponded points
+            (``torch.stack([s.points for s in train]).mean(0)``).
+        seed: seed of the draws (same seed, same template).
+
+    Returns:
+        Unbatched Gaussians ``[K, ...]`` on ``points``' device and dtype.
+    """
+    if not isinstance(points, Tensor) or points.ndim != 2 or points.shape[-1] != 3 or not points.is_floating_point():
+        raise ValueError(f"random_template: points must be a float tensor [K, 3], got "
+                         f"{tuple(points.shape) if isinstance(points, Tensor) else type(points).__name__}")
+    if len(points) < 4 or not torch.isfinite(points).all():
+        raise ValueError(f"random_template: points must be at least 4 finite points, got K = {len(points)} with "
+                         f"{int((~torch.isfinite(points)).any(-1).sum())} non-finite")
+    k, dt = len(points), points.dtype
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def draw(*shape: int, uniform: bool = False) -> Tensor:
+        t = torch.rand(shape, generator=gen) if uniform else torch.randn(shape, generator=gen)
+        return t.to(device=points.device, dtype=dt)
+
+    log_spacing = knn_spacing(points, k=3).clamp_min(1e-6).log()
+    quats = draw(k, 4)
+    sh = torch.zeros(k, NUM_SH, 3, dtype=dt, device=points.device)
+    sh[:, 0] = rgb_to_sh0(draw(k, 3, uniform=True))
+    return Gaussians(means=points.detach().clone(),
+                     log_scales=log_spacing[:, None] + (2 * draw(k, 3, uniform=True) - 1) * RANDOM_LOG_SCALE_SPREAD,
+                     quats=quats / quats.norm(dim=-1, keepdim=True), opacity_logits=draw(k), sh=sh).validate()
 
 
 def save_template(template: Gaussians, directory: str | os.PathLike, overwrite: bool = False,

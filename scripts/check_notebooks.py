@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -83,6 +84,10 @@ def check_notebook(path: Path, max_output_kb: float = DEFAULT_MAX_OUTPUT_KB) -> 
     ]
     if counted:
         problems.append(f"{path}: execution counts in cell(s) {counted} (run `make strip`)")
+    if (nb.nbformat, nb.nbformat_minor) >= (4, 5):  # nbformat's reader fills missing ids in: look at the file
+        no_id = [i for i, c in enumerate(json.loads(path.read_text(encoding="utf-8"))["cells"]) if "id" not in c]
+        if no_id:
+            problems.append(f"{path}: cell(s) {no_id} have no id (run `make strip`, which gives them one)")
     attached = [i for i, c in enumerate(nb.cells) if c.get("attachments")]
     if attached:
         problems.append(
@@ -101,6 +106,8 @@ def strip_notebook(path: Path) -> bool:
     before = path.read_text(encoding="utf-8")
     nb = nbformat.reads(before, as_version=nbformat.NO_CONVERT)
     for cell in nb.cells:
+        if "id" not in cell and (nb.nbformat, nb.nbformat_minor) >= (4, 5):  # a cell added by hand or by a script
+            cell["id"] = uuid.uuid4().hex[:8]
         if cell.get("cell_type") == "code" and not keeps_output(cell):
             cell["outputs"] = []
             cell["execution_count"] = None

@@ -26,7 +26,7 @@ from fastavatar_nb.decoder import (
     train_decoder,
 )
 from fastavatar_nb.gaussians import Gaussians
-from fastavatar_nb.template import build_template
+from fastavatar_nb.template import build_template, random_template
 
 
 def _template(K: int = 5, seed: int = 0) -> Gaussians:
@@ -219,24 +219,30 @@ def test_training_beats_the_template(scenes):
         result.code("nobody")
 
 
+def _interrupt_then_resume(subjects, template, cfg, ck, stop_at, saved_at):
+    """Train with ``cfg`` into checkpoint folder ``ck``, stop at step ``stop_at`` (after the checkpoint of
+    step ``saved_at``: the only file there), then run again from the checkpoint; returns that result."""
+
+    class Stop(Exception):
+        pass
+
+    def stop(info):
+        if info["step"] == stop_at:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_decoder(subjects, template, cfg, backend="torch", progress=False, checkpoint=ck, callback=stop)
+    assert checkpoint_state(ck)["step"] == saved_at
+    assert sorted(p.name for p in ck.iterdir()) == [CHECKPOINT_FILE]
+    return train_decoder(subjects, template, cfg, backend="torch", progress=False, checkpoint=ck)
+
+
 def test_resume_equals_uninterrupted_run(scenes, tmp_path, one_thread):
     subjects, template = scenes
     cfg = DecoderConfig(epochs=3, **TINY)  # 9 steps, checkpoints after 4 and 8
     full = train_decoder(subjects, template, cfg, backend="torch", progress=False)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_5(info):
-        if info["step"] == 5:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train_decoder(subjects, template, cfg, backend="torch", progress=False, checkpoint=tmp_path / "ck",
-                      callback=stop_after_5)
-    assert checkpoint_state(tmp_path / "ck")["step"] == 4
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [CHECKPOINT_FILE]
-    resumed = train_decoder(subjects, template, cfg, backend="torch", progress=False, checkpoint=tmp_path / "ck")
+    resumed = _interrupt_then_resume(subjects, template, cfg, tmp_path / "ck", stop_at=5, saved_at=4)
     torch.testing.assert_close(resumed.codes, full.codes, rtol=0, atol=0)
     torch.testing.assert_close(resumed.embeddings, full.embeddings, rtol=0, atol=0)
     for (k, a), b in zip(resumed.decoder.state_dict().items(), full.decoder.state_dict().values(), strict=True):
@@ -336,3 +342,34 @@ def test_damaged_or_foreign_decoder_files_name_the_file(scenes, tmp_path):
     save_file(t, str(dec), meta)
     with pytest.raises(ArtifactError, match=r"without the tensors \['embeddings'\]"):
         DecoderResult.load(tmp_path)
+
+
+def test_joint_template_learns_and_resumes(scenes, tmp_path, one_thread):
+    """Table 2's joint optimisation: with template_lr > 0 the template is trained too (from a random one
+    here it fits better than the same random template kept fixed), the caller's template is untouched,
+    and a resumed run equals an uninterrupted one, template included."""
+    subjects, averaged = scenes
+    rand = random_template(averaged.means, seed=3)
+    before = rand.clone()
+    fixed = train_decoder(subjects, rand, DecoderConfig(epochs=4, **TINY), backend="torch", progress=False)
+    for k, v in fixed.template.parameters().items():  # template_lr = 0: the template is the one given
+        torch.testing.assert_close(v, before.parameters()[k], rtol=0, atol=0, msg=k)
+    cfg = DecoderConfig(epochs=4, template_lr=3e-2, **TINY)  # 12 steps, checkpoints after 4, 8 and 12
+    joint = train_decoder(subjects, rand, cfg, backend="torch", progress=False)
+    for k, v in rand.parameters().items():
+        torch.testing.assert_close(v, before.parameters()[k], rtol=0, atol=0, msg=k)
+    moved = {k: float((v - before.parameters()[k]).abs().max()) for k, v in joint.template.parameters().items()}
+    assert all(m > 1e-3 for m in moved.values()), moved
+    assert not joint.template.means.requires_grad
+    assert joint.train_psnr.mean() > fixed.train_psnr.mean() + 0.5, (joint.train_psnr, fixed.train_psnr)
+
+    resumed = _interrupt_then_resume(subjects, rand, cfg, tmp_path / "ck", stop_at=6, saved_at=4)
+    for k, v in resumed.template.parameters().items():
+        torch.testing.assert_close(v, joint.template.parameters()[k], rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(resumed.codes, joint.codes, rtol=0, atol=0)
+    # the learnt template is what the result decodes onto and what it saves
+    joint.save(tmp_path / "run")
+    back = DecoderResult.load(tmp_path / "run")
+    torch.testing.assert_close(back.template.sh, joint.template.sh, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="template_lr must be"):
+        DecoderConfig(template_lr=-1.0).validate()

@@ -15,6 +15,7 @@ from fastavatar_nb.evaluation import (
     novel_view_metrics,
     protocol_dir,
     protocol_rows,
+    results_markdown,
     save_rows,
     summarize,
 )
@@ -223,3 +224,17 @@ def test_run_protocol_scores_three_methods_saves_and_resumes(tmp_path, monkeypat
     again, refined_again = run_protocol([subject], emb, found, avatars, encoder, None, tmp_path, {"k": 1},
                                         backend="torch", input_view_limit=2, log=logs.append)
     assert again == rows and refined_again == {} and len(calls) == 1 and "reusing" in logs[0]
+
+
+def test_results_markdown_formats_every_column():
+    table = {"template": {"psnr": 12.345, "ssim": 0.5, "mae": 0.1, "psnr_head": 10.0, "n": 4.0},
+             "feed-forward": {"psnr": 15.0, "ssim": 0.71, "mae": 0.05, "psnr_head": 13.5, "seconds": 0.0123,
+                              "identity": 0.4567, "n": 4.0},
+             "refined": {"psnr": 20.0, "ssim": 0.8, "mae": 0.02, "psnr_head": 18.0, "seconds": 3.21, "lpips": 0.25,
+                         "n": 4.0}}
+    lines = results_markdown(table).splitlines()
+    assert len(lines) == 2 + 3 and lines[0].startswith("| method | PSNR (dB)")
+    assert lines[2] == "| template | 12.35 | 0.500 | 0.1000 | not measured | nan | 10.00 | - | - |"
+    assert lines[3] == "| feed-forward | 15.00 | 0.710 | 0.0500 | not measured | 0.457 | 13.50 | 12.3 ms | 21.26 / 0.90 |"
+    assert lines[4] == "| refined | 20.00 | 0.800 | 0.0200 | 0.250 | nan | 18.00 | 3.2 s | 24.09 / 0.92 |"
+    assert all(line.count("|") == lines[0].count("|") for line in lines)

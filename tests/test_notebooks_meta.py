@@ -9,6 +9,7 @@ or second code cell) reading the one preset switch ``FASTAVATAR_PRESET`` through
 from __future__ import annotations
 
 import configparser
+import json
 import re
 from pathlib import Path
 
@@ -62,6 +63,21 @@ def test_strip_cleans_and_is_idempotent(tmp_path: Path) -> None:
     assert [p for p in check.check_notebook(path) if "attachments" not in p] == []
 
 
+def test_a_cell_without_an_id_is_flagged_and_strip_gives_it_one(tmp_path: Path) -> None:
+    path = tmp_path / "01_ids.ipynb"
+    nb = new_notebook(cells=[new_markdown_cell("# a"), new_code_cell("x = 1")])
+    nbformat.write(nb, path)
+    raw = path.read_text()
+    doc = json.loads(raw)
+    del doc["cells"][1]["id"]  # as a cell inserted by a script that writes JSON
+    path.write_text(json.dumps(doc))
+    assert any("cell(s) [1] have no id" in p for p in check.check_notebook(path))
+    assert check.strip_notebook(path) is True
+    ids = [c.get("id") for c in json.loads(path.read_text())["cells"]]
+    assert ids[0] == doc["cells"][0]["id"] and isinstance(ids[1], str) and len(ids[1]) == 8
+    assert check.check_notebook(path) == []
+
+
 def test_check_output_cells_keep_their_reference_output(tmp_path: Path) -> None:
     nb = new_notebook()
     marked = new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(2 + 2)", execution_count=2)
@@ -113,6 +129,10 @@ def test_sanitize_file_parses_and_scrubs() -> None:
     assert text == "torch VERSION | took DURATION at 0xADDRESS in TMPPATH | RATE"
 
 
+MAX_CELL_LINES = 25
+"""Notebooks stay thin: a longer code cell holds logic that belongs in the library, with tests."""
+
+
 def _code_cells(nb: nbformat.NotebookNode) -> list[str]:
     return [c.source for c in nb.cells if c.cell_type == "code"]
 
@@ -128,6 +148,8 @@ def test_committed_notebook_follows_the_rules(path: Path) -> None:
         "the setup cell (first or second code cell) must read the preset switch: "
         'preset = fa.presets.get(os.environ.get("FASTAVATAR_PRESET", "auto"))'
     )
+    long = {i: len(c.splitlines()) for i, c in enumerate(code) if len(c.splitlines()) > MAX_CELL_LINES}
+    assert not long, f"code cells over {MAX_CELL_LINES} lines (code cell index: lines): {long}; move logic into the library"
     sources = "\n".join(code)
     assert sources.count("FASTAVATAR_PRESET") == 1, "one switch per notebook: read FASTAVATAR_PRESET once"
     assert not re.search(r"['\"]/(work|home|scratch|Users)/", sources), "no absolute paths in notebooks"

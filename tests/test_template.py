@@ -8,12 +8,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastavatar_nb.gaussians import Gaussians, quat_to_rotmat
+from fastavatar_nb.gaussians import SH_C0, Gaussians, knn_spacing, quat_to_rotmat
 from fastavatar_nb.ply import read_ply
 from fastavatar_nb.template import (
+    RANDOM_LOG_SCALE_SPREAD,
     average_quaternions,
     build_template,
     load_template,
+    random_template,
     save_template,
     template_metadata,
 )
@@ -136,3 +138,33 @@ def test_damaged_template_files_name_the_file(tmp_path):
     save_file(params, str(st), {"format": "fastavatar-nb template"})
     with pytest.raises(ArtifactError, match=f"{st}: its tensors are not a valid template .*sh"):
         load_template(tmp_path)
+
+
+def test_random_template_draws_around_the_points():
+    g = torch.Generator().manual_seed(0)
+    pts = torch.randn(2000, 3, generator=g) * 0.1
+    t = random_template(pts, seed=5)
+    assert t.batch_shape == () and t.num_gaussians == 2000
+    torch.testing.assert_close(t.means, pts, rtol=0, atol=0)
+    torch.testing.assert_close(t.quats.norm(dim=-1), torch.ones(2000))
+    # log-scales within RANDOM_LOG_SCALE_SPREAD of the log-spacing, spread over the whole interval
+    off = t.log_scales - knn_spacing(pts, k=3).log()[:, None]
+    assert off.abs().max() <= RANDOM_LOG_SCALE_SPREAD + 1e-5 and off.abs().max() > 0.9 * RANDOM_LOG_SCALE_SPREAD
+    assert abs(float(off.mean())) < 0.05
+    colours = t.sh[:, 0] * SH_C0 + 0.5
+    assert colours.min() >= 0 and colours.max() <= 1 and abs(float(colours.mean()) - 0.5) < 0.02
+    assert (t.sh[:, 1:] == 0).all()
+    assert abs(float(torch.sigmoid(t.opacity_logits).mean()) - 0.5) < 0.02
+    # uniform rotations: the rotated z axes have no preferred direction
+    assert quat_to_rotmat(t.quats)[:, :, 2].mean(0).norm() < 0.1
+    # the seed decides: same seed, same template; another seed, another one
+    torch.testing.assert_close(random_template(pts, seed=5).sh, t.sh, rtol=0, atol=0)
+    assert (random_template(pts, seed=6).sh != t.sh).any()
+
+
+@pytest.mark.parametrize("bad, match", [(torch.zeros(10, 2), r"\[K, 3\]"), (torch.zeros(10, 3, dtype=torch.long), "float"),
+                                        (torch.zeros(2, 3), "at least 4"),
+                                        (torch.tensor([[float("nan"), 0, 0]] * 5), "K = 5 with 5 non-finite")])
+def test_random_template_rejects_bad_points(bad, match):
+    with pytest.raises(ValueError, match=match):
+        random_template(bad)

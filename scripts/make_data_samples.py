@@ -1,7 +1,8 @@
 """Regenerate ``data_samples/``: a few small synthetic subjects in the NeRSemble folder format.
 
-The folder is produced entirely by this script (subjects and README), bit-exactly from the
-settings below, so notebooks and tests can start without generating data. Usage::
+The folder is produced entirely by this script (subjects and README) from the settings below,
+so notebooks and tests can start without generating data: bit for bit on one machine; another
+CPU may round the last float bits the other way, which tests/test_synthetic.py tolerates. Usage::
 
     python scripts/make_data_samples.py              # (re)write <repo>/data_samples
     python scripts/make_data_samples.py --out /tmp/x # write elsewhere (e.g. to compare)

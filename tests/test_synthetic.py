@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +30,64 @@ def _files(folder: Path) -> dict[str, bytes]:
             if p.is_file() and p.relative_to(folder).parts[0] not in SHIPPED}
 
 
+FLOAT_ATOL, FLOAT_RTOL = 1e-6, 1e-5
+"""How far a regenerated number may fall from the committed one: float32 results differ in their last bits
+between CPUs (SIMD paths, libm); measured between two x86_64 machines: 6e-8 in the points, 4e-8 in the
+cameras. A change of the generator moves them by far more."""
+PIXEL_LEVELS, PIXEL_FRACTION = 4, 1e-3
+"""The same for the 8-bit photos: at most four levels, on at most 0.1% of the values (measured over the 64
+sample photos: one level on up to 0.04% of the values, two levels on 3 values of one photo: pixels where a
+surface edge rounds the other way). A change of the generator moves most pixels."""
+
+
+def _close_numbers(a: str, b: str) -> bool:
+    """Two texts equal but for numbers within FLOAT_ATOL + FLOAT_RTOL * |n| (JSON, ASCII PLY)."""
+    ta, tb = re.split(r"(-?\d+\.?\d*(?:[eE][-+]?\d+)?)", a), re.split(r"(-?\d+\.?\d*(?:[eE][-+]?\d+)?)", b)
+    if len(ta) != len(tb) or ta[0::2] != tb[0::2]:
+        return False
+    x, y = np.array(ta[1::2], dtype=float), np.array(tb[1::2], dtype=float)
+    return bool(np.all(np.abs(x - y) <= FLOAT_ATOL + FLOAT_RTOL * np.abs(y)))
+
+
 def _same_content(a: bytes, b: bytes, name: str) -> bool:
-    """Identical bytes, or for PNGs identical decoded pixels (the compressed stream depends on the zlib build)."""
+    """The same file up to float rounding: identical bytes; for PNGs the decoded pixels (the compressed stream
+    depends on the zlib build) within PIXEL_LEVELS on PIXEL_FRACTION of the values; for JSON and PLY text the
+    same words with numbers within FLOAT_ATOL / FLOAT_RTOL."""
     if a == b:
         return True
-    if not name.endswith(".png"):
-        return False
+    if name.endswith(".png"):
+        from PIL import Image
+
+        ia, ib = Image.open(io.BytesIO(a)), Image.open(io.BytesIO(b))
+        if ia.mode != ib.mode or ia.size != ib.size:
+            return False
+        d = np.abs(np.asarray(ia).astype(int) - np.asarray(ib).astype(int))
+        return bool(d.max() <= PIXEL_LEVELS and (d > 0).mean() <= PIXEL_FRACTION)
+    if name.endswith((".json", ".ply")):
+        return _close_numbers(a.decode(), b.decode())
+    return False
+
+
+def test_same_content_tolerates_float_rounding_only():
     from PIL import Image
 
-    ia, ib = Image.open(io.BytesIO(a)), Image.open(io.BytesIO(b))
-    return ia.mode == ib.mode and np.array_equal(np.asarray(ia), np.asarray(ib))
+    def enc(x):
+        out = io.BytesIO()
+        Image.fromarray(x).save(out, format="PNG")
+        return out.getvalue()
+
+    img = np.full((100, 69, 3), 200, np.uint8)
+    near, far, many = img.copy(), img.copy(), img.copy()
+    near[0, 0, 0], far[0, 0, 0] = 203, 210
+    many[:10] = 201  # 10% of the values
+    png = io.BytesIO(enc(img))
+    assert _same_content(enc(near), png.getvalue(), "a.png")
+    assert not _same_content(enc(far), png.getvalue(), "a.png") and not _same_content(enc(many), png.getvalue(), "a.png")
+    assert _same_content(b'{"m": [-0.17855854332447052, 2]}', b'{"m": [-0.1785585731267929, 2]}', "t.json")
+    assert not _same_content(b'{"m": [-0.1786, 2]}', b'{"m": [-0.1785585731267929, 2]}', "t.json")
+    assert not _same_content(b'{"m": [1, 2]}', b'{"n": [1, 2]}', "t.json")
+    assert not _same_content(b'{"m": [1, 2]}', b'{"m": [1, 2, 3]}', "t.json")
+    assert not _same_content(b"ab", b"ac", "README.md")
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +135,9 @@ def test_same_seed_gives_identical_files_and_other_seeds_differ(tmp_path):
     assert a.attributes["seed"] == 11 and a.attributes != c.attributes
 
 
-def test_data_samples_regenerate_bit_exactly(tmp_path):
-    """The first committed sample is reproduced byte for byte by scripts/make_data_samples.py."""
+def test_data_samples_regenerate(tmp_path):
+    """The first committed sample is reproduced by scripts/make_data_samples.py, up to float rounding
+    (:func:`_same_content`)."""
     committed = REPO / "data_samples"
     assert (committed / "synth_000" / "transforms.json").is_file(), "data_samples/ is missing: run the script"
     mod = load_script("scripts/make_data_samples.py")
@@ -100,7 +150,7 @@ def test_data_samples_regenerate_bit_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_all_data_samples_regenerate_bit_exactly(tmp_path):
+def test_all_data_samples_regenerate(tmp_path):
     committed = REPO / "data_samples"
     mod = load_script("scripts/make_data_samples.py")
     mod.make_data_samples(tmp_path, progress=False)

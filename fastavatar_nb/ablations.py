@@ -214,55 +214,57 @@ def comparison_rows(scores: Mapping[str, Mapping[str, float]]) -> list[dict[str,
 
 
 # ------------------------------------------------------------------------------------ running
-def _artifact_ok(path: Path, load: Callable[[], Any], want: Any, what: str, log: Callable[[str], None]) -> Any:
-    """The stored artifact when its config is ``want``; ``None`` when absent; refuses another config."""
-    if not path.is_file():
-        return None
-    result = load()
-    if result.config != want:
-        raise ValueError(f"{path} holds a {what} of another config; delete the folder {path.parent} to train it again")
-    log(f"reusing {path}")
-    return result
-
-
-def _train(preset: Any, v: Variant, train: Any, base_template: Any, folder: Path, embeddings: tuple,
-           progress: bool, log: Callable[[str], None]) -> tuple[Any, Any]:
-    """The decoder and encoder of a variant that trains its own, in ``folder`` (resumable)."""
-    from .decoder import DECODER_FILE, DecoderConfig, DecoderResult, train_decoder
-    from .encoder import ENCODER_FILE, EncoderConfig, EncoderResult, train_encoder, training_pairs
+def _models(preset: Any, v: Variant, train: Any, base: tuple[Any, Any], folder: Path, embeddings: tuple,
+            progress: bool, log: Callable[[str], None]) -> tuple[Any, Any]:
+    """The decoder and encoder of variant ``v``: the base run's where the switch leaves them alone, else
+    its own in ``folder/<slug>/`` through :func:`~fastavatar_nb.pipeline.ensure_decoder` and
+    :func:`~fastavatar_nb.pipeline.ensure_encoder` with the variant's configs (reused when stored,
+    resumed when interrupted, refused when stored with another config)."""
+    from . import pipeline
+    from .data import SubjectDataset
+    from .decoder import DecoderConfig
+    from .encoder import ENCODER_FILE, EncoderConfig
     from .template import random_template
 
-    dev = preset.torch_device
-    overrides = dict(v.decoder)
-    if v.template == "joint":
-        overrides.setdefault("template_lr", JOINT_TEMPLATE_LR)
-    dcfg = DecoderConfig.for_preset(preset, **overrides)
-    avatars = _artifact_ok(folder / DECODER_FILE, lambda: DecoderResult.load(folder, device=dev), dcfg, "decoder", log)
-    if avatars is None:
-        if v.template == "averaged":
-            template = base_template
-        else:  # random, and the start of the joint optimisation: at the training subjects' mean points
-            points = torch.stack([train[i].points for i in range(len(train))]).mean(0)
-            template = random_template(points.to(dev), seed=preset.seed)
-        avatars = train_decoder(train, template, dcfg, backend=preset.backend, device=dev,
-                                checkpoint=folder / "decoder_checkpoint", progress=progress)
-        avatars.save(folder)
-    ecfg = EncoderConfig.for_preset(preset, **v.encoder)
-    encoder = _artifact_ok(folder / ENCODER_FILE, lambda: EncoderResult.load(folder, device=dev), ecfg, "encoder", log)
-    if encoder is None:
-        encoder = train_encoder(*training_pairs(*embeddings, avatars.codes), ecfg, progress=progress)
-        encoder.save(folder)
+    avatars, encoder = base
+    if not (v.trains_decoder or v.encoder):
+        return avatars, encoder
+    p, p_train = preset.replace(run_dir=folder / v.slug), train
+    if v.num_gaussians_factor != 1.0:  # a dataset of that K: the same photos, other corresponded points
+        p = p.replace(num_gaussians=round(preset.num_gaussians * v.num_gaussians_factor))
+        p_train = SubjectDataset(pipeline.prepare_dataset(p, progress=progress), "train")
+        if p_train.subject_ids != train.subject_ids:
+            raise ValueError(f"{p.run_dir} holds other training subjects than {preset.run_dir}; delete it to make it again")
+    stored = (p.run_dir / ENCODER_FILE).is_file()
+    log(f"reusing {p.run_dir}" if stored else f"training into {p.run_dir}")
+    if v.trains_decoder:
+        overrides = dict(v.decoder)
+        if v.template == "joint":
+            overrides.setdefault("template_lr", JOINT_TEMPLATE_LR)
+
+        def make_template():
+            if v.template != "averaged":  # random, and the start of the joint optimisation: at the mean points
+                points = torch.stack([p_train[i].points for i in range(len(p_train))]).mean(0)
+                return random_template(points.to(p.torch_device), seed=p.seed)
+            if p.num_gaussians == preset.num_gaussians:  # the base run's template: the switch is elsewhere
+                return pipeline.ensure_template(preset, train, progress=progress)
+            return pipeline.ensure_template(p, p_train, progress=progress)  # fitted at this K
+
+        avatars = pipeline.ensure_decoder(p, p_train, progress=progress, make_template=make_template,
+                                          config=DecoderConfig.for_preset(p, **overrides))
+    encoder = pipeline.ensure_encoder(p, p_train, avatars, embeddings=embeddings, progress=progress,
+                                      config=EncoderConfig.for_preset(p, **v.encoder))
     return avatars, encoder
 
 
 def _score(preset: Any, v: Variant, avatars: Any, encoder: Any, test: Any, test_emb: Any, test_found: Any,
            progress: bool) -> dict[str, Any]:
     """Notebook 07's protocol on the test subjects for one variant: whole image first, then the head region."""
-    from .evaluation import feed_forward, input_views, novel_view_metrics
+    from .evaluation import feed_forward, input_views, protocol_rows, summarize
     from .refine import RefineConfig, refine_views
 
     dev = preset.torch_device
-    per_subject: dict[str, dict[str, float]] = {}
+    rows: list[dict[str, Any]] = []
     times: list[float] = []
     steps = round(preset.refine_iterations * v.refine_factor)
     for t in range(len(test)):
@@ -273,14 +275,17 @@ def _score(preset: Any, v: Variant, avatars: Any, encoder: Any, test: Any, test_
             heads, rsecs = refine_views(avatars, s, codes, views, RefineConfig.for_preset(preset, steps=steps),
                                         preset.backend, progress=progress)
             secs = secs + rsecs
-        m = novel_view_metrics(s, heads, views, preset.backend)
-        per_subject[s.subject_id] = {k: float(x.mean()) for k, x in m.items()}
+        rows += protocol_rows(s, {v.name: heads}, views, preset.backend)
         times += [float(x) for x in secs]
-    keys = next(iter(per_subject.values())).keys()
-    out: dict[str, Any] = {k: sum(p[k] for p in per_subject.values()) / len(per_subject) for k in keys}
+
+    def means(rs: list[dict[str, Any]]) -> dict[str, float]:  # per subject first, then over subjects
+        return {k: x for k, x in summarize(rs)[v.name].items() if k != "n"}
+
+    subjects = dict.fromkeys(r["subject"] for r in rows)
+    out: dict[str, Any] = means(rows)
     out.update(ms=1000 * sorted(times)[len(times) // 2], K=avatars.template.num_gaussians, refine_steps=steps,
-               per_subject=per_subject, input_views=preset.eval_input_views,
-               decoded_heldout_psnr=float(avatars.heldout_psnr.nanmean()))
+               per_subject={sid: means([r for r in rows if r["subject"] == sid]) for sid in subjects},
+               input_views=preset.eval_input_views, decoded_heldout_psnr=float(avatars.heldout_psnr.nanmean()))
     return out
 
 
@@ -317,27 +322,7 @@ def run(preset: Any, folder: str | Path, variants: Sequence[Variant] = VARIANTS,
     for v in variants:
         log(f"--- {v.name}")
         t0 = time.perf_counter()
-        avatars, encoder = base_avatars, base_encoder
-        if v.num_gaussians_factor != 1.0:
-            k = round(preset.num_gaussians * v.num_gaussians_factor)
-            p = preset.replace(num_gaussians=k, run_dir=folder / v.slug)
-            p_train = SubjectDataset(pipeline.prepare_dataset(p, progress=progress), "train")
-            if p_train.subject_ids != train.subject_ids:
-                raise ValueError(f"{p.run_dir} holds other training subjects than {root}; delete it to make it again")
-            avatars, encoder = _train(p, v, p_train, pipeline.ensure_template(p, p_train, progress=progress),
-                                      p.run_dir, train_emb, progress, log)
-        elif v.trains_decoder:
-            avatars, encoder = _train(preset, v, train, pipeline.ensure_template(preset, train, progress=progress),
-                                      folder / v.slug, train_emb, progress, log)
-        elif v.encoder:
-            from .encoder import ENCODER_FILE, EncoderConfig, EncoderResult, train_encoder, training_pairs
-
-            d, ecfg = folder / v.slug, EncoderConfig.for_preset(preset, **v.encoder)
-            encoder = _artifact_ok(d / ENCODER_FILE, lambda d=d: EncoderResult.load(d, device=preset.torch_device),
-                                   ecfg, "encoder", log)
-            if encoder is None:
-                encoder = train_encoder(*training_pairs(*train_emb, base_avatars.codes), ecfg, progress=progress)
-                encoder.save(d)
+        avatars, encoder = _models(preset, v, train, (base_avatars, base_encoder), folder, train_emb, progress, log)
         trained = time.perf_counter() - t0
         results[v.name] = {**_score(preset, v, avatars, encoder, test, test_emb, test_found, progress),
                            "train_seconds": trained}

@@ -144,24 +144,30 @@ def ensure_template(preset: Preset, train: SubjectDataset, progress: bool = True
 
 
 def ensure_decoder(preset: Preset, train: SubjectDataset, progress: bool = True,
-                   callback: Callable[[dict[str, Any]], None] | None = None) -> DecoderResult:
+                   callback: Callable[[dict[str, Any]], None] | None = None, config: DecoderConfig | None = None,
+                   make_template: Callable[[], Gaussians] | None = None) -> DecoderResult:
     """The run's auto-decoder: ``decoder.safetensors`` + ``latents.safetensors`` when present, else
     trained now as notebook 03 does (``DecoderConfig.for_preset(preset)``, resuming
     ``decoder_checkpoint/``), on the template of :func:`ensure_template`. ``callback`` goes to
     :func:`~fastavatar_nb.decoder.train_decoder` (e.g. live training curves).
 
+    Args:
+        config: another config than the preset's (e.g. an ablation's, :mod:`fastavatar_nb.ablations`).
+        make_template: makes the template to train on, called only when the decoder is trained now
+            (default: :func:`ensure_template` of this run).
+
     Raises:
         ValueError: the stored decoder was trained on other subjects or with another config.
     """
     run = preset.run_dir
-    config = DecoderConfig.for_preset(preset)
+    config = DecoderConfig.for_preset(preset) if config is None else config
     if (run / DECODER_FILE).is_file():
         result = DecoderResult.load(run, device=preset.torch_device)
         if result.subject_ids != train.subject_ids or result.config != config:
             raise ValueError(f"{run / DECODER_FILE} was trained on other subjects or with another DecoderConfig; "
                              "delete decoder.safetensors and latents.safetensors to train again")
         return result
-    template = ensure_template(preset, train, progress=progress)
+    template = make_template() if make_template is not None else ensure_template(preset, train, progress=progress)
     result = train_decoder(train, template, config, backend=preset.backend, device=preset.torch_device,
                            checkpoint=run / DECODER_CHECKPOINT, progress=progress, callback=callback)
     result.save(run)
@@ -204,7 +210,8 @@ def ensure_embeddings(preset: Preset, subjects: SubjectDataset, net: Any = None,
 
 def ensure_encoder(preset: Preset, train: SubjectDataset, avatars: DecoderResult,
                    embeddings: tuple[Tensor, Tensor] | None = None, progress: bool = True,
-                   callback: Callable[[dict[str, Any]], None] | None = None) -> EncoderResult:
+                   callback: Callable[[dict[str, Any]], None] | None = None,
+                   config: EncoderConfig | None = None) -> EncoderResult:
     """The run's encoder: ``encoder.safetensors`` when present, else distilled now as notebook 04
     does (``EncoderConfig.for_preset(preset)``) onto ``avatars``' codes and saved.
 
@@ -213,12 +220,13 @@ def ensure_encoder(preset: Preset, train: SubjectDataset, avatars: DecoderResult
             (:func:`~fastavatar_nb.encoder.dataset_embeddings`); computed with FaceNet when needed
             and not given.
         callback: goes to :func:`~fastavatar_nb.encoder.train_encoder`.
+        config: another config than the preset's (e.g. an ablation's).
 
     Raises:
         ValueError: the stored encoder was trained with another config.
     """
     run = preset.run_dir
-    config = EncoderConfig.for_preset(preset)
+    config = EncoderConfig.for_preset(preset) if config is None else config
     if (run / ENCODER_FILE).is_file():
         encoder = EncoderResult.load(run, device=preset.torch_device)
         if encoder.config != config:

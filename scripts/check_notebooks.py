@@ -70,7 +70,8 @@ def output_bytes(nb: nbformat.NotebookNode) -> int:
 def check_notebook(path: Path, max_output_kb: float = DEFAULT_MAX_OUTPUT_KB) -> list[str]:
     """Problems that make ``path`` unfit to commit; ``[]`` when clean."""
     try:
-        nb = nbformat.read(path, as_version=nbformat.NO_CONVERT)
+        text = path.read_text(encoding="utf-8")
+        nb = nbformat.reads(text, as_version=nbformat.NO_CONVERT)
         nbformat.validate(nb)
     except (OSError, ValueError) as err:  # NotJSONError and ValidationError are ValueErrors
         return [
@@ -85,7 +86,7 @@ def check_notebook(path: Path, max_output_kb: float = DEFAULT_MAX_OUTPUT_KB) -> 
     if counted:
         problems.append(f"{path}: execution counts in cell(s) {counted} (run `make strip`)")
     if (nb.nbformat, nb.nbformat_minor) >= (4, 5):  # nbformat's reader fills missing ids in: look at the file
-        no_id = [i for i, c in enumerate(json.loads(path.read_text(encoding="utf-8"))["cells"]) if "id" not in c]
+        no_id = [i for i, c in enumerate(json.loads(text)["cells"]) if "id" not in c]
         if no_id:
             problems.append(f"{path}: cell(s) {no_id} have no id (run `make strip`, which gives them one)")
     attached = [i for i, c in enumerate(nb.cells) if c.get("attachments")]

@@ -9,12 +9,15 @@ import pytest
 import torch
 
 from fastavatar_nb import ablations, pipeline, presets
-from fastavatar_nb.ablations import ORDERINGS, PAPER_TABLE2, VARIANTS, check_orderings, comparison_rows
+from fastavatar_nb.ablations import (
+    ORDERINGS,
+    PAPER_TABLE2,
+    VARIANTS,
+    _paper_scores,
+    check_orderings,
+    comparison_rows,
+)
 from fastavatar_nb.data import SubjectDataset
-
-
-def _paper_scores():
-    return {v.name: PAPER_TABLE2[v.paper] for v in VARIANTS if v.paper is not None}
 
 
 def test_every_ordering_holds_on_the_papers_numbers():
@@ -99,8 +102,9 @@ def test_every_variant_runs_and_is_reused(tiny_run, monkeypatch, tmp_path):
     def no_training(*a, **k):
         raise AssertionError("trained again although the artifacts exist")
 
-    monkeypatch.setattr("fastavatar_nb.decoder.train_decoder", no_training)
-    monkeypatch.setattr("fastavatar_nb.encoder.train_encoder", no_training)
+    monkeypatch.setattr(pipeline, "train_decoder", no_training)
+    monkeypatch.setattr(pipeline, "train_encoder", no_training)
+    monkeypatch.setattr(pipeline, "fit_subjects", no_training)
     again = ablations.run(preset, folder, [ablations.variant("random init"), ablations.variant("w/o CosSim (enc.)")],
                           progress=False, log=lines.append)
     assert again["random init"]["psnr"] == pytest.approx(results["random init"]["psnr"])
@@ -167,7 +171,7 @@ def test_a_stored_artifact_of_another_config_is_refused(tiny_run, monkeypatch):
     other = ablations.Variant("w/o CosSim (enc.)", "loss", encoder={"cos_weight": 0.5})
     if not (folder / other.slug / "encoder.safetensors").is_file():
         pytest.skip("needs the artifacts of test_every_variant_runs_and_is_reused")
-    with pytest.raises(ValueError, match="another config; delete the folder"):
+    with pytest.raises(ValueError, match="was trained with another EncoderConfig; delete it"):
         ablations.run(preset, folder, [other], progress=False, log=lambda s: None)
 
 
@@ -180,3 +184,4 @@ def test_load_results_names_the_problem(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"format": "something else"}))
     with pytest.raises(ValueError, match="not an ablation results file"):
         ablations.load_results(tmp_path / "other.json")
+

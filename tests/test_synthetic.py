@@ -40,9 +40,13 @@ sample photos: one level on up to 0.04% of the values, two levels on 3 values of
 surface edge rounds the other way). A change of the generator moves most pixels."""
 
 
+_NUMBER = re.compile(r"(-?\d+\.?\d*(?:[eE][-+]?\d+)?)")
+"""A decimal number in JSON or PLY text (the group keeps it in ``split``'s output)."""
+
+
 def _close_numbers(a: str, b: str) -> bool:
     """Two texts equal but for numbers within FLOAT_ATOL + FLOAT_RTOL * |n| (JSON, ASCII PLY)."""
-    ta, tb = re.split(r"(-?\d+\.?\d*(?:[eE][-+]?\d+)?)", a), re.split(r"(-?\d+\.?\d*(?:[eE][-+]?\d+)?)", b)
+    ta, tb = _NUMBER.split(a), _NUMBER.split(b)
     if len(ta) != len(tb) or ta[0::2] != tb[0::2]:
         return False
     x, y = np.array(ta[1::2], dtype=float), np.array(tb[1::2], dtype=float)

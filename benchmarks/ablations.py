@@ -7,7 +7,7 @@ first) on the test subjects: this only reports, it chooses nothing. The ordering
 are checked on the result (``fastavatar_nb.ablations.check_orderings``).
 
     python benchmarks/ablations.py --preset smoke            # about 1 hour on 2 CPU cores (57 min from a fresh clone)
-    python benchmarks/ablations.py --preset smoke --only "default,w/o CosSim (enc.)"
+    python benchmarks/ablations.py --preset smoke --only default --only "w/o CosSim (enc.)"
 
 The default variant is the preset's own run folder (``runs/smoke``; made here when missing); the
 others train into ``runs/ablations-<preset>/`` (reused and resumed). Writes
@@ -28,13 +28,17 @@ from fastavatar_nb.render.gsplat_backend import gsplat_status
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="smoke")
-    ap.add_argument("--only", default=None, help="comma-separated variant names (default: all)")
+    ap.add_argument("--only", action="append", default=None, metavar="NAME",
+                    help="a variant to run (repeat for several; default: all)")
     ap.add_argument("--folder", type=Path, default=None, help="where the variants train (default: runs/ablations-<preset>)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    try:
+        variants = ablations.VARIANTS if args.only is None else [ablations.variant(n.strip()) for n in args.only]
+    except KeyError as e:
+        ap.error(f"--only: {e.args[0]}")
     preset = presets.get(args.preset)
     presets.setup(preset, save=False)
-    variants = ablations.VARIANTS if args.only is None else [ablations.variant(n.strip()) for n in args.only.split(",")]
     folder = args.folder or preset.run_dir.parent / f"ablations-{preset.name}"
     results = ablations.run(preset, folder, variants, progress=False)
 

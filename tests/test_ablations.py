@@ -185,3 +185,17 @@ def test_load_results_names_the_problem(tmp_path):
     with pytest.raises(ValueError, match="not an ablation results file"):
         ablations.load_results(tmp_path / "other.json")
 
+
+def test_benchmark_names_a_wrong_variant(tmp_path):
+    """benchmarks/ablations.py: --only takes one name per flag (names hold commas) and refuses an unknown one
+    before any work, naming the variants."""
+    import subprocess
+    import sys
+
+    from fastavatar_nb.presets import project_root
+
+    script = project_root() / "benchmarks" / "ablations.py"
+    out = subprocess.run([sys.executable, str(script), "--only", "default", "--only", "seed 1", "--folder",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--only: no ablation variant 'seed 1'" in out.stderr
+    assert "'default, seed 1'" in out.stderr and list(tmp_path.iterdir()) == []

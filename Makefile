@@ -12,6 +12,15 @@
 #   make gpu-check  on a CUDA GPU: nvcc and ninja from PyPI where missing, gsplat's kernels built for this GPU
 #                only, pytest -m gpu, and full-preset timings beside their goals into
 #                benchmarks/results/<gpu-name>.json (benchmarks/gpu_check.py); without CUDA one "skipped" line
+#   make gpu-wheels  download into .whl/ (git-ignored) the pinned Python 3.12 manylinux x86_64 wheels that the GPU
+#                check needs on a bare GPU machine without a package registry (gsplat 1.5.3 and its requirements,
+#                facenet-pytorch, torchvision for torch 2.11, pytest, ...; benchmarks/gpu_toolchain.py), remove other
+#                versions, copy Python 3.12's headers, stamp the commit, check the folder and print its size
+#                (a device call carries 64 MiB)
+#   make gpu-rehearse  the offline GPU check here, up to its first CUDA call: a bare Python 3.12 venv ($(GPU_VENV),
+#                made once with $(GPU_TORCH), numpy, numba and ninja: a CUDA build of torch, a few GB), the wheels
+#                installed from .whl/ only (--no-index), every import of the check, then
+#                `python benchmarks/gpu_check.py --offline .whl --rehearse` stops at "no CUDA device" (exit 0)
 #   make course  run the course preset (300 synthetic subjects, about 80 minutes on a 2-core CPU) into
 #                runs/course/, then ship its models to data_samples/course/ (scripts/ship_checkpoint.py;
 #                ARGS="--overwrite" replaces the shipped folder)
@@ -41,8 +50,12 @@ ARGS ?=
 PYTEST_ARGS ?=
 PIP_ARGS ?=
 SANITIZE := tests/nbval_sanitize.cfg
+GPU_WHEELS ?= .whl
+GPU_VENV ?= .venv-gpu
+GPU_TORCH ?= torch==2.11.0
+PYTHON312 ?=
 
-.PHONY: help venv browser-deps run course book test gpu-check strip lint js
+.PHONY: help venv browser-deps run course book test gpu-check gpu-wheels gpu-rehearse strip lint js
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -115,7 +128,7 @@ test: venv browser-deps
 	fi; \
 	echo "test: FASTAVATAR_PRESET=smoke FASTAVATAR_HEADLESS=1 FASTAVATAR_RUN_DIR=$$run_dir (removed if everything passes)"; \
 	require_browser=$${FASTAVATAR_REQUIRE_BROWSER:-$$([ "$${CI:-}" = "true" ] && echo 1 || echo 0)}; \
-	rc=0; FASTAVATAR_PRESET=smoke FASTAVATAR_HEADLESS=1 FASTAVATAR_RUN_DIR="$$run_dir" FASTAVATAR_REQUIRE_BROWSER=$$require_browser \
+	rc=0; GOMP_SPINCOUNT=$${GOMP_SPINCOUNT:-1000} FASTAVATAR_PRESET=smoke FASTAVATAR_HEADLESS=1 FASTAVATAR_RUN_DIR="$$run_dir" FASTAVATAR_REQUIRE_BROWSER=$$require_browser \
 	  "$(BIN)/python" -m pytest tests "$${notebooks[@]}" "$${nbval[@]}" $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 0 ]; then rm -rf "$$run_dir"; else echo "test: failed (pytest exit $$rc); run folder kept: $$run_dir"; fi; \
 	exit $$rc
@@ -123,6 +136,24 @@ test: venv browser-deps
 # The GPU path in one command (TORCH_CUDA_ARCH_LIST, CUDA_HOME and PATH are set by the script itself).
 gpu-check: venv
 	@"$(BIN)/python" benchmarks/gpu_check.py
+
+# No venv needed: any python3 with pip downloads (pip download --python-version 3.12 --platform ...).
+gpu-wheels:
+	@$(PYTHON) benchmarks/gpu_toolchain.py wheels $(GPU_WHEELS) $(if $(PYTHON312),--python312 "$(PYTHON312)")
+
+# The GPU machine's Python: python3.12 with torch, numpy, numba and ninja only; everything else from $(GPU_WHEELS).
+gpu-rehearse: gpu-wheels
+	@set -euo pipefail; \
+	if ! "$(GPU_VENV)/bin/python" -c "import torch" >/dev/null 2>&1; then \
+	  py312="$(PYTHON312)"; [ -n "$$py312" ] || py312=$$($(PYTHON) benchmarks/gpu_toolchain.py python312) || { \
+	    echo "gpu-rehearse: no Python 3.12 that runs was found: set PYTHON312=/path/to/python3.12"; exit 1; }; \
+	  echo "gpu-rehearse: creating $(GPU_VENV) with $$py312: pip install $(GPU_TORCH) numpy numba ninja"; \
+	  echo "gpu-rehearse: (the GPU machine's packages: a CUDA build of torch, a few GB the first time)"; \
+	  "$$py312" -m venv "$(GPU_VENV)"; \
+	  "$(GPU_VENV)/bin/python" -m pip install --quiet --progress-bar off "$(GPU_TORCH)" numpy numba ninja; \
+	fi; \
+	echo "gpu-rehearse: OMP_NUM_THREADS=1 $(GPU_VENV)/bin/python benchmarks/gpu_check.py --offline $(GPU_WHEELS) --rehearse"; \
+	OMP_NUM_THREADS=1 "$(GPU_VENV)/bin/python" benchmarks/gpu_check.py --offline $(GPU_WHEELS) --rehearse
 
 strip: venv
 	@"$(BIN)/python" scripts/check_notebooks.py --strip

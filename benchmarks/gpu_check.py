@@ -2,20 +2,25 @@
 
 On a machine with a CUDA GPU, in order, each step recording what happened and going on after a failure:
 
-1. **Toolchain.** gsplat 1.5 compiles its CUDA kernels on first use and needs ``nvcc`` and
-   ``ninja``. A CUDA compiler whose major version matches torch's CUDA is looked for in
-   ``$CUDA_HOME``, on ``PATH``, in ``/usr/local/cuda`` and in pip-installed ``nvidia/cu<N>`` trees;
-   where there is none, PyPI's ``nvidia-cuda-nvcc`` of torch's CUDA series (with ``nvidia-cuda-crt``,
-   ``nvidia-nvvm``, ``nvidia-cuda-cccl`` and ``nvidia-cuda-runtime`` of the same series) is installed
-   with ``pip install --target`` into ``~/.cache/fastavatar-nb/cuda-<X.Y>-pip`` (``$FASTAVATAR_CACHE_DIR``
-   moves it) and used as ``CUDA_HOME``; ``CPATH`` gets torch's own cuBLAS/cuSPARSE/cuSOLVER headers
-   where the toolkit lacks them. ``ninja`` likewise (on ``PATH``, the interpreter's own, else PyPI's).
+0. **Offline** (``--offline DIR``, for a GPU machine that reaches no package registry): the wheel
+   folder ``DIR`` (made by ``make gpu-wheels``) is checked before anything is installed (a missing
+   wheel, two versions of one, or a wheel for another Python is named with the fix, exit 2), then
+   installed with ``pip install --no-index --no-deps --target`` into a temporary folder put first on
+   ``sys.path`` and ``PYTHONPATH``; fastavatar_nb is imported from this source tree. Every module the
+   steps below import is imported once here, so that a missing one is named at once. Nothing is
+   downloaded: nvcc and ninja are the machine's own. ``--rehearse`` (and a machine without CUDA)
+   then also collects the GPU tests, runs each timing section once at a tiny size on the CPU, and
+   stops before the first CUDA call (exit 0 when all of it succeeded).
+1. **Toolchain** (``benchmarks/gpu_toolchain.py``): an ``nvcc`` of torch's CUDA major version and
+   ``ninja``; online, PyPI's nvcc wheels are installed where the machine has none.
 2. **gsplat's kernels**, built for this GPU only: ``TORCH_CUDA_ARCH_LIST`` is set from
-   ``torch.cuda.get_device_capability()`` (``"9.0"`` on an H100/H200) unless already set;
-   architectures below sm_70 are refused. One tiny render with gsplat and with the torch backend.
-   If gsplat does not build, the reason is recorded and the timings use the torch backend on CUDA.
+   ``torch.cuda.get_device_capability()`` (``"9.0"`` on an H100/H200) unless already set, ``MAX_JOBS``
+   to the number of cores; architectures below sm_70 are refused. On a GPU the build runs in a child
+   process under a time limit, its output recorded. One tiny render with gsplat and with the torch
+   backend. If gsplat does not build, the compiler's output is recorded and the timings use the
+   torch backend on CUDA.
 3. ``pytest -m gpu`` (the tests marked ``gpu``).
-4. **Timings at the full preset** (K = 10,144 Gaussians, 275x401, 16 views), each section under its
+4. **Timings at the full preset** (K = 12,680 Gaussians, 275x401, 16 views), each section under its
    own time budget; a section that raises is recorded as an error and the next one runs:
    ``render`` (16 views forward and forward+backward, gsplat and torch backends),
    ``feedforward`` (one photo -> Gaussians at batch 1 and 64: encoder MLP + decoder from a face
@@ -24,22 +29,27 @@ On a machine with a CUDA GPU, in order, each step recording what happened and go
    throughput, projected to 410 subjects x 5,000 steps) and ``decoder`` (``train_decoder`` steps,
    projected to 400 epochs of 410 subjects). The networks are randomly initialised at their real
    sizes: these are latencies, not quality.
-5. Writes ``benchmarks/results/<gpu-name>.json`` (e.g. ``nvidia-h200.json``): device, capability,
-   versions, commit and whether the tree was dirty, the command, every timing and beside it the
-   goal it is compared with.
+5. Writes ``benchmarks/results/<gpu-name>.json`` (e.g. ``nvidia-h200.json``; ``--results-dir``
+   moves it): device, capability, versions, commit (from git, or the wheel folder's ``source.json``
+   where the machine has no ``.git``) and whether the tree was dirty, the command, the time of every
+   step, every timing and beside it the goal it is compared with.
 
 Without CUDA it prints one line, ``gpu-check: skipped: ...``, and exits 0.
 
-    make gpu-check                                   # sets up .venv first
+    make gpu-check                                   # sets up .venv first (needs a registry)
     .venv/bin/python benchmarks/gpu_check.py --budget 420 --no-install
+    python benchmarks/gpu_check.py --offline .whl    # a bare GPU machine: the wheel folder only
+    python benchmarks/gpu_check.py --offline .whl --rehearse   # make gpu-rehearse: up to the first CUDA call
 
 Exit status: 0 when the check ran through (also when gsplat could not be built: the torch backend
-was timed instead and the JSON says why), 1 when ``pytest -m gpu`` failed or a section raised.
+was timed instead and the JSON says why), 1 when ``pytest -m gpu`` failed, a section raised or (with
+``--rehearse``) an import failed, 2 when the wheel folder is not usable (nothing was installed).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import importlib
 import json
@@ -48,7 +58,7 @@ import os
 import platform
 import re
 import shutil
-import site
+import signal
 import statistics
 import subprocess
 import sys
@@ -71,14 +81,27 @@ for _p in (str(HERE), str(ROOT)):  # the sibling benchmark modules, and the pack
     if _p not in sys.path:
         sys.path.append(_p)
 
-PREFIX = "gpu-check:"
-MIN_CAPABILITY = (7, 0)
-"""gsplat's kernels (and CUDA 13) need sm_70 or newer; TORCH_CUDA_ARCH_LIST must list nothing older."""
-NVCC_WHEELS = ("nvidia-cuda-nvcc", "nvidia-cuda-crt", "nvidia-nvvm", "nvidia-cuda-cccl", "nvidia-cuda-runtime")
-"""PyPI packages that together make a CUDA >= 13 compiler tree ``site-packages/nvidia/cu<N>``: nvcc,
-ptxas and fatbinary; the crt headers; cicc (nvvm); cub/thrust (cccl); the runtime headers and libcudart."""
+import gpu_toolchain as gt  # noqa: E402  (a sibling module: found through HERE on sys.path)
+from gpu_toolchain import (  # noqa: E402
+    PREFIX,
+    _run,
+    arch_list,
+    default_tools_dir,
+    ensure_ninja,
+    ensure_nvcc,
+    pip_install,
+    say,
+    tail,
+)
+
 DEFAULT_BUDGET_S = 450.0
 """Wall-clock seconds for the whole script (install, build, tests and timings); sections shrink to fit."""
+DEFAULT_OFFLINE_BUDGET_S = 540.0
+"""The same with ``--offline``: within one 10-minute device call, with a minute to spare."""
+BUILD_BUDGET_S = 330.0
+"""Most seconds gsplat's build may take (in a child process, stopped after that)."""
+RESERVE_AFTER_BUILD_S = 150.0
+"""Seconds of the budget the build leaves for ``pytest -m gpu`` and the timings."""
 
 GOALS: dict[str, dict[str, Any]] = {
     "feedforward": {
@@ -96,22 +119,6 @@ GOALS: dict[str, dict[str, Any]] = {
 }
 
 
-def say(*parts: Any) -> None:
-    print(PREFIX, *parts, flush=True)
-
-
-def tail(text: str, n: int = 4000) -> str:
-    """The last ``n`` characters of ``text`` (compiler logs can be long)."""
-    return text if len(text) <= n else "..." + text[-n:]
-
-
-def _major_minor(version: str) -> tuple[int, int]:
-    m = re.match(r"\s*(\d+)\.(\d+)", str(version))
-    if not m:
-        raise ValueError(f"not a CUDA version: {version!r}")
-    return int(m.group(1)), int(m.group(2))
-
-
 # ------------------------------------------------------------------------------ skip without CUDA
 
 
@@ -122,334 +129,86 @@ def skip_reason() -> str | None:
     return None
 
 
-# ------------------------------------------------------------------------------ toolchain: nvcc, ninja
+
+BUILD_CODE = """\
+import sys, traceback
+try:
+    from gsplat.cuda._backend import _C
+except BaseException:
+    traceback.print_exc()
+    sys.exit(3)
+if _C is None:
+    print("gsplat set _C to None: it found no CUDA toolkit (CUDA_HOME, nvcc)")
+    sys.exit(4)
+print("gsplat's kernels are built and load")
+"""
+"""What the child process runs: gsplat's own JIT build (``gsplat.cuda._backend``) into torch's extensions folder."""
 
 
-@dataclass
-class Nvcc:
-    """A CUDA compiler found on this machine."""
-
-    path: Path
-    """The ``nvcc`` to call."""
-    cuda_home: Path
-    """Toolkit root (``bin/nvcc``, ``include/``, ``lib64/`` or ``lib/``): what ``CUDA_HOME`` should be."""
-    version: str
-    """``"13.0"``: the release ``nvcc --version`` reports."""
-    source: str
-    """Where it was found: ``"CUDA_HOME"``, ``"PATH"``, ``"/usr/local/cuda"`` or ``"pip tree ..."``."""
-
-
-def _run(cmd: Sequence[str], timeout: float = 60.0, **kw: Any) -> subprocess.CompletedProcess:
-    return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def nvcc_release(nvcc: Path) -> str | None:
-    """``"13.0"`` from ``nvcc --version`` (``None`` when it does not run or says no release)."""
+def build_gsplat_child(env: Mapping[str, str], timeout_s: float, python: str = sys.executable,
+                       cwd: Path = ROOT) -> dict[str, Any]:
+    """Build gsplat's kernels in a child process of its own session, stopped (with every nvcc and
+    ninja under it) after ``timeout_s``. Returns ``ok``, the return code, the seconds and the tail of
+    the build's output (the compiler's errors where it failed). Never raises."""
+    t0 = time.perf_counter()
+    info: dict[str, Any] = {"timeout_s": round(timeout_s), "command": "python -c <gpu_check.BUILD_CODE>"}
     try:
-        p = _run([str(nvcc), "--version"])
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"release (\d+)\.(\d+)", p.stdout + p.stderr)
-    return f"{m.group(1)}.{m.group(2)}" if m else None
-
-
-def parse_dryrun_here(text: str) -> Path | None:
-    """The folder nvcc really runs from, from ``nvcc --dryrun`` output (its ``#$ _HERE_=...`` line)."""
-    m = re.search(r"^#\$ _HERE_=(.+)$", text, re.MULTILINE)
-    return Path(m.group(1).strip()) if m else None
-
-
-def toolkit_root(nvcc: Path) -> Path:
-    """The toolkit folder of ``nvcc``: asked of nvcc itself (``--dryrun``), so that a wrapper script
-    such as ``/usr/local/bin/nvcc`` that execs ``/usr/local/cuda-13.0/bin/nvcc`` gives
-    ``/usr/local/cuda-13.0`` (torch would guess ``/usr/local`` from the wrapper's place); else the
-    folder above the resolved ``bin/nvcc``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "empty.cu"
-        src.write_text("")
+        p = subprocess.Popen([python, "-c", BUILD_CODE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=dict(env), cwd=cwd, start_new_session=True)
+    except OSError as e:
+        return {**info, "ok": False, "returncode": None, "seconds": 0.0, "error": f"{type(e).__name__}: {e}", "log": ""}
+    try:
+        out, _ = p.communicate(timeout=max(1.0, timeout_s))
+        rc: int | None = p.returncode
+    except subprocess.TimeoutExpired:
         try:
-            p = _run([str(nvcc), "--dryrun", "-c", str(src), "-o", str(Path(tmp) / "empty.o")])
-            here = parse_dryrun_here(p.stdout + "\n" + p.stderr)
-        except (OSError, subprocess.SubprocessError):
-            here = None
-    if here is not None and (here / "nvcc").exists():
-        return here.resolve().parent
-    return nvcc.resolve().parent.parent
-
-
-def site_roots() -> list[Path]:
-    """This interpreter's site-packages folders (where pip puts ``nvidia/cu<N>/bin/nvcc``)."""
-    roots = [*site.getsitepackages()]
-    try:
-        roots.append(site.getusersitepackages())
-    except AttributeError:  # some embedded interpreters
-        pass
-    return [Path(r) for r in roots]
-
-
-def nvcc_candidates(env: Mapping[str, str], pip_roots: Sequence[Path] = (),
-                    system_homes: Sequence[Path] = (Path("/usr/local/cuda"),)) -> list[tuple[Path, str]]:
-    """Every ``nvcc`` worth trying, in order: ``$CUDA_HOME``/``$CUDA_PATH``, ``PATH``, the system
-    toolkits, then pip wheel trees ``<root>/nvidia/cu*/bin/nvcc``. Not checked to exist."""
-    out: list[tuple[Path, str]] = []
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if env.get(var):
-            out.append((Path(env[var]) / "bin" / "nvcc", var))
-    on_path = shutil.which("nvcc", path=env.get("PATH", ""))
-    if on_path:
-        out.append((Path(on_path), "PATH"))
-    out += [(home / "bin" / "nvcc", str(home)) for home in system_homes]
-    for root in pip_roots:
-        for nvcc in sorted(Path(root).glob("nvidia/cu*/bin/nvcc"), reverse=True):
-            out.append((nvcc, f"pip tree {root}"))
-    return out
-
-
-def find_nvcc(cuda_version: str | None, env: Mapping[str, str] | None = None, pip_roots: Sequence[Path] = (),
-              system_homes: Sequence[Path] = (Path("/usr/local/cuda"),)) -> tuple[Nvcc | None, list[str]]:
-    """The first working ``nvcc`` of :func:`nvcc_candidates` whose major version is ``cuda_version``'s
-    (torch's CUDA; ``None`` accepts any), and why others were passed over.
-
-    A compiler of another major version is passed over: torch refuses to build extensions with it.
-    ``cuda_home`` is ``$CUDA_HOME`` as given when nvcc came from there, else :func:`toolkit_root`.
-    """
-    env = os.environ if env is None else env
-    want = _major_minor(cuda_version)[0] if cuda_version else None
-    rejected: list[str] = []
-    seen: set[Path] = set()
-    for path, source in nvcc_candidates(env, pip_roots, system_homes):
-        if not (path.is_file() and os.access(path, os.X_OK)):
-            continue
-        key = path.resolve()
-        if key in seen:
-            continue
-        seen.add(key)
-        version = nvcc_release(path)
-        if version is None:
-            rejected.append(f"{path} ({source}): `nvcc --version` names no release")
-            continue
-        if want is not None and _major_minor(version)[0] != want:
-            rejected.append(f"{path} ({source}): CUDA {version}, but torch was built with CUDA {cuda_version}")
-            continue
-        home = Path(env[source]) if source in ("CUDA_HOME", "CUDA_PATH") else toolkit_root(path)
-        return Nvcc(path, home, version, source), rejected
-    return None, rejected
-
-
-def nvcc_requirements(cuda_version: str) -> list[str]:
-    """pip requirements for a CUDA compiler of torch's CUDA series, e.g. ``"13.0"`` ->
-    ``nvidia-cuda-nvcc==13.0.*`` and its companions (:data:`NVCC_WHEELS`).
-
-    Raises:
-        ValueError: CUDA before 13, whose wheels (``nvidia-cuda-nvcc-cu12`` ...) are split into one
-            folder per package and make no toolkit folder this script can use.
-    """
-    major, minor = _major_minor(cuda_version)
-    if major < 13:
-        raise ValueError(
-            f"torch was built with CUDA {cuda_version}; installing nvcc from PyPI is supported for CUDA 13 and "
-            f"later (one nvidia/cu13 tree). Install the CUDA {major}.{minor} toolkit (nvcc) and set CUDA_HOME")
-    return [f"{name}=={major}.{minor}.*" for name in NVCC_WHEELS]
-
-
-def pip_install_command(requirements: Sequence[str], target: Path, python: str = sys.executable) -> list[str]:
-    """``python -m pip install --target <target> ...``: a folder of its own, so the venv stays as
-    ``pyproject.toml`` makes it."""
-    return [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--quiet", "--upgrade",
-            "--target", str(target), *requirements]
-
-
-def pip_install(requirements: Sequence[str], target: Path) -> None:
-    """Install ``requirements`` into ``target`` with pip (raises ``RuntimeError`` with pip's output)."""
-    target.mkdir(parents=True, exist_ok=True)
-    cmd = pip_install_command(requirements, target)
-    p = _run(cmd, timeout=600)
-    if p.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed ({p.returncode}): {tail(p.stdout + p.stderr, 2000)}")
-
-
-def make_cuda_home(tree: Path, home: Path) -> Path:
-    """A ``CUDA_HOME`` for torch's extension builder over a pip wheel tree (``.../nvidia/cu13``).
-
-    The wheels ship ``lib/libcudart.so.13`` but no unversioned ``libcudart.so``, which torch's
-    ``-lcudart`` needs. ``home`` gets links to every entry of ``tree`` (``bin``, ``include``, ``nvvm``
-    ...) and a ``lib64/`` of links to ``tree/lib``'s files plus ``libcudart.so``; the tree itself
-    is not changed. Rebuilt on every call.
-    """
-    if home.is_symlink() or home.is_file():
-        home.unlink()
-    elif home.exists():
-        shutil.rmtree(home)
-    home.mkdir(parents=True)
-    for entry in sorted(tree.iterdir()):
-        if entry.name not in ("lib", "lib64"):
-            (home / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
-    lib = home / "lib64"
-    lib.mkdir()
-    for folder in (tree / "lib64", tree / "lib"):
-        if folder.is_dir():
-            for f in sorted(folder.iterdir()):
-                if not (lib / f.name).exists():
-                    (lib / f.name).symlink_to(f.resolve())
-    cudart = sorted(lib.glob("libcudart.so.*"))
-    if cudart and not (lib / "libcudart.so").exists():
-        (lib / "libcudart.so").symlink_to(cudart[0].resolve())
-    return home
-
-
-def use_nvcc(nvcc: Nvcc, env: MutableMapping[str, str]) -> None:
-    """Make ``nvcc`` the compiler torch and gsplat use: ``CUDA_HOME`` and the front of ``PATH``."""
-    env["CUDA_HOME"] = str(nvcc.cuda_home)
-    bin_dir = str(nvcc.cuda_home / "bin")
-    if env.get("PATH", "").split(os.pathsep)[0] != bin_dir:
-        env["PATH"] = os.pathsep.join([bin_dir, *filter(None, env.get("PATH", "").split(os.pathsep))])
-    ext = sys.modules.get("torch.utils.cpp_extension")
-    if ext is not None and env is os.environ:  # already imported: it read CUDA_HOME at import
-        ext.CUDA_HOME = str(nvcc.cuda_home)
-
-
-LIBRARY_HEADERS = ("cublas_v2.h", "cusparse.h", "cusolverDn.h")
-"""Headers of CUDA's libraries that torch's ``ATen/cuda/CUDAContext.h`` includes; the nvcc wheels and
-a minimal toolkit lack them, torch's own wheels (nvidia-cublas, -cusparse, -cusolver) carry them."""
-
-
-def library_header_dirs(cuda_home: Path, pip_roots: Sequence[Path]) -> list[Path]:
-    """Folders ``<root>/nvidia/cu*/include`` that hold the :data:`LIBRARY_HEADERS` missing from
-    ``cuda_home/include`` (empty when none is missing): for ``CPATH``, which gcc and nvcc search."""
-    missing = [h for h in LIBRARY_HEADERS if not (cuda_home / "include" / h).is_file()]
-    found: list[Path] = []
-    for root in pip_roots:
-        for inc in sorted(Path(root).glob("nvidia/cu*/include")):
-            if any((inc / h).is_file() for h in missing) and inc not in found:
-                found.append(inc)
-    return found
-
-
-def default_tools_dir(cuda_version: str) -> Path:
-    """``$FASTAVATAR_CACHE_DIR`` (default ``~/.cache/fastavatar-nb``) ``/ cuda-<X.Y>-pip``."""
-    cache = os.environ.get("FASTAVATAR_CACHE_DIR")
-    base = Path(cache).expanduser() if cache else Path.home() / ".cache" / "fastavatar-nb"
-    major, minor = _major_minor(cuda_version)
-    return base / f"cuda-{major}.{minor}-pip"
-
-
-Installer = Callable[[Sequence[str], Path], None]
-
-
-def ensure_nvcc(cuda_version: str, env: MutableMapping[str, str], tools_dir: Path,
-                pip_roots: Sequence[Path] | None = None,
-                system_homes: Sequence[Path] = (Path("/usr/local/cuda"),),
-                install: Installer | None = pip_install) -> dict[str, Any]:
-    """Find (or, with ``install``, pip-install into ``tools_dir``) an nvcc for torch's ``cuda_version``
-    and make it the one used (:func:`use_nvcc`). Returns what happened; never raises."""
-    roots = [tools_dir, *(site_roots() if pip_roots is None else pip_roots)]
-    info: dict[str, Any] = {"ok": False, "torch_cuda": cuda_version, "installed": False}
-    try:
-        nvcc, rejected = find_nvcc(cuda_version, env, roots, system_homes)
-        info["passed_over"] = rejected
-        if nvcc is None:
-            if install is None:
-                info["error"] = f"no nvcc for CUDA {cuda_version} found and installing is off (--no-install)"
-                return info
-            reqs = nvcc_requirements(cuda_version)
-            info["requirements"] = reqs
-            say(f"no nvcc for CUDA {cuda_version}: pip install --target {tools_dir} {' '.join(reqs)}")
-            t0 = time.perf_counter()
-            install(reqs, tools_dir)
-            info.update(installed=True, install_seconds=round(time.perf_counter() - t0, 1))
-            nvcc, more = find_nvcc(cuda_version, env, [tools_dir], ())
-            info["passed_over"] = rejected + more
-            if nvcc is None:
-                info["error"] = f"installed {reqs} into {tools_dir}, but found no working nvcc there"
-                return info
-        if nvcc.source.startswith("pip tree"):
-            nvcc = dataclasses.replace(nvcc, cuda_home=make_cuda_home(nvcc.path.parent.parent, tools_dir / "cuda-home"))
-        use_nvcc(nvcc, env)
-        info.update(ok=True, nvcc=str(nvcc.path), version=nvcc.version, source=nvcc.source,
-                    cuda_home=str(nvcc.cuda_home))
-        extra = library_header_dirs(nvcc.cuda_home, roots)
-        if extra:
-            env["CPATH"] = os.pathsep.join([*map(str, extra), *filter(None, env.get("CPATH", "").split(os.pathsep))])
-            info["cpath_added"] = [str(d) for d in extra]
-    except Exception as e:  # recorded; gsplat then reports no toolkit and the torch backend is timed
-        info["error"] = f"{type(e).__name__}: {e}"
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            p.kill()
+        out, _ = p.communicate()
+        rc = None
+    info.update(ok=rc == 0, returncode=rc, seconds=round(time.perf_counter() - t0, 1), log=tail(out or "", 8000))
+    if rc is None:
+        info["error"] = f"the build did not finish within {timeout_s:.0f} s and was stopped"
+    elif rc != 0:
+        last = [ln for ln in (out or "").splitlines() if ln.strip()][-1:] or ["(no output)"]
+        info["error"] = f"the build failed (exit {rc}): {last[0][:500]}"
     return info
-
-
-def ensure_ninja(env: MutableMapping[str, str], tools_dir: Path,
-                 install: Installer | None = pip_install) -> dict[str, Any]:
-    """``ninja`` on ``PATH`` for torch's extension builder: found there, beside this interpreter
-    (a venv's ``bin/``, not on ``PATH`` when make calls ``.venv/bin/python``), in ``tools_dir/bin``,
-    or pip-installed there. Never raises."""
-    info: dict[str, Any] = {"ok": False, "installed": False}
-    try:
-        found = shutil.which("ninja", path=env.get("PATH", ""))
-        if not found:
-            for folder in (Path(sys.executable).parent, tools_dir / "bin"):
-                if (folder / "ninja").is_file():
-                    env["PATH"] = os.pathsep.join([str(folder), *filter(None, env.get("PATH", "").split(os.pathsep))])
-                    found = str(folder / "ninja")
-                    break
-        if not found and install is not None:
-            say(f"no ninja: pip install --target {tools_dir} ninja")
-            install(["ninja"], tools_dir)
-            info["installed"] = True
-            env["PATH"] = os.pathsep.join([str(tools_dir / "bin"), *filter(None, env.get("PATH", "").split(os.pathsep))])
-            found = shutil.which("ninja", path=env["PATH"])
-        if not found:
-            info["error"] = "ninja not found" + ("" if install is not None else " and installing is off (--no-install)")
-            return info
-        p = _run([found, "--version"])
-        info.update(ok=p.returncode == 0, ninja=found, version=p.stdout.strip())
-    except Exception as e:
-        info["error"] = f"{type(e).__name__}: {e}"
-    return info
-
-
-# ------------------------------------------------------------------------------ gsplat for this GPU
-
-
-def arch_list(capability: tuple[int, int], user_value: str | None = None) -> str:
-    """``TORCH_CUDA_ARCH_LIST`` for building gsplat: ``"9.0"`` for capability ``(9, 0)``, or the
-    user's own value when set (non-empty).
-
-    Raises:
-        ValueError: the GPU, or an architecture in the user's value, is below sm_70 (gsplat's kernels
-            and CUDA 13 do not support it; torch would fail the build with a less clear message).
-    """
-    floor = f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}"
-    if user_value and user_value.strip():
-        archs = re.findall(r"(\d+)\.(\d+)", user_value)
-        if not archs:
-            raise ValueError(f"TORCH_CUDA_ARCH_LIST={user_value!r} names no architecture such as '9.0'")
-        old = [f"{a}.{b}" for a, b in archs if (int(a), int(b)) < MIN_CAPABILITY]
-        if old:
-            raise ValueError(f"TORCH_CUDA_ARCH_LIST={user_value!r} lists {', '.join(old)}, below sm_70 ({floor}); "
-                             "gsplat's kernels cannot be built for it: list only 7.0 or newer, or unset it")
-        return user_value.strip()
-    major, minor = capability
-    if (major, minor) < MIN_CAPABILITY:
-        raise ValueError(f"this GPU has compute capability {major}.{minor}, below sm_70 ({floor}): gsplat's CUDA "
-                         "kernels cannot be built for it; the torch backend renders on CUDA instead")
-    return f"{major}.{minor}"
 
 
 def build_gsplat(arch: str | None, device: torch.device, refusal: str | None = None,
-                 env: MutableMapping[str, str] = os.environ) -> dict[str, Any]:
-    """Build (or load) gsplat's kernels through the library's own check, then render one small scene
-    with gsplat and with torch. ``arch=None`` (with ``refusal``, the reason) builds nothing."""
+                 env: MutableMapping[str, str] = os.environ, timeout_s: float | None = None) -> dict[str, Any]:
+    """Build (or load) gsplat's kernels, then render one small scene with gsplat and with torch.
+    ``arch=None`` (with ``refusal``, the reason) builds nothing. With ``timeout_s`` the build runs
+    first in a child process (:func:`build_gsplat_child`; where it fails or runs out of time gsplat is
+    not imported here at all, its output is recorded); then, or without it, through the library's
+    own check in this process, which loads what the child built."""
     from fastavatar_nb.render import gsplat_backend
 
     if arch is None:  # every timing names its backend, so nothing here asks gsplat to build after this
         return {"ok": False, "why": refusal or "gsplat's build was refused", "seconds": 0.0}
     env["TORCH_CUDA_ARCH_LIST"] = arch
     env.setdefault("MAX_JOBS", str(os.cpu_count() or 4))
-    say(f"building gsplat's kernels (TORCH_CUDA_ARCH_LIST={arch}, MAX_JOBS={env['MAX_JOBS']}); "
-        "a few minutes the first time")
     t0 = time.perf_counter()
+    info: dict[str, Any] = {"torch_extensions_dir": env.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")}
+    if timeout_s is not None:
+        say(f"building gsplat's kernels in a child process (TORCH_CUDA_ARCH_LIST={arch}, MAX_JOBS={env['MAX_JOBS']}, "
+            f"at most {timeout_s:.0f} s)")
+        child = build_gsplat_child(env, timeout_s)
+        info["build"] = child
+        say(f"gsplat build: {'ok' if child['ok'] else 'FAILED'} in {child['seconds']} s"
+            + ("" if child["ok"] else f": {child['error']}"))
+        if not child["ok"]:
+            for line in child["log"].splitlines()[-30:]:
+                print(f"    {line}", flush=True)
+            sys.modules["gsplat.cuda._backend"] = None  # type: ignore[assignment]  # no second build in this process
+            return {**info, "ok": False, "why": f"gsplat's build failed: {child['error']}\n{tail(child['log'], 3000)}",
+                    "seconds": round(time.perf_counter() - t0, 1)}
+    else:
+        say(f"building gsplat's kernels (TORCH_CUDA_ARCH_LIST={arch}, MAX_JOBS={env['MAX_JOBS']}); "
+            "a few minutes the first time")
     ok, why = gsplat_backend.gsplat_status()
-    info: dict[str, Any] = {"ok": ok, "why": tail(why, 6000), "seconds": round(time.perf_counter() - t0, 1),
-                            "torch_extensions_dir": env.get("TORCH_EXTENSIONS_DIR", "~/.cache/torch_extensions")}
+    info.update(ok=ok, why=tail(why, 6000), seconds=round(time.perf_counter() - t0, 1))
     say(f"gsplat: {'built/loaded' if ok else 'NOT available'} in {info['seconds']} s"
         + ("" if ok else f": {why[:300]}"))
     if ok:
@@ -467,6 +226,18 @@ def build_gsplat(arch: str | None, device: torch.device, refusal: str | None = N
         except Exception as e:
             info["tiny_render"] = {"error": f"{type(e).__name__}: {e}"}
     return info
+
+
+def block_gsplat(env: MutableMapping[str, str]) -> Path:
+    """After a failed build: a folder first on ``PYTHONPATH`` whose ``gsplat`` raises ImportError, so
+    that the GPU tests report gsplat as missing (and use torch) instead of building it again."""
+    stub = Path(tempfile.mkdtemp(prefix="gpu-check-no-gsplat-"))
+    atexit.register(shutil.rmtree, stub, True)
+    (stub / "gsplat").mkdir()
+    (stub / "gsplat" / "__init__.py").write_text(
+        'raise ImportError("gsplat\'s build failed earlier in this GPU check (see gsplat_build in its JSON)")\n')
+    env["PYTHONPATH"] = os.pathsep.join([str(stub), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])
+    return stub
 
 
 # ------------------------------------------------------------------------------ pytest -m gpu
@@ -555,6 +326,7 @@ def run_sections(sections: Sequence[Section], deadline: float, device: torch.dev
             say(f"{s.name}: ERROR {type(e).__name__}: {str(e)[:300]}")
         out["seconds"] = round(clock() - t0, 2)
         out["budget_s"] = round(share, 1)
+        say(f"{s.name}: {out['status']} in {out['seconds']:.1f} s")
         if cuda:
             out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         results[s.name] = out
@@ -1009,53 +781,196 @@ def _version(dist: str) -> str | None:
         return None
 
 
+# ------------------------------------------------------------------------------ offline: the wheel folder
+
+
+REHEARSAL_IMPORTS = (
+    # gsplat, and what its build imports (torch.utils.cpp_extension needs setuptools)
+    "gsplat", "gsplat.rendering", "rich.console", "packaging.version", "torch.utils.cpp_extension",
+    # the feedforward section: FaceNet and MTCNN (torchvision and PIL at import, requests too)
+    "facenet_pytorch", "torchvision.ops", "PIL.Image", "requests",
+    # the library as the sections and the GPU tests use it
+    "safetensors.torch", "tqdm", "fastavatar_nb.presets", "fastavatar_nb.cameras", "fastavatar_nb.gaussians",
+    "fastavatar_nb.render", "fastavatar_nb.data", "fastavatar_nb.objective", "fastavatar_nb.decoder",
+    "fastavatar_nb.encoder", "fastavatar_nb.faces", "fastavatar_nb.refine", "fastavatar_nb.fitting",
+    "fastavatar_nb.checkpoints", "render", "_record",
+    # pytest -m gpu
+    "pytest",
+)
+"""Every module the check imports beyond torch and numpy, imported at once after the offline install."""
+
+
+def import_everything(modules: Sequence[str] = REHEARSAL_IMPORTS, site_dir: Path | None = None) -> dict[str, Any]:
+    """Import each of ``modules`` and say where it came from (``wheel folder``, ``source tree`` or ``this
+    machine``); then make the CPU-side objects the timings need (FaceNet at its real size, MTCNN with
+    the weights its wheel ships, torchvision's compiled NMS, the full preset's sizes). Never raises:
+    ``{"modules": {name: {...}}, "objects": {...}, "failed": [names]}``."""
+    mods: dict[str, dict[str, Any]] = {}
+    for name in modules:
+        try:
+            m = importlib.import_module(name)
+            f = str(getattr(m, "__file__", "") or "")
+            origin = ("wheel folder" if site_dir and f.startswith(str(site_dir)) else
+                      "this machine" if f.startswith((sys.prefix, sys.base_prefix)) or not f.startswith(str(ROOT))
+                      else "source tree")
+            mods[name] = {"ok": True, "from": origin, "file": f}
+        except Exception as e:  # recorded: on a GPU the section that needs it fails and says so
+            mods[name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+
+    def facenet() -> str:
+        from facenet_pytorch import InceptionResnetV1
+
+        n = sum(p.numel() for p in InceptionResnetV1(pretrained=None, classify=False).parameters())
+        return f"InceptionResnetV1, {n:,} parameters (random)"
+
+    def mtcnn() -> str:
+        from fastavatar_nb.faces import make_mtcnn
+
+        m = make_mtcnn(device="cpu")
+        return f"MTCNN, {sum(p.numel() for p in m.parameters()):,} parameters (weights from its wheel)"
+
+    def nms() -> str:
+        import torchvision
+
+        keep = torchvision.ops.nms(torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10]]), torch.tensor([0.9, 0.8]), 0.5)
+        return f"torchvision {torchvision.__version__} ops.nms kept {keep.tolist()}"
+
+    def sizes() -> str:
+        s = Sizes.full()
+        return f"full preset: K = {s.num_gaussians:,}, {s.width}x{s.height}, {s.num_views} views"
+
+    objects: dict[str, str] = {}
+    for label, make in (("facenet", facenet), ("mtcnn", mtcnn), ("nms", nms), ("sizes", sizes)):
+        try:
+            objects[label] = make()
+        except Exception as e:
+            objects[label] = f"ERROR {type(e).__name__}: {e}"
+    failed = [n for n, r in mods.items() if not r["ok"]] + [k for k, v in objects.items() if v.startswith("ERROR")]
+    return {"modules": mods, "objects": objects, "failed": failed}
+
+
+def collect_gpu_tests(env: Mapping[str, str], timeout_s: float = 180.0) -> dict[str, Any]:
+    """``pytest --collect-only -m gpu`` over :func:`gpu_test_files`: their imports, without CUDA."""
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+           *gpu_test_files()]
+    try:
+        p = _run(cmd, timeout=timeout_s, cwd=ROOT, env=dict(env))
+    except (OSError, subprocess.SubprocessError) as e:
+        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip()]
+    return {"ok": p.returncode == 0, "returncode": p.returncode, "summary": lines[-1].strip("= ") if lines else "",
+            "output_tail": tail(p.stdout + p.stderr, 3000)}
+
+
+def prepare_offline(folder: Path, env: MutableMapping[str, str], site_dir: Path | None = None,
+                    torch_version: str = torch.__version__) -> tuple[int | None, dict[str, Any]]:
+    """Check the wheel folder (every problem named, with its fix, before anything is installed), install
+    it into ``site_dir`` (default a new temporary folder) and put that first on ``sys.path`` and
+    ``PYTHONPATH``. Returns ``(exit status to stop with, or None to go on; what was done)``."""
+    t0 = time.perf_counter()
+    check = gt.check_wheel_folder(folder, torch_version=torch_version)
+    info: dict[str, Any] = {"folder": str(folder), "stamp": gt.read_stamp(folder), "errors": check.errors,
+                            "warnings": check.warnings, "left_out": check.skipped}
+    for msg in check.warnings:
+        say(f"warning: {msg}")
+    if not check.ok:
+        for msg in check.errors:
+            say(f"ERROR: {msg}")
+        say(f"nothing installed: {len(check.errors)} problem(s) with the wheel folder {folder}")
+        return 2, info
+    if site_dir is None:  # removed when the check ends
+        site_dir = Path(tempfile.mkdtemp(prefix="gpu-check-site-"))
+        atexit.register(shutil.rmtree, site_dir, True)
+    site_dir = Path(site_dir)
+    say(f"wheel folder {folder}: {len(check.install)} wheels, one version each"
+        + (f"; left out: {'; '.join(check.skipped)}" if check.skipped else ""))
+    try:
+        info["install"] = gt.install_wheels(check.install, site_dir)
+    except Exception as e:
+        info["install"] = {"error": f"{type(e).__name__}: {e}"}
+        say(f"ERROR: installing the wheels failed: {info['install']['error']}")
+        return 2, info
+    gt.activate_site(site_dir, env)
+    info["site_dir"] = str(site_dir)
+    info["seconds"] = round(time.perf_counter() - t0, 1)
+    say(f"installed {len(check.install)} wheels into {site_dir} ({info['install']['method']}, --no-index) "
+        f"in {info['seconds']} s")
+    return None, info
+
+
 # ------------------------------------------------------------------------------ main
 
 
 def run_check(device: torch.device, gpu: dict[str, Any], capability: tuple[int, int], sizes: Sizes, budget_s: float,
               results_dir: Path, install: bool = True, run_tests: bool = True, tools_dir: Path | None = None,
               make_sections: Callable[[Context], list[Section]] = timing_sections,
-              env: MutableMapping[str, str] = os.environ) -> tuple[int, Path]:
+              env: MutableMapping[str, str] = os.environ, started: float | None = None,
+              offline: dict[str, Any] | None = None) -> tuple[int, Path]:
     """Everything after the skip check (steps 1-5 of the module docstring) on ``device``; returns the
     exit status and the results file. ``main`` passes the GPU; tests pass the CPU, small sizes and
-    their own sections."""
+    their own sections. ``started`` (a ``time.perf_counter()`` value) is when the budget began (the
+    offline install's time counts); ``offline`` is what :func:`prepare_offline` did: then nothing
+    is installed (``install`` is ignored), and the commit comes from the wheel folder's stamp where
+    git knows none."""
     from _record import _git, provenance
 
     from fastavatar_nb import presets
 
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() if started is None else started
     deadline = t_start + budget_s
+    steps: dict[str, float] = {}
+    if offline is not None:
+        steps["wheel folder: check and install"] = offline.get("seconds", 0.0)
+        install = False
     tree_dirty = bool(_git("status", "--porcelain"))  # before this run writes its results file
     user_arch = env.get("TORCH_CUDA_ARCH_LIST")
     say(f"{gpu['name']} (capability {gpu['capability']}, {gpu.get('memory_gib')} GiB), torch {torch.__version__} "
-        f"CUDA {torch.version.cuda}, budget {budget_s:.0f} s")
+        f"CUDA {torch.version.cuda}, budget {budget_s:.0f} s ({deadline - time.perf_counter():.0f} s left)")
 
+    t0 = time.perf_counter()
     cuda_version = torch.version.cuda or ""
     tools_dir = tools_dir or default_tools_dir(cuda_version or "0.0")
     installer = pip_install if install else None
     toolchain = {"nvcc": ensure_nvcc(cuda_version, env, tools_dir, install=installer),
-                 "ninja": ensure_ninja(env, tools_dir, install=installer), "tools_dir": str(tools_dir)}
-    nv, nj = toolchain["nvcc"], toolchain["ninja"]
+                 "ninja": ensure_ninja(env, tools_dir, install=installer), "tools_dir": str(tools_dir),
+                 "python_headers": gt.python_headers(Path(offline["folder"]) if offline else tools_dir, env),
+                 "offline": offline is not None}
+    nv, nj, ph = toolchain["nvcc"], toolchain["ninja"], toolchain["python_headers"]
     say(f"nvcc: {nv.get('nvcc')} (CUDA {nv.get('version')}, {nv.get('source')})" if nv["ok"]
         else f"nvcc: NOT available: {nv.get('error')}")
     say(f"ninja: {nj.get('ninja')} {nj.get('version')}" if nj["ok"] else f"ninja: NOT available: {nj.get('error')}")
+    say(f"Python.h: {ph['include']} ({ph['source']})" if ph["ok"] else f"Python.h: NOT found: {ph['error']}")
+    steps["toolchain"] = round(time.perf_counter() - t0, 1)
 
+    t0 = time.perf_counter()
     try:
         arch, refusal = arch_list(capability, user_arch), None
     except ValueError as e:
         arch, refusal = None, str(e)
         say(f"not building gsplat: {refusal}")
-    gsplat_build = build_gsplat(arch, device, refusal, env)
+    build_timeout = None
+    if device.type == "cuda":
+        build_timeout = max(60.0, min(BUILD_BUDGET_S, deadline - time.perf_counter() - RESERVE_AFTER_BUILD_S))
+    gsplat_build = build_gsplat(arch, device, refusal, env, timeout_s=build_timeout)
     gsplat_build["arch_list"] = arch
     gsplat_build["arch_list_from"] = ("TORCH_CUDA_ARCH_LIST (set by the user)" if user_arch and user_arch.strip()
                                       else "torch.cuda.get_device_capability()")
     backends = ["gsplat", "torch"] if gsplat_build["ok"] else ["torch"]
+    steps["gsplat build"] = round(time.perf_counter() - t0, 1)
 
-    tests = run_gpu_tests(min(180.0, max(30.0, 0.35 * (deadline - time.perf_counter()))), env) if run_tests \
-        else {"skipped": "--skip-tests"}
+    t0 = time.perf_counter()
+    if run_tests:
+        test_env = dict(env)
+        if not gsplat_build["ok"] and device.type == "cuda":
+            gsplat_build["blocked_for_tests"] = str(block_gsplat(test_env))
+        tests = run_gpu_tests(min(180.0, max(30.0, 0.35 * (deadline - time.perf_counter()))), test_env)
+    else:
+        tests = {"skipped": "--skip-tests"}
+    steps["pytest -m gpu"] = round(time.perf_counter() - t0, 1)
 
     ctx = Context(device, sizes, backends)
     sections = run_sections(make_sections(ctx), deadline, device)
+    steps.update({f"section {k}": v.get("seconds", 0.0) for k, v in sections.items()})
 
     record = {
         **provenance("gpu_check", device, gsplat_build["why"] or ""),
@@ -1063,19 +978,24 @@ def run_check(device: torch.device, gpu: dict[str, Any], capability: tuple[int, 
         "gpu": gpu,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
                      "gsplat": _version("gsplat"), "nvcc": nv.get("version"), "fastavatar_nb": _version("fastavatar-nb"),
-                     "facenet_pytorch": _version("facenet-pytorch")},
+                     "facenet_pytorch": _version("facenet-pytorch"), "torchvision": _version("torchvision")},
         "environment": {k: env.get(k) for k in ("TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CPATH", "MAX_JOBS",
-                                                  "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS")},
-        "toolchain": toolchain, "gsplat_build": gsplat_build, "backends_timed": backends, "pytest_gpu": tests,
-        "preset": presets.base("full").to_dict(), "sizes": dataclasses.asdict(sizes),
-        "goals": GOALS, "sections": sections, "summary": summary_rows(sections),
+                                                  "TORCH_EXTENSIONS_DIR", "OMP_NUM_THREADS", "PYTHONPATH")},
+        "offline": offline, "toolchain": toolchain, "gsplat_build": gsplat_build, "backends_timed": backends,
+        "pytest_gpu": tests, "preset": presets.base("full").to_dict(), "sizes": dataclasses.asdict(sizes),
+        "goals": GOALS, "sections": sections, "summary": summary_rows(sections), "steps_s": steps,
         "total_seconds": round(time.perf_counter() - t_start, 1), "budget_s": budget_s,
     }
+    stamp = (offline or {}).get("stamp") or {}
+    if record["commit"] == "unknown" and stamp.get("commit"):  # no .git on this machine
+        record.update(commit=stamp["commit"], tree_dirty=bool(stamp.get("tree_dirty")),
+                      commit_from=f"{offline['folder']}/{gt.STAMP} (make gpu-wheels, {stamp.get('date')})")
     path = write_results(record, results_path(gpu["name"], results_dir))
 
     for row in record["summary"]:
         say(f"{row['what']}: {row['seconds']:.4g} s, goal {row['goal_s']:g} s: "
             f"{'met' if row['meets_goal'] else 'NOT met'}")
+    say("times: " + ", ".join(f"{k} {v:.0f} s" for k, v in steps.items()))
     errors = [n for n, r in sections.items() if r["status"] == "error"]
     say(f"gsplat {'built' if gsplat_build['ok'] else 'NOT built (torch backend timed instead)'}; "
         f"pytest -m gpu: {tests.get('summary') or tests.get('error') or tests.get('skipped')}; "
@@ -1084,26 +1004,113 @@ def run_check(device: torch.device, gpu: dict[str, Any], capability: tuple[int, 
     return (1 if failed else 0), path
 
 
+REHEARSAL_SIZES = Sizes(num_gaussians=300, width=40, height=58, feedforward_batches=(1, 2), refine_steps=4,
+                        fit_batch_sizes=(2,), fit_steps=2, decoder_subjects=2, decoder_steps=2, repeats=1)
+"""The rehearsal's CPU pass over the timing sections: their code, in seconds."""
+
+
+def sections_on_cpu(sizes: Sizes = REHEARSAL_SIZES, budget_s: float = 120.0) -> dict[str, Any]:
+    """Every timing section once at ``sizes`` on the CPU with the torch backend (its printing kept
+    back, shown only where a section failed): the sections' code with these packages, before a GPU."""
+    import contextlib
+    import io
+
+    t0 = time.perf_counter()
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        ctx = Context(torch.device("cpu"), sizes, ["torch"])
+        res = run_sections(timing_sections(ctx), time.perf_counter() + budget_s)
+    status = {k: v["status"] for k, v in res.items()}
+    out = {"status": status, "errors": {k: v["error"] for k, v in res.items() if "error" in v},
+           "seconds": round(time.perf_counter() - t0, 1)}
+    if any(s != "ok" for s in status.values()):
+        print(buf.getvalue(), end="", flush=True)
+    return out
+
+
+def rehearse(env: MutableMapping[str, str], site_dir: Path | None, collect: bool) -> dict[str, Any]:
+    """Import everything (:func:`import_everything`); with ``collect`` (the rehearsal, which stops
+    before CUDA), also collect the GPU tests and run the timing sections once at tiny sizes on the CPU
+    (:func:`sections_on_cpu`). Prints one line per failure and a summary line for each step."""
+    t0 = time.perf_counter()
+    out = import_everything(site_dir=site_dir)
+    mods = out["modules"]
+    for name, r in mods.items():
+        if not r["ok"]:
+            say(f"import {name}: FAILED: {r['error']}")
+    for label, text in out["objects"].items():
+        say(f"{label}: {text}")
+    counts = {o: sum(r.get("from") == o for r in mods.values()) for o in ("wheel folder", "source tree", "this machine")}
+    say(f"imported {sum(r['ok'] for r in mods.values())} of {len(mods)} modules: {counts['wheel folder']} from the "
+        f"wheel folder, {counts['source tree']} from the source tree, {counts['this machine']} from this machine's "
+        "own packages")
+    if collect:
+        out["collect"] = c = collect_gpu_tests(env)
+        say(f"pytest --collect-only -m gpu: {c.get('summary') or c.get('error')}")
+        if not c["ok"]:
+            out["failed"].append("pytest --collect-only -m gpu")
+            print(c.get("output_tail", ""), flush=True)
+        out["sections_on_cpu"] = s = sections_on_cpu()
+        say(f"timing sections once at {s_label(REHEARSAL_SIZES)} on the CPU: "
+            + ", ".join(f"{k} {v}" for k, v in s["status"].items()) + f" ({s['seconds']} s)")
+        out["failed"] += [f"section {k}" for k, v in s["status"].items() if v != "ok"]
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def s_label(sizes: Sizes) -> str:
+    return f"K = {sizes.num_gaussians}, {sizes.width}x{sizes.height}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    started = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
-                    help=f"seconds for the whole check; sections shrink to fit (default {DEFAULT_BUDGET_S:.0f})")
+    ap.add_argument("--budget", type=float, default=None,
+                    help=f"seconds for the whole check; sections shrink to fit (default {DEFAULT_BUDGET_S:.0f}, "
+                         f"{DEFAULT_OFFLINE_BUDGET_S:.0f} with --offline)")
+    ap.add_argument("--offline", type=Path, default=None, metavar="DIR",
+                    help="a machine without a package registry: install only the wheels of DIR (make gpu-wheels) "
+                         "with pip --no-index into a temporary folder; nvcc and ninja only as found; no network")
+    ap.add_argument("--rehearse", action="store_true",
+                    help="with --offline: check and install the wheels, import everything, collect the GPU tests, "
+                         "then stop before the first CUDA call (exit 0 when every import succeeded)")
+    ap.add_argument("--site-dir", type=Path, default=None,
+                    help="with --offline: install into this folder (default: a new temporary one)")
     ap.add_argument("--no-install", action="store_true", help="never pip-install nvcc or ninja")
     ap.add_argument("--skip-tests", action="store_true", help="do not run pytest -m gpu")
     ap.add_argument("--tools-dir", type=Path, default=None,
                     help="where nvcc/ninja wheels go (default ~/.cache/fastavatar-nb/cuda-<X.Y>-pip)")
     ap.add_argument("--results-dir", type=Path, default=RESULTS, help="folder of <gpu-name>.json (default %(default)s)")
     args = ap.parse_args(argv)
+    if args.rehearse and args.offline is None:
+        ap.error("--rehearse needs --offline DIR (the wheel folder to rehearse with)")
+    budget = args.budget if args.budget is not None else (DEFAULT_OFFLINE_BUDGET_S if args.offline else DEFAULT_BUDGET_S)
 
-    reason = skip_reason()
-    if reason is not None:
-        print(f"{PREFIX} skipped: {reason}", flush=True)
-        return 0
+    offline = None
+    if args.offline is not None:
+        say(f"offline: Python {platform.python_version()}, torch {torch.__version__}, wheels from {args.offline} "
+            f"(no index, no network), budget {budget:.0f} s")
+        status, offline = prepare_offline(args.offline, os.environ, args.site_dir)
+        if status is not None:
+            return status
+        reason = skip_reason()
+        stop = args.rehearse or reason is not None
+        offline["rehearsal"] = r = rehearse(os.environ, Path(offline["site_dir"]), collect=stop)
+        if stop:
+            result = ("every import succeeded" if not r["failed"] else f"{len(r['failed'])} FAILED: {', '.join(r['failed'])}")
+            say(f"rehearsal: {result}; stopping at the first CUDA call: "
+                f"{reason or 'asked to (--rehearse)'} ({time.perf_counter() - started:.0f} s)")
+            return 1 if r["failed"] else 0
+    else:
+        reason = skip_reason()
+        if reason is not None:
+            print(f"{PREFIX} skipped: {reason}", flush=True)
+            return 0
     device = torch.device("cuda", torch.cuda.current_device())
     status, _ = run_check(device, _gpu_info(device), torch.cuda.get_device_capability(device), Sizes.full(),
-                          args.budget, args.results_dir, install=not args.no_install, run_tests=not args.skip_tests,
-                          tools_dir=args.tools_dir)
+                          budget, args.results_dir, install=not args.no_install, run_tests=not args.skip_tests,
+                          tools_dir=args.tools_dir, started=started, offline=offline)
     return status
 
 

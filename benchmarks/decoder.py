@@ -5,13 +5,16 @@
   takes <= 10 ms on an A100).
 - ``decode + render``: the same, then one view at the preset's image size.
 - ``train step``: one step of ``train_decoder``'s inner loop at the preset's ``DecoderConfig``
-  (``subjects_per_step`` codes decoded, ``views_per_step`` views each, loss, backward, Adam).
+  (``subjects_per_step`` codes decoded, ``views_per_step`` distinct rig views each, loss, backward,
+  Adam), and its two shares measured apart: the MLP (decode and backward) and the renders with the loss
+  (forward and backward). Each renderer backend of ``--backends`` is measured in the same run.
 
 Sizes: the paper's decoder (``latent_dim`` 512, ``embed_dim`` 32, 6 x 256) for K = 2,500 (the
 smoke preset) and K = 10,144 (the paper's); the template is a head-sized ellipsoid of Gaussians.
 Median of ``--repeats`` runs after one warm-up.
 
     python benchmarks/decoder.py --preset smoke     # CPU sizes
+    python benchmarks/decoder.py --preset course --ks 2500 --out benchmarks/results/cpu-2core/decoder_course_cpu.json
     python benchmarks/decoder.py --preset full      # on a CUDA GPU (gsplat)
 
 Writes ``benchmarks/results/local/decoder_<preset>_<device>.json`` unless ``--out`` is given.
@@ -25,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import _spin  # noqa: F401  (first: see benchmarks/_spin.py)
 import torch
 from _record import RESULTS, provenance, save
 from render import head_scene, sync
@@ -33,10 +37,12 @@ from fastavatar_nb import presets
 from fastavatar_nb.cameras import Cameras
 from fastavatar_nb.decoder import DecoderConfig, apply_residuals, positional_embedding
 from fastavatar_nb.objective import photometric_loss
-from fastavatar_nb.render import render
+from fastavatar_nb.render import render, resolve_backend
 from fastavatar_nb.render.gsplat_backend import gsplat_status
 
 KS = [2_500, 10_144]
+STEP_VIEWS = (0, 5, 8, 13, 2, 10, 7, 15)
+"""Rig cameras of a benchmark training step's views (distinct, spread around the head)."""
 
 
 def median_time(fn: Callable[[], None], device: torch.device, repeats: int) -> float:
@@ -72,8 +78,10 @@ def bench_k(K: int, cfg: DecoderConfig, cams: Cameras, device: torch.device, bac
     B, V = cfg.subjects_per_step, cfg.views_per_step
     codes = torch.randn(B, cfg.latent_dim, device=device, requires_grad=True)
     opt = torch.optim.Adam([*decoder.parameters(), codes], lr=1e-4)
-    step_cams = Cameras(cams.viewmats.reshape(1, 1, 4, 4).expand(B, V, 4, 4),
-                        cams.Ks.reshape(1, 1, 3, 3).expand(B, V, 3, 3), cams.width, cams.height)
+    rig = Cameras.nersemble_rig().resize(cams.width, cams.height).to(device)
+    views = [STEP_VIEWS[v % len(STEP_VIEWS)] for v in range(V)]  # distinct rig views, as a training step draws
+    step_cams = Cameras(rig.viewmats[views][None].expand(B, V, 4, 4), rig.Ks[views][None].expand(B, V, 3, 3),
+                        cams.width, cams.height)
     gt = torch.rand(B, V, cams.height, cams.width, 3, device=device)
 
     def train_step() -> None:
@@ -83,29 +91,50 @@ def bench_k(K: int, cfg: DecoderConfig, cams: Cameras, device: torch.device, bac
         loss.backward()
         opt.step()
 
+    def mlp_only() -> None:  # the step's decoder share: decode, a stand-in loss, backward
+        opt.zero_grad(set_to_none=True)
+        r = decoder(codes, emb)
+        (r.means.square().sum() + r.sh.square().sum() + r.log_scales.square().sum()).backward()
+
+    with torch.no_grad():
+        heads = apply_residuals(template, decoder(codes, emb))
+
+    def render_only() -> None:  # the step's renderer share: forward and backward of the same renders
+        g = heads.clone().requires_grad_()
+        out = render(g, step_cams, backend=backend)
+        photometric_loss(out.colors, gt, None, cfg.l1_weight, cfg.ssim_weight)["total"].mean().backward()
+
     return {"K": K, "width": cams.width, "height": cams.height, "subjects_per_step": B, "views_per_step": V,
-            "decode_s": median_time(decode, device, repeats),
+            "backend": backend, "decode_s": median_time(decode, device, repeats),
             "decode_render_s": median_time(decode_render, device, repeats),
-            "train_step_s": median_time(train_step, device, repeats)}
+            "train_step_s": median_time(train_step, device, repeats),
+            "train_step_mlp_s": median_time(mlp_only, device, repeats),
+            "train_step_render_loss_s": median_time(render_only, device, repeats)}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="auto", help="smoke | full | auto (sizes, device, backend)")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--backends", nargs="+", default=None,
+                    help="renderer backends to compare (default: the preset's, and torch beside it)")
+    ap.add_argument("--ks", nargs="+", type=int, default=KS, help=f"template sizes (default {KS})")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     preset = presets.get(args.preset)
-    device, backend = preset.torch_device, preset.backend
+    device = preset.torch_device
+    backends = args.backends or list(dict.fromkeys([resolve_backend(preset.backend, device), "torch"]))
     cfg = DecoderConfig.for_preset(preset)
     cams = Cameras.nersemble_rig()[8].resize(preset.image_width, preset.image_height).to(device)
     rows = []
-    for K in KS:
-        row = bench_k(K, cfg, cams, device, backend, args.repeats)
-        rows.append(row)
-        print(f"K={K:>6} decode {row['decode_s'] * 1e3:7.1f} ms | decode+render {row['decode_render_s'] * 1e3:7.1f} ms"
-              f" | train step ({row['subjects_per_step']} x {row['views_per_step']} views) "
-              f"{row['train_step_s'] * 1e3:7.1f} ms", flush=True)
+    for K in args.ks:
+        for backend in backends:
+            row = bench_k(K, cfg, cams, device, backend, args.repeats)
+            rows.append(row)
+            print(f"K={K:>6} {backend:6s} decode {row['decode_s'] * 1e3:7.1f} ms | decode+render "
+                  f"{row['decode_render_s'] * 1e3:7.1f} ms | train step ({row['subjects_per_step']} x "
+                  f"{row['views_per_step']} views) {row['train_step_s'] * 1e3:7.1f} ms (MLP {row['train_step_mlp_s'] * 1e3:.0f}"
+                  f", render+loss {row['train_step_render_loss_s'] * 1e3:.0f})", flush=True)
     _, why = gsplat_status()
     record = {**provenance("decoder", device, why), "preset": preset.to_dict(), "repeats": args.repeats,
               "decoder_parameters": sum(p.numel() for p in cfg.make_decoder().parameters()), "rows": rows}

@@ -19,9 +19,13 @@ import importlib
 import logging
 import sys
 
-from . import render
-from .cameras import Cameras
-from .gaussians import Gaussians
+from ._openmp import limit_spin
+
+limit_spin()  # before torch loads OpenMP (see fastavatar_nb._openmp)
+
+from . import render  # noqa: E402
+from .cameras import Cameras  # noqa: E402
+from .gaussians import Gaussians  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["Cameras", "Gaussians", "render", "__version__"]

@@ -25,7 +25,7 @@ Names:
 Asking for ``"full"`` on a machine without CUDA raises :class:`PresetError`: at paper
 scale the CPU renderer would need days. Pass ``allow_cpu=True`` (or set the environment
 variable ``FASTAVATAR_ALLOW_CPU_FULL=1``) to get it anyway, on ``device="cpu"`` with the
-``"torch"`` backend, e.g. to inspect its numbers.
+``"auto"`` backend (the compiled CPU renderer), e.g. to inspect its numbers.
 
 Run folder: ``preset.run_dir`` defaults to ``<root>/runs/<name>`` where ``<root>`` is the
 nearest ancestor of the current directory (itself included) that holds both
@@ -51,6 +51,8 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
+from .render import Backend
+
 __all__ = [
     "Backend",
     "Device",
@@ -65,7 +67,6 @@ __all__ = [
 ]
 
 Device = Literal["cpu", "cuda"]
-Backend = Literal["torch", "gsplat"]
 PresetName = Literal["smoke", "course", "full"]
 PRESET_NAMES: tuple[str, ...] = (*get_args(PresetName), "auto")
 """Every name :func:`get` accepts."""
@@ -92,7 +93,8 @@ class Preset:
     device: Device
     """Where tensors live: "cpu" or "cuda". Notebooks pass ``preset.torch_device`` down."""
     backend: Backend
-    """Renderer backend for ``fastavatar_nb.render.render``: "torch" (any device) or "gsplat" (CUDA)."""
+    """Renderer backend for ``fastavatar_nb.render.render``: "auto" (numba on a CPU, gsplat on CUDA, each
+    falling back to torch), "numba" (compiled, CPU), "gsplat" (CUDA) or "torch" (the reference, any device)."""
     num_subjects: int
     """Subjects in the dataset: train, val and test together."""
     num_test_subjects: int
@@ -299,7 +301,7 @@ COURSE_DECODER_EPOCHS = 4
 _SMOKE = Preset(
     name="smoke",
     device="cpu",
-    backend="torch",
+    backend="auto",
     num_subjects=14,
     num_test_subjects=2,
     num_val_subjects=2,
@@ -382,7 +384,7 @@ def get(name: str = "auto", *, allow_cpu: bool | None = None, **overrides: Any) 
     Args:
         name: "smoke", "course", "full", or "auto" (= "full" when CUDA is available, else "smoke").
             Case and surrounding spaces are ignored.
-        allow_cpu: return "full" even without CUDA (on device "cpu", backend "torch") instead
+        allow_cpu: return "full" even without CUDA (on device "cpu", backend "auto") instead
             of raising. ``None`` reads the environment variable ``FASTAVATAR_ALLOW_CPU_FULL``.
         **overrides: field values replacing the preset's (e.g. ``num_subjects=4``); unknown
             field names raise.
@@ -413,11 +415,11 @@ def get(name: str = "auto", *, allow_cpu: bool | None = None, **overrides: Any) 
                 f"allow_cpu=True / set {ALLOW_CPU_FULL_ENV}=1 to run it on CPU anyway."
             )
         warnings.warn(
-            f"Preset {key!r} runs on CPU with the torch backend because CUDA is not available: "
-            "expect it to be very slow.",
+            f"Preset {key!r} runs on CPU because CUDA is not available (the compiled CPU renderer where numba "
+            "works, else the torch backend): expect it to be very slow.",
             stacklevel=2,
         )
-        preset = preset.replace(device="cpu", backend="torch")
+        preset = preset.replace(device="cpu", backend="auto")
     if preset.backend == "gsplat" and cuda:
         from .render.gsplat_backend import gsplat_status
 
@@ -534,11 +536,16 @@ def setup(preset: Preset, *, save: bool = True) -> str:
     device = preset.device
     if preset.device == "cuda" and torch.cuda.is_available():
         device = f"cuda ({torch.cuda.get_device_name(0)})"
+    backend = preset.backend
+    if backend == "auto":
+        from .render import resolve_backend
+
+        backend = f"auto -> {resolve_backend('auto', preset.torch_device)}"
     return "\n".join(
         [
             f"python {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__} | "
             f"gsplat {_version('gsplat')} | fastavatar-nb {_version('fastavatar-nb')}",
-            f"device {device} | backend {preset.backend} | seed {preset.seed} | {threads}",
+            f"device {device} | backend {backend} | seed {preset.seed} | {threads}",
             f"preset {preset.describe()}",
             preset.describe_data(),
         ]

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import os
 import random
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 """``<repository>/../shared``: data and docs shared by the project (may be absent)."""
@@ -86,3 +89,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class PeakTracker(TorchDispatchMode):
+    """Peak live bytes of the tensor storages created by torch ops inside the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.cur, self.peak = {}, 0, 0
+
+    def _free(self, key):
+        self.cur -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                key = (st.data_ptr(), id(st))
+                if st.nbytes() and key not in self.live:
+                    self.live[key] = st.nbytes()
+                    self.cur += st.nbytes()
+                    self.peak = max(self.peak, self.cur)
+                    weakref.finalize(st, self._free, key)
+        return out

@@ -48,7 +48,7 @@ def test_full_falls_back_to_the_torch_backend_where_gsplat_cannot_build(fake_cud
 
 def test_smoke_numbers(no_cuda: None) -> None:
     p = presets.get("smoke")
-    assert (p.name, p.device, p.backend) == ("smoke", "cpu", "torch")
+    assert (p.name, p.device, p.backend) == ("smoke", "cpu", "auto")
     assert (p.num_subjects, p.num_train_subjects, p.num_val_subjects, p.num_test_subjects) == (14, 10, 2, 2)
     assert (p.image_width, p.image_height) == (69, 100)
     assert (p.num_gaussians, p.fit_iterations, p.refine_iterations) == (2_500, 200, 50)
@@ -92,7 +92,7 @@ def test_full_without_cuda_raises_unless_allowed(no_cuda: None, monkeypatch: pyt
         presets.get("full")
     with pytest.warns(UserWarning, match="very slow"):
         p = presets.get("full", allow_cpu=True)
-    assert (p.device, p.backend, p.num_gaussians) == ("cpu", "torch", 12_680)
+    assert (p.device, p.backend, p.num_gaussians) == ("cpu", "auto", 12_680)
     monkeypatch.setenv(presets.ALLOW_CPU_FULL_ENV, "1")
     with pytest.warns(UserWarning):
         assert presets.get("full").device == "cpu"
@@ -184,7 +184,7 @@ def test_describe_names_the_numbers(no_cuda: None, tmp_path: Path) -> None:
         "200 it",
         "refine 50",
         "cpu",
-        "torch",
+        "auto",
     ):
         assert part in line
 
@@ -206,7 +206,7 @@ def test_setup_seeds_and_reports(no_cuda: None, tmp_path: Path) -> None:
     torch.testing.assert_close(first[0], second[0])
     assert first[1:] == second[1:]
     assert f"torch {torch.__version__}" in text and "numpy" in text and "gsplat" in text
-    assert "device cpu" in text and "backend torch" in text and "seed 3" in text
+    assert "device cpu" in text and "backend auto -> numba" in text and "seed 3" in text
     assert Preset.load(tmp_path / "run" / "preset.json") == p
 
 

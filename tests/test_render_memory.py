@@ -3,41 +3,15 @@
 from __future__ import annotations
 
 import math
-import weakref
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from conftest import PeakTracker
 
 from fastavatar_nb.cameras import Cameras
 from fastavatar_nb.gaussians import Gaussians
 from fastavatar_nb.render import MEMORY_ENV, RenderMemoryError, estimate_render_memory, memory_budget, render
 from fastavatar_nb.render.torch_rasterizer import plan_image_chunks
-
-
-class PeakTracker(TorchDispatchMode):
-    """Peak live bytes of the tensor storages created by torch ops inside the mode."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.cur, self.peak = {}, 0, 0
-
-    def _free(self, key):
-        self.cur -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                key = (st.data_ptr(), id(st))
-                if st.nbytes() and key not in self.live:
-                    self.live[key] = st.nbytes()
-                    self.cur += st.nbytes()
-                    self.peak = max(self.peak, self.cur)
-                    weakref.finalize(st, self._free, key)
-        return out
 
 
 def head(K, seed=0):
@@ -113,3 +87,77 @@ def test_chunk_plan_and_refusal_when_one_camera_does_not_fit(monkeypatch):
     with pytest.raises(ValueError, match="positive"):
         memory_budget("cpu", -1.0)
     assert math.isclose(memory_budget("cpu", 2.0), 2 * 1024 ** 3)
+
+
+# ------------------------------------------------------------------------- the real limit: cgroups and ulimit -v
+
+
+def fake_cgroup(tmp_path, monkeypatch, proc_cgroup: str, files: dict[str, str]):
+    """A fake /proc/self and /sys/fs/cgroup tree for the render module to read."""
+    import fastavatar_nb.render as render_pkg
+
+    proc = tmp_path / "proc" / "self"
+    proc.mkdir(parents=True)
+    (proc / "cgroup").write_text(proc_cgroup)
+    (proc / "status").write_text("Name:\tpython\nVmSize:\t 2097152 kB\n")  # 2 GiB mapped
+    root = tmp_path / "cgroup"
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    monkeypatch.setattr(render_pkg, "PROC_SELF", proc)
+    monkeypatch.setattr(render_pkg, "CGROUP_ROOT", root)
+    monkeypatch.setattr(render_pkg, "_host_memory_available", lambda: 200 * 1024 ** 3)  # a big host
+    return render_pkg
+
+
+def test_cgroup_v2_limit_is_the_budget_not_the_hosts_free_memory(tmp_path, monkeypatch):
+    GiB = 1024 ** 3
+    pkg = fake_cgroup(tmp_path, monkeypatch, "0::/user.slice/pod\n", {
+        "user.slice/pod/memory.max": str(2 * GiB), "user.slice/pod/memory.current": str(GiB // 2),
+        "user.slice/memory.max": "max", "user.slice/memory.current": str(10 * GiB)})
+    assert pkg._available_memory(torch.device("cpu")) == 2 * GiB - GiB // 2
+    assert memory_budget("cpu") == int(0.75 * (1.5 * GiB))
+    # an ancestor's tighter limit wins
+    (tmp_path / "cgroup" / "user.slice" / "memory.max").write_text(str(11 * GiB))
+    assert pkg._cgroup_memory_left() == GiB
+    # "max" everywhere: no limit, the host's memory counts
+    for f in ("user.slice/pod/memory.max", "user.slice/memory.max"):
+        (tmp_path / "cgroup" / f).write_text("max\n")
+    assert pkg._cgroup_memory_left() is None
+    assert pkg._available_memory(torch.device("cpu")) == 200 * GiB
+
+
+def test_cgroup_v1_limit(tmp_path, monkeypatch):
+    GiB = 1024 ** 3
+    pkg = fake_cgroup(tmp_path, monkeypatch, "12:cpu,cpuacct:/docker/abc\n4:memory:/docker/abc\n", {
+        "memory/docker/abc/memory.limit_in_bytes": str(3 * GiB),
+        "memory/docker/abc/memory.usage_in_bytes": str(GiB),
+        "memory/memory.limit_in_bytes": "9223372036854771712"})  # v1's "unlimited"
+    assert pkg._cgroup_memory_left() == 2 * GiB
+
+
+def test_address_space_limit_counts_what_is_already_mapped(tmp_path, monkeypatch):
+    import resource
+
+    GiB = 1024 ** 3
+    pkg = fake_cgroup(tmp_path, monkeypatch, "0::/\n", {})
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (8 * GiB, resource.RLIM_INFINITY))
+    assert pkg._address_space_left() == 6 * GiB  # 8 GiB cap, 2 GiB mapped
+    assert pkg._available_memory(torch.device("cpu")) == 6 * GiB
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert pkg._address_space_left() is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_sixteen_huge_views_under_an_8gb_address_space_cap_give_a_clear_error(tmp_path, monkeypatch, backend):
+    """Without a simulated limit this render would try to allocate about 12 GB and fail deep in torch with
+    "can't allocate memory"; with the cap seen, it refuses at once and says what to do."""
+    import resource
+
+    GiB = 1024 ** 3
+    fake_cgroup(tmp_path, monkeypatch, "0::/\n", {})
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (8 * GiB, resource.RLIM_INFINITY))
+    g = head(500)
+    cams = Cameras.nersemble_rig()[:16].resize(4096, 5973)
+    with torch.no_grad(), pytest.raises(RenderMemoryError, match=r"16 image\(s\) of 4096x5973.*cameras\[i:j\]"):
+        render(g, cams, backend=backend)

@@ -1,9 +1,12 @@
-"""``render(gaussians, cameras)``: one entry point, two interchangeable backends.
+"""``render(gaussians, cameras)``: one entry point, three interchangeable backends.
 
-- ``"torch"``: :mod:`~fastavatar_nb.render.torch_rasterizer`, pure PyTorch, CPU or GPU.
+- ``"torch"``: :mod:`~fastavatar_nb.render.torch_rasterizer`, pure PyTorch, CPU or GPU: the
+  readable reference (notebook 01 derives it) that the others are tested against.
+- ``"numba"``: :mod:`~fastavatar_nb.render.numba_rasterizer`, the same maths with its binning and
+  blending compiled by numba, multi-threaded, CPU only (10x or more faster than torch on a CPU).
 - ``"gsplat"``: ``gsplat.rasterization``, CUDA only, much faster.
-- ``"auto"``: gsplat when CUDA and working gsplat kernels are present, else torch; the
-  choice and its reason are logged once.
+- ``"auto"``: on CUDA gsplat when its kernels work, else torch; on the CPU numba when it
+  compiles, else torch. The choice and its reason are logged once.
 
 Both follow gsplat's conventions: SH colour ``+0.5`` clamped at 0, premultiplied alpha
 composited as ``colors + (1 - alpha) * background``, EWA projection with a 0.3 px
@@ -15,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -23,36 +27,112 @@ from torch import Tensor
 from ..cameras import Cameras
 from ..gaussians import Gaussians
 from .gsplat_backend import gsplat_status, rasterize_gsplat
+from .numba_rasterizer import NUMBA_TILE_SIZE, NumbaBackendError, numba_status, rasterize_numba
 from .torch_rasterizer import RenderMemoryError, auto_tile_size, estimate_memory, overlaps_per_image
 from .torch_rasterizer import rasterize as rasterize_torch
 
 __all__ = ["Backend", "DEFAULT_TILE_SIZE", "RenderOutput", "render", "resolve_backend", "composite",
            "RenderMemoryError", "RenderDtypeError", "MEMORY_ENV", "MEMORY_FRACTION", "memory_budget",
-           "estimate_render_memory"]
+           "estimate_render_memory", "NumbaBackendError"]
 
-Backend = Literal["auto", "torch", "gsplat"]
-_BACKENDS = ("auto", "torch", "gsplat")
+Backend = Literal["auto", "torch", "numba", "gsplat"]
+_BACKENDS = ("auto", "torch", "numba", "gsplat")
 log = logging.getLogger("fastavatar_nb.render")
 _announced: set[tuple[str, str]] = set()
-DEFAULT_TILE_SIZE: dict[str, int | None] = {"torch": None, "gsplat": 16}
+DEFAULT_TILE_SIZE: dict[str, int | None] = {"torch": None, "numba": NUMBA_TILE_SIZE, "gsplat": 16}
 """Tile edge in pixels per backend when ``render(tile_size=None)``; ``None``: the torch
 rasterizer picks 4, 8 or 16 from the Gaussians' screen size (``torch_rasterizer.auto_tile_size``)."""
 
 
 MEMORY_ENV = "FASTAVATAR_RENDER_MEMORY_GB"
-"""Environment variable: the torch backend's memory budget in GiB (overrides the default)."""
+"""Environment variable: the torch and numba backends' memory budget in GiB (overrides the default)."""
 MEMORY_FRACTION = 0.75
-"""Default budget of the torch backend: this fraction of the memory available now (RAM on CPU,
-free GPU memory on CUDA)."""
+"""Default budget of the torch and numba backends: this fraction of the memory available now (on the CPU
+the least of the host's free RAM, the container's cgroup limit and ``RLIMIT_AS``; free GPU memory on CUDA)."""
 
 
 class RenderDtypeError(TypeError):
     """The Gaussians (or cameras) have a dtype the renderer cannot compute in."""
 
 
-def _available_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+"""Where the control groups are mounted (a test points it at a fake tree)."""
+PROC_SELF = Path("/proc/self")
+"""This process's ``/proc`` folder (``cgroup``, ``status``)."""
+_NO_LIMIT = 2 ** 60
+"""cgroup v1 writes 'no limit' as a number near 2^63."""
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    if text in ("", "max"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return None if value >= _NO_LIMIT else value
+
+
+def _cgroup_memory_left() -> int | None:
+    """Bytes this process's control groups still allow (limit minus usage, the tightest over the group and
+    its ancestors): cgroup v2 ``memory.max`` / ``memory.current``, cgroup v1 ``memory.limit_in_bytes`` /
+    ``memory.usage_in_bytes``. ``None`` where no limit is set (or nothing can be read)."""
+    try:
+        lines = (PROC_SELF / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    left: list[int] = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, rel = parts
+        rel = rel.strip().lstrip("/")
+        if controllers == "":  # v2: the unified hierarchy; every ancestor's limit applies
+            names = ("memory.max", "memory.current")
+            base = CGROUP_ROOT
+        elif "memory" in controllers.split(","):  # v1: the memory controller's own tree
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            base = CGROUP_ROOT / "memory" if (CGROUP_ROOT / "memory").is_dir() else CGROUP_ROOT
+        else:
+            continue
+        folder = base / rel if rel else base
+        while True:
+            limit = _read_int(folder / names[0])
+            if limit is not None:
+                left.append(max(0, limit - (_read_int(folder / names[1]) or 0)))
+            if folder == base or base not in folder.parents:
+                break
+            folder = folder.parent
+    return min(left) if left else None
+
+
+def _address_space_left() -> int | None:
+    """Bytes of address space left under ``RLIMIT_AS`` (``ulimit -v``): the soft limit minus this process's
+    ``VmSize``; ``None`` where there is no limit."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft in (resource.RLIM_INFINITY, -1) or soft <= 0:
+        return None
+    used = 0
+    try:
+        for line in (PROC_SELF / "status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                used = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(0, soft - used)
+
+
+def _host_memory_available() -> int | None:
     try:
         import psutil
 
@@ -60,13 +140,23 @@ def _available_memory(device: torch.device) -> int | None:
     except ImportError:
         pass
     try:
-        with open("/proc/meminfo") as f:
+        with open(PROC_SELF.parent / "meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _available_memory(device: torch.device) -> int | None:
+    """Memory available now: free GPU memory on CUDA; on the CPU the least of the host's available RAM,
+    what the control groups (a container, a Binder pod) still allow, and the address space left under
+    ``RLIMIT_AS``. A pod of 2 GB on a host with 200 GB free is 2 GB here."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    known = [v for v in (_host_memory_available(), _cgroup_memory_left(), _address_space_left()) if v is not None]
+    return min(known) if known else None
 
 
 def memory_budget(device: torch.device | str = "cpu", budget_gb: float | None = None) -> int | None:
@@ -159,13 +249,27 @@ def resolve_backend(backend: Backend = "auto", device: torch.device | str = "cpu
     device = torch.device(device)
     if backend == "torch":
         return "torch"
+    if backend == "numba":
+        if device.type != "cpu":
+            raise RuntimeError(
+                f"backend='numba' renders on the CPU, but the Gaussians are on {device}. Use backend='gsplat' "
+                "or backend='torch' there, or move them with .to('cpu')."
+            )
+        ok, why = numba_status()
+        if not ok:
+            raise RuntimeError(f"backend='numba' is unavailable: {why}. Use backend='torch' (runs anywhere).")
+        return "numba"
     if device.type != "cuda":
         if backend == "gsplat":
             raise RuntimeError(
                 f"backend='gsplat' needs a CUDA device, but the Gaussians are on {device}. "
                 "Move them with .to('cuda') or use backend='torch' (runs anywhere)."
             )
-        choice, why = "torch", f"data on {device}; gsplat needs CUDA"
+        if device.type == "cpu":
+            ok, why = numba_status()
+            choice, why = ("numba", f"compiled CPU kernels: {why}") if ok else ("torch", f"numba unavailable: {why}")
+        else:
+            choice, why = "torch", f"data on {device}; gsplat needs CUDA, numba the CPU"
     else:
         ok, why = gsplat_status()
         if backend == "gsplat" and not ok:
@@ -212,14 +316,16 @@ def render(gaussians: Gaussians, cameras: Cameras, background: float | Tensor | 
         cameras: ``[..., C]`` cameras on the same device.
         background: RGB composited behind (premultiplied): scalar, ``[3]`` or ``[..., C, 3]``;
             default white (NeRSemble's); ``None`` for black.
-        backend: ``"auto"``, ``"torch"`` or ``"gsplat"``.
+        backend: ``"auto"``, ``"torch"``, ``"numba"`` (compiled, CPU) or ``"gsplat"`` (CUDA).
         sh_degree: highest SH band used (0-3).
         tile_size: tile edge in pixels; default :data:`DEFAULT_TILE_SIZE` of the backend (gsplat
-            16; torch: chosen from the Gaussians' screen size, because its cost grows with tile
+            16, numba 8; torch: chosen from the Gaussians' screen size, because its cost grows with tile
             area times overlaps, see ``benchmarks/render.py``).
-        memory_budget_gb: torch backend only: the most memory (GiB) one call may use; default the
+        memory_budget_gb: torch and numba backends: the most memory (GiB) one call may use; default the
             environment variable ``FASTAVATAR_RENDER_MEMORY_GB``, else 75% of the memory available
-            now. Over it, the cameras are drawn in groups that fit (the same pixels and gradients);
+            now (:func:`memory_budget`: cgroup and ``RLIMIT_AS`` limits included). Over it, the cameras
+            are drawn in groups that fit (the same pixels; the torch backend keeps gradients through
+            groups, the numba backend groups only without gradients);
             if one camera at a time does not fit, :class:`RenderMemoryError` (a ``MemoryError``)
             says how much is needed and what to do.
         validate: check every Gaussian value is finite and every quaternion normalisable (one
@@ -288,6 +394,10 @@ def render(gaussians: Gaussians, cameras: Cameras, background: float | Tensor | 
             budget = memory_budget(gaussians.device, memory_budget_gb)
         else:  # looked up only when the estimate is over MEMORY_CHECK_FLOOR: training steps stay cheap
             budget = lambda: memory_budget(gaussians.device)  # noqa: E731
+    if name == "numba":
+        rgb, alpha, depth = rasterize_numba(means, quats, scales, opac, sh, viewmats, Ks, W, H, sh_degree=sh_degree,
+                                            tile_size=tile_size, memory_budget=budget)
+    elif name == "torch":
         rgb, alpha, depth = rasterize_torch(means, quats, scales, opac, sh, viewmats, Ks, W, H,
                                             sh_degree=sh_degree, tile_size=tile_size, memory_budget=budget)
     out_shape = (*batch, C, H, W)

@@ -94,7 +94,8 @@ def bench_k(K: int, cfg: DecoderConfig, cams: Cameras, device: torch.device, bac
     def mlp_only() -> None:  # the step's decoder share: decode, a stand-in loss, backward
         opt.zero_grad(set_to_none=True)
         r = decoder(codes, emb)
-        (r.means.square().sum() + r.sh.square().sum() + r.log_scales.square().sum()).backward()
+        (r.means.square().sum() + r.sh.square().sum() + r.log_scales.square().sum() + r.quats.square().sum()
+         + r.opacity_logits.square().sum()).backward()
 
     with torch.no_grad():
         heads = apply_residuals(template, decoder(codes, emb))

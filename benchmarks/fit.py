@@ -20,6 +20,7 @@ import argparse
 import time
 from pathlib import Path
 
+import _spin  # noqa: F401  (first: see benchmarks/_spin.py)
 import torch
 from _record import RESULTS, provenance, save
 
@@ -30,6 +31,7 @@ from fastavatar_nb.fitting import FitConfig, fit_subjects
 from fastavatar_nb.gaussians import Gaussians
 from fastavatar_nb.render import render
 from fastavatar_nb.render.gsplat_backend import gsplat_status
+from fastavatar_nb.render.numba_rasterizer import numba_status
 
 
 def head_subject(K: int, width: int, height: int, device: torch.device, seed: int = 0) -> MultiViewSubject:
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ok, why = gsplat_status()
     if device.type == "cuda" and ok:
         backends.append("gsplat")
+    if device.type == "cpu" and numba_status()[0]:
+        backends.append("numba")
     subject = head_subject(preset.num_gaussians, preset.image_width, preset.image_height, device)
     rows = []
     print(f"preset {preset.name}: K={preset.num_gaussians}, {preset.image_width}x{preset.image_height}, "

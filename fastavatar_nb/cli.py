@@ -12,7 +12,8 @@ Commands:
   summary, writes ``report.md`` / ``report.html`` into the run folder (see
   ``fastavatar_nb.report``) and exits 1 if any notebook failed, naming the notebook, the
   failing cell and the error.
-- ``fastavatar-nb report [--preset ...] [--out ...]`` rewrites the report of a run folder.
+- ``fastavatar-nb report [--preset ...] [--out ...] [--open]`` rewrites the report of a run folder (and
+  opens it in the browser where there is a display).
 - ``fastavatar-nb presets`` prints every preset's one-line description.
 - ``fastavatar-nb reconstruct photo.jpg [--refine N] [--out DIR] [--run DIR | --checkpoint course]
   [--json] [--overwrite]`` turns one photo into a 3D head (:func:`fastavatar_nb.photo.reconstruct`)
@@ -620,6 +621,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     _check_run_dir(run_dir, _run_dir_origin(args), create=True)
     md_path, html_path = report.write_report(run_dir)
     print(f"Wrote {md_path} and {html_path}")
+    if args.open:
+        if not report.has_display():
+            print(f"No display to open a browser on: open {html_path} from a machine with one")
+        elif report.open_report(html_path, display=True):
+            print(f"Opened {html_path} in the browser")
+        else:
+            print(f"No browser took it: open {html_path} yourself")
     return 0
 
 
@@ -796,8 +804,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--dry-run", action="store_true", help="list what would run or be skipped, run nothing")
     run.set_defaults(func=cmd_run)
-    rep = sub.add_parser("report", help="rewrite report.md/report.html of a run folder")
+    rep = sub.add_parser("report", help="rewrite report.md/report.html of a run folder",
+                         description="Rewrite <run folder>/report.md and report.html from its metrics/, figures/, "
+                         "preset.json and run_status.json: the results first, the figures beside their stage, "
+                         "the preset and every metric last.")
     _add_preset_args(rep)
+    rep.add_argument("--open", action="store_true",
+                     help="open report.html in the browser (where there is a display; otherwise print its path)")
     rep.set_defaults(func=cmd_report)
     pre = sub.add_parser("presets", help="describe the presets")
     pre.set_defaults(func=cmd_presets)

@@ -23,7 +23,9 @@ import math
 import numbers
 import os
 import re
-from collections.abc import Mapping
+import sys
+import webbrowser
+from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from fastavatar_nb import report_results as results
 from fastavatar_nb.presets import Preset
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "list_figures",
     "metrics_path",
     "record_metrics",
+    "open_report",
     "save_image",
     "write_report",
 ]
@@ -182,14 +186,6 @@ def save_image(image: torch.Tensor | np.ndarray, where: Preset | PathLike, name:
     return path
 
 
-def _format_number(value: int | float) -> str:
-    if isinstance(value, int):
-        return f"{value:,}"
-    if value == 0 or 1e-3 <= abs(value) < 1e6:
-        return f"{value:.4g}"
-    return f"{value:.3e}"
-
-
 def _read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -210,18 +206,157 @@ def _collect_metrics_leniently(run_dir: Path) -> tuple[dict[str, dict[str, int |
     return metrics, problems
 
 
+SECTIONS: tuple[tuple[str, str], ...] = (
+    ("results", "Results"),
+    ("stages", "Stage by stage"),
+    ("notebooks", "Notebooks"),
+    ("preset", "Preset"),
+    ("metrics", "Every recorded metric"),
+)
+"""The report's sections in page order: ``(HTML id, heading)``. The preset and the metrics are collapsed."""
+
+LOSES = "\u26a0"
+"""The mark of a learned method that scores below a baseline."""
+
+
+class _Page:
+    """The report as Markdown and HTML side by side (each piece added to both)."""
+
+    def __init__(self) -> None:
+        self.md: list[str] = []
+        self.html: list[str] = []
+
+    def heading(self, level: int, text: str, anchor: str | None = None) -> None:
+        self.md += ["#" * level + " " + text, ""]
+        ident = f' id="{html.escape(anchor)}"' if anchor else ""
+        self.html.append(f"<h{level}{ident}>{html.escape(text)}</h{level}>")
+
+    def para(self, text: str, css: str | None = None) -> None:
+        self.md += [text, ""]
+        klass = f' class="{css}"' if css else ""
+        self.html.append(f"<p{klass}>{html.escape(text)}</p>")
+
+    def items(self, lines: list[str]) -> None:
+        self.md += [*[f"- {line}" for line in lines], ""]
+        self.html.append("<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
+
+    def table(self, header: list[str], rows: list[list[str]], css: str | None = None,
+              row_css: list[str] | None = None, link_column: int | None = None) -> None:
+        """A table; the cells of ``link_column`` (relative paths) become links to themselves."""
+
+        def md_cell(i: int, cell: str) -> str:
+            return f"[{_md_cell(cell)}]({cell})" if i == link_column and cell else _md_cell(cell)
+
+        self.md += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        self.md += ["| " + " | ".join(md_cell(i, c) for i, c in enumerate(row)) + " |" for row in rows]
+        self.md.append("")
+        klass = f' class="{css}"' if css else ""
+        out = [f"<table{klass}><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr></thead><tbody>"]
+        for r, row in enumerate(rows):
+            cells = []
+            for i, cell in enumerate(row):
+                text = html.escape(cell)
+                if i == link_column and cell:
+                    text = f'<a href="{text}">{text}</a>'
+                cells.append(f"<td>{text}</td>")
+            rc = f' class="{row_css[r]}"' if row_css and row_css[r] else ""
+            out.append(f"<tr{rc}>" + "".join(cells) + "</tr>")
+        self.html.append("\n".join(out) + "</tbody></table>")
+
+    def figure(self, rel: str, number: int, caption: str) -> None:
+        name = rel.rsplit("/", 1)[-1]
+        self.md += [f"![{rel}]({rel})", "", f"*Figure {number} ({name}).* {caption}", ""]
+        esc = html.escape(rel)
+        self.html.append(f'<figure id="fig-{html.escape(Path(name).stem)}"><img src="{esc}" alt="{html.escape(caption)}">'
+                         f"<figcaption><b>Figure {number}</b> ({html.escape(name)}). {html.escape(caption)}"
+                         "</figcaption></figure>")
+
+    def open_section(self, anchor: str, title: str, collapsed_summary: str | None = None) -> None:
+        self.html.append(f'<section id="{anchor}">')
+        self.heading(2, title)
+        if collapsed_summary is not None:
+            self.md += ["<details>", f"<summary>{html.escape(collapsed_summary)}</summary>", ""]
+            self.html.append(f"<details><summary>{html.escape(collapsed_summary)}</summary>")
+
+    def close_section(self, collapsed: bool = False) -> None:
+        if collapsed:
+            self.md += ["</details>", ""]
+            self.html.append("</details>")
+        self.html.append("</section>")
+
+
+def _fmt_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {sec:02d} s"
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _per_head(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1000:.0f} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
+def _headline(page: _Page, metrics: dict[str, dict[str, int | float]], preset: dict[str, Any],
+              course: results.Course | None) -> None:
+    rows = results.headline_rows(metrics, course)
+    lpips = any(r.lpips is not None for r in rows if r.source != "paper")  # a column only where we measured it
+    page.para("Unseen test subjects, one photo in and the other 15 views scored (the paper's protocol, notebook 07): "
+              "PSNR, SSIM and MAE over the whole image on white, identity = FaceNet cosine of each rendered view to "
+              "its photo; means per subject, then over subjects."
+              + ("" if lpips else " LPIPS was not measured (it needs LPIPS weights on disk, which these runs did not have)."))
+    body, css = [], []
+    for r in rows:
+        paper = r.source == "paper"  # the paper gives SSIM, MAE and LPIPS to two decimals
+        if r.loses_to:
+            note = f"{LOSES} loses to " + "; ".join(r.loses_to)
+        elif not r.learned:
+            note = "baseline"
+        else:
+            note = "as published" if paper else ""
+        cells = [r.method, results.source_label(r.source, preset, course), _cell(r.psnr, ".2f"),
+                 _cell(r.ssim, ".2f" if paper else ".3f"), _cell(r.mae, ".2f" if paper else ".4f")]
+        cells += [_cell(r.lpips, ".2f" if paper else ".3f")] if lpips else []
+        body.append([*cells, _cell(r.identity, ".3f"), _per_head(r.seconds), note])
+        css.append(" ".join(c for c in ("loses" if r.loses_to else "", "baseline" if not r.learned else "",
+                                        r.source.replace(" ", "-")) if c))
+    header = ["method", "from", "PSNR (dB)", "SSIM", "MAE", *(["LPIPS"] if lpips else []), "identity (cosine)",
+              "time per head", "note"]
+    page.table(header, body, css="headline", row_css=css)
+    page.para(f"{LOSES} marks a learned head that scores below a baseline of the same run on PSNR or SSIM. "
+              + results.baselines_note(metrics)
+              + ("" if course is not None else " The course checkpoint (data_samples/course) is not on this machine."),
+              css="note")
+
+
 def write_report(run_dir: PathLike) -> tuple[Path, Path]:
     """Write ``report.md`` and ``report.html`` into ``run_dir`` and return both paths.
 
-    The report lists the preset (``preset.json``), each notebook's status and time
-    (``run_status.json``), the metric table (``metrics/*.json``) and the figures
-    (``figures/*.png``, linked relative to the run folder). Missing pieces are named as
-    missing rather than left out silently; a damaged metrics file or status entry is named in the
-    report, never raised (the report is written at the end of a long run).
+    The page reads results first (:data:`SECTIONS`):
+
+    1. **Results**: the headline table (:func:`fastavatar_nb.report_results.headline_rows`: the whole image on
+       white for the template, the run's other baselines, the feed-forward and the refined head, the paper's
+       numbers and the shipped course checkpoint's, a learned head below a baseline marked), one sentence
+       per stage computed from the metrics, a paragraph on what this scale can show, and for a real-data
+       run the subjects it used.
+    2. **Stage by stage**: each notebook's outcome with its figures (``figures/NN_*.png``) and captions.
+    3. **Notebooks**: status, time and executed copy of each.
+    4. **Preset** and 5. **every recorded metric** (names with units, values rounded to what they mean),
+       both collapsed in the HTML (``<details>``).
+
+    Missing pieces are named as missing rather than left out silently; a damaged metrics file or status
+    entry is named in the report, never raised (the report is written at the end of a long run).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    preset = _read_json(run_dir / "preset.json")
+    preset_json = _read_json(run_dir / "preset.json")
+    preset: dict[str, Any] = preset_json if isinstance(preset_json, dict) else {}
     status = _read_json(run_dir / "run_status.json")
     notebooks: dict[str, Any] = status.get("notebooks", {}) if isinstance(status, dict) else {}
     if not isinstance(notebooks, dict):
@@ -229,105 +364,149 @@ def write_report(run_dir: PathLike) -> tuple[Path, Path]:
     notebooks = {str(k): v for k, v in notebooks.items() if isinstance(v, dict)}
     metrics, metric_problems = _collect_metrics_leniently(run_dir)
     figures = [p.relative_to(run_dir).as_posix() for p in list_figures(run_dir)]
+    split = _read_json(run_dir / "dataset" / "split.json")
+    course = results.load_course()
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
-    md: list[str] = [
-        f"# fastavatar-nb run report: `{run_dir.name}`",
-        "",
-        f"Written {stamp}. Run folder: `{run_dir}`.",
-        "",
-    ]
-    body: list[str] = [f"<h1>fastavatar-nb run report: <code>{html.escape(run_dir.name)}</code></h1>"]
-    body.append(f"<p>Written {stamp}. Run folder: <code>{html.escape(str(run_dir))}</code>.</p>")
+    page = _Page()
+    page.heading(1, f"fastavatar-nb run report: {run_dir.name}")
+    failed = [s for s, info in notebooks.items() if info.get("status") == "failed"]
+    ran = [info for info in notebooks.values() if isinstance(info.get("seconds"), int | float)]
+    summary = f"Preset {preset.get('name', '(no preset.json)')}; written {stamp}; run folder {run_dir}."
+    if notebooks:
+        ok = sum(info.get("status") in ("ok", "skipped") for info in notebooks.values())
+        summary += (f" {ok} of {len(notebooks)} notebooks ran ok"
+                    f" ({_fmt_seconds(sum(float(i['seconds']) for i in ran))} executing).")
+    page.para(summary, css="meta")
 
-    md += ["## Preset", ""]
-    body.append("<h2>Preset</h2>")
-    if isinstance(preset, dict):
-        items = [(str(k), str(v)) for k, v in preset.items()]
-        md += ["| field | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in items], ""]
-        body.append(_html_table(["field", "value"], items))
+    page.open_section("results", "Results")
+    for stem in failed:
+        err = str(notebooks[stem].get("error") or "").split("\n")[0][:200]
+        page.para(f"{LOSES} Notebook {stem} failed{': ' + err if err else ''}. Its numbers and those of the "
+                  "notebooks after it may be missing or stale.", css="failed")
+    _headline(page, metrics, preset, course)
+    outcomes = results.stage_outcomes(metrics, preset)
+    if outcomes:
+        page.para("What each stage found (its figures are in the next section):")
+        page.items([f"{n} {text}" for n, text in outcomes.items()])
     else:
-        md += ["No `preset.json` in the run folder.", ""]
-        body.append("<p>No <code>preset.json</code> in the run folder.</p>")
+        page.para("No stage recorded an outcome (metrics/*.json missing).")
+    page.para(results.scale_note(preset, metrics, course), css="scale")
+    real = results.real_data_note(preset, split if isinstance(split, dict) else None)
+    if real:
+        page.para(real, css="real-data")
+    page.close_section()
 
-    md += ["## Notebooks", ""]
-    body.append("<h2>Notebooks</h2>")
+    page.open_section("stages", "Stage by stage")
+    by_stage: dict[str, list[str]] = {}
+    for rel in figures:
+        prefix = rel.rsplit("/", 1)[-1].split("_", 1)[0]
+        by_stage.setdefault(prefix if prefix.isdigit() else "", []).append(rel)
+    numbers = sorted({*(s[:2] for s in notebooks if s[:2].isdigit()), *(s[:2] for s in metrics if s[:2].isdigit()),
+                      *(n for n in by_stage if n)})
+    figure_number = 0
+    for number in numbers + ([""] if "" in by_stage else []):
+        page.heading(3, f"{number} {results.stage_title(number)}" if number else "Other figures", f"stage-{number or 'other'}")
+        stems = [s for s in notebooks if s.startswith(number + "_")] if number else []
+        for stem in stems:
+            info = notebooks[stem]
+            took = f" in {_fmt_seconds(float(info['seconds']))}" if isinstance(info.get("seconds"), int | float) else ""
+            page.para(f"Notebook {stem}: {info.get('status', '?')}{took}.", css="status")
+        if number in outcomes:
+            page.para(outcomes[number])
+        for rel in by_stage.get(number, []):
+            figure_number += 1
+            page.figure(rel, figure_number, results.figure_caption(Path(rel).stem))
+    if not numbers and not by_stage:
+        page.para("No notebook has run into this folder: no outcomes and no figures (figures/*.png missing).")
+    page.close_section()
+
+    page.open_section("notebooks", "Notebooks")
     if notebooks:
         rows = []
         for stem, info in notebooks.items():
             seconds = info.get("seconds")
-            took = f"{seconds:.1f} s" if isinstance(seconds, int | float) else ""
-            executed = info.get("executed") or ""
-            executed = executed if isinstance(executed, str) else ""
-            rows.append((stem, str(info.get("status", "?")), took, executed, str(info.get("error") or "")))
-        md += ["| notebook | status | time | executed copy | error |", "|---|---|---|---|---|"]
-        md += [
-            f"| {s} | {st} | {t} | {f'[{e}]({e})' if e else ''} | {_md_cell(err)} |"
-            for s, st, t, e, err in rows
-        ]
-        md.append("")
-        body.append(_html_table(["notebook", "status", "time", "executed copy", "error"], rows, link_col=3))
+            executed = info.get("executed") if isinstance(info.get("executed"), str) else ""
+            rows.append([stem, str(info.get("status", "?")),
+                         _fmt_seconds(float(seconds)) if isinstance(seconds, int | float) else "", executed or "",
+                         str(info.get("error") or "")[:200]])
+        page.table(["notebook", "status", "time", "executed copy", "error"], rows, link_column=3)
     else:
-        md += ["No notebook has been run into this folder (`run_status.json` missing).", ""]
-        body.append("<p>No notebook has been run into this folder.</p>")
+        page.para("No notebook has been run into this folder (`run_status.json` missing).")
+    page.close_section()
 
-    md += ["## Metrics", ""]
-    body.append("<h2>Metrics</h2>")
+    page.open_section("preset", "Preset", f"The preset{' ' + str(preset['name']) if 'name' in preset else ''}: "
+                      f"{len(preset)} fields" if preset else "No preset")
+    if preset:
+        page.table(["field", "value"], [[str(k), str(v)] for k, v in preset.items()])
+    else:
+        page.para("No `preset.json` in the run folder.")
+    page.close_section(collapsed=True)
+
+    count = sum(len(v) for v in metrics.values())
+    page.open_section("metrics", "Every recorded metric",
+                      f"{count} values from {len(metrics)} notebooks, each with its unit" if metrics else "None")
     if metrics:
-        rows = [(nb, name, _format_number(v)) for nb, values in metrics.items() for name, v in values.items()]
-        md += [
-            "| notebook | metric | value |",
-            "|---|---|---|",
-            *[f"| {a} | {b} | {c} |" for a, b, c in rows],
-            "",
-        ]
-        body.append(_html_table(["notebook", "metric", "value"], rows))
+        page.table(["notebook", "metric", "value", "unit"],
+                   [[nb, name, results.format_metric(name, v), results.metric_unit(name)]
+                    for nb, values in metrics.items() for name, v in values.items()], css="dump")
     elif not metric_problems:
-        md += ["No metrics recorded (`metrics/*.json` missing).", ""]
-        body.append("<p>No metrics recorded.</p>")
+        page.para("No metrics recorded (`metrics/*.json` missing).")
     for problem in metric_problems:
-        md += [f"Left out: {problem}", ""]
-        body.append(f"<p>Left out: {html.escape(problem)}</p>")
-
-    md += ["## Figures", ""]
-    body.append("<h2>Figures</h2>")
-    if figures:
-        for rel in figures:
-            md += [f"### {rel}", "", f"![{rel}]({rel})", ""]
-            esc = html.escape(rel)
-            body.append(
-                f'<figure><img src="{esc}" alt="{esc}" style="max-width:100%"><figcaption>{esc}</figcaption></figure>'
-            )
-    else:
-        md += ["No figures (`figures/*.png` missing).", ""]
-        body.append("<p>No figures.</p>")
+        page.para(f"Left out: {problem}")
+    page.close_section(collapsed=True)
 
     md_path = run_dir / "report.md"
     html_path = run_dir / "report.html"
-    md_path.write_text("\n".join(md))
-    style = "body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+    md_path.write_text("\n".join(page.md), encoding="utf-8")
     html_path.write_text(
-        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
-        f"<title>fastavatar-nb report {html.escape(run_dir.name)}</title><style>{style}</style></head>"
-        "<body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>fastavatar-nb report {html.escape(run_dir.name)}</title><style>{_STYLE}</style></head>"
+        "<body>\n" + "\n".join(page.html) + "\n</body></html>\n", encoding="utf-8")
     return md_path, html_path
 
 
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:70em;margin:1em auto;padding:0 1em;line-height:1.45;color:#222}"
+    "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}"
+    "table.headline td:nth-child(-n+2){white-space:nowrap}"
+    "table.headline td:nth-child(n+3):not(:last-child){text-align:right;font-variant-numeric:tabular-nums}"
+    "tr.baseline{color:#555}tr.paper,tr.course-checkpoint{background:#f6f6f6}tr.loses td{background:#fde2e2}"
+    "p.meta,p.status{color:#555;font-size:.9em}p.failed{color:#a00;font-weight:bold}"
+    "p.scale,p.real-data{border-left:3px solid #999;padding-left:.6em}"
+    "figure{margin:1em 0}figure img{max-width:100%;border:1px solid #ddd}figcaption{font-size:.9em;color:#333}"
+    "details{margin:.5em 0}summary{cursor:pointer;color:#036}"
+)
+
+
+def has_display(environ: Mapping[str, str] | None = None, platform: str | None = None) -> bool:
+    """Whether a browser window can open here: always on macOS and Windows; elsewhere (Linux, BSD) only
+    with ``DISPLAY`` or ``WAYLAND_DISPLAY`` set (not over plain SSH, in a container or on CI)."""
+    env = os.environ if environ is None else environ
+    platform = sys.platform if platform is None else platform
+    if platform == "darwin" or platform.startswith(("win", "cygwin")):
+        return True
+    return bool(env.get("DISPLAY") or env.get("WAYLAND_DISPLAY"))
+
+
+def open_report(path: PathLike, opener: Callable[[str], bool] | None = None, display: bool | None = None) -> bool:
+    """Open the report ``path`` (``report.html``) in the default browser where there is a display.
+
+    Args:
+        opener: called with the file's ``file://`` URL; returns whether a browser took it (default
+            :func:`webbrowser.open`).
+        display: whether there is a display (default :func:`has_display`); without one nothing is called,
+            so no text-mode browser takes over the terminal.
+
+    Returns:
+        ``True`` when a browser took it; ``False`` without a display or when no browser could (the caller
+        prints the path instead).
+    """
+    if not (has_display() if display is None else display):
+        return False
+    return bool((opener or webbrowser.open)(Path(path).resolve().as_uri()))
+
+
 def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")[:200]
-
-
-def _html_table(header: list[str], rows: list[tuple[str, ...]], link_col: int | None = None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    lines = [f"<table><tr>{head}</tr>"]
-    for row in rows:
-        cells = []
-        for i, cell in enumerate(row):
-            text = html.escape(str(cell))
-            if i == link_col and cell:
-                text = f'<a href="{text}">{text}</a>'
-            cells.append(f"<td>{text}</td>")
-        lines.append("<tr>" + "".join(cells) + "</tr>")
-    lines.append("</table>")
-    return "\n".join(lines)
+    return text.replace("|", "\\|").replace("\n", " ")[:300]

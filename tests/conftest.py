@@ -113,3 +113,10 @@ class PeakTracker(TorchDispatchMode):
                     self.peak = max(self.peak, self.cur)
                     weakref.finalize(st, self._free, key)
         return out
+
+
+@pytest.fixture
+def peak_tracker() -> type[PeakTracker]:
+    """:class:`PeakTracker` (a fixture, so test modules need not import this conftest by name: the browser
+    tests' folder has a conftest of its own)."""
+    return PeakTracker

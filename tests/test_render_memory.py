@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from conftest import PeakTracker
 
 from fastavatar_nb.cameras import Cameras
 from fastavatar_nb.gaussians import Gaussians
@@ -24,21 +23,21 @@ def head(K, seed=0):
 
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("K,width,tile", [(2000, 69, None), (300, 200, 16)])
-def test_estimate_bounds_the_measured_peak(K, width, tile, grad):
+def test_estimate_bounds_the_measured_peak(K, width, tile, grad, peak_tracker):
     """The estimate is never below the peak of live tensor bytes and at most 2x it (0.57-0.95 measured/estimate
     over 200-20k Gaussians, 16x23 to 2000x2916 pixels, tiles 4-16, with and without gradients)."""
     g, cams = head(K), Cameras.nersemble_rig(width=width)[:4]
     if grad:
         g = g.clone().requires_grad_()
     est = estimate_render_memory(g, cams, tile_size=tile)
-    with (torch.enable_grad() if grad else torch.no_grad()), PeakTracker() as m:
+    with (torch.enable_grad() if grad else torch.no_grad()), peak_tracker() as m:
         out = render(g, cams, backend="torch", tile_size=tile, memory_budget_gb=100)
         if grad:
             (out.colors.sum() + out.alphas.sum()).backward()
     assert 0.5 * est <= m.peak <= 1.0 * est, (m.peak, est)
 
 
-def test_chunked_render_equals_one_pass_and_keeps_gradients_and_budget():
+def test_chunked_render_equals_one_pass_and_keeps_gradients_and_budget(peak_tracker):
     g, cams = head(1500), Cameras.nersemble_rig(width=100)[:6]
     ref_p = g.clone().requires_grad_()
     ref = render(ref_p, cams, backend="torch", memory_budget_gb=100)
@@ -57,7 +56,7 @@ def test_chunked_render_equals_one_pass_and_keeps_gradients_and_budget():
     # without a graph: written group by group into the outputs, pixel for pixel the one-pass result, within budget
     with torch.no_grad():
         budget_ng = estimate_render_memory(g, cams, chunks=[(i, i + 1) for i in range(6)]) * 1.3
-        with PeakTracker() as m:
+        with peak_tracker() as m:
             ng = render(g, cams, backend="torch", memory_budget_gb=budget_ng / 2 ** 30)
         full = render(g, cams, backend="torch", memory_budget_gb=100)
     assert torch.equal(ng.colors, full.colors) and torch.equal(ng.alphas, full.alphas)

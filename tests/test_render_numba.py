@@ -286,15 +286,13 @@ def head_scene(K, seed=0) -> Gaussians:
 
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("K,width,n_cams", [(2500, 69, 4), (300, 200, 2), (5000, 275, 1), (200, 16, 1)])
-def test_memory_estimate_bounds_the_measured_peak(K, width, n_cams, grad):
+def test_memory_estimate_bounds_the_measured_peak(K, width, n_cams, grad, peak_tracker):
     """The estimate is at least the peak of live tensor bytes, and at most twice it (measured/estimate 0.58-0.76
     over 200-20,000 Gaussians, 16x23 to 550x802 pixels, 1-16 images, with and without gradients)."""
-    from conftest import PeakTracker
-
     g, cams = head_scene(K), Cameras.nersemble_rig(width=width)[:n_cams]
     if grad:
         g = g.clone().requires_grad_()
-    with (torch.enable_grad() if grad else torch.no_grad()), PeakTracker() as m:
+    with (torch.enable_grad() if grad else torch.no_grad()), peak_tracker() as m:
         out = render(g, cams, backend="numba", memory_budget_gb=100)
         if grad:
             (out.colors.sum() + out.alphas.sum()).backward()

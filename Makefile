@@ -4,7 +4,8 @@
 #                full on a CUDA GPU, smoke on CPU) into runs/<preset>/ with a report (fastavatar-nb run)
 #   make test    set up .venv if needed, check that committed notebooks are clean, then run pytest over
 #                tests/ and `--nbval-lax` over notebooks/NN_*.ipynb at the smoke preset in a temporary run folder
-#                (kept, and named, when something fails)
+#                (kept, and named, when something fails); GOMP_SPINCOUNT=1000 so that torch's OpenMP threads do not
+#                spin on the cores the compiled renderer's threads need (fastavatar_nb/_openmp.py)
 #                The browser check (tests/browser, marker `browser`) runs JupyterLab in headless Chromium;
 #                it is skipped when no Chromium is found, except on CI (CI=true), where Debian's `chromium`
 #                is installed with apt-get when missing and FASTAVATAR_REQUIRE_BROWSER=1 makes a missing

@@ -449,14 +449,6 @@ def _check_data(preset: presets.Preset) -> None:
         raise CliError(str(err)) from err
 
 
-def _fmt_seconds(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, sec = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     """``fastavatar-nb run``; returns the exit code."""
     from tqdm.auto import tqdm
@@ -572,7 +564,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         status["notebooks"][path.stem] = entry
         _save_status(status_path, status)
         tag = "ok" if result.status == "ok" else "FAILED"
-        bar.write(f"[{tag}] {path.name} in {_fmt_seconds(result.seconds)}")
+        bar.write(f"[{tag}] {path.name} in {report.format_duration(result.seconds, compact=True)}")
         if result.status == "failed" and args.fail_fast:
             break
     bar.close()
@@ -586,13 +578,13 @@ def _print_summary(results: list[NotebookResult], run_dir: Path, md_path: Path) 
     width = max((len(r.name) for r in results), default=8)
     print("\nSummary")
     for r in results:
-        took = _fmt_seconds(r.seconds) + (" (earlier run)" if r.status == "skipped" else "")
+        took = report.format_duration(r.seconds, compact=True) + (" (earlier run)" if r.status == "skipped" else "")
         print(f"  {r.name:<{width}}  {r.status:<7}  {took}")
     counts = {s: sum(r.status == s for r in results) for s in ("ok", "skipped", "failed")}
     total = sum(r.seconds for r in results if r.status != "skipped")
     print(
         f"{counts['ok']} ran ok, {counts['skipped']} skipped, {counts['failed']} failed; "
-        f"{_fmt_seconds(total)} executing."
+        f"{report.format_duration(total, compact=True)} executing."
     )
     print(f"Executed notebooks: {run_dir / 'executed'}")
     print(f"Metrics: {run_dir / 'metrics'}  Figures: {run_dir / 'figures'}")

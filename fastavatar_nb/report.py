@@ -40,6 +40,7 @@ from fastavatar_nb.presets import Preset
 __all__ = [
     "MetricsError",
     "collect_metrics",
+    "format_duration",
     "figures_dir",
     "list_figures",
     "metrics_path",
@@ -285,11 +286,14 @@ class _Page:
         self.html.append("</section>")
 
 
-def _fmt_seconds(seconds: float) -> str:
+def format_duration(seconds: float, compact: bool = False) -> str:
+    """``"12.3 s"``, ``"3 min 05 s"``, ``"1 h 02 min"`` (``compact``: ``"3m05s"``, ``"1h02m03s"``, for progress lines)."""
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, sec = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
+    if compact:
+        return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {sec:02d} s"
 
 
@@ -376,7 +380,7 @@ def write_report(run_dir: PathLike) -> tuple[Path, Path]:
     if notebooks:
         ok = sum(info.get("status") in ("ok", "skipped") for info in notebooks.values())
         summary += (f" {ok} of {len(notebooks)} notebooks ran ok"
-                    f" ({_fmt_seconds(sum(float(i['seconds']) for i in ran))} executing).")
+                    f" ({format_duration(sum(float(i['seconds']) for i in ran))} executing).")
     page.para(summary, css="meta")
 
     page.open_section("results", "Results")
@@ -410,7 +414,7 @@ def write_report(run_dir: PathLike) -> tuple[Path, Path]:
         stems = [s for s in notebooks if s.startswith(number + "_")] if number else []
         for stem in stems:
             info = notebooks[stem]
-            took = f" in {_fmt_seconds(float(info['seconds']))}" if isinstance(info.get("seconds"), int | float) else ""
+            took = f" in {format_duration(float(info['seconds']))}" if isinstance(info.get("seconds"), int | float) else ""
             page.para(f"Notebook {stem}: {info.get('status', '?')}{took}.", css="status")
         if number in outcomes:
             page.para(outcomes[number])
@@ -428,7 +432,7 @@ def write_report(run_dir: PathLike) -> tuple[Path, Path]:
             seconds = info.get("seconds")
             executed = info.get("executed") if isinstance(info.get("executed"), str) else ""
             rows.append([stem, str(info.get("status", "?")),
-                         _fmt_seconds(float(seconds)) if isinstance(seconds, int | float) else "", executed or "",
+                         format_duration(float(seconds)) if isinstance(seconds, int | float) else "", executed or "",
                          str(info.get("error") or "")[:200]])
         page.table(["notebook", "status", "time", "executed copy", "error"], rows, link_column=3)
     else:

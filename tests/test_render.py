@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from scenes import random_scene
 
 from fastavatar_nb.cameras import Cameras, intrinsics
 from fastavatar_nb.gaussians import Gaussians, covariance, rgb_to_sh0
@@ -34,17 +35,6 @@ def one_gaussian(mean, scale, opacity, rgb, dtype=torch.float64) -> Gaussians:
         torch.tensor([mean], dtype=dtype), torch.full((1, 3), math.log(scale), dtype=dtype),
         torch.tensor([[1.0, 0, 0, 0]], dtype=dtype), torch.logit(torch.tensor([opacity], dtype=dtype)), sh,
     )
-
-
-def random_scene(K, seed=0, dtype=torch.float64, spread=0.3, depth=2.0, scale=(0.02, 0.08)):
-    gen = torch.Generator().manual_seed(seed)
-    means = (torch.rand(K, 3, generator=gen, dtype=dtype) - 0.5) * spread
-    means[:, 2] += depth
-    log_scales = torch.log(torch.empty(K, 3, dtype=dtype).uniform_(*scale, generator=gen))
-    quats = torch.randn(K, 4, generator=gen, dtype=dtype)
-    opac = torch.empty(K, dtype=dtype).uniform_(-1.0, 2.0, generator=gen)
-    sh = torch.randn(K, 16, 3, generator=gen, dtype=dtype) * 0.3
-    return Gaussians(means, log_scales, quats, opac, sh)
 
 
 def dense_reference(g: Gaussians, cams: Cameras, background):

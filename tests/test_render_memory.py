@@ -6,19 +6,11 @@ import math
 
 import pytest
 import torch
+from scenes import head_scene
 
 from fastavatar_nb.cameras import Cameras
-from fastavatar_nb.gaussians import Gaussians
 from fastavatar_nb.render import MEMORY_ENV, RenderMemoryError, estimate_render_memory, memory_budget, render
 from fastavatar_nb.render.torch_rasterizer import plan_image_chunks
-
-
-def head(K, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    d = torch.nn.functional.normalize(torch.randn(K, 3, generator=gen), dim=-1)
-    g = Gaussians.from_points(d * torch.tensor([0.08, 0.11, 0.095]), colors=torch.rand(K, 3, generator=gen), normals=d)
-    g.sh[:, 1:] = torch.randn(K, 15, 3, generator=gen) * 0.05
-    return g
 
 
 @pytest.mark.parametrize("grad", [False, True])
@@ -26,7 +18,7 @@ def head(K, seed=0):
 def test_estimate_bounds_the_measured_peak(K, width, tile, grad, peak_tracker):
     """The estimate is never below the peak of live tensor bytes and at most 2x it (0.57-0.95 measured/estimate
     over 200-20k Gaussians, 16x23 to 2000x2916 pixels, tiles 4-16, with and without gradients)."""
-    g, cams = head(K), Cameras.nersemble_rig(width=width)[:4]
+    g, cams = head_scene(K), Cameras.nersemble_rig(width=width)[:4]
     if grad:
         g = g.clone().requires_grad_()
     est = estimate_render_memory(g, cams, tile_size=tile)
@@ -38,7 +30,7 @@ def test_estimate_bounds_the_measured_peak(K, width, tile, grad, peak_tracker):
 
 
 def test_chunked_render_equals_one_pass_and_keeps_gradients_and_budget(peak_tracker):
-    g, cams = head(1500), Cameras.nersemble_rig(width=100)[:6]
+    g, cams = head_scene(1500), Cameras.nersemble_rig(width=100)[:6]
     ref_p = g.clone().requires_grad_()
     ref = render(ref_p, cams, backend="torch", memory_budget_gb=100)
     whole = estimate_render_memory(ref_p, cams)
@@ -70,7 +62,7 @@ def test_chunk_plan_and_refusal_when_one_camera_does_not_fit(monkeypatch):
     one = plan_image_chunks(ov, 100, 64, 64, 8, budget=10 ** 12)[1]
     chunks, est = plan_image_chunks(ov, 100, 64, 64, 8, budget=int(one * 0.5))
     assert len(chunks) > 1 and est <= one * 0.5 and chunks[0][0] == 0 and chunks[-1][1] == 8
-    g, cams = head(50), Cameras.nersemble_rig(width=200)
+    g, cams = head_scene(50), Cameras.nersemble_rig(width=200)
     with pytest.raises(RenderMemoryError, match=r"(?s)16 image\(s\) of 200x292.*GiB.*fewer cameras.*smaller image"
                        r".*FASTAVATAR_RENDER_MEMORY_GB") as info:
         render(g, cams, backend="torch", memory_budget_gb=0.001)
@@ -156,7 +148,7 @@ def test_sixteen_huge_views_under_an_8gb_address_space_cap_give_a_clear_error(tm
     GiB = 1024 ** 3
     fake_cgroup(tmp_path, monkeypatch, "0::/\n", {})
     monkeypatch.setattr(resource, "getrlimit", lambda which: (8 * GiB, resource.RLIM_INFINITY))
-    g = head(500)
+    g = head_scene(500)
     cams = Cameras.nersemble_rig()[:16].resize(4096, 5973)
     with torch.no_grad(), pytest.raises(RenderMemoryError, match=r"16 image\(s\) of 4096x5973.*cameras\[i:j\]"):
         render(g, cams, backend=backend)

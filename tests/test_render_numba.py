@@ -13,6 +13,8 @@ import math
 
 import pytest
 import torch
+from scenes import head_scene
+from scenes import random_scene as _random_scene
 
 from fastavatar_nb.cameras import Cameras, intrinsics
 from fastavatar_nb.gaussians import Gaussians, rgb_to_sh0
@@ -34,14 +36,8 @@ def camera(W=32, H=24, f=40.0, dtype=torch.float64, yaw_deg=0.0) -> Cameras:
 
 
 def scene(K, seed=0, dtype=torch.float64, spread=0.3, depth=2.0, scale=(0.02, 0.08)) -> Gaussians:
-    gen = torch.Generator().manual_seed(seed)
-    means = (torch.rand(K, 3, generator=gen, dtype=dtype) - 0.5) * spread
-    means[:, 2] += depth
-    log_scales = torch.log(torch.empty(K, 3, dtype=dtype).uniform_(*scale, generator=gen))
-    quats = torch.randn(K, 4, generator=gen, dtype=dtype)
-    opac = torch.empty(K, dtype=dtype).uniform_(-1.0, 3.0, generator=gen)
-    sh = torch.randn(K, 16, 3, generator=gen, dtype=dtype) * 0.3
-    return Gaussians(means, log_scales, quats, opac, sh)
+    """:func:`scenes.random_scene` with opacities up to 0.95 (logits -1 to 3): opaque stacks reach the stop."""
+    return _random_scene(K, seed, dtype, spread, depth, scale, opacity_logits=(-1.0, 3.0))
 
 
 def both(g: Gaussians, cams: Cameras, background=1.0, sh_degree=3, seed=1, **kw):
@@ -274,14 +270,6 @@ def test_one_thread_where_torch_threads_spin(monkeypatch, caplog):
 
 
 # ------------------------------------------------------------------------------------ memory
-
-
-def head_scene(K, seed=0) -> Gaussians:
-    gen = torch.Generator().manual_seed(seed)
-    d = torch.nn.functional.normalize(torch.randn(K, 3, generator=gen), dim=-1)
-    g = Gaussians.from_points(d * torch.tensor([0.08, 0.11, 0.095]), colors=torch.rand(K, 3, generator=gen), normals=d)
-    g.sh[:, 1:] = torch.randn(K, 15, 3, generator=gen) * 0.05
-    return g
 
 
 @pytest.mark.parametrize("grad", [False, True])

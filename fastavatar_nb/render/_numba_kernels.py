@@ -74,6 +74,23 @@ def _span(lo_f, hi_f, x0, x1):  # pragma: no cover - compiled
 
 
 @njit(**_OPTS)
+def _ellipse_rows(tp, k, y0, y1):  # pragma: no cover - compiled
+    """The rows ``[lo, hi)`` of ``[y0, y1)`` that overlap ``k``'s skip ellipse reaches (``|dy| <= y_extent``)."""
+    my, y_ext = float(tp[k, 1]), float(tp[k, 14])
+    return _span(my - 0.5 - y_ext, my - 0.5 + y_ext, y0, y1)
+
+
+@njit(**_OPTS)
+def _ellipse_span(tp, k, cy, x0, x1):  # pragma: no cover - compiled
+    """The pixels ``[lo, hi)`` of ``[x0, x1)`` in the row at centre ``cy`` inside overlap ``k``'s skip ellipse:
+    ``dx`` within ``centre_slope * dy +- sqrt(span_a dy^2 + span_b)``, in float64."""
+    dy = float(cy) - float(tp[k, 1])
+    half = np.sqrt(max(float(tp[k, 12]) * dy * dy + float(tp[k, 13]), 0.0))
+    mid = float(tp[k, 0]) - 0.5 + float(tp[k, 11]) * dy
+    return _span(mid - half, mid + half, x0, x1)
+
+
+@njit(**_OPTS)
 def blend_forward(offsets, tp, centres, width, height, tile_size, consts, out, alpha_out, t_final, last,
                   lo, hi, step):  # pragma: no cover - compiled
     """Front-to-back compositing of the tiles ``range(lo, hi, step)`` (of ``I * T``); writes
@@ -118,14 +135,10 @@ def blend_forward(offsets, tp, centres, width, height, tile_size, consts, out, a
         for k in range(start, end):
             mx, my, ca, cb, cc, op, th = tp[k, 0], tp[k, 1], tp[k, 2], tp[k, 3], tp[k, 4], tp[k, 5], tp[k, 10]
             f0, f1, f2, f3 = tp[k, 6], tp[k, 7], tp[k, 8], tp[k, 9]
-            slope, span_a, span_b, y_ext = float(tp[k, 11]), float(tp[k, 12]), float(tp[k, 13]), float(tp[k, 14])
-            row_lo, row_hi = _span(float(my) - 0.5 - y_ext, float(my) - 0.5 + y_ext, y0, y1)
+            row_lo, row_hi = _ellipse_rows(tp, k, y0, y1)
             for py in range(row_lo, row_hi):
                 cy = centres[py]
-                dy64 = float(cy) - float(my)
-                hw = np.sqrt(max(span_a * dy64 * dy64 + span_b, 0.0))
-                mid = float(mx) - 0.5 + slope * dy64
-                span_lo, span_hi = _span(mid - hw, mid + hw, x0, x1)
+                span_lo, span_hi = _ellipse_span(tp, k, cy, x0, x1)
                 row = (py - y0) * nx - x0
                 dy = cy - my
                 sy = (m_half * cc * dy * dy)
@@ -211,8 +224,7 @@ def blend_backward(offsets, tp, centres, width, height, tile_size, consts, grad_
         for k in range(k_top - 1, start - 1, -1):
             mx, my, a, b, c, op, th = tp[k, 0], tp[k, 1], tp[k, 2], tp[k, 3], tp[k, 4], tp[k, 5], tp[k, 10]
             f0, f1, f2, f3 = tp[k, 6], tp[k, 7], tp[k, 8], tp[k, 9]
-            slope, span_a, span_b, y_ext = float(tp[k, 11]), float(tp[k, 12]), float(tp[k, 13]), float(tp[k, 14])
-            row_lo, row_hi = _span(float(my) - 0.5 - y_ext, float(my) - 0.5 + y_ext, y0, y1)
+            row_lo, row_hi = _ellipse_rows(tp, k, y0, y1)
             g0 = zero
             g1 = zero
             g2 = zero
@@ -225,10 +237,7 @@ def blend_backward(offsets, tp, centres, width, height, tile_size, consts, grad_
             g9 = zero
             for py in range(row_lo, row_hi):
                 cy = centres[py]
-                dy64 = float(cy) - float(my)
-                hw = np.sqrt(max(span_a * dy64 * dy64 + span_b, 0.0))
-                mid = float(mx) - 0.5 + slope * dy64
-                span_lo, span_hi = _span(mid - hw, mid + hw, x0, x1)
+                span_lo, span_hi = _ellipse_span(tp, k, cy, x0, x1)
                 row = (py - y0) * nx - x0
                 dy = cy - my
                 sy = (m_half * c * dy * dy)

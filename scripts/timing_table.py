@@ -48,7 +48,8 @@ def make_rows(d: dict[str, Any]) -> list[Row]:
         for commit, r in runs.items():
             ok = "ok" if r["exit_code"] == 0 else f"exit {r['exit_code']}"
             summary = f", {r['pytest_summary']}" if r.get("pytest_summary") else ""
-            parts.append(f"{_minutes(r['seconds'])} at {commit} ({ok}{summary})")
+            note = f"; {r['note']}" if r.get("note") else ""
+            parts.append(f"{_minutes(r['seconds'])} at {commit} ({ok}{summary}{note})")
         if len(runs) == 2:
             first, second = list(runs.values())
             parts.append(f"**{first['seconds'] / second['seconds']:.1f}x**")

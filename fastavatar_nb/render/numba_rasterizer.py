@@ -25,7 +25,7 @@ Why numba rather than a C++/OpenMP extension compiled on first use (PyTorch3D's 
 wheels for every platform this course runs on (Linux, macOS, Windows; x86 and ARM), so a user needs
 no compiler; the kernels are plain Python loops a student can read; and measured side by side
 (``benchmarks/numba_vs_c.py``, ``benchmarks/results/cpu-2core/numba_vs_c.json``) the blend kernel takes
-1.11-1.13x the time of the same loop in C compiled with ``gcc -O3 -march=native`` on one thread, with
+1.07-1.18x the time of the same loop in C compiled with ``gcc -O3 -march=native`` on one thread, with
 the same images to 1e-6. Kernels are compiled on first use (about 10-20 s) and cached on disk
 (``cache=True``), so later processes load them in a fraction of a second.
 

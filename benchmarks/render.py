@@ -36,7 +36,7 @@ from _record import RESULTS, provenance, save
 
 from fastavatar_nb.cameras import Cameras
 from fastavatar_nb.gaussians import Gaussians
-from fastavatar_nb.render import render
+from fastavatar_nb.render import flat_inputs, render
 from fastavatar_nb.render.gsplat_backend import gsplat_status
 from fastavatar_nb.render.numba_rasterizer import numba_status
 from fastavatar_nb.render.torch_rasterizer import ALPHA_MIN, project
@@ -79,13 +79,9 @@ def sync(device: torch.device) -> None:
 def pixel_pairs(g: Gaussians, cams: Cameras) -> int:
     """(Gaussian, pixel) pairs inside each projected Gaussian's alpha >= 1/255 ellipse, summed over the images
     (the ellipse ``x^T X x <= 2 log(o / alpha_min)`` has area ``2 pi log(o / alpha_min) / sqrt(det X)``)."""
-    batch = torch.broadcast_shapes(g.batch_shape, cams.viewmats.shape[:-3])
-    B = int(torch.Size(batch).numel())
-    flat = [t.expand(*batch, *t.shape[len(g.batch_shape):]).reshape(B, *t.shape[len(g.batch_shape):])
-            for t in (g.means, g.quats, g.scales, g.opacities)]
-    vm = cams.viewmats.expand(*batch, *cams.viewmats.shape[-3:]).reshape(B, -1, 4, 4)
-    Ks = cams.Ks.expand(*batch, *cams.Ks.shape[-3:]).reshape(B, -1, 3, 3)
-    _, conics, _, op, radii = project(*flat, vm.to(g.dtype), Ks.to(g.dtype), cams.width, cams.height)
+    means, quats, scales, opacities, _, viewmats, Ks = flat_inputs(
+        g, cams, torch.broadcast_shapes(g.batch_shape, cams.viewmats.shape[:-3]))
+    _, conics, _, op, radii = project(means, quats, scales, opacities, viewmats, Ks, cams.width, cams.height)
     det = (conics[..., 0] * conics[..., 2] - conics[..., 1] ** 2).clamp_min(1e-12)
     area = 2 * math.pi * torch.log((op / ALPHA_MIN).clamp_min(1.0)) / det.sqrt()
     return int(area[radii[..., 0] > 0].sum())

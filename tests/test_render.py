@@ -11,6 +11,7 @@ from scenes import random_scene
 from fastavatar_nb.cameras import Cameras, intrinsics
 from fastavatar_nb.gaussians import Gaussians, covariance, rgb_to_sh0
 from fastavatar_nb.render import render, resolve_backend
+from fastavatar_nb.render.numba_rasterizer import numba_status
 from fastavatar_nb.render.sh import eval_sh_bases, sh_to_color
 from fastavatar_nb.render.torch_rasterizer import (
     ALPHA_MAX,
@@ -169,15 +170,17 @@ def test_projection_and_sh_match_gsplat_torch_reference():
 # ---------------------------------------------------------------------------- gradients
 
 
-def test_gradients_match_finite_differences():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("numba", marks=pytest.mark.skipif(
+    not numba_status()[0], reason="numba backend unavailable"))])
+def test_gradients_match_finite_differences(backend):
     g = random_scene(6, seed=3, spread=0.25, scale=(0.04, 0.08))
     g.opacity_logits.uniform_(-0.5, 0.5)
     cam = identity_camera(W=18, H=14, f=30.0)
     weights = torch.randn(1, 14, 18, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 
     def loss(means, log_scales, quats, opacity_logits, sh):
-        out = render(Gaussians(means, log_scales, quats, opacity_logits, sh), cam, background=0.3, backend="torch")
-        return (out.colors * weights).sum() + 0.5 * out.alphas.sum()
+        out = render(Gaussians(means, log_scales, quats, opacity_logits, sh), cam, background=0.3, backend=backend)
+        return (out.colors * weights).sum() + 0.5 * out.alphas.sum() + 0.1 * out.depths.sum()
 
     params = [t.clone().requires_grad_() for t in g.parameters().values()]
     assert torch.autograd.gradcheck(loss, params, eps=1e-6, atol=1e-5, rtol=1e-4)

@@ -33,7 +33,7 @@ from .torch_rasterizer import rasterize as rasterize_torch
 
 __all__ = ["Backend", "DEFAULT_TILE_SIZE", "RenderOutput", "render", "resolve_backend", "composite",
            "RenderMemoryError", "RenderDtypeError", "MEMORY_ENV", "MEMORY_FRACTION", "memory_budget",
-           "estimate_render_memory", "NumbaBackendError"]
+           "estimate_render_memory", "NumbaBackendError", "flat_inputs"]
 
 Backend = Literal["auto", "torch", "numba", "gsplat"]
 _BACKENDS = ("auto", "torch", "numba", "gsplat")
@@ -180,7 +180,7 @@ def memory_budget(device: torch.device | str = "cpu", budget_gb: float | None = 
     return None if avail is None else int(MEMORY_FRACTION * avail)
 
 
-def _flat_inputs(gaussians: Gaussians, cameras: Cameras, batch: torch.Size) -> tuple[Tensor, ...]:
+def flat_inputs(gaussians: Gaussians, cameras: Cameras, batch: torch.Size) -> tuple[Tensor, ...]:
     """The rasterizers' inputs with the broadcast ``batch`` flattened to ``B``: ``means [B, K, 3]``,
     ``quats [B, K, 4]``, ``scales [B, K, 3]``, ``opacities [B, K]``, ``sh [B, K, 16, 3]``,
     ``viewmats [B, C, 4, 4]`` and ``Ks [B, C, 3, 3]`` (cameras in the Gaussians' dtype)."""
@@ -212,7 +212,7 @@ def estimate_render_memory(gaussians: Gaussians, cameras: Cameras, tile_size: in
         batch = torch.broadcast_shapes(gaussians.batch_shape, cameras.viewmats.shape[:-3])
         g = gaussians.to(torch.float32) if gaussians.dtype not in (torch.float32, torch.float64) else gaussians
         dtype = g.dtype
-        means, quats, scales, opac, _, viewmats, Ks = _flat_inputs(g, cameras, batch)
+        means, quats, scales, opac, _, viewmats, Ks = flat_inputs(g, cameras, batch)
         (B, K), C, W, H = means.shape[:2], len(cameras), cameras.width, cameras.height
         means2d, _, _, _, radii = project(means, quats, scales, opac, viewmats, Ks, W, H)
         ts = tile_size or auto_tile_size(means2d, radii)
@@ -383,7 +383,7 @@ def render(gaussians: Gaussians, cameras: Cameras, background: float | Tensor | 
             "the shapes must broadcast (e.g. Gaussians [S, K] with Cameras [C] or [S, C])"
         ) from e
     C = len(cameras)
-    means, quats, scales, opac, sh, viewmats, Ks = _flat_inputs(gaussians, cameras, batch)
+    means, quats, scales, opac, sh, viewmats, Ks = flat_inputs(gaussians, cameras, batch)
     W, H = cameras.width, cameras.height
     if name == "gsplat":
         rgb, alpha, depth = rasterize_gsplat(means.contiguous(), quats.contiguous(), scales.contiguous(),

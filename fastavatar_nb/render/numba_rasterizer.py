@@ -351,6 +351,8 @@ NUMBA_MEM_OVERLAP = ((16, 8), (28, 8))
 """Per (tile, Gaussian) overlap: its packed row and id; with gradients also its gradient slot."""
 NUMBA_MEM_GAUSSIAN = ((34, 56), (60, 56))
 """Per Gaussian per image: projection outputs, packing, sort keys and tile rectangles."""
+NUMBA_MEM_OUTPUT_PIXEL = 5
+"""Elements (x s) per pixel of the finished colours, alphas and depths, kept while later groups are drawn."""
 NUMBA_MEM_BASE = 64 * 1024
 """Bytes of small fixed buffers (constants, per-call scratch)."""
 
@@ -401,10 +403,6 @@ def _plan_groups(overlaps: list[int], num_gaussians: int, width: int, height: in
         groups.append((a, b))
         a = b
     return groups
-
-
-NUMBA_MEM_OUTPUT_PIXEL = 5
-"""Elements (x s) per pixel of the finished colours, alphas and depths, kept while later groups are drawn."""
 
 
 def rasterize_numba(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, sh: Tensor, viewmats: Tensor,

@@ -7,7 +7,9 @@
 - ``train step``: one step of ``train_decoder``'s inner loop at the preset's ``DecoderConfig``
   (``subjects_per_step`` codes decoded, ``views_per_step`` distinct rig views each, loss, backward,
   Adam), and its two shares measured apart: the MLP (decode and backward) and the renders with the loss
-  (forward and backward). Each renderer backend of ``--backends`` is measured in the same run.
+  (forward and backward). Each renderer backend of ``--backends`` and each MLP dtype of
+  ``--mlp-dtypes`` (``DecoderConfig.mlp_dtype``: float32, or bfloat16 where the CPU has it) is
+  measured in the same run.
 
 Sizes: the paper's decoder (``latent_dim`` 512, ``embed_dim`` 32, 6 x 256) for K = 2,500 (the
 smoke preset) and K = 10,144 (the paper's); the template is a head-sized ellipsoid of Gaussians.
@@ -23,6 +25,7 @@ Writes ``benchmarks/results/local/decoder_<preset>_<device>.json`` unless ``--ou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -35,7 +38,7 @@ from render import head_scene, sync
 
 from fastavatar_nb import presets
 from fastavatar_nb.cameras import Cameras
-from fastavatar_nb.decoder import DecoderConfig, apply_residuals, positional_embedding
+from fastavatar_nb.decoder import DecoderConfig, apply_residuals, positional_embedding, resolve_mlp_dtype
 from fastavatar_nb.objective import photometric_loss
 from fastavatar_nb.render import render, resolve_backend
 from fastavatar_nb.render.gsplat_backend import gsplat_status
@@ -61,7 +64,7 @@ def bench_k(K: int, cfg: DecoderConfig, cams: Cameras, device: torch.device, bac
     """Times of decode, decode + render and one training step for a template of K Gaussians."""
     torch.manual_seed(0)
     template = head_scene(K).to(device)
-    decoder = cfg.make_decoder().to(device)
+    decoder = cfg.make_decoder(device)
     for head in decoder.heads.values():  # non-zero residuals, as after training
         torch.nn.init.normal_(head[-1].weight, std=0.01)
     emb = positional_embedding(template.means, cfg.embed_dim)
@@ -106,7 +109,7 @@ def bench_k(K: int, cfg: DecoderConfig, cams: Cameras, device: torch.device, bac
         photometric_loss(out.colors, gt, None, cfg.l1_weight, cfg.ssim_weight)["total"].mean().backward()
 
     return {"K": K, "width": cams.width, "height": cams.height, "subjects_per_step": B, "views_per_step": V,
-            "backend": backend, "decode_s": median_time(decode, device, repeats),
+            "backend": backend, "mlp_dtype": decoder.compute_dtype, "decode_s": median_time(decode, device, repeats),
             "decode_render_s": median_time(decode_render, device, repeats),
             "train_step_s": median_time(train_step, device, repeats),
             "train_step_mlp_s": median_time(mlp_only, device, repeats),
@@ -119,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--backends", nargs="+", default=None,
                     help="renderer backends to compare (default: the preset's, and torch beside it)")
+    ap.add_argument("--mlp-dtypes", nargs="+", default=None, choices=["float32", "bfloat16"],
+                    help="MLP dtypes to compare (default: the preset's as resolved here, and float32 beside it)")
     ap.add_argument("--ks", nargs="+", type=int, default=KS, help=f"template sizes (default {KS})")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -126,13 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     device = preset.torch_device
     backends = args.backends or list(dict.fromkeys([resolve_backend(preset.backend, device), "torch"]))
     cfg = DecoderConfig.for_preset(preset)
+    dtypes = args.mlp_dtypes or list(dict.fromkeys([resolve_mlp_dtype(cfg.mlp_dtype, device), "float32"]))
     cams = Cameras.nersemble_rig()[8].resize(preset.image_width, preset.image_height).to(device)
     rows = []
     for K in args.ks:
-        for backend in backends:
-            row = bench_k(K, cfg, cams, device, backend, args.repeats)
+        for backend, dtype in [(b, d) for d in dtypes for b in backends]:
+            row = bench_k(K, dataclasses.replace(cfg, mlp_dtype=dtype), cams, device, backend, args.repeats)
             rows.append(row)
-            print(f"K={K:>6} {backend:6s} decode {row['decode_s'] * 1e3:7.1f} ms | decode+render "
+            print(f"K={K:>6} {backend:6s} {dtype:8s} decode {row['decode_s'] * 1e3:7.1f} ms | decode+render "
                   f"{row['decode_render_s'] * 1e3:7.1f} ms | train step ({row['subjects_per_step']} x "
                   f"{row['views_per_step']} views) {row['train_step_s'] * 1e3:7.1f} ms (MLP {row['train_step_mlp_s'] * 1e3:.0f}"
                   f", render+loss {row['train_step_render_loss_s'] * 1e3:.0f})", flush=True)

@@ -30,7 +30,11 @@ Departures from the authors' code (see ``docs`` in the shared notes), each delib
   unit), so one learning rate suits every head;
 - residuals apply to the template centres (Eq. 2), not to per-subject tracked points;
 - the first Linear layer is evaluated as ``W_w w + W_e e_k + b`` (the same numbers as on the
-  concatenation ``[w, e_k]``), so its ``w`` part is computed once per subject instead of K times.
+  concatenation ``[w, e_k]``), so its ``w`` part is computed once per subject instead of K times;
+- the MLP may compute in bfloat16 (:attr:`DecoderConfig.mlp_dtype`; weights, codes, embeddings and
+  residuals stay float32, as in mixed-precision training): the presets ask for it where the CPU
+  multiplies bfloat16 natively (AVX512-BF16 or AMX), which halves the decoder's share of a training
+  step (``benchmarks/decoder.py``). The authors train in float32, and so does the default config.
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ from .render import Backend, render, resolve_backend
 __all__ = [
     "AutoDecoder", "DecoderConfig", "DecoderResult", "Residuals", "apply_residuals", "positional_embedding",
     "train_decoder", "residual_penalty", "step_items", "DECODER_FILE", "LATENTS_FILE", "CHECKPOINT_FILE",
-    "checkpoint_state",
+    "checkpoint_state", "MLP_DTYPES", "resolve_mlp_dtype",
 ]
 
 COURSE_CODES_INIT_STD = 0.01
@@ -98,6 +102,29 @@ _CKPT_STATE_KEYS = ("config", "subject_ids", "step", "steps", "seconds")
 HEADS: dict[str, int] = {"means": 3, "log_scales": 3, "quats": 4, "opacity_logits": 1, "sh": 48}
 """Output heads of the decoder and their sizes (59 numbers per Gaussian, as in the paper)."""
 _METRICS = StageScores.score_names()
+MLP_DTYPES = ("float32", "bfloat16")
+"""Dtypes the decoder's MLP computes in (:attr:`DecoderConfig.mlp_dtype` also takes ``"auto"``)."""
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products are native here: a CPU with AVX512-BF16 or AMX-BF16."""
+    if device.type != "cpu":
+        return False  # CUDA: the MLP is a small share of a step there; kept in float32 (not yet run)
+    try:
+        caps = torch.cpu.get_capabilities()
+    except Exception:  # an older torch or a platform without the probe: float32
+        return False
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def resolve_mlp_dtype(mlp_dtype: str, device: torch.device | str) -> str:
+    """``"auto"`` -> ``"bfloat16"`` on a CPU that multiplies it natively, else ``"float32"``; other
+    values of :data:`MLP_DTYPES` pass through."""
+    if mlp_dtype == "auto":
+        return "bfloat16" if _native_bf16(torch.device(device)) else "float32"
+    if mlp_dtype not in MLP_DTYPES:
+        raise ValueError(f"mlp_dtype must be 'auto' or one of {MLP_DTYPES}, got {mlp_dtype!r}")
+    return mlp_dtype
 
 
 # ------------------------------------------------------------------------------ residuals
@@ -213,10 +240,12 @@ class AutoDecoder(nn.Module):
         latent_dim: size of a code ``w``; embed_dim: size of an embedding ``e_k``.
         hidden_dim, depth: width and number of Linear layers of the body.
         means_scale: metres per unit of the position head's output (0.01: centimetres).
+        compute_dtype: ``"float32"`` or ``"bfloat16"``: what the Linear layers multiply in on float32
+            inputs (autocast; parameters and residuals stay float32, float64 inputs stay float64).
     """
 
     def __init__(self, latent_dim: int = 512, embed_dim: int = 32, hidden_dim: int = 256, depth: int = 6,
-                 means_scale: float = 0.01) -> None:
+                 means_scale: float = 0.01, compute_dtype: str = "float32") -> None:
         super().__init__()
         for name, v in (("latent_dim", latent_dim), ("embed_dim", embed_dim), ("hidden_dim", hidden_dim),
                         ("depth", depth)):
@@ -224,6 +253,9 @@ class AutoDecoder(nn.Module):
                 raise ValueError(f"AutoDecoder: {name} must be a positive int, got {v!r}")
         self.latent_dim, self.embed_dim, self.hidden_dim, self.depth = latent_dim, embed_dim, hidden_dim, depth
         self.means_scale = float(means_scale)
+        if compute_dtype not in MLP_DTYPES:
+            raise ValueError(f"AutoDecoder: compute_dtype must be one of {MLP_DTYPES}, got {compute_dtype!r}")
+        self.compute_dtype = compute_dtype
         self.body = nn.ModuleList([nn.Linear(latent_dim + embed_dim, hidden_dim)]
                                   + [nn.Linear(hidden_dim, hidden_dim) for _ in range(depth - 1)])
         self.heads = nn.ModuleDict({name: nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.ReLU(),
@@ -236,7 +268,7 @@ class AutoDecoder(nn.Module):
     def architecture(self) -> dict[str, Any]:
         """Constructor arguments (JSON-ready): ``AutoDecoder(**d.architecture())`` rebuilds it."""
         return {"latent_dim": self.latent_dim, "embed_dim": self.embed_dim, "hidden_dim": self.hidden_dim,
-                "depth": self.depth, "means_scale": self.means_scale}
+                "depth": self.depth, "means_scale": self.means_scale, "compute_dtype": self.compute_dtype}
 
     def forward(self, w: Tensor, embeddings: Tensor) -> Residuals:
         """Residuals of every Gaussian for every code.
@@ -251,6 +283,16 @@ class AutoDecoder(nn.Module):
                     device=self.body[0].weight.device)
         if embeddings.ndim != 2 or embeddings.shape[-1] != self.embed_dim:
             raise ValueError(f"AutoDecoder: embeddings must be [K, {self.embed_dim}], got {tuple(embeddings.shape)}")
+        low = self.compute_dtype == "bfloat16" and w.dtype == torch.float32
+        with torch.autocast(w.device.type, dtype=torch.bfloat16, enabled=low):
+            out = self._mlp(w, embeddings)
+        if low:
+            out = {name: v.float() for name, v in out.items()}
+        return Residuals(means=out["means"] * self.means_scale, log_scales=out["log_scales"], quats=out["quats"],
+                         opacity_logits=out["opacity_logits"][..., 0],
+                         sh=out["sh"].unflatten(-1, (16, 3)))
+
+    def _mlp(self, w: Tensor, embeddings: Tensor) -> dict[str, Tensor]:
         first = self.body[0]
         # first layer on [w, e_k] = W_w w + W_e e_k + b: the w part once per code, not once per Gaussian
         h = (F.linear(w, first.weight[:, :self.latent_dim])[..., None, :]
@@ -258,10 +300,7 @@ class AutoDecoder(nn.Module):
         h = F.relu(h)
         for layer in self.body[1:]:
             h = F.relu(layer(h))
-        out = {name: head(h) for name, head in self.heads.items()}
-        return Residuals(means=out["means"] * self.means_scale, log_scales=out["log_scales"], quats=out["quats"],
-                         opacity_logits=out["opacity_logits"][..., 0],
-                         sh=out["sh"].unflatten(-1, (16, 3)))
+        return {name: head(h) for name, head in self.heads.items()}
 
 
 # -------------------------------------------------------------------------------- config
@@ -328,6 +367,11 @@ class DecoderConfig:
     """Rasterizer tile size (``None``: the backend's choice)."""
     seed: int = 0
     """Seed of the codes' initialisation and of the (subject, views) schedule."""
+    mlp_dtype: str = "float32"
+    """What the MLP multiplies in: ``"float32"`` (the authors'), ``"bfloat16"`` (mixed precision:
+    parameters, codes and residuals stay float32) or ``"auto"`` (bfloat16 where the CPU multiplies
+    it natively, :func:`resolve_mlp_dtype`; the presets' choice). The trained decoder records the
+    dtype it used."""
 
     def validate(self) -> DecoderConfig:
         """Raise ``ValueError`` naming the first bad field; returns ``self``."""
@@ -344,6 +388,8 @@ class DecoderConfig:
             raise ValueError(f"DecoderConfig.sh_degree must be 0..3, got {self.sh_degree!r}")
         if self.holdout_view is not None and (not isinstance(self.holdout_view, int) or self.holdout_view < 0):
             raise ValueError(f"DecoderConfig.holdout_view must be None or a view index >= 0, got {self.holdout_view!r}")
+        if self.mlp_dtype != "auto" and self.mlp_dtype not in MLP_DTYPES:
+            raise ValueError(f"DecoderConfig.mlp_dtype must be 'auto' or one of {MLP_DTYPES}, got {self.mlp_dtype!r}")
         return self
 
     def to_json(self) -> str:
@@ -356,7 +402,7 @@ class DecoderConfig:
     @staticmethod
     def for_preset(preset: Any, **overrides: Any) -> DecoderConfig:
         """The config of a :class:`~fastavatar_nb.presets.Preset`: its ``decoder_epochs``,
-        ``latent_dim``, ``embed_dim`` and ``seed``, with the defaults above (tuned for the smoke
+        ``latent_dim``, ``embed_dim``, ``mlp_dtype`` and ``seed``, with the defaults above (tuned for the smoke
         preset on a CPU). On CUDA (the full preset, 400 epochs) every step decodes 8 subjects and
         renders one view of each, at the authors' learning rate of 1e-4 for the MLP and the codes
         (1e-3 for the embeddings); that schedule has not been run yet. The course preset (268
@@ -365,7 +411,7 @@ class DecoderConfig:
         (:data:`COURSE_CODES_INIT_STD`; chosen on validation subjects of a 64-subject pilot, see
         ``benchmarks/results/cpu-2core/course_pilot.json``). ``overrides`` replace any field."""
         kw: dict[str, Any] = {"epochs": preset.decoder_epochs, "latent_dim": preset.latent_dim,
-                              "embed_dim": preset.embed_dim, "seed": preset.seed}
+                              "embed_dim": preset.embed_dim, "seed": preset.seed, "mlp_dtype": preset.mlp_dtype}
         if preset.name == "course":
             kw.update(subjects_per_step=4, views_per_step=4, codes_init_std=COURSE_CODES_INIT_STD)
         if preset.device == "cuda":
@@ -373,9 +419,11 @@ class DecoderConfig:
         kw.update(overrides)
         return DecoderConfig(**kw).validate()
 
-    def make_decoder(self) -> AutoDecoder:
-        """A freshly initialised :class:`AutoDecoder` of this config's size."""
-        return AutoDecoder(self.latent_dim, self.embed_dim, self.hidden_dim, self.depth)
+    def make_decoder(self, device: torch.device | str = "cpu") -> AutoDecoder:
+        """A freshly initialised :class:`AutoDecoder` of this config's size on ``device``, computing
+        in :attr:`mlp_dtype` as resolved there."""
+        return AutoDecoder(self.latent_dim, self.embed_dim, self.hidden_dim, self.depth,
+                           compute_dtype=resolve_mlp_dtype(self.mlp_dtype, device)).to(device)
 
 
 def step_items(seed: int, epoch: int, num_subjects: int, num_train_views: int,
@@ -608,7 +656,7 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
 
     # ---- model, codes, embeddings, optimiser
     torch.manual_seed(config.seed)
-    decoder = config.make_decoder().to(dev)
+    decoder = config.make_decoder(dev)
     gen = torch.Generator().manual_seed(config.seed)
     codes = (torch.randn(n, config.latent_dim, generator=gen) * config.codes_init_std).to(dev).requires_grad_(True)
     embeddings = positional_embedding(template.means, config.embed_dim).requires_grad_(True)

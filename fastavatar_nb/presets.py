@@ -135,6 +135,12 @@ class Preset:
     """Size of a subject's latent code ``w``."""
     embed_dim: int = 32
     """Size of each Gaussian's embedding ``e_k``."""
+    mlp_dtype: str = "auto"
+    """What the decoder's MLP multiplies in (:attr:`fastavatar_nb.decoder.DecoderConfig.mlp_dtype`):
+    ``"auto"`` (bfloat16 where the CPU multiplies it natively, else float32), ``"float32"`` (the
+    authors') or ``"bfloat16"``. At the smoke preset bfloat16 trained the decoder 1.6x faster, and its
+    training subjects decoded 0.15 dB lower on their training views and 0.24 dB lower on camera 8 (means
+    of two seeds; ``benchmarks/results/cpu-2core/decoder_dtype_smoke.json``)."""
     seed: int = 0
     """Seed for torch, numpy and random (see :func:`setup`) and for the synthetic data."""
     run_dir: Path = field(default=Path("runs"))
@@ -184,6 +190,9 @@ class Preset:
                 f"({self.num_val_subjects}) must be smaller than num_subjects ({self.num_subjects}) so that some "
                 "subjects are left for training"
             )
+        if self.mlp_dtype not in ("auto", "float32", "bfloat16"):
+            raise PresetError(f"Preset {self.name!r}: mlp_dtype must be 'auto', 'float32' or 'bfloat16', "
+                              f"got {self.mlp_dtype!r}")
         for name, none_means in (("template_subjects", "all training subjects"), ("eval_input_views", "every view")):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
@@ -495,8 +504,9 @@ def _data_overrides(preset: Preset, overrides: dict[str, Any]) -> dict[str, Any]
         n_test, n_val = default_real_counts(len(ids), preset.num_val_subjects)
         counts = {"num_subjects": len(ids), "num_test_subjects": n_test, "num_val_subjects": n_val}
         if len(ids) < 2:
-            raise PresetError(f"data {data}: {len(ids)} subject folder(s); a run needs at least 2 (one to train on, "
-                              "one to test)")
+            raise PresetError(f"data {data}: {len(ids)} subject folder(s); a run needs at least 2: a training subject "
+                              "(the template, the auto-decoder and the encoder learn from it) and a test subject (the "
+                              "heads are scored on a person the models never saw, notebooks 06 and 07)")
     for name, value in counts.items():
         out.setdefault(name, value)
     return out

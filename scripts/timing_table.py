@@ -82,13 +82,28 @@ def decoder_rows(d: dict[str, Any]) -> list[Row]:
     preset = d.get("preset", {}).get("name", "?")
     for r in d["rows"]:
         what = (f"decoder training step at {preset} ({r['subjects_per_step']} subjects x {r['views_per_step']} views, "
-                f"K = {r['K']:,}, {r['width']}x{r['height']}), {r.get('backend', 'torch')} renderer")
+                f"K = {r['K']:,}, {r['width']}x{r['height']}), {r.get('backend', 'torch')} renderer, "
+                f"{r.get('mlp_dtype', 'float32')} MLP")
         value = f"{_ms(r['train_step_s'] * 1e3)}"
         if "train_step_mlp_s" in r:
             value += (f" (MLP forward+backward {_ms(r['train_step_mlp_s'] * 1e3)}, renders + loss "
                       f"{_ms(r['train_step_render_loss_s'] * 1e3)}); one decode {_ms(r['decode_s'] * 1e3)}")
         rows.append((what, value))
     return rows
+
+
+def decoder_dtype_rows(d: dict[str, Any]) -> list[Row]:
+    preset = d.get("preset", {}).get("name", "?")
+    s, seeds = d["summary"], sorted({r["seed"] for r in d["rows"]})
+    f32, b16 = s["float32"], s["bfloat16"]
+    value = (f"float32 {f32['seconds']:.0f} s, {f32['train_psnr']:.2f} / {f32['heldout_psnr']:.2f} dB; bfloat16 "
+             f"{b16['seconds']:.0f} s, {b16['train_psnr']:.2f} / {b16['heldout_psnr']:.2f} dB: **"
+             f"{f32['seconds'] / b16['seconds']:.1f}x faster, {b16['train_psnr'] - f32['train_psnr']:+.2f} / "
+             f"{b16['heldout_psnr'] - f32['heldout_psnr']:+.2f} dB**")
+    if "seed_spread_train_psnr_float32" in s:
+        value += f"; float32's spread between seeds {s['seed_spread_train_psnr_float32']:.2f} dB"
+    return [(f"decoder training at {preset}, float32 against bfloat16 MLP (mean of seeds {seeds}): seconds, decoded "
+             "training subjects' PSNR on their training views / camera 8", value)]
 
 
 def numba_vs_c_rows(d: dict[str, Any]) -> list[Row]:
@@ -110,6 +125,7 @@ SOURCES: list[tuple[str, Callable[[dict], list[Row]]]] = [
     ("cpu-2core/render_cpu.json", render_rows),
     ("cpu-2core/decoder_course_cpu.json", decoder_rows),
     ("cpu-2core/decoder_smoke_cpu.json", decoder_rows),
+    ("cpu-2core/decoder_dtype_smoke.json", decoder_dtype_rows),
     ("cpu-2core/numba_vs_c.json", numba_vs_c_rows),
     ("cpu-2core/fit_cpu.json", fit_rows),
 ]

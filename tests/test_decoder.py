@@ -22,6 +22,7 @@ from fastavatar_nb.decoder import (
     apply_residuals,
     checkpoint_state,
     positional_embedding,
+    resolve_mlp_dtype,
     step_items,
     train_decoder,
 )
@@ -136,6 +137,50 @@ def test_first_layer_split_equals_the_concatenation():
     torch.testing.assert_close(got.opacity_logits, dec.heads["opacity_logits"](h)[..., 0])
 
 
+def test_bfloat16_mlp_is_mixed_precision_and_float64_stays_exact():
+    torch.manual_seed(0)
+    ref = AutoDecoder(latent_dim=16, embed_dim=8, hidden_dim=64, depth=3)
+    for head in ref.heads.values():  # non-zero residuals
+        torch.nn.init.normal_(head[-1].weight, std=0.1)
+    low = AutoDecoder(latent_dim=16, embed_dim=8, hidden_dim=64, depth=3, compute_dtype="bfloat16")
+    low.load_state_dict(ref.state_dict())
+    w = torch.randn(2, 16, requires_grad=True)
+    e = torch.randn(50, 8)
+    a, b = ref(w, e), low(w, e)
+    for name in ("means", "log_scales", "quats", "opacity_logits", "sh"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert y.dtype == torch.float32 and torch.isfinite(y).all(), name
+        # bfloat16 keeps 8 bits of mantissa: a few parts in 1e3 of the residuals' scale, not bit-equal
+        err = float(((x - y).abs().max() / x.abs().max()).detach())
+        assert 0 < err < 0.05, (name, err)
+    b.sh.sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
+    assert all(p.dtype == torch.float32 for p in low.parameters())
+    # float64 inputs never autocast: the bfloat16 decoder in float64 is the float32 decoder in float64
+    wd, ed = w.detach().double(), e.double()
+    torch.testing.assert_close(low.double()(wd, ed).sh, ref.double()(wd, ed).sh, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="compute_dtype"):
+        AutoDecoder(compute_dtype="float16")
+
+
+def test_mlp_dtype_auto_resolves_by_the_cpu(monkeypatch):
+    import fastavatar_nb.decoder as dec_mod
+
+    for caps, want in (({"avx512_bf16": True}, "bfloat16"), ({"amx_bf16": True}, "bfloat16"),
+                       ({"avx512_bf16": False, "avx2": True}, "float32")):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        assert resolve_mlp_dtype("auto", "cpu") == want
+        assert DecoderConfig(mlp_dtype="auto").make_decoder().compute_dtype == want
+    assert resolve_mlp_dtype("auto", "meta") == "float32"  # not a CPU: float32
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: 1 / 0)  # a probe that fails: float32
+    assert dec_mod.resolve_mlp_dtype("auto", "cpu") == "float32"
+    assert resolve_mlp_dtype("bfloat16", "cpu") == "bfloat16"
+    with pytest.raises(ValueError, match="mlp_dtype"):
+        DecoderConfig(mlp_dtype="half").validate()
+    with pytest.raises(ValueError, match="mlp_dtype"):
+        resolve_mlp_dtype("half", "cpu")
+
+
 def test_decoder_gradients_match_finite_differences():
     torch.manual_seed(0)
     dec = AutoDecoder(latent_dim=3, embed_dim=4, hidden_dim=8, depth=2).double()
@@ -188,6 +233,11 @@ def test_decoder_config_validation_and_preset():
     full = DecoderConfig.for_preset(base("full"))
     assert (full.epochs, full.views_per_step, full.decoder_lr) == (400, 1, 1e-4)
     assert DecoderConfig.from_dict(json.loads(smoke.to_json())) == smoke
+    assert smoke.mlp_dtype == full.mlp_dtype == "auto" and DecoderConfig().mlp_dtype == "float32"
+    # a config stored before mlp_dtype existed reads as float32, the dtype it trained in
+    old = json.loads(smoke.to_json())
+    del old["mlp_dtype"]
+    assert DecoderConfig.from_dict(old).mlp_dtype == "float32"
 
 
 # ------------------------------------------------------------------------------ training
@@ -254,13 +304,17 @@ def test_resume_equals_uninterrupted_run(scenes, tmp_path, one_thread):
                       checkpoint=tmp_path / "ck")
 
 
-def test_save_load_roundtrip(scenes, tmp_path, one_thread):
+@pytest.mark.parametrize("mlp_dtype", ["float32", "bfloat16"])
+def test_save_load_roundtrip(scenes, tmp_path, one_thread, mlp_dtype):
     subjects, template = scenes
-    result = train_decoder(subjects, template, DecoderConfig(epochs=1, **TINY), backend="torch", progress=False)
+    result = train_decoder(subjects, template, DecoderConfig(epochs=1, mlp_dtype=mlp_dtype, **TINY), backend="torch",
+                           progress=False)
+    assert result.decoder.compute_dtype == mlp_dtype
     dec_path, lat_path = result.save(tmp_path)
     assert (dec_path.name, lat_path.name) == (DECODER_FILE, LATENTS_FILE)
     back = DecoderResult.load(tmp_path)
     assert back.subject_ids == result.subject_ids and back.config == result.config
+    assert back.decoder.compute_dtype == mlp_dtype
     torch.testing.assert_close(back.decode(back.codes).means, result.decode(result.codes).means, rtol=0, atol=0)
     torch.testing.assert_close(back.train_psnr, result.train_psnr)
     with pytest.raises(FileExistsError, match="overwrite=True"):

@@ -16,7 +16,8 @@ A shipped folder holds the template and decoder (``decoder.safetensors``), the t
 ``w_i`` (``latents.safetensors``), the encoder, the attribute directions, the run's split and
 preset, every notebook's metrics (``metrics.json``) and ``provenance.json`` (command, commit,
 preset, stage times, library versions). ``scripts/ship_checkpoint.py`` writes it from a run folder;
-``make course`` runs the course preset and ships it (README, "The course checkpoint").
+``make course`` runs the course preset and ships it (README, "The course checkpoint";
+docs/course_checkpoint.md).
 """
 
 from __future__ import annotations

@@ -352,14 +352,15 @@ def _short(v: Any, width: int = 80) -> str:
     return r if len(r) <= width else r[:width - 5] + " ...]" if r[:1] == "[" else r[:width - 4] + " ..."
 
 
-def mismatch(expected: dict[str, Any], found: Any, limit: int = 4) -> str:
+def mismatch(expected: dict[str, Any], found: Any, limit: int = 4, found_name: str = "the checkpoint") -> str:
     """Which keys of two JSON objects differ, as ``"iterations: this call 4, the checkpoint 6; ..."``
-    (``expected``: this call's, ``found``: the checkpoint's; at most ``limit`` keys, long values cut)."""
+    (``expected``: this call's, ``found``: the checkpoint's, or what ``found_name`` names; at most
+    ``limit`` keys, long values cut)."""
     if not isinstance(found, dict):
-        return f"this call {_short(expected)}, the checkpoint {_short(found)}"
+        return f"this call {_short(expected)}, {found_name} {_short(found)}"
     absent = "<absent>"
     keys = sorted(k for k in set(expected) | set(found) if expected.get(k, absent) != found.get(k, absent))
-    parts = [f"{k}: this call {_short(expected.get(k, absent))}, the checkpoint {_short(found.get(k, absent))}"
+    parts = [f"{k}: this call {_short(expected.get(k, absent))}, {found_name} {_short(found.get(k, absent))}"
              for k in keys[:limit]]
     if len(keys) > limit:
         parts.append(f"... ({len(keys)} fields differ)")

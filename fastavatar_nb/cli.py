@@ -441,6 +441,13 @@ def _check_data(preset: presets.Preset) -> None:
                        f"{preset.run_dir} was written:\n{check.report()}\nFix or remove these subject folders "
                        "(or the --split/--labels file) and run again.")
     print(check.report())
+    from fastavatar_nb.report_results import GENERALISES_FROM
+
+    if preset.num_train_subjects < GENERALISES_FROM:
+        print(f"Note: {preset.num_train_subjects} training subject(s) and {preset.num_test_subjects} test subject(s). "
+              "Every stage runs and each fit reproduces its subject, but the decoder and the encoder cannot learn "
+              f"from so few (below {GENERALISES_FROM}) what tells people apart: expect the feed-forward head of a "
+              "test subject to stay near the template; the notebooks and the report state what the numbers show.")
     record = source_record(preset.data, preset.image_width, preset.image_height, preset.num_gaussians,
                            preset.data_timestep, preset.data_split, preset.data_labels)
     try:

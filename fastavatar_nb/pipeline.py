@@ -17,6 +17,7 @@ top to bottom, and a full run never does the same work twice.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._io import mismatch
 from .data import MultiViewSubject, SubjectDataset, split_subjects, synthetic, write_split
 from .decoder import DECODER_FILE, DecoderConfig, DecoderResult, train_decoder
 from .encoder import (
@@ -53,6 +55,11 @@ DECODER_CHECKPOINT = "decoder_checkpoint"
 
 class NoValidationSubjectsWarning(UserWarning):
     """The split has no val subjects: choices are made on training subjects (optimistic numbers)."""
+
+
+def _config_diff(wanted: Any, stored: Any) -> str:
+    """The fields where a stored artifact's config differs from this run's, for a refusal."""
+    return mismatch(dataclasses.asdict(wanted), dataclasses.asdict(stored), found_name="the stored one")
 
 
 def prepare_dataset(preset: Preset, progress: bool = True) -> Path:
@@ -164,8 +171,10 @@ def ensure_decoder(preset: Preset, train: SubjectDataset, progress: bool = True,
     if (run / DECODER_FILE).is_file():
         result = DecoderResult.load(run, device=preset.torch_device)
         if result.subject_ids != train.subject_ids or result.config != config:
-            raise ValueError(f"{run / DECODER_FILE} was trained on other subjects or with another DecoderConfig; "
-                             "delete decoder.safetensors and latents.safetensors to train again")
+            why = (f"another DecoderConfig ({_config_diff(config, result.config)})" if result.config != config
+                   else f"other subjects ({len(result.subject_ids)} stored, {len(train)} in this run's split)")
+            raise ValueError(f"{run / DECODER_FILE} was trained with {why}; delete decoder.safetensors and "
+                             "latents.safetensors to train again")
         return result
     template = make_template() if make_template is not None else ensure_template(preset, train, progress=progress)
     result = train_decoder(train, template, config, backend=preset.backend, device=preset.torch_device,
@@ -230,7 +239,8 @@ def ensure_encoder(preset: Preset, train: SubjectDataset, avatars: DecoderResult
     if (run / ENCODER_FILE).is_file():
         encoder = EncoderResult.load(run, device=preset.torch_device)
         if encoder.config != config:
-            raise ValueError(f"{run / ENCODER_FILE} was trained with another EncoderConfig; delete it to train again")
+            raise ValueError(f"{run / ENCODER_FILE} was trained with another EncoderConfig "
+                             f"({_config_diff(config, encoder.config)}); delete it to train again")
         return encoder
     if embeddings is None:
         embeddings = ensure_embeddings(preset, train, progress=progress)

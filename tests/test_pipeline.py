@@ -66,6 +66,25 @@ def test_ensure_template_refuses_fits_of_other_subjects(tiny):
         pipeline.ensure_template(tiny, test, progress=False)
 
 
+def test_ensure_decoder_refusal_names_what_differs(tiny, monkeypatch):
+    from fastavatar_nb.decoder import DECODER_FILE, DecoderConfig
+
+    root = pipeline.prepare_dataset(tiny, progress=False)
+    train = SubjectDataset(root, "train")
+    tiny.run_dir.mkdir(parents=True, exist_ok=True)
+    (tiny.run_dir / DECODER_FILE).write_bytes(b"")  # a stored decoder (its loading is stubbed below)
+    stored = SimpleNamespace(subject_ids=train.subject_ids, config=DecoderConfig.for_preset(tiny, mlp_dtype="float32"))
+    monkeypatch.setattr(pipeline.DecoderResult, "load", lambda *a, **k: stored)
+    with pytest.raises(ValueError, match=r"another DecoderConfig \(mlp_dtype: this call 'auto', the stored one "
+                                         r"'float32'\); delete decoder.safetensors"):
+        pipeline.ensure_decoder(tiny, train, progress=False)
+    stored.config, stored.subject_ids = DecoderConfig.for_preset(tiny), train.subject_ids[:-1]
+    with pytest.raises(ValueError, match=rf"other subjects \({len(train) - 1} stored, {len(train)} in this run"):
+        pipeline.ensure_decoder(tiny, train, progress=False)
+    stored.subject_ids = train.subject_ids
+    assert pipeline.ensure_decoder(tiny, train, progress=False) is stored  # the same config and subjects: reused
+
+
 def test_ensure_encoder_distils_once_then_reuses(tiny, monkeypatch):
     root = pipeline.prepare_dataset(tiny, progress=False)
     train = SubjectDataset(root, "train")
@@ -87,5 +106,5 @@ def test_ensure_encoder_distils_once_then_reuses(tiny, monkeypatch):
     again = pipeline.ensure_encoder(small, train, avatars, (emb, found), progress=False)
     x = emb[found][:4]
     torch.testing.assert_close(again.encode(x), encoder.encode(x), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="another EncoderConfig"):
+    with pytest.raises(ValueError, match=r"another EncoderConfig \(epochs: this call 4, the stored one 3\)"):
         pipeline.ensure_encoder(tiny.replace(encoder_epochs=4), train, avatars, (emb, found), progress=False)

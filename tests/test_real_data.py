@@ -261,6 +261,36 @@ def test_cli_dry_run_with_data_checks_and_names_the_data(source: Path, tmp_path:
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("case", ["one subject", "all in test", "none in test"])
+def test_cli_refuses_a_folder_that_cannot_train_or_score_before_writing(source: Path, tmp_path: Path, capsys,
+                                                                         case: str) -> None:
+    args = ["--data", str(source)]
+    if case == "one subject":
+        for d in ("synth_001", "synth_002", "synth_003"):
+            shutil.rmtree(source / d)
+    else:
+        ids = sorted(p.name for p in source.iterdir() if p.is_dir())
+        split = tmp_path / "split.json"
+        split.write_text(json.dumps({"train": [] if case == "all in test" else ids,
+                                     "test": ids if case == "all in test" else []}))
+        args += ["--split", str(split)]
+    out = tmp_path / "runs"
+    code = cli.main(["run", "--preset", "smoke", *args, "--out", str(out), "--notebooks", str(_notebooks(tmp_path / "nb"))])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    want = {"one subject": "needs at least 2: a training subject", "all in test": "lists no train subject: nothing can be "
+            "learnt", "none in test": "lists no test subject: nothing can be scored"}[case]
+    assert want in " ".join(err.split()), err
+
+
+def test_cli_says_up_front_what_few_training_subjects_cannot_teach(source: Path, tmp_path: Path, capsys) -> None:
+    code = cli.main(["run", "--preset", "smoke", "--data", str(source), "--out", str(tmp_path / "runs"),
+                     "--notebooks", str(_notebooks(tmp_path / "nb")), "--dry-run"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and "Note: 3 training subject(s) and 1 test subject(s)" in printed
+    assert "cannot learn from so few" in printed
+
+
 # ------------------------------------------------------------------ the two real NeRSemble subjects
 @pytest.fixture
 def real_root(shared_dir: Path) -> Path:

@@ -59,6 +59,12 @@ __all__ = [
     "default_real_counts", "real_split", "source_record", "check_cache", "prepare_real_dataset",
 ]
 
+NO_TRAIN_SUBJECT = ("nothing can be learnt: the template, the auto-decoder and the encoder learn from the training "
+                    "subjects; put at least one subject in 'train'")
+"""What a split without training subjects cannot do (one sentence of the refusal)."""
+NO_TEST_SUBJECT = ("nothing can be scored: the feed-forward and refined heads are measured on people the models have "
+                   "never seen (notebooks 06 and 07); put at least one subject in 'test'")
+"""What a split without test subjects cannot do (one sentence of the refusal)."""
 SOURCE_FILE = "source.json"
 """In ``<run>/dataset/``: where a cached real dataset came from (source folder, timestep, size, K, split, labels)."""
 
@@ -384,8 +390,10 @@ def _check_split_file(path: Path, ids: list[str]) -> list[DataProblem]:
     unknown = sorted(set(seen) - set(ids))
     if unknown:
         out.append(DataProblem("", path, f"names subjects with no folder in the data: {unknown}"))
-    if not data["train"] or not data["test"]:
-        out.append(DataProblem("", path, "needs at least one train and one test subject"))
+    if not data["train"]:
+        out.append(DataProblem("", path, f"lists no train subject: {NO_TRAIN_SUBJECT}"))
+    if not data["test"]:
+        out.append(DataProblem("", path, f"lists no test subject: {NO_TEST_SUBJECT}"))
     return out
 
 

@@ -64,6 +64,7 @@ from ._io import (
     read_artifact,
 )
 from .cameras import Cameras
+from .comm import make_comm
 from .data.subject import MultiViewSubject
 from .gaussians import Gaussians
 from .metrics import lpips_available, psnr
@@ -621,11 +622,7 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
     dev = torch.device(device) if device is not None else template.device
     backend_name = resolve_backend(backend, dev)
     template = template.detach().to(dev)
-    comm = None
-    if distributed:
-        from .distributed import _Comm
-
-        comm = _Comm(dev)
+    comm = make_comm(distributed, dev)  # one process: LocalComm, whose part and sums are the identity
 
     # ---- every subject in memory: images (and the held-out view's head region) as uint8, cameras as float
     imgs, heads, vms, kss = [], [], [], []
@@ -691,7 +688,7 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
                                       dev, template if config.template_lr > 0 else None)
 
     def save_checkpoint(step: int, seconds: float) -> None:
-        if ckpt is None or (comm is not None and comm.rank != 0):
+        if ckpt is None or comm.rank != 0:
             return
         t = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
         t.update({"codes": codes.detach(), "embeddings": embeddings.detach(), "hist.loss": hist_loss,
@@ -720,7 +717,7 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
                 items = (epoch, step_items(config.seed, epoch, n, len(tv), config.views_per_step))
             batch = items[1][k * bs:(k + 1) * bs]
             set_lr(step)
-            part = batch if comm is None else comm.part(batch)  # distributed: this rank's items
+            part = comm.part(batch)  # this rank's items (all of them in one process)
             losses, psnrs, res = [], [], None
             if part:
                 sidx = torch.tensor([s for s, _ in part], device=dev)
@@ -743,28 +740,21 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
                     psnrs.append(psnr(out.colors.detach().clamp(0, 1), gt).flatten())
             params = [p for grp in opt.param_groups for p in grp["params"]]
             opt.zero_grad(set_to_none=True)
-            if comm is None:
-                image_term = torch.cat(losses).mean()
-                loss = image_term + residual_penalty(res, config)
+            # this rank's share of the step's loss (the mean image term over every render of the batch, plus
+            # the residual penalty): summed over the ranks it is the whole; in one process it is the whole
+            loss = torch.zeros((), device=dev)
+            if part:
+                renders = sum(len(v) for _, v in batch)
+                loss = (torch.cat(losses).sum() / renders
+                        + residual_penalty(res, config) * (len(part) / len(batch)))
                 loss.backward()
-            else:  # this rank's share of the global loss: sums over the ranks to the mean above
-                loss = torch.zeros((), device=dev)
-                if part:
-                    renders = sum(len(v) for _, v in batch)
-                    loss = (torch.cat(losses).sum() / renders
-                            + residual_penalty(res, config) * (len(part) / len(batch)))
-                    loss.backward()
-                comm.sum_grads_(params)
+            comm.sum_grads_(params)
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             opt.step()
-            if comm is None:
-                hist_loss[step] = float(loss.detach())
-                hist_psnr[step] = float(torch.cat(psnrs).mean())
-            else:
-                p_sum = float(torch.cat(psnrs).double().sum()) if psnrs else 0.0
-                tot_loss, tot_psnr, count = comm.sum_stats([float(loss.detach()), p_sum, sum(len(p) for p in psnrs)])
-                hist_loss[step], hist_psnr[step] = tot_loss, tot_psnr / count
+            p_sum = float(torch.cat(psnrs).double().sum()) if psnrs else 0.0
+            tot_loss, tot_psnr, count = comm.sum_stats([float(loss.detach()), p_sum, sum(len(p) for p in psnrs)])
+            hist_loss[step], hist_psnr[step] = tot_loss, tot_psnr / count
             bar.update(1)
             bar.set_postfix(loss=f"{hist_loss[step]:.4f}", psnr=f"{hist_psnr[step]:.2f}", refresh=False)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
@@ -785,7 +775,7 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
         loss_history=hist_loss, psnr_history=hist_psnr, config=config, backend=backend_name, seconds=seconds)
     owned = torch.zeros(n, dtype=torch.bool)  # distributed: each rank scores every world_size-th batch
     for b0 in range(0, n, bs):
-        if comm is not None and (b0 // bs) % comm.world_size != comm.rank:
+        if (b0 // bs) % comm.world_size != comm.rank:
             continue
         owned[b0:b0 + bs] = True
         sl = slice(b0, min(n, b0 + bs))
@@ -802,9 +792,8 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
                                 tile_size=config.tile_size)
             result.heldout_psnr[sl], result.heldout_ssim[sl] = ho["psnr"][:, 0].cpu(), ho["ssim"][:, 0].cpu()
             result.heldout_psnr_head[sl] = ho["psnr_head"][:, 0].cpu()
-    if comm is not None:
-        for m in _METRICS:
-            comm.gather_rows_(getattr(result, m), owned)
+    for m in _METRICS:
+        comm.gather_rows_(getattr(result, m), owned)
     return result
 
 

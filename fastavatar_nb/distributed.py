@@ -27,7 +27,7 @@ batch) are split into contiguous parts, one per rank; a rank decodes and renders
 normalises its loss by the *global* number of renders (and its share of the residual penalty
 by its share of the decoded subjects), so the sum over the ranks is the single-process loss.
 The gradients of every parameter (MLP, codes and embeddings, zeros where a rank did not touch
-them) are then summed with one explicit ``all_reduce`` (:class:`_Comm`), clipped, and every
+them) are then summed with one explicit ``all_reduce`` (:class:`~fastavatar_nb.comm.ProcessGroupComm`), clipped, and every
 rank takes the same Adam step, so all copies stay identical. We use an explicit ``all_reduce``
 rather than :class:`torch.nn.parallel.DistributedDataParallel`: the codes and embeddings are
 plain tensors outside the module, a rank may have no item in a step (it must still join the
@@ -90,60 +90,6 @@ def world() -> tuple[int, int]:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-class _Comm:
-    """What :func:`~fastavatar_nb.decoder.train_decoder` needs of the process group: the rank,
-    its part of a step's items, and in-place sums over the ranks (on ``device``: NCCL reduces
-    CUDA tensors only)."""
-
-    def __init__(self, device: torch.device) -> None:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("distributed=True needs an initialised torch.distributed process group "
-                               "(torchrun + torch.distributed.init_process_group); see fastavatar_nb.distributed")
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device(device)
-
-    def part(self, items: Sequence[Any]) -> list[Any]:
-        """This rank's contiguous part of ``items`` (sizes differ by at most one; may be empty)."""
-        n = len(items)
-        return list(items[self.rank * n // self.world_size:(self.rank + 1) * n // self.world_size])
-
-    def sum_(self, tensors: Sequence[Tensor]) -> None:
-        """Replace every tensor by its sum over the ranks (one flat all-reduce)."""
-        if self.world_size == 1 or not tensors:
-            return
-        flat = torch.cat([t.detach().reshape(-1).to(self.device) for t in tensors])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        i = 0
-        for t in tensors:
-            with torch.no_grad():
-                t.copy_(flat[i:i + t.numel()].view(t.shape))
-            i += t.numel()
-
-    def sum_grads_(self, params: Sequence[Tensor]) -> None:
-        """Sum the gradients of ``params`` over the ranks (a missing gradient counts as zeros)."""
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        self.sum_([p.grad for p in params])
-
-    def sum_stats(self, values: Sequence[float]) -> list[float]:
-        """Sums over the ranks of a few numbers (float64)."""
-        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return [float(v) for v in t.cpu()]
-
-    def gather_rows_(self, tensor: Tensor, owned: Tensor) -> None:
-        """Every rank filled the rows ``owned`` (a ``[N]`` bool mask) of ``tensor``; give every
-        rank every row (a sum with zeros elsewhere: exact)."""
-        local = torch.where(owned.reshape(-1, *[1] * (tensor.ndim - 1)).to(tensor.device), tensor,
-                            torch.zeros_like(tensor))
-        if self.world_size > 1:
-            local = local.to(self.device)
-            dist.all_reduce(local, op=dist.ReduceOp.SUM)
-        tensor.copy_(local.to(tensor.device))
 
 
 # ------------------------------------------------------------------------------------- fits

@@ -65,7 +65,7 @@ __all__ = [
     "NoFaceError", "FACENET_CHECKPOINT", "EMBEDDING_DIM", "FACE_SIZE", "GraphNode", "facenet_weights_path",
     "read_graph_nodes", "read_graph_constants",
     "facenet_state_dict", "load_facenet", "make_mtcnn", "detect_faces", "crop_boxes", "crop_faces", "embed_faces",
-    "default_cache_dir", "TruthFaces", "truth_faces", "identity_similarity",
+    "default_cache_dir", "TruthFaces", "truth_faces", "identity_similarity", "pil_images", "embed_boxes",
 ]
 
 FACENET_CHECKPOINT = "20180408-102900"
@@ -555,7 +555,7 @@ def make_mtcnn(device: torch.device | str = "cpu", margin: int = 32, size: int =
                  device=device)
 
 
-def _pil_images(images: Tensor) -> list:
+def pil_images(images: Tensor) -> list:
     """``[N, H, W, 3]`` floats in [0, 1] -> 8-bit PIL images (what MTCNN and the crops read)."""
     from PIL import Image
 
@@ -580,7 +580,7 @@ def detect_faces(images: Tensor, mtcnn=None) -> tuple[Tensor, Tensor]:
     boxes = torch.full((images.shape[0], 4), float("nan"), dtype=torch.float64)
     # One image per call: facenet-pytorch 2.5.3's batched selection fails under NumPy 2 when some
     # images of a batch have a face and others have none.
-    for i, image in enumerate(_pil_images(images)):
+    for i, image in enumerate(pil_images(images)):
         found, probs, points = mtcnn.detect(image, landmarks=True)
         found, _, _ = mtcnn.select_boxes(found, probs, points, image, method=mtcnn.selection_method)
         if found is not None:
@@ -613,7 +613,7 @@ def crop_boxes(images: Tensor, boxes: Tensor, margin: int = 32, size: int = FACE
         raise ValueError(f"boxes must be finite; rows {torch.nonzero(~torch.isfinite(boxes).all(1)).flatten().tolist()} "
                          "are not (no face was found there)")
     crops = [fixed_image_standardization(extract_face(image, box.tolist(), size, margin))
-             for image, box in zip(_pil_images(images), boxes.to(torch.float64).cpu(), strict=True)]
+             for image, box in zip(pil_images(images), boxes.to(torch.float64).cpu(), strict=True)]
     if not crops:
         return torch.zeros(0, 3, size, size, device=images.device)
     return torch.stack(crops).to(device=images.device, dtype=torch.float32)
@@ -707,7 +707,7 @@ class TruthFaces:
         return int(self.found.shape[0])
 
 
-def _embed_boxes(images: Tensor, boxes: Tensor, net: torch.nn.Module, margin: int, size: int,
+def embed_boxes(images: Tensor, boxes: Tensor, net: torch.nn.Module, margin: int, size: int,
                  batch_size: int) -> Tensor:
     """Unit-norm FaceNet embeddings ``[N, 512]`` (CPU) of the given boxes' crops, ``batch_size`` at a time."""
     device = next(net.parameters()).device
@@ -734,7 +734,7 @@ def _compute_truth_faces(truths: Tensor, net, mtcnn, batch_size: int) -> TruthFa
     embeddings = torch.full((truths.shape[0], EMBEDDING_DIM), float("nan"))
     if found.any():
         index = found.to(truths.device)
-        embeddings[found] = _embed_boxes(truths[index], boxes[found], net, mtcnn.margin, mtcnn.image_size,
+        embeddings[found] = embed_boxes(truths[index], boxes[found], net, mtcnn.margin, mtcnn.image_size,
                                          batch_size)
     return TruthFaces(boxes, embeddings, found, (int(truths.shape[1]), int(truths.shape[2])),
                       int(mtcnn.margin), int(mtcnn.image_size))
@@ -809,7 +809,7 @@ def identity_similarity(renders: Tensor, truths: Tensor | None = None, net: torc
     found = truth_faces.found
     out = torch.full((renders.shape[0],), float("nan"))
     if found.any():
-        emb = _embed_boxes(renders[found.to(renders.device)], truth_faces.boxes[found], net, truth_faces.margin,
+        emb = embed_boxes(renders[found.to(renders.device)], truth_faces.boxes[found], net, truth_faces.margin,
                            truth_faces.face_size, batch_size)
         out[found] = (emb * truth_faces.embeddings[found]).sum(dim=1).clamp(-1, 1)
     return out.to(renders.device)

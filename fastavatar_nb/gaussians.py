@@ -308,16 +308,6 @@ class Gaussians:
         """Write an unbatched set in the standard 3DGS PLY layout (see :func:`write_gaussians_ply`)."""
         return write_gaussians_ply(path, self)
 
-    def to_html(self, path: str | os.PathLike, title: str = "3D head", *, overwrite: bool = False,
-                **view) -> Path:
-        """Write a self-contained HTML page that draws these Gaussians with WebGL in any browser, offline
-        (one set, or a batch side by side with a linked camera). ``view``: the viewer's keywords
-        (``titles``, ``width``, ``height``, ``yaw_deg``, ``pitch_deg``, ...); see
-        :func:`fastavatar_nb.webviewer.write_html`."""
-        from .webviewer import write_html
-
-        return write_html(path, self, title=title, overwrite=overwrite, **view)
-
     @staticmethod
     def load_ply(path: str | os.PathLike) -> Gaussians:
         """Read a 3DGS PLY (see :func:`read_gaussians_ply`)."""

@@ -367,11 +367,11 @@ def detect_face(photo: Photo | Any, mtcnn=None) -> FaceDetection:
     Raises:
         NoFaceError: no face, naming the photo.
     """
-    from .faces import _pil_images, make_mtcnn
+    from .faces import make_mtcnn, pil_images
 
     photo = _as_photo(photo)
     mtcnn = mtcnn or make_mtcnn()
-    boxes, probs, points = mtcnn.detect(_pil_images(photo.image[None])[0], landmarks=True)
+    boxes, probs, points = mtcnn.detect(pil_images(photo.image[None])[0], landmarks=True)
     if boxes is None or len(boxes) == 0:
         raise NoFaceError(photo.name, f" in its {photo.width}x{photo.height} pixels")
     boxes = torch.as_tensor(np.asarray(boxes, dtype=np.float64))
@@ -423,14 +423,14 @@ def template_landmarks(template: Gaussians, width: int, height: int, mtcnn=None,
     Raises:
         ValueError: fewer than 3 rig views show a face (the template is not face-like).
     """
-    from .faces import _pil_images, make_mtcnn
+    from .faces import make_mtcnn, pil_images
 
     mtcnn = mtcnn or make_mtcnn()
     cams = Cameras.nersemble_rig(width * scale, height * scale).to(template.device)
     with torch.no_grad():
         imgs = render(template, cams, background=1.0, backend=backend, sh_degree=sh_degree).colors.clamp(0, 1)
     found, lms = [], []
-    for c, im in enumerate(_pil_images(imgs)):
+    for c, im in enumerate(pil_images(imgs)):
         _, _, pts = mtcnn.detect(im, landmarks=True)
         if pts is not None:
             found.append(c)
@@ -811,7 +811,7 @@ def reconstruct(photo: Photo | Any, avatars, encoder, width: int, height: int, *
     Raises:
         PhotoError, FileNotFoundError: the photo cannot be read. NoFaceError: no face in it.
     """
-    from .faces import _embed_boxes, load_facenet, make_mtcnn
+    from .faces import embed_boxes, load_facenet, make_mtcnn
     from .refine import refine
 
     times: dict[str, float] = {}
@@ -849,7 +849,7 @@ def reconstruct(photo: Photo | Any, avatars, encoder, width: int, height: int, *
     # view, resampled once more, embeds worse: 15.34 against 16.08 dB on the other views of the
     # course checkpoint's validation subjects (4 subjects x 2 views x 1x/4x photos; dataset route 16.11)
     with torch.no_grad():
-        emb = _embed_boxes(photo.image[None], detection.box.double()[None], net, mtcnn.margin, mtcnn.image_size, 1)[0]
+        emb = embed_boxes(photo.image[None], detection.box.double()[None], net, mtcnn.margin, mtcnn.image_size, 1)[0]
     done("FaceNet embedding")
     code = encoder.encode(emb[None].to(next(encoder.model.parameters()).device))[0].to(dev)
     head = avatars.decode(code)

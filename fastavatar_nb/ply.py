@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PlyError", "PlyElement", "read_ply", "write_ply"]
+__all__ = ["PlyError", "PlyElement", "read_ply", "write_ply", "parse_header"]
 
 _PLY_TO_NUMPY = {
     "char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1",
@@ -41,7 +41,7 @@ class PlyElement:
         return tuple(self.data.dtype.names or ())
 
 
-def _parse_header(f, path: Path) -> tuple[str, list[tuple[str, int, list[tuple[str, str]]]], list[str]]:
+def parse_header(f, path: Path) -> tuple[str, list[tuple[str, int, list[tuple[str, str]]]], list[str]]:
     magic = f.readline()
     if magic.strip() != b"ply":
         raise PlyError(f"{path}: not a PLY file (first line is {magic[:40]!r}, expected b'ply')")
@@ -108,7 +108,7 @@ def read_ply(path: str | os.PathLike) -> dict[str, PlyElement]:
     if not path.is_file():
         raise PlyError(f"{path}: no such file")
     with open(path, "rb") as f:
-        fmt, specs, _ = _parse_header(f, path)
+        fmt, specs, _ = parse_header(f, path)
         body = f.read()
     out: dict[str, PlyElement] = {}
     if fmt == "ascii":

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OrbitViewer", "LiveCurves", "scatter_gaussians", "ellipsoids", "camera_frusta", "camera_frusta_traces",
     "splat_figure", "sh_sphere", "image_grid", "colorize", "to_uint8", "png_bytes", "in_notebook_kernel",
-    "setup_plotly", "turntable_frames", "save_gif", "orbit_framing",
+    "setup_plotly", "turntable_frames", "save_gif", "orbit_framing", "data_uri",
 ]
 
 RenderFn = Callable[..., Any]
@@ -1059,7 +1059,7 @@ def save_gif(frames: np.ndarray | Sequence[np.ndarray], path, fps: float = 12.0)
                    optimize=False, disposal=2)
 
 
-def _data_uri(image: Tensor | np.ndarray | Image.Image) -> str:
+def data_uri(image: Tensor | np.ndarray | Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(png_bytes(image, compress_level=6)).decode("ascii")
 
 

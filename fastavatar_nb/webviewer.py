@@ -8,7 +8,7 @@ nothing is fetched from a network at run time). In JupyterLab it is an
 round trip, and :meth:`HeadViewer.set_head` replaces a head's Gaussians in place (the latent
 explorer re-decodes on every slider move). Without a kernel the same viewer works from the
 ``text/html`` that every display carries (an exported notebook, ``nbconvert --to html``) and from
-:func:`write_html` / :meth:`Gaussians.to_html <fastavatar_nb.gaussians.Gaussians.to_html>`, one
+:func:`write_html` (or :meth:`HeadViewer.to_html`), one
 self-contained file.
 
 Conventions (the package's, :mod:`fastavatar_nb.cameras`): metres, world +y up, the face looks
@@ -320,12 +320,12 @@ def html_page(state: Mapping[str, Any], title: str = "3D heads", *, bare: bool =
     image) are shown as stills beside the viewer and ``info`` as a table below; ``bare`` leaves out
     the page's heading and margins (for an iframe in a notebook).
     """
-    from .viewers import _data_uri
+    from .viewers import data_uri
 
     page_state = {k: v for k, v in state.items() if k != "heads"}
     page_state["heads_b64"] = [base64.b64encode(bytes(h)).decode("ascii") for h in state["heads"]]
     stills = "".join(
-        f'<figure><img src="{_data_uri(img)}" style="height:{state["height"]}px;image-rendering:pixelated">'
+        f'<figure><img src="{data_uri(img)}" style="height:{state["height"]}px;image-rendering:pixelated">'
         f"<figcaption>{html.escape(str(name))}</figcaption></figure>" for name, img in (images or {}).items())
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
                    for k, v in (info or {}).items())

@@ -210,3 +210,24 @@ def test_cli_argument_errors_are_clear(capsys, tmp_path):
     assert main(["fit", "--preset", "smoke", "--set", "num_subjects", "--run-dir", str(tmp_path)]) == 2
     assert "--set needs FIELD=VALUE, got 'num_subjects'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing was written
+
+
+def test_the_local_communicator_is_the_identity_and_a_missing_group_is_named():
+    from fastavatar_nb.comm import LocalComm, make_comm
+
+    comm = make_comm(False, "cpu")
+    assert isinstance(comm, LocalComm) and (comm.rank, comm.world_size) == (0, 1)
+    items = [(0, [1, 2]), (3, [4])]
+    assert comm.part(items) == items
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([1.0, 2.0, 3.0])
+    q = torch.nn.Parameter(torch.ones(2))  # no gradient: stays without one (Adam then skips it, as before)
+    comm.sum_grads_([p, q])
+    assert p.grad.tolist() == [1.0, 2.0, 3.0] and q.grad is None
+    assert comm.sum_stats([1, 2.5]) == [1.0, 2.5]
+    rows, owned = torch.arange(4.0), torch.tensor([True, False, True, False])
+    comm.gather_rows_(rows, owned)
+    assert rows.tolist() == [0.0, 1.0, 2.0, 3.0]
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="distributed=True needs an initialised torch.distributed process group"):
+            make_comm(True, "cpu")

@@ -146,17 +146,17 @@ def test_html_page_is_self_contained_and_carries_the_heads(tmp_path) -> None:
 
 
 def test_write_html_asks_before_overwriting(tmp_path) -> None:
-    path = head().to_html(tmp_path / "head.html")
+    path = write_html(tmp_path / "head.html", head())
     before = path.read_text()
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        head(seed=3).to_html(path)
+        write_html(path, head(seed=3))
     assert path.read_text() == before
-    head(seed=3).to_html(path, overwrite=True)
+    write_html(path, head(seed=3), overwrite=True)
     assert path.read_text() != before
     with pytest.raises(IsADirectoryError, match="is a folder"):
-        head().to_html(tmp_path)
+        write_html(tmp_path, head())
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        head().to_html(tmp_path / "missing" / "head.html")
+        write_html(tmp_path / "missing" / "head.html", head())
 
 
 def test_bundle_names_the_locked_gsplat_version() -> None:

@@ -54,7 +54,7 @@ from .subject import MultiViewSubject, target_size
 __all__ = [
     "SubjectFormatError", "MissingSubjectFileError", "read_subject", "write_subject", "list_subject_dirs",
     "split_subjects", "write_split", "SubjectDataset", "Split", "HOLDOUT_VIEW", "default_num_test",
-    "tracked_head_rotation",
+    "tracked_head_rotation", "frame_value", "select_frames",
 ]
 
 Split = Literal["train", "val", "test", "all"]
@@ -105,7 +105,7 @@ def _read_png(path: Path, kind: Literal["image", "mask"]) -> np.ndarray:
         raise SubjectFormatError(f"{path}: unreadable {kind} file ({type(e).__name__}: {e})") from e
 
 
-def _frame_value(frame: dict, top: dict, key: str, path: Path, i: int) -> Any:
+def frame_value(frame: dict, top: dict, key: str, path: Path, i: int) -> Any:
     if key in frame:
         return frame[key]
     if key in top:
@@ -113,7 +113,7 @@ def _frame_value(frame: dict, top: dict, key: str, path: Path, i: int) -> Any:
     raise SubjectFormatError(f"{path}: frame {i} has no {key!r} (and no top-level default)")
 
 
-def _select_frames(meta: dict, path: Path, timestep: int | None) -> list[dict]:
+def select_frames(meta: dict, path: Path, timestep: int | None) -> list[dict]:
     frames = meta.get("frames")
     if not isinstance(frames, list) or not frames:
         raise SubjectFormatError(f"{path}: no frames (expected a non-empty 'frames' list)")
@@ -170,13 +170,13 @@ def read_subject(folder: str | os.PathLike, width: int | None = None, height: in
     meta = _load_json(tpath)
     if not isinstance(meta, dict):
         raise SubjectFormatError(f"{tpath}: expected a JSON object at the top level")
-    frames = _select_frames(meta, tpath, timestep)
+    frames = select_frames(meta, tpath, timestep)
 
     images, masks, c2ws, Ks, ids, sizes = [], [], [], [], [], set()
     for i, f in enumerate(frames):
         try:
-            w, h = int(_frame_value(f, meta, "w", tpath, i)), int(_frame_value(f, meta, "h", tpath, i))
-            fx, fy, cx, cy = (float(_frame_value(f, meta, k, tpath, i)) for k in ("fl_x", "fl_y", "cx", "cy"))
+            w, h = int(frame_value(f, meta, "w", tpath, i)), int(frame_value(f, meta, "h", tpath, i))
+            fx, fy, cx, cy = (float(frame_value(f, meta, k, tpath, i)) for k in ("fl_x", "fl_y", "cx", "cy"))
             c2w = np.asarray(f["transform_matrix"], dtype=np.float64)
             img_rel, mask_rel = f["file_path"], f["fg_mask_path"]
         except KeyError as e:

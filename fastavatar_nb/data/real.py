@@ -41,13 +41,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..ply import PlyError, _parse_header
+from ..ply import PlyError, parse_header
 from .nersemble import (
     SubjectFormatError,
-    _frame_value,
-    _select_frames,
     default_num_test,
+    frame_value,
     read_subject,
+    select_frames,
     split_subjects,
     write_split,
     write_subject,
@@ -192,7 +192,7 @@ def _check_subject(folder: Path, timestep: int | None, content: bool) -> tuple[l
         meta = json.loads(tpath.read_text())
         if not isinstance(meta, dict):
             raise SubjectFormatError("expected a JSON object at the top level")
-        frames = _select_frames(meta, tpath, timestep)
+        frames = select_frames(meta, tpath, timestep)
     except (OSError, ValueError) as e:  # JSONDecodeError and SubjectFormatError are ValueErrors
         msg = str(e).removeprefix(f"{tpath}: ")
         return [DataProblem(sid, tpath, f"cannot read the frames: {msg}")], info
@@ -202,8 +202,8 @@ def _check_subject(folder: Path, timestep: int | None, content: bool) -> tuple[l
     for i, f in enumerate(frames):
         cam = f"frame of camera_index {f['camera_index']}"
         try:
-            w, h = int(_frame_value(f, meta, "w", tpath, i)), int(_frame_value(f, meta, "h", tpath, i))
-            k = [float(_frame_value(f, meta, key, tpath, i)) for key in ("fl_x", "fl_y", "cx", "cy")]
+            w, h = int(frame_value(f, meta, "w", tpath, i)), int(frame_value(f, meta, "h", tpath, i))
+            k = [float(frame_value(f, meta, key, tpath, i)) for key in ("fl_x", "fl_y", "cx", "cy")]
             img_rel, mask_rel = f["file_path"], f["fg_mask_path"]
         except KeyError as e:
             out.append(DataProblem(sid, tpath, f"{cam} has no {e}"))
@@ -254,7 +254,7 @@ def _check_subject(folder: Path, timestep: int | None, content: bool) -> tuple[l
     else:
         try:
             with open(ply, "rb") as fh:
-                _, elements, _ = _parse_header(fh, ply)
+                _, elements, _ = parse_header(fh, ply)
             vertex = [n for name, n, _ in elements if name == "vertex"]
             if not vertex:
                 raise PlyError(f"{ply}: no 'vertex' element")

@@ -62,7 +62,7 @@ from .torch_rasterizer import (
     MEMORY_CHECK_FLOOR,
     TRANSMITTANCE_MIN,
     RenderMemoryError,
-    _finish,
+    finish_blend,
     project,
 )
 
@@ -458,7 +458,7 @@ def rasterize_numba(means: Tensor, quats: Tensor, scales: Tensor, opacities: Ten
     def draw(a: int, b: int) -> tuple[Tensor, Tensor, Tensor]:
         offsets, ids = _bin(K, rects[a:b], order[a:b], width, height, ts)
         out, alphas = NumbaBlend.apply(m2[a:b], con2[a:b], op2[a:b], feats[a:b], offsets, ids, width, height, ts)
-        return _finish(out, alphas)
+        return finish_blend(out, alphas)
 
     if len(groups) == 1:
         rgb, alphas, exp_depth = draw(0, n_images)

@@ -38,7 +38,7 @@ from .sh import sh_to_color
 __all__ = [
     "ALPHA_MAX", "ALPHA_MIN", "TRANSMITTANCE_MIN",
     "world_to_camera", "perspective_projection", "conics_from_covariances", "screen_radii",
-    "TILE_OVERHEAD_PX", "TileBins", "auto_tile_size", "bin_tiles", "BlendWeights", "alpha_blend", "rasterize",
+    "TILE_OVERHEAD_PX", "TileBins", "auto_tile_size", "bin_tiles", "BlendWeights", "alpha_blend", "finish_blend", "rasterize",
     "RenderMemoryError", "MEMORY_CHECK_FLOOR", "overlaps_per_image", "estimate_memory", "plan_image_chunks",
 ]
 
@@ -521,7 +521,7 @@ def _memory_error(estimate: int, budget: int, one: int, n_images: int, num_gauss
     )
 
 
-def _finish(out: Tensor, alphas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def finish_blend(out: Tensor, alphas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``alpha_blend``'s ``[I, H, W, 4]`` sums and ``[I, H, W]`` alphas -> premultiplied RGB, alphas and
     the expected depth (the z sum over alpha, 0 where nothing is drawn)."""
     rgb = out[..., :3].contiguous()
@@ -604,15 +604,15 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, s
     if len(chunks) == 1:
         bins = bin_tiles(m2, r2, d2, width, height, tile_size)
         out, alphas = alpha_blend(bins, m2, con2, op2, feats, width, height)
-        rgb, alphas, exp_depth = _finish(out, alphas)
+        rgb, alphas, exp_depth = finish_blend(out, alphas)
     else:  # groups of images, each finished on its own: the same pixels as one pass (test_render_memory.py)
         bins = None
-        parts = [_finish(*alpha_blend(bin_tiles(m2[a:b], r2[a:b], d2[a:b], width, height, tile_size),
+        parts = [finish_blend(*alpha_blend(bin_tiles(m2[a:b], r2[a:b], d2[a:b], width, height, tile_size),
                                       m2[a:b], con2[a:b], op2[a:b], feats[a:b], width, height))
                  for a, b in chunks[:1]]
         if torch.is_grad_enabled() and parts[0][0].requires_grad:
             for a, b in chunks[1:]:
-                parts.append(_finish(*alpha_blend(bin_tiles(m2[a:b], r2[a:b], d2[a:b], width, height, tile_size),
+                parts.append(finish_blend(*alpha_blend(bin_tiles(m2[a:b], r2[a:b], d2[a:b], width, height, tile_size),
                                                   m2[a:b], con2[a:b], op2[a:b], feats[a:b], width, height)))
             rgb, alphas, exp_depth = (torch.cat(t) for t in zip(*parts, strict=True))
         else:  # no graph: write each group into the outputs, so the peak is the outputs and one group
@@ -620,7 +620,7 @@ def rasterize(means: Tensor, quats: Tensor, scales: Tensor, opacities: Tensor, s
             rgb, alphas, exp_depth = (t.new_empty((n_images, *t.shape[1:])) for t in first)
             for (a, b), vals in zip(chunks, [first] + [None] * (len(chunks) - 1), strict=True):
                 if vals is None:
-                    vals = _finish(*alpha_blend(bin_tiles(m2[a:b], r2[a:b], d2[a:b], width, height, tile_size),
+                    vals = finish_blend(*alpha_blend(bin_tiles(m2[a:b], r2[a:b], d2[a:b], width, height, tile_size),
                                                 m2[a:b], con2[a:b], op2[a:b], feats[a:b], width, height))
                 for dst, src in zip((rgb, alphas, exp_depth), vals, strict=True):
                     dst[a:b] = src

@@ -1,6 +1,6 @@
 """Browser checks of the WebGL viewer (fastavatar_nb.webviewer) and the latent explorer, in headless Chromium.
 
-1. ``Gaussians.to_html`` page, opened from disk with the network blocked: the canvas shows the head,
+1. a ``write_html`` page, opened from disk with the network blocked: the canvas shows the head,
    and it matches the kernel's own render of the same camera (SH degree 0, as the browser draws);
    a mouse drag turns it.
 2. A notebook executed by ``fastavatar-nb run``'s executor and exported with ``nbconvert --to html``,
@@ -97,16 +97,16 @@ def _drag(page, canvas, dx: float, dy: float = 0.0) -> None:
     page.mouse.up()
 
 
-# ----------------------------------------------------------------------------- 1. to_html, offline
-def test_to_html_page_offline_matches_kernel_render_and_turns(course, chromium_path: str, tmp_path: Path,
+# ----------------------------------------------------------------------------- 1. write_html, offline
+def test_write_html_page_offline_matches_kernel_render_and_turns(course, chromium_path: str, tmp_path: Path,
                                                               record_property) -> None:
     from fastavatar_nb.cameras import Cameras
     from fastavatar_nb.render import render
-    from fastavatar_nb.webviewer import viewer_state
+    from fastavatar_nb.webviewer import viewer_state, write_html
 
     head = course.avatars.decode(course.avatars.codes[0])
     view = dict(width=W, height=H, yaw_deg=30.0, pitch_deg=10.0)
-    path = head.to_html(tmp_path / "viewer.html", title="to_html check", **view)
+    path = write_html(tmp_path / "viewer.html", head, title="write_html check", **view)
     state = viewer_state(head, **view)
     cam = Cameras.from_spherical(torch.tensor([np.radians(30.0)]), torch.tensor([np.radians(10.0)]), state["distance"],
                                  W, H, state["fov_y_deg"], tuple(state["target"]))
@@ -279,7 +279,9 @@ def test_page_without_webgl_says_so(course, chromium_path: str, tmp_path: Path) 
     canvas; in a notebook the kernel then swaps in the OrbitViewer (tests/test_webviewer.py)."""
     from playwright.sync_api import sync_playwright
 
-    path = course.template.to_html(tmp_path / "head.html")
+    from fastavatar_nb.webviewer import write_html
+
+    path = write_html(tmp_path / "head.html", course.template)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium_path, args=[*CHROMIUM_ARGS, "--disable-3d-apis"],
                                      headless=True)

@@ -8,7 +8,8 @@ end, one after the other, nothing else running:
 - ``test``: ``CI=true bash .ci/run`` (what CI runs: unit tests, every notebook, browser checks).
 
 ``make venv`` runs first, untimed; ``--venv PATH`` reuses one virtual environment for every clone (linked
-as the clone's ``.venv``; ``make venv`` then only re-installs the clone itself). The numba kernels' on-disk cache lives in each clone, so every clone compiles them once, as CI
+as the clone's ``.venv``; ``make venv`` then only re-installs the clone itself, every time: its stamp is
+removed first, so the editable install always points at the clone being timed). The numba kernels' on-disk cache lives in each clone, so every clone compiles them once, as CI
 does.
 
     python benchmarks/make_timings.py --baseline effaf89 --venv .venv --targets run
@@ -42,6 +43,10 @@ def clone(rev: str, folder: Path, venv: Path | None) -> str:
     subprocess.run(["git", "-C", str(folder), "checkout", "--quiet", rev], check=True)
     if venv is not None:
         (folder / ".venv").symlink_to(venv.resolve())
+        # the shared venv's editable install must point at this clone: drop make venv's stamp so that it
+        # installs the clone again (untimed; a matching stamp would leave the previous clone's package in place)
+        for stamp in venv.glob(".fastavatar-nb-installed-*"):
+            stamp.unlink()
     return subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
                           check=True).stdout.strip()
 

@@ -315,7 +315,7 @@ class DecoderConfig:
     """Subjects decoded per optimiser step."""
     views_per_step: int = 2
     """Training views rendered per decoded subject and step (the decode costs more than a render
-    on a CPU, so two views share it; the paper renders one). At a fixed time budget the number
+    on a CPU, so two views share it; the authors' code renders one). At a fixed time budget the number
     of steps matters most: see ``benchmarks/results/cpu-2core/decoder_sweep_smoke.json``."""
     latent_dim: int = 512
     """Size of the codes ``w``."""
@@ -348,7 +348,7 @@ class DecoderConfig:
     ssim_weight: float = 0.3
     """Weight of 1 - SSIM (lambda_3)."""
     lpips_weight: float = 0.0
-    """Weight of LPIPS (lambda_1; the paper's 0.1). Needs LPIPS weights on disk
+    """Weight of LPIPS (lambda_1; the authors' code's 0.1, the paper gives no value). Needs LPIPS weights on disk
     (:func:`fastavatar_nb.metrics.lpips_available`); raises otherwise."""
     means_reg_weight: float = 0.01
     """lambda_4: weight of ``mean_k |d_mu_k|^2 / scene_scale^2``."""

@@ -10,6 +10,8 @@
 #                it is skipped when no Chromium is found, except on CI (CI=true), where Debian's `chromium`
 #                is installed with apt-get when missing and FASTAVATAR_REQUIRE_BROWSER=1 makes a missing
 #                browser a failure. Its screenshots: runs/ci-artifacts/browser/ (or $FASTAVATAR_ARTIFACTS_DIR)
+#   make test-fast  the unit tests alone, for development (about 2.5 minutes on 2 cores): pytest tests/ without the
+#                notebooks, the browser checks, the real-data notebook run and the tests marked slow
 #   make gpu-check  on a CUDA GPU: nvcc and ninja from PyPI where missing, gsplat's kernels built for this GPU
 #                only, pytest -m gpu, and full-preset timings beside their goals into
 #                benchmarks/results/<gpu-name>.json (benchmarks/gpu_check.py); without CUDA one "skipped" line
@@ -56,7 +58,7 @@ GPU_VENV ?= .venv-gpu
 GPU_TORCH ?= torch==2.11.0
 PYTHON312 ?=
 
-.PHONY: help venv browser-deps run course book test gpu-check gpu-wheels gpu-rehearse strip lint js
+.PHONY: help venv browser-deps run course book test test-fast gpu-check gpu-wheels gpu-rehearse strip lint js
 
 help:
 	@sed -n '1,/^$$/p' Makefile | sed 's/^# \{0,1\}//'
@@ -133,6 +135,14 @@ test: venv browser-deps
 	  "$(BIN)/python" -m pytest tests "$${notebooks[@]}" "$${nbval[@]}" $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 0 ]; then rm -rf "$$run_dir"; else echo "test: failed (pytest exit $$rc); run folder kept: $$run_dir"; fi; \
 	exit $$rc
+
+test-fast: venv
+	@echo "test-fast: pytest tests/ -m 'not slow' without notebooks, tests/browser and tests/test_notebooks_real_data.py"
+	@set -euo pipefail; run_dir=$$(mktemp -d "$${TMPDIR:-/tmp}/fastavatar-nb-test.XXXXXX"); rc=0; \
+	GOMP_SPINCOUNT=$${GOMP_SPINCOUNT:-1000} FASTAVATAR_PRESET=smoke FASTAVATAR_HEADLESS=1 FASTAVATAR_RUN_DIR="$$run_dir" \
+	  "$(BIN)/python" -m pytest tests -m "not slow" --ignore=tests/browser \
+	  --ignore=tests/test_notebooks_real_data.py $(PYTEST_ARGS) || rc=$$?; \
+	rm -rf "$$run_dir"; exit $$rc
 
 # The GPU path in one command (TORCH_CUDA_ARCH_LIST, CUDA_HOME and PATH are set by the script itself).
 gpu-check: venv

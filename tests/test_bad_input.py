@@ -41,12 +41,12 @@ def _refine_problem():
     """A small decoder, a code, one photo and its camera (from tests/test_refine.py's decoder)."""
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
-    from test_refine import _decoder_result
+    from scenes import small_decoder_result
 
     from fastavatar_nb.cameras import Cameras
     from fastavatar_nb.render import render
 
-    avatars = _decoder_result()
+    avatars = small_decoder_result()
     code = torch.zeros(avatars.codes.shape[-1])
     cam = Cameras.nersemble_rig(16, 24)[[8]]
     with torch.no_grad():
@@ -191,9 +191,9 @@ def _one_camera_too_big(_: Path) -> object:
 def _decode_nan(_: Path) -> object:
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
-    from test_refine import _decoder_result
+    from scenes import small_decoder_result
 
-    avatars = _decoder_result()
+    avatars = small_decoder_result()
     return avatars.decode(torch.full((avatars.codes.shape[-1],), float("nan")))
 
 
@@ -206,10 +206,10 @@ def _wrong_content(tmp: Path) -> object:
 
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
-    from test_refine import _decoder_result
+    from scenes import small_decoder_result
 
     folder = tmp / "decoder"
-    avatars = _decoder_result()
+    avatars = small_decoder_result()
     for name, value in vars(avatars).items():   # its score tensors share one NaN: give each its own memory
         if isinstance(value, torch.Tensor):
             setattr(avatars, name, value.clone())
@@ -225,7 +225,7 @@ def _truncated_fit_checkpoint(tmp: Path) -> object:
     """A fit stopped after its step-2 checkpoint, the checkpoint then cut in half (a full disk), and a resume."""
     if str(HERE) not in sys.path:
         sys.path.insert(0, str(HERE))
-    from test_fitting import _scene
+    from scenes import rig_scene
 
     from fastavatar_nb.fitting import FitConfig, fit_subjects
 
@@ -236,7 +236,7 @@ def _truncated_fit_checkpoint(tmp: Path) -> object:
         if info["step"] == 3:
             raise Stop
 
-    subject, _ = _scene(4, K=60)
+    subject, _ = rig_scene(4, K=60)
     cfg = FitConfig(iterations=6, batch_size=1, checkpoint_every=2, tile_size=4, normal_neighbours=8)
     ckpt = tmp / "ckpt"
     try:

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from test_fitting import _scene
+from scenes import rig_scene
 
 from fastavatar_nb.decoder import (
     CHECKPOINT_FILE,
@@ -247,7 +247,7 @@ TINY = dict(latent_dim=8, embed_dim=15, hidden_dim=32, depth=2, subjects_per_ste
 
 @pytest.fixture(scope="module")
 def scenes():
-    subjects, truths = zip(*(_scene(seed, K=150) for seed in (1, 2)), strict=True)
+    subjects, truths = zip(*(rig_scene(seed, K=150) for seed in (1, 2)), strict=True)
     # corresponded template: the average of the two ground truths (the points are the same lattice)
     return list(subjects), build_template(Gaussians.stack(list(truths)))
 

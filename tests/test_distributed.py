@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_fitting import _scene
+from scenes import rig_scene
 
 from fastavatar_nb.decoder import DecoderConfig, DecoderResult, train_decoder
 from fastavatar_nb.distributed import (
@@ -56,8 +56,8 @@ summation order of the split batch and of the all-reduce is all that differs."""
 @functools.cache
 def _problems() -> tuple[list, list, Gaussians]:
     """The subjects to fit, and the subjects and template of the decoder (made once per process)."""
-    subjects, truths = zip(*(_scene(s, K=K) for s in DEC_SEEDS), strict=True)
-    return [_scene(s, K=K)[0] for s in FIT_SEEDS], list(subjects), build_template(Gaussians.stack(list(truths)))
+    subjects, truths = zip(*(rig_scene(s, K=K) for s in DEC_SEEDS), strict=True)
+    return [rig_scene(s, K=K)[0] for s in FIT_SEEDS], list(subjects), build_template(Gaussians.stack(list(truths)))
 
 
 def _worker(rank: int, world_size: int, port: int, out: str) -> None:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from test_fitting import _scene
+from scenes import rig_scene
 
 from fastavatar_nb.data.subject import MultiViewSubject
 from fastavatar_nb.evaluation import (
@@ -28,7 +28,7 @@ def _stack(g: Gaussians, n: int) -> Gaussians:
 
 
 def test_the_true_head_scores_high_on_every_novel_view():
-    subject, truth = _scene(3, K=150)
+    subject, truth = rig_scene(3, K=150)
     m = novel_view_metrics(subject, _stack(truth, 3), [0, 8, 15], backend="torch")
     assert m["psnr"].shape == (3,) and (m["psnr"] > 40).all(), m
     blank = truth.clone()
@@ -38,7 +38,7 @@ def test_the_true_head_scores_high_on_every_novel_view():
 
 
 def test_the_input_view_is_left_out():
-    subject, truth = _scene(4, K=150)
+    subject, truth = rig_scene(4, K=150)
     images = subject.images.clone()
     images[5] = 0.0  # a ruined view: only heads that do *not* come from view 5 are scored on it
     ruined = MultiViewSubject(subject.subject_id, images, subject.masks, subject.cameras, subject.points)
@@ -58,7 +58,7 @@ def test_the_input_view_is_left_out():
 
 
 def test_inputs_are_checked():
-    subject, truth = _scene(5, K=150)
+    subject, truth = rig_scene(5, K=150)
     with pytest.raises(ValueError, match="V=2"):
         novel_view_metrics(subject, _stack(truth, 3), [0, 1])
     with pytest.raises(ValueError, match="do not exist"):
@@ -67,7 +67,7 @@ def test_inputs_are_checked():
 
 
 def test_mae_is_the_mean_absolute_error_of_the_novel_views():
-    subject, truth = _scene(6, K=150)
+    subject, truth = rig_scene(6, K=150)
     grey = truth.clone()
     grey.opacity_logits.fill_(-30.0)  # invisible: every render is the white background
     m = novel_view_metrics(subject, _stack(grey, 2), [0, 9], backend="torch")
@@ -80,13 +80,13 @@ def test_mae_is_the_mean_absolute_error_of_the_novel_views():
 
 @pytest.mark.skipif(lpips_available(), reason="LPIPS weights are on this machine")
 def test_lpips_is_refused_without_its_weights():
-    subject, truth = _scene(6, K=150)
+    subject, truth = rig_scene(6, K=150)
     with pytest.raises(LpipsUnavailableError, match="not measured"):
         novel_view_metrics(subject, _stack(truth, 1), [0], backend="torch", with_lpips=True)
 
 
 def test_protocol_rows_and_summary_weigh_every_subject_equally(tmp_path):
-    subject, truth = _scene(7, K=150)
+    subject, truth = rig_scene(7, K=150)
     blank = truth.clone()
     blank.opacity_logits.fill_(-30.0)
     truth = truth.clone()
@@ -128,7 +128,7 @@ def test_protocol_rows_and_summary_weigh_every_subject_equally(tmp_path):
 
 
 def test_identity_scores_are_averaged_over_views_with_a_face():
-    subject, truth = _scene(8, K=150)
+    subject, truth = rig_scene(8, K=150)
     truth = truth.clone()
     truth.sh[:, 0] += 0.02
     seen = []
@@ -187,7 +187,7 @@ def test_run_protocol_scores_three_methods_saves_and_resumes(tmp_path, monkeypat
     import fastavatar_nb.refine as refine_module
     from fastavatar_nb.evaluation import feed_forward, input_views, run_protocol
 
-    subject, truth = _scene(7, K=150)
+    subject, truth = rig_scene(7, K=150)
     truth.sh[:, 0] += 0.02  # finite PSNRs
     avatars, encoder = _FakeAvatars(truth), _FakeEncoder()
     emb = torch.randn(1, subject.num_views, 512, generator=torch.Generator().manual_seed(0))

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
+from scenes import RIG_H, RIG_W, rig_scene, sphere_points
 
 from fastavatar_nb.cameras import Cameras
 from fastavatar_nb.data.subject import MultiViewSubject
@@ -23,38 +23,10 @@ from fastavatar_nb.fitting import (
     sample_point_colors,
     view_for_step,
 )
-from fastavatar_nb.gaussians import Gaussians, knn_spacing, rgb_to_sh0
+from fastavatar_nb.gaussians import rgb_to_sh0
 from fastavatar_nb.objective import train_views
-from fastavatar_nb.render import render
 
-W, H = 16, 24
-
-
-def _sphere_points(K: int, radius: float, seed: int) -> torch.Tensor:
-    """Roughly uniform points on a sphere (Fibonacci lattice, randomly rotated per seed)."""
-    i = torch.arange(K, dtype=torch.float64) + 0.5
-    phi = torch.acos(1 - 2 * i / K)
-    theta = math.pi * (1 + 5 ** 0.5) * i
-    p = torch.stack([torch.cos(theta) * torch.sin(phi), torch.cos(phi), torch.sin(theta) * torch.sin(phi)], -1)
-    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
-    return (p @ q.T * radius).float()
-
-
-def _scene(seed: int, K: int = 200, cams: Cameras | None = None) -> tuple[MultiViewSubject, Gaussians]:
-    """A known Gaussian 'head' rendered from the 16-camera rig: the subject and the ground truth."""
-    g = torch.Generator().manual_seed(seed)
-    pts = _sphere_points(K, 0.1, seed)
-    normals = pts / pts.norm(dim=-1, keepdim=True)
-    # a smooth colour field (about one period across the head)
-    colors = (0.5 + 0.4 * torch.sin(2.5 * pts / 0.1 + torch.rand(3, generator=g) * 6)).clamp(0, 1)
-    truth = Gaussians.from_points(pts, colors, scale=knn_spacing(pts) * 0.9, opacity=0.95, normals=normals)
-    cams = cams if cams is not None else Cameras.nersemble_rig(W, H)
-    with torch.no_grad():
-        out = render(truth, cams, background=1.0, backend="torch", tile_size=4)
-    noisy = pts + 0.004 * torch.randn(pts.shape, generator=g)
-    subject = MultiViewSubject(f"s{seed}", out.colors.clamp(0, 1).contiguous(), out.alphas.clamp(0, 1).contiguous(),
-                               cams, noisy)
-    return subject, truth
+W, H = RIG_W, RIG_H
 
 
 def _small_config(**kw) -> FitConfig:
@@ -64,7 +36,7 @@ def _small_config(**kw) -> FitConfig:
 
 
 def test_estimate_normals_on_a_sphere_point_outwards():
-    pts = _sphere_points(300, 0.1, 0)
+    pts = sphere_points(300, 0.1, 0)
     n = estimate_normals(pts, k=10)
     radial = pts / pts.norm(dim=-1, keepdim=True)
     cos = (n * radial).sum(-1)
@@ -78,7 +50,7 @@ def test_estimate_normals_on_a_sphere_point_outwards():
 
 def test_sample_point_colors_recovers_constant_colour():
     cams = Cameras.nersemble_rig(W, H)
-    pts = _sphere_points(150, 0.1, 1)
+    pts = sphere_points(150, 0.1, 1)
     images = torch.ones(16, H, W, 3)
     images[..., 0], images[..., 1], images[..., 2] = 0.2, 0.5, 0.7
     masks = torch.ones(16, H, W)
@@ -90,7 +62,7 @@ def test_sample_point_colors_recovers_constant_colour():
 
 
 def test_init_gaussians_matches_truth_colours_and_orientation():
-    subject, truth = _scene(2)
+    subject, truth = rig_scene(2)
     cfg = _small_config()
     g = init_gaussians(subject, cfg)
     assert g.num_gaussians == 200
@@ -119,7 +91,7 @@ def test_view_schedule_is_a_permutation_per_epoch():
 
 
 def test_fitting_a_known_scene_increases_psnr():
-    subject, _ = _scene(3)
+    subject, _ = rig_scene(3)
     cfg = FitConfig(iterations=60, batch_size=1, tile_size=4, normal_neighbours=8, means_lr=1.6e-3,
                     sh0_lr=1e-2, init_opacity=0.5)
     res = fit_subjects([subject], cfg, backend="torch", progress=False)
@@ -134,7 +106,7 @@ def test_fitting_a_known_scene_increases_psnr():
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, one_thread):
-    subjects = [_scene(4)[0], _scene(5)[0]]
+    subjects = [rig_scene(4)[0], rig_scene(5)[0]]
     cfg = _small_config()
     ref = fit_subjects(subjects, cfg, backend="torch", progress=False)
 
@@ -170,7 +142,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path, one_thread):
 
 
 def test_batched_fit_equals_one_subject_at_a_time():
-    subjects = [_scene(6)[0], _scene(7)[0]]
+    subjects = [rig_scene(6)[0], rig_scene(7)[0]]
     one = fit_subjects(subjects, _small_config(iterations=4, batch_size=1), backend="torch", progress=False)
     two = fit_subjects(subjects, _small_config(iterations=4, batch_size=2), backend="torch", progress=False)
     torch.testing.assert_close(two.gaussians.means, one.gaussians.means, atol=1e-6, rtol=0)
@@ -179,7 +151,7 @@ def test_batched_fit_equals_one_subject_at_a_time():
 
 
 def test_fit_result_save_load_roundtrip(tmp_path):
-    res = fit_subjects([_scene(8)[0]], _small_config(iterations=2), backend="torch", progress=False)
+    res = fit_subjects([rig_scene(8)[0]], _small_config(iterations=2), backend="torch", progress=False)
     p = res.save(tmp_path / "fits.safetensors")
     back = FitResult.load(p)
     assert back.subject_ids == res.subject_ids and back.config == res.config
@@ -229,7 +201,7 @@ def test_fit_config_rejects_bad_values():
 
 def test_dc_init_helper_is_consistent():
     # rgb_to_sh0 is what init uses: a constant-colour scene initialises to that colour exactly
-    subject, _ = _scene(9)
+    subject, _ = rig_scene(9)
     img = torch.ones_like(subject.images) * torch.tensor([0.3, 0.6, 0.9])
     s2 = MultiViewSubject("c", img, subject.masks, subject.cameras, subject.points)
     g = init_gaussians(s2, _small_config())
@@ -238,7 +210,7 @@ def test_dc_init_helper_is_consistent():
 
 
 def test_no_evaluation():
-    subject, _ = _scene(11)
+    subject, _ = rig_scene(11)
     res = fit_subjects([subject], _small_config(iterations=2, evaluate=False), backend="torch", progress=False)
     assert torch.isnan(res.train_psnr).all() and torch.isnan(res.init_train_psnr).all()
     assert torch.isnan(res.heldout_psnr_head).all()

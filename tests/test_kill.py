@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_fitting import _scene
+from scenes import rig_scene
 
 from fastavatar_nb import _io
 from fastavatar_nb._io import CheckpointError, load_checkpoint, save_checkpoint
@@ -52,7 +52,7 @@ FMT = {"fit": "fastavatar-nb fit checkpoint v3", "decoder": "fastavatar-nb decod
 def data():
     """Two small subjects seen by 4 cameras of the rig (view 3 held out), and their template."""
     cams = Cameras.nersemble_rig(16, 24)[[0, 5, 8, 12]]
-    subjects, truths = zip(*(_scene(seed, K=100, cams=cams) for seed in (21, 22)), strict=True)
+    subjects, truths = zip(*(rig_scene(seed, K=100, cams=cams) for seed in (21, 22)), strict=True)
     return list(subjects), build_template(Gaussians.stack(list(truths)))
 
 

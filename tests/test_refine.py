@@ -7,11 +7,10 @@ import dataclasses
 
 import pytest
 import torch
-from test_fitting import _scene
+from scenes import small_decoder_result
 
 from fastavatar_nb.cameras import Cameras
 from fastavatar_nb.data.subject import MultiViewSubject
-from fastavatar_nb.decoder import DecoderConfig, DecoderResult, positional_embedding
 from fastavatar_nb.evaluation import novel_view_metrics
 from fastavatar_nb.gaussians import Gaussians
 from fastavatar_nb.metrics import lpips_available
@@ -22,26 +21,10 @@ from fastavatar_nb.render import render
 L = 8
 
 
-def _decoder_result() -> DecoderResult:
-    """A small random decoder (non-zero heads, so codes matter) on a 150-Gaussian template."""
-    _, truth = _scene(3, K=150)
-    cfg = DecoderConfig(latent_dim=L, embed_dim=15, hidden_dim=32, depth=2, tile_size=4)
-    torch.manual_seed(0)
-    dec = cfg.make_decoder()
-    for head in dec.heads.values():
-        torch.nn.init.normal_(head[-1].weight, std=0.3)
-    dec.eval()
-    nan = torch.full((1,), float("nan"))
-    return DecoderResult(decoder=dec, embeddings=positional_embedding(truth.means, 15), template=truth,
-                         codes=torch.zeros(1, L), subject_ids=["s"], train_psnr=nan, train_ssim=nan,
-                         heldout_psnr=nan, heldout_ssim=nan, heldout_psnr_head=nan, loss_history=nan,
-                         psnr_history=nan, config=cfg)
-
-
 @pytest.fixture(scope="module")
 def problem():
     """The decoder, a subject rendered from the head of a known code w*, and a wrong start code."""
-    avatars = _decoder_result()
+    avatars = small_decoder_result()
     g = torch.Generator().manual_seed(7)
     w_true = torch.randn(L, generator=g)
     w_start = w_true + 0.8 * torch.randn(L, generator=g)

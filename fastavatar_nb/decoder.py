@@ -64,7 +64,7 @@ from ._io import (
     read_artifact,
 )
 from .cameras import Cameras
-from .comm import make_comm
+from .comm import Comm, make_comm
 from .data.subject import MultiViewSubject
 from .gaussians import Gaussians
 from .metrics import lpips_available, psnr
@@ -82,7 +82,7 @@ from .render import Backend, render, resolve_backend
 __all__ = [
     "AutoDecoder", "DecoderConfig", "DecoderResult", "Residuals", "apply_residuals", "positional_embedding",
     "train_decoder", "residual_penalty", "step_items", "DECODER_FILE", "LATENTS_FILE", "CHECKPOINT_FILE",
-    "checkpoint_state", "MLP_DTYPES", "resolve_mlp_dtype",
+    "checkpoint_state", "MLP_DTYPES", "resolve_mlp_dtype", "StepLoss", "decoder_loss",
 ]
 
 COURSE_CODES_INIT_STD = 0.01
@@ -561,6 +561,40 @@ def residual_penalty(residuals: Residuals, config: DecoderConfig) -> Tensor:
             + config.scales_reg_weight * (residuals.log_scales ** 2).sum(-1).mean())
 
 
+@dataclass
+class StepLoss:
+    """One training step's loss (:func:`decoder_loss`): ``loss = image.mean() + penalty``."""
+
+    loss: Tensor
+    """The scalar minimised (Eq. 7-8)."""
+    image: Tensor
+    """``[B * V]`` image terms, one per render: ``l1 L1 + ssim (1 - SSIM) [+ lpips LPIPS]`` on white."""
+    penalty: Tensor
+    """The residual penalty (:func:`residual_penalty`), a scalar."""
+    psnr: Tensor
+    """``[B * V]`` PSNR of each render (no gradient), for the progress bar and the history."""
+
+
+def decoder_loss(decoder: AutoDecoder, template: Gaussians, w: Tensor, embeddings: Tensor, images: Tensor,
+                 cameras: Cameras, config: DecoderConfig, backend: Backend = "auto") -> StepLoss:
+    """The loss of one training step of :func:`train_decoder` (paper Eq. 2-8), the function its loop calls.
+
+    Decodes the codes ``w`` ``[B, latent_dim]`` with the embeddings ``e_k`` into residuals, applies them to
+    the template (Eq. 2-6), renders each head at its ``V`` cameras (``cameras`` ``[B, V]``) on white and
+    scores the renders against ``images`` ``[B, V, H, W, 3]`` (Eq. 7), plus the residual penalty (Eq. 8).
+    Gradients flow to the decoder, ``w``, the embeddings (and the template when it requires them);
+    ``loss.backward()`` and the optimiser step are the caller's."""
+    res = decoder(w, embeddings)                                                     # [B, K] residuals
+    out = render(apply_residuals(template, res), cameras, background=1.0, backend=backend,
+                 sh_degree=config.sh_degree, tile_size=config.tile_size)            # colors [B, V, H, W, 3]
+    image = photometric_loss(out.colors, images, None, config.l1_weight, config.ssim_weight,
+                             config.lpips_weight)["total"].flatten()
+    penalty = residual_penalty(res, config)
+    with torch.no_grad():
+        p = psnr(out.colors.detach().clamp(0, 1), images).flatten()
+    return StepLoss(loss=image.mean() + penalty, image=image, penalty=penalty, psnr=p)
+
+
 def _check_template(template: Gaussians, num_points: int) -> None:
     if template.batch_shape:
         raise ValueError("train_decoder: the template must be unbatched Gaussians [K, ...] "
@@ -568,6 +602,87 @@ def _check_template(template: Gaussians, num_points: int) -> None:
     if template.num_gaussians != num_points:
         raise ValueError(f"train_decoder: the template has K={template.num_gaussians} Gaussians but the subjects have "
                          f"{num_points} corresponded points; build the template from fits of these subjects")
+
+
+def _training_state(config: DecoderConfig, template: Gaussians, n: int, dev: torch.device
+                    ) -> tuple[AutoDecoder, Tensor, Tensor, Gaussians, torch.optim.Adam]:
+    """A fresh decoder, ``n`` codes ``w_i``, the embeddings ``e_k`` (and, with ``template_lr > 0``, the
+    template as leaves of its own) and their Adam optimiser, one parameter group each, seeded by the config."""
+    torch.manual_seed(config.seed)
+    decoder = config.make_decoder(dev)
+    gen = torch.Generator().manual_seed(config.seed)
+    codes = (torch.randn(n, config.latent_dim, generator=gen) * config.codes_init_std).to(dev).requires_grad_(True)
+    embeddings = positional_embedding(template.means, config.embed_dim).requires_grad_(True)
+    groups = [
+        {"params": list(decoder.parameters()), "lr": config.decoder_lr, "name": "decoder"},
+        {"params": [codes], "lr": config.codes_lr, "name": "codes"},
+        {"params": [embeddings], "lr": config.embeddings_lr, "name": "embeddings"},
+    ]
+    if config.template_lr > 0:  # joint optimisation: the template's fields become leaves of their own
+        template = template.clone().requires_grad_(True)
+        tp = template.parameters()
+        groups += [{"params": [tp["means"]], "lr": config.template_lr * config.scene_scale, "name": "template.means"},
+                   {"params": [v for k, v in tp.items() if k != "means"], "lr": config.template_lr,
+                    "name": "template"}]
+    return decoder, codes, embeddings, template, torch.optim.Adam(groups)
+
+
+def _save_checkpoint(ckpt: CheckpointFile, state: dict[str, Any], decoder: AutoDecoder, codes: Tensor,
+                     embeddings: Tensor, opt: torch.optim.Adam, hist_loss: Tensor, hist_psnr: Tensor,
+                     template: Gaussians | None) -> None:
+    """Write the resumable checkpoint (read back by :func:`_resume`): weights, codes, embeddings, histories,
+    the jointly learnt template when given, and Adam's state as ``opt.<group>.<param>.*``."""
+    t = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
+    t.update({"codes": codes.detach(), "embeddings": embeddings.detach(), "hist.loss": hist_loss,
+              "hist.psnr": hist_psnr})
+    if template is not None:
+        t.update({f"template.{k}": v.detach() for k, v in template.parameters().items()})
+    for gi, g in enumerate(opt.param_groups):
+        for pi, p in enumerate(g["params"]):
+            st = opt.state.get(p)
+            if st:
+                t[f"opt.{gi}.{pi}.exp_avg"] = st["exp_avg"]
+                t[f"opt.{gi}.{pi}.exp_avg_sq"] = st["exp_avg_sq"]
+                t[f"opt.{gi}.{pi}.step"] = torch.as_tensor(st["step"]).reshape(1)
+    ckpt.save(state, t)
+
+
+@dataclass
+class _Staged:
+    """Every training subject in memory: images and the held-out view's head region as uint8, cameras."""
+
+    images_u8: Tensor   # [N, C, H, W, 3]
+    heads_u8: Tensor    # [N, 0 or 1, H, W]
+    cameras: Cameras    # [N, C]
+    num_views: int
+    width: int
+    height: int
+
+
+def _stage_subjects(subjects: Sequence[MultiViewSubject], ids: list[str], template: Gaussians,
+                    holdout_view: int | None, dev: torch.device) -> _Staged:
+    """Check the subjects against each other and the template, and hold them on ``dev``."""
+    imgs, heads, vms, kss = [], [], [], []
+    num_views = width = height = None
+    for i in range(len(ids)):
+        s = subjects[i]
+        if s.subject_id != ids[i]:
+            raise ValueError(f"train_decoder: subject {i} is {s.subject_id!r}, expected {ids[i]!r}")
+        _check_template(template, s.num_points)
+        if num_views is None:
+            num_views, width, height = s.num_views, s.width, s.height
+        elif (s.num_views, s.width, s.height) != (num_views, width, height):
+            raise ValueError(f"train_decoder: all subjects need the same views and image size; {s.subject_id} has "
+                             f"{s.num_views} views at {s.width}x{s.height}, the first had {num_views} at {width}x{height}")
+        s = s.to(dev)
+        imgs.append((s.images * 255).round().to(torch.uint8))
+        hv = [holdout_view] if holdout_view is not None else []
+        heads.append((head_region(s.masks[hv], s.cameras[hv]) * 255).round().to(torch.uint8))
+        vms.append(s.cameras.viewmats)
+        kss.append(s.cameras.Ks)
+    assert num_views is not None and width is not None and height is not None
+    return _Staged(torch.stack(imgs), torch.stack(heads), Cameras(torch.stack(vms), torch.stack(kss), width, height),
+                   num_views, width, height)
 
 
 def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, config: DecoderConfig | None = None,
@@ -624,51 +739,13 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
     template = template.detach().to(dev)
     comm = make_comm(distributed, dev)  # one process: LocalComm, whose part and sums are the identity
 
-    # ---- every subject in memory: images (and the held-out view's head region) as uint8, cameras as float
-    imgs, heads, vms, kss = [], [], [], []
-    num_views = width = height = None
-    for i in range(n):
-        s = subjects[i]
-        if s.subject_id != ids[i]:
-            raise ValueError(f"train_decoder: subject {i} is {s.subject_id!r}, expected {ids[i]!r}")
-        _check_template(template, s.num_points)
-        if num_views is None:
-            num_views, width, height = s.num_views, s.width, s.height
-        elif (s.num_views, s.width, s.height) != (num_views, width, height):
-            raise ValueError(f"train_decoder: all subjects need the same views and image size; {s.subject_id} has "
-                             f"{s.num_views} views at {s.width}x{s.height}, the first had {num_views} at {width}x{height}")
-        s = s.to(dev)
-        imgs.append((s.images * 255).round().to(torch.uint8))
-        hv = [config.holdout_view] if config.holdout_view is not None else []
-        heads.append((head_region(s.masks[hv], s.cameras[hv]) * 255).round().to(torch.uint8))
-        vms.append(s.cameras.viewmats)
-        kss.append(s.cameras.Ks)
-    assert num_views is not None and width is not None and height is not None
-    images_u8, heads_u8 = torch.stack(imgs), torch.stack(heads)           # [N, C, H, W, 3], [N, 0 or 1, H, W]
-    cameras = Cameras(torch.stack(vms), torch.stack(kss), width, height)  # [N, C]
-    tv = train_views(num_views, config.holdout_view)
+    data = _stage_subjects(subjects, ids, template, config.holdout_view, dev)
+    tv = train_views(data.num_views, config.holdout_view)
     items_per_epoch = len(step_items(config.seed, 0, n, len(tv), config.views_per_step))
     steps_per_epoch = math.ceil(items_per_epoch / config.subjects_per_step)
     total = config.epochs * steps_per_epoch
 
-    # ---- model, codes, embeddings, optimiser
-    torch.manual_seed(config.seed)
-    decoder = config.make_decoder(dev)
-    gen = torch.Generator().manual_seed(config.seed)
-    codes = (torch.randn(n, config.latent_dim, generator=gen) * config.codes_init_std).to(dev).requires_grad_(True)
-    embeddings = positional_embedding(template.means, config.embed_dim).requires_grad_(True)
-    groups = [
-        {"params": list(decoder.parameters()), "lr": config.decoder_lr, "name": "decoder"},
-        {"params": [codes], "lr": config.codes_lr, "name": "codes"},
-        {"params": [embeddings], "lr": config.embeddings_lr, "name": "embeddings"},
-    ]
-    if config.template_lr > 0:  # joint optimisation: the template's fields become leaves of their own
-        template = template.clone().requires_grad_(True)
-        tp = template.parameters()
-        groups += [{"params": [tp["means"]], "lr": config.template_lr * config.scene_scale, "name": "template.means"},
-                   {"params": [v for k, v in tp.items() if k != "means"], "lr": config.template_lr,
-                    "name": "template"}]
-    opt = torch.optim.Adam(groups)
+    decoder, codes, embeddings, template, opt = _training_state(config, template, n, dev)
     base_lrs = [g["lr"] for g in opt.param_groups]
 
     def set_lr(step: int) -> None:
@@ -687,24 +764,6 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
             step0, seconds0 = _resume(ckpt, config, ids, total, decoder, codes, embeddings, opt, hist_loss, hist_psnr,
                                       dev, template if config.template_lr > 0 else None)
 
-    def save_checkpoint(step: int, seconds: float) -> None:
-        if ckpt is None or comm.rank != 0:
-            return
-        t = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
-        t.update({"codes": codes.detach(), "embeddings": embeddings.detach(), "hist.loss": hist_loss,
-                  "hist.psnr": hist_psnr})
-        if config.template_lr > 0:
-            t.update({f"template.{k}": v.detach() for k, v in template.parameters().items()})
-        for gi, g in enumerate(opt.param_groups):
-            for pi, p in enumerate(g["params"]):
-                st = opt.state.get(p)
-                if st:
-                    t[f"opt.{gi}.{pi}.exp_avg"] = st["exp_avg"]
-                    t[f"opt.{gi}.{pi}.exp_avg_sq"] = st["exp_avg_sq"]
-                    t[f"opt.{gi}.{pi}.step"] = torch.as_tensor(st["step"]).reshape(1)
-        ckpt.save({"config": json.loads(config.to_json()), "subject_ids": ids, "step": step, "steps": total,
-                   "seconds": seconds, "backend": backend_name}, t)
-
     bar = tqdm(total=total, initial=step0, desc="training the decoder", disable=not progress, unit="step",
                mininterval=0.5)  # few redraws: a notebook's output channel keeps ~1,000 messages
     t0 = time.perf_counter()
@@ -718,35 +777,24 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
             batch = items[1][k * bs:(k + 1) * bs]
             set_lr(step)
             part = comm.part(batch)  # this rank's items (all of them in one process)
-            losses, psnrs, res = [], [], None
-            if part:
-                sidx = torch.tensor([s for s, _ in part], device=dev)
-                res = decoder(codes[sidx], embeddings)                                    # [B, K]
-                g = apply_residuals(template, res)
-            # subjects with fewer views in their chunk (the last chunk) are rendered on their own
-            for size in sorted({len(v) for _, v in part}):
-                rows = [r for r, (_, v) in enumerate(part) if len(v) == size]
-                r_t = torch.tensor(rows, device=dev)
-                s_t = sidx[r_t]
-                vpos = tv_t[torch.tensor([part[r][1] for r in rows], device=dev)]     # [b, V] view indices
-                cams = Cameras(cameras.viewmats[s_t[:, None], vpos], cameras.Ks[s_t[:, None], vpos], width, height)
-                gt = images_u8[s_t[:, None], vpos].float() / 255.0
-                out = render(g[r_t] if len(rows) < len(part) else g, cams, background=1.0, backend=backend_name,
-                             sh_degree=config.sh_degree, tile_size=config.tile_size)
-                terms = photometric_loss(out.colors, gt, None, config.l1_weight, config.ssim_weight,
-                                         config.lpips_weight)
-                losses.append(terms["total"].flatten())
-                with torch.no_grad():
-                    psnrs.append(psnr(out.colors.detach().clamp(0, 1), gt).flatten())
             params = [p for grp in opt.param_groups for p in grp["params"]]
             opt.zero_grad(set_to_none=True)
             # this rank's share of the step's loss (the mean image term over every render of the batch, plus
-            # the residual penalty): summed over the ranks it is the whole; in one process it is the whole
-            loss = torch.zeros((), device=dev)
+            # the residual penalty): summed over the ranks it is the whole; in one process it is the whole.
+            # Subjects with fewer views in their chunk (the last chunk) form a group of their own.
+            loss, psnrs = torch.zeros((), device=dev), []
+            renders = sum(len(v) for _, v in batch)
+            for size in sorted({len(v) for _, v in part}):
+                rows = [(si, v) for si, v in part if len(v) == size]
+                s_t = torch.tensor([si for si, _ in rows], device=dev)
+                vpos = tv_t[torch.tensor([v for _, v in rows], device=dev)]               # [b, V] view indices
+                step_loss = decoder_loss(
+                    decoder, template, codes[s_t], embeddings, data.images_u8[s_t[:, None], vpos].float() / 255.0,
+                    Cameras(data.cameras.viewmats[s_t[:, None], vpos], data.cameras.Ks[s_t[:, None], vpos],
+                            data.width, data.height), config, backend_name)
+                loss = loss + step_loss.image.sum() / renders + step_loss.penalty * (len(rows) / len(batch))
+                psnrs.append(step_loss.psnr)
             if part:
-                renders = sum(len(v) for _, v in batch)
-                loss = (torch.cat(losses).sum() / renders
-                        + residual_penalty(res, config) * (len(part) / len(batch)))
                 loss.backward()
             comm.sum_grads_(params)
             if config.grad_clip > 0:
@@ -758,7 +806,11 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
             bar.update(1)
             bar.set_postfix(loss=f"{hist_loss[step]:.4f}", psnr=f"{hist_psnr[step]:.2f}", refresh=False)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
-                save_checkpoint(step + 1, seconds0 + time.perf_counter() - t0)
+                if ckpt is not None and comm.rank == 0:
+                    _save_checkpoint(ckpt, {"config": json.loads(config.to_json()), "subject_ids": ids, "step": step + 1,
+                                            "steps": total, "seconds": seconds0 + time.perf_counter() - t0,
+                                            "backend": backend_name}, decoder, codes, embeddings, opt, hist_loss,
+                                     hist_psnr, template if config.template_lr > 0 else None)
             if callback is not None:
                 callback({"step": step + 1, "steps": total, "epoch": epoch, "loss": float(hist_loss[step]),
                           "psnr": float(hist_psnr[step]), "codes": codes.detach()})
@@ -773,6 +825,15 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
         train_psnr=torch.empty(n), train_ssim=torch.empty(n), heldout_psnr=torch.full((n,), float("nan")),
         heldout_ssim=torch.full((n,), float("nan")), heldout_psnr_head=torch.full((n,), float("nan")),
         loss_history=hist_loss, psnr_history=hist_psnr, config=config, backend=backend_name, seconds=seconds)
+    _score(result, data, tv, comm)
+    return result
+
+
+def _score(result: DecoderResult, data: _Staged, tv: list[int], comm: Comm) -> None:
+    """Fill ``result``'s metrics: every subject's decoded head on its training views and the held-out view
+    (each rank scores every ``world_size``-th batch of ``subjects_per_step``; the rows are then gathered)."""
+    config, backend_name, n = result.config, result.backend, len(result.subject_ids)
+    bs, width, height = config.subjects_per_step, data.width, data.height
     owned = torch.zeros(n, dtype=torch.bool)  # distributed: each rank scores every world_size-th batch
     for b0 in range(0, n, bs):
         if (b0 // bs) % comm.world_size != comm.rank:
@@ -780,21 +841,20 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
         owned[b0:b0 + bs] = True
         sl = slice(b0, min(n, b0 + bs))
         g = result.decode(result.codes[sl])
-        ims = images_u8[sl].float() / 255.0
-        cams = Cameras(cameras.viewmats[sl], cameras.Ks[sl], width, height)
+        ims = data.images_u8[sl].float() / 255.0
+        cams = Cameras(data.cameras.viewmats[sl], data.cameras.Ks[sl], width, height)
         tr = evaluate_views(g, ims, cams, tv, backend=backend_name, sh_degree=config.sh_degree,
                             tile_size=config.tile_size)
         result.train_psnr[sl], result.train_ssim[sl] = tr["psnr"].mean(1).cpu(), tr["ssim"].mean(1).cpu()
         if config.holdout_view is not None:
             hv = [config.holdout_view]
             ho = evaluate_views(g, ims[:, hv], Cameras(cams.viewmats[:, hv], cams.Ks[:, hv], width, height), [0],
-                                heads_u8[sl].float() / 255.0, backend_name, config.sh_degree,
+                                data.heads_u8[sl].float() / 255.0, backend_name, config.sh_degree,
                                 tile_size=config.tile_size)
             result.heldout_psnr[sl], result.heldout_ssim[sl] = ho["psnr"][:, 0].cpu(), ho["ssim"][:, 0].cpu()
             result.heldout_psnr_head[sl] = ho["psnr_head"][:, 0].cpu()
     for m in _METRICS:
         comm.gather_rows_(getattr(result, m), owned)
-    return result
 
 
 def _checkpoint(folder: str | os.PathLike) -> CheckpointFile:

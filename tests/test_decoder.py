@@ -11,6 +11,7 @@ import pytest
 import torch
 from scenes import rig_scene
 
+from fastavatar_nb.cameras import Cameras
 from fastavatar_nb.decoder import (
     CHECKPOINT_FILE,
     DECODER_FILE,
@@ -21,6 +22,7 @@ from fastavatar_nb.decoder import (
     Residuals,
     apply_residuals,
     checkpoint_state,
+    decoder_loss,
     positional_embedding,
     resolve_mlp_dtype,
     step_items,
@@ -267,6 +269,34 @@ def test_training_beats_the_template(scenes):
     assert result.code("s2").shape == (8,)
     with pytest.raises(KeyError, match="not a training subject"):
         result.code("nobody")
+
+
+def test_the_training_loop_minimises_decoder_loss(scenes):
+    """train_decoder's first recorded loss is decoder_loss on the first step's items at the initial state: the
+    loop calls the public step function (the one a notebook's from-scratch step is checked against)."""
+    from fastavatar_nb.decoder import _training_state
+    from fastavatar_nb.objective import train_views
+
+    subjects, template = scenes
+    cfg = DecoderConfig(epochs=1, **TINY)
+    result = train_decoder(subjects, template, cfg, backend="torch", progress=False)
+    decoder, codes, embeddings, tmpl, _ = _training_state(cfg, template, len(subjects), template.device)
+    tv = train_views(subjects[0].num_views, cfg.holdout_view)
+    first = step_items(cfg.seed, 0, len(subjects), len(tv), cfg.views_per_step)[:cfg.subjects_per_step]
+    assert len({len(v) for _, v in first}) == 1  # one group of equal view counts
+    rows = torch.tensor([si for si, _ in first])
+    views = torch.tensor([[tv[j] for j in v] for _, v in first])
+    images = torch.stack([subjects[si].images[views[r]] for r, si in enumerate(rows.tolist())])
+    cams = Cameras(torch.stack([subjects[si].cameras.viewmats[views[r]] for r, si in enumerate(rows.tolist())]),
+                   torch.stack([subjects[si].cameras.Ks[views[r]] for r, si in enumerate(rows.tolist())]),
+                   subjects[0].width, subjects[0].height)
+    step = decoder_loss(decoder, tmpl, codes[rows], embeddings, (images * 255).round() / 255, cams, cfg, "torch")
+    assert step.image.shape == (len(first) * cfg.views_per_step,) and step.psnr.shape == step.image.shape
+    assert float(step.penalty) == 0.0  # zero-initialised heads: no residuals yet
+    torch.testing.assert_close(step.loss, step.image.mean() + step.penalty)
+    assert float(step.loss) == pytest.approx(float(result.loss_history[0]), rel=1e-6)
+    step.loss.backward()  # gradients reach the decoder's last layers, the codes and the embeddings
+    assert decoder.heads["sh"][-1].weight.grad.abs().sum() > 0 and embeddings.grad is not None
 
 
 def _interrupt_then_resume(subjects, template, cfg, ck, stop_at, saved_at):

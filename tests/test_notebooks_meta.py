@@ -154,3 +154,60 @@ def test_committed_notebook_follows_the_rules(path: Path) -> None:
     assert sources.count("FASTAVATAR_PRESET") == 1, "one switch per notebook: read FASTAVATAR_PRESET once"
     assert not re.search(r"['\"]/(work|home|scratch|Users)/", sources), "no absolute paths in notebooks"
     assert "fastavatar_nb" in sources
+
+
+# ------------------------------------------------------------------ numbers in the prose
+ROOT = Path(__file__).resolve().parent.parent
+MEASURED = re.compile(r"(?<![\w.])(\d+\.\d+)\s*(dB|x\b|%| s\b| ms\b| min\b)")
+"""A measured-looking number in prose: a decimal with a unit (dB, x, %, s, ms, min)."""
+
+
+def _recorded_numbers() -> set[float]:
+    """Every number of the recorded results (benchmarks/results/, data_samples/**.json)."""
+    out: set[float] = set()
+
+    def walk(obj) -> None:
+        if isinstance(obj, dict):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list):
+            for v in obj:
+                walk(v)
+        elif isinstance(obj, (int, float)) and not isinstance(obj, bool) and obj == obj and abs(obj) != float("inf"):
+            out.add(float(obj))
+
+    for f in [*ROOT.glob("benchmarks/results/**/*.json"), *ROOT.glob("data_samples/**/*.json")]:
+        walk(json.loads(f.read_text()))
+    return out
+
+
+def unbacked_numbers(markdown: str, paper: str, recorded: set[float]) -> list[str]:
+    """The measured-looking numbers of ``markdown`` that neither the paper's text nor a recorded result holds
+    (a recorded value matches when it rounds to the printed digits, as a value or as a percentage)."""
+    paper_numbers = set(re.findall(r"\d+\.\d+", paper))
+    bad = []
+    for m in MEASURED.finditer(markdown):
+        num = m.group(1)
+        if num in paper_numbers:
+            continue
+        digits, value = len(num.split(".")[1]), float(num)
+        if not any(abs(round(r, digits) - value) < 1e-9 or abs(round(100 * r, digits) - value) < 1e-9 for r in recorded):
+            bad.append(m.group(0))
+    return bad
+
+
+def test_prose_states_no_number_that_no_result_backs(shared_dir: Path) -> None:
+    """Issue 32: a number in a notebook's text is the paper's or a recorded result's (benchmarks/results,
+    the shipped checkpoint's metrics), never a number typed once and left behind by the next run."""
+    paper = (shared_dir / "paper" / "fastavatar_paper.txt").read_text()
+    recorded = _recorded_numbers()
+    assert unbacked_numbers("the fit reached 31.18 dB, 2.5x faster", paper, {31.1831, 2.4999}) == []
+    assert unbacked_numbers("a typed result: 27.3141 dB", paper, recorded) == ["27.3141 dB"]
+    bad = {}
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        for i, cell in enumerate(json.loads(path.read_text())["cells"]):
+            if cell["cell_type"] == "markdown":
+                found = unbacked_numbers("".join(cell["source"]), paper, recorded)
+                if found:
+                    bad[f"{path.name} cell {i}"] = found
+    assert not bad, f"numbers in markdown that no recorded result or the paper holds (compute them in a code cell): {bad}"

@@ -33,6 +33,8 @@ import torch
 from _record import RESULTS, provenance, save
 
 ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+"""The project's shared folder (real subjects, the paper), linked beside every clone as CI has it."""
 TARGETS = {"run": ["make", "run", "PRESET=smoke"], "test": ["bash", ".ci/run"]}
 SUMMARY = re.compile(r"^=+ (.*(passed|failed).*) =+$", re.M)
 
@@ -81,11 +83,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for rev in [r for r in (args.baseline, args.commit) if r]:
         for target in args.targets:
-            folder = work / f"{rev.replace('/', '_')}-{target}"
-            if folder.exists():
-                shutil.rmtree(folder)
+            # <work>/<rev>-<target>/main beside a link to this checkout's ../shared, as CI sees it: the tests
+            # that use the shared real subjects (the real-data notebooks, about 5 minutes) then run, not skip
+            root = work / f"{rev.replace('/', '_')}-{target}"
+            if root.exists():
+                shutil.rmtree(root)
+            root.mkdir(parents=True)
+            if SHARED.is_dir():
+                (root / "shared").symlink_to(SHARED.resolve())
+            folder = root / "main"
             commit = clone(rev, folder, args.venv)
-            row = {"rev": rev, "commit": commit, **time_target(folder, target, work / f"{folder.name}.log")}
+            row = {"rev": rev, "commit": commit, **time_target(folder, target, work / f"{root.name}.log")}
             rows.append(row)
             print(f"{rev:>10} {commit[:7]} {target:4s}: {row['seconds'] / 60:5.1f} min, exit {row['exit_code']}"
                   f"{'  (' + row['pytest_summary'] + ')' if row['pytest_summary'] else ''}", flush=True)

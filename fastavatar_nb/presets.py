@@ -51,6 +51,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
+from .decoder import MLP_DTYPE_CHOICES
 from .render import Backend
 
 __all__ = [
@@ -190,9 +191,8 @@ class Preset:
                 f"({self.num_val_subjects}) must be smaller than num_subjects ({self.num_subjects}) so that some "
                 "subjects are left for training"
             )
-        if self.mlp_dtype not in ("auto", "float32", "bfloat16"):
-            raise PresetError(f"Preset {self.name!r}: mlp_dtype must be 'auto', 'float32' or 'bfloat16', "
-                              f"got {self.mlp_dtype!r}")
+        if self.mlp_dtype not in MLP_DTYPE_CHOICES:
+            raise PresetError(f"Preset {self.name!r}: mlp_dtype must be one of {MLP_DTYPE_CHOICES}, got {self.mlp_dtype!r}")
         for name, none_means in (("template_subjects", "all training subjects"), ("eval_input_views", "every view")):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):

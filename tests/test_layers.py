@@ -88,15 +88,7 @@ def test_no_import_cycle():
     for m in sorted(graph):
         if state[m] == 0:
             visit(m, [m])
-    # a package imports its own submodules and they may import the package's face (fastavatar_nb/__init__
-    # hands names on); those two-way ties between a package and its own submodule are not layers
-    cycles = [c for c in cycles if not _package_face(c)]
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
-
-
-def _package_face(cycle: str) -> bool:
-    names = cycle.split(" -> ")
-    return len(set(names)) == 2 and (names[1].startswith(names[0] + ".") or names[0].startswith(names[1] + "."))
 
 
 def test_no_module_imports_another_modules_private_name():

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as _safetensors_bytes
 from torch import Tensor
 
 C = TypeVar("C")
@@ -62,6 +63,17 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def save_file(tensors: dict[str, Tensor], filename: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file``, written to ``filename`` alone: safetensors' own ``save_file`` (0.7 and
+    later) writes through a randomly named ``.tmpXXXXXX`` beside its target, which a killed process
+    leaves behind in the user's folder; here the bytes are serialised in memory (a transient copy of
+    the tensors) and written by this function, so :func:`atomic_save_tensors`' one temporary name is
+    the only one."""
+    data = _safetensors_bytes(tensors, metadata=metadata)
+    with open(filename, "wb") as f:
+        f.write(data)
 
 
 def tmp_path(path: Path) -> Path:

@@ -41,8 +41,8 @@
 #
 # Variables: PRESET=smoke|course|full|auto (make run, make book), ARGS="--only 02..04 --force" (extra
 # `fastavatar-nb run` arguments; for make book, scripts/build_book.py's), PYTEST_ARGS="-x -k presets" (extra
-# pytest arguments), PIP_ARGS="..." (extra pip install arguments, e.g. an extra index for CPU-only torch
-# wheels), PYTHON=python3, VENV=.venv.
+# pytest arguments), TEST_WORKERS=2 (make test's parallel pytest workers; 1: one process), PIP_ARGS="..."
+# (extra pip install arguments, e.g. an extra index for CPU-only torch wheels), PYTHON=python3, VENV=.venv.
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -51,6 +51,8 @@ BIN := $(VENV)/bin
 PRESET ?= auto
 ARGS ?=
 PYTEST_ARGS ?=
+# make test's pytest-xdist workers (each gets nproc / TEST_WORKERS threads; 1: one pytest process, no xdist)
+TEST_WORKERS ?= 2
 PIP_ARGS ?=
 SANITIZE := tests/nbval_sanitize.cfg
 GPU_WHEELS ?= .whl
@@ -131,8 +133,15 @@ test: venv browser-deps
 	fi; \
 	echo "test: FASTAVATAR_PRESET=smoke FASTAVATAR_HEADLESS=1 FASTAVATAR_RUN_DIR=$$run_dir (removed if everything passes)"; \
 	require_browser=$${FASTAVATAR_REQUIRE_BROWSER:-$$([ "$${CI:-}" = "true" ] && echo 1 || echo 0)}; \
-	rc=0; GOMP_SPINCOUNT=$${GOMP_SPINCOUNT:-1000} FASTAVATAR_PRESET=smoke FASTAVATAR_HEADLESS=1 FASTAVATAR_RUN_DIR="$$run_dir" FASTAVATAR_REQUIRE_BROWSER=$$require_browser \
-	  "$(BIN)/python" -m pytest tests "$${notebooks[@]}" "$${nbval[@]}" $(PYTEST_ARGS) || rc=$$?; \
+	workers=$(TEST_WORKERS); cores=$$(nproc 2>/dev/null || echo 1); parallel=(); threads=(); \
+	if [ "$$workers" -gt 1 ]; then \
+	  per=$$(( cores / workers > 0 ? cores / workers : 1 )); \
+	  parallel=(-n "$$workers"); \
+	  threads=(OMP_NUM_THREADS=$$per MKL_NUM_THREADS=$$per NUMBA_NUM_THREADS=$$per FASTAVATAR_THREADS=$$per); \
+	  echo "test: $$workers pytest-xdist workers x $$per thread(s) (TEST_WORKERS=1: one process); the notebooks run in order on one of them"; \
+	fi; \
+	rc=0; env "$${threads[@]}" GOMP_SPINCOUNT=$${GOMP_SPINCOUNT:-1000} FASTAVATAR_PRESET=smoke FASTAVATAR_HEADLESS=1 FASTAVATAR_RUN_DIR="$$run_dir" FASTAVATAR_REQUIRE_BROWSER=$$require_browser \
+	  "$(BIN)/python" -m pytest tests "$${notebooks[@]}" "$${nbval[@]}" "$${parallel[@]}" $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 0 ]; then rm -rf "$$run_dir"; else echo "test: failed (pytest exit $$rc); run folder kept: $$run_dir"; fi; \
 	exit $$rc
 

@@ -39,7 +39,52 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs CUDA (skipped without it)")
 
 
+NOTEBOOKS_GROUP = "notebooks"
+"""The worker group of every notebook cell: one worker runs the notebooks in order (they share a run folder)."""
+LONG_FIRST = ("tests/test_notebooks_real_data.py",)
+"""Single long tests started right after the notebooks (on the other worker under ``make test``'s ``-n 2``)."""
+
+
+def worker_group(nodeid: str) -> str:
+    """The unit of work one pytest-xdist worker runs whole (``make test`` runs ``pytest -n 2``).
+
+    Every notebook cell is in :data:`NOTEBOOKS_GROUP`: nbval runs a notebook's cells in one kernel, in
+    order, and the notebooks build on each other's artifacts in one run folder, so one worker runs them
+    all, one after another. The browser tests share one group (each starts JupyterLab and Chromium: two
+    at once only compete for the cores). Every other test module is a group of its own, so module-scoped
+    fixtures (a tiny trained run, a dataset) are made once."""
+    path = nodeid.split("::")[0]
+    if path.endswith(".ipynb"):
+        return NOTEBOOKS_GROUP
+    if path.startswith("tests/browser/"):
+        return "browser"
+    return path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """pytest-xdist (``-n N``) hands out :func:`worker_group` units, in the order collected.
+
+    xdist's own ``--dist loadgroup`` cannot be used: it renames the tests with a private attribute that
+    pytest 9 no longer reads, so a notebook's cells would be spread over workers."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkerGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_group(nodeid)
+
+    config.option.loadscopereorder = False  # keep pytest_collection_modifyitems' order: longest units first
+    return WorkerGroupScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``gpu`` tests without CUDA; put the longest units of work first.
+
+    Order: the notebooks, then :data:`LONG_FIRST`, then the rest as collected. With two workers the two
+    longest units then start at once, one on each worker, and the short tests fill in behind them
+    (:func:`pytest_xdist_make_scheduler`). In one process the order changes nothing else."""
+    rank = {NOTEBOOKS_GROUP: 0, **{p: 1 for p in LONG_FIRST}}
+    items.sort(key=lambda item: rank.get(worker_group(item.nodeid), 2))  # stable: collected order within a rank
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA: torch.cuda.is_available() is False")

@@ -10,7 +10,8 @@ by **identity similarity**: the cosine between FaceNet embeddings of each render
 photo of that view (:func:`fastavatar_nb.faces.identity_similarity`). Ground truth is used here
 only: the methods scored never see it.
 
-Several methods (the template, the feed-forward prediction, the refined one) are scored
+Several methods (the template, the feed-forward prediction, the refined one, and the trivial
+baselines of :data:`BASELINES` that every learned head is reported beside) are scored
 together with :func:`protocol_rows` (one row per method and input view), averaged with
 :func:`summarize` and kept per subject in the run folder's ``eval/`` as JSON
 (:func:`save_rows` / :func:`load_rows`), so an interrupted evaluation resumes subject by subject.
@@ -23,6 +24,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,14 +38,28 @@ from .cameras import Cameras
 from .data.subject import MultiViewSubject
 from .gaussians import Gaussians
 from .objective import HOLDOUT_VIEW, evaluate_views, head_region
-from .render import Backend
+from .render import Backend, render
 
-__all__ = ["EVAL_DIR", "PAPER_TABLE1", "results_markdown", "input_views", "cosine_within_between", "identity_scorer", "novel_view_metrics", "protocol_rows", "summarize", "save_rows", "load_rows", "file_digest",
-           "protocol_dir"]
+__all__ = ["EVAL_DIR", "PAPER_TABLE1", "BASELINES", "LEARNED", "results_markdown", "input_views", "cosine_within_between",
+           "identity_scorer", "novel_view_metrics", "protocol_rows", "summarize", "save_rows", "load_rows", "file_digest",
+           "protocol_dir", "facenet_nearest", "render_retrieval", "baseline_losses", "metric_key"]
 
 EVAL_DIR = "eval"
 """Folder of evaluation results in a run folder."""
 _FORMAT = "fastavatar-nb protocol rows"
+
+BASELINES: tuple[str, ...] = ("template", "mean code", "FaceNet nearest", "render retrieval")
+"""The protocol's trivial baselines, reported beside every learned head (:func:`run_protocol`):
+
+- ``template``: the average head of notebook 02, whoever is in the photo;
+- ``mean code``: the decoder at the mean of the training subjects' codes ``w``;
+- ``FaceNet nearest``: the code of the training subject whose photo from the same camera is nearest
+  to the input photo in FaceNet space (:func:`facenet_nearest`);
+- ``render retrieval``: every training subject's decoded head rendered at the input camera, and the one
+  whose render is nearest to the photo kept (:func:`render_retrieval`; it uses the photo and its
+  camera, as refinement does)."""
+LEARNED: tuple[str, ...] = ("feed-forward", "refined")
+"""FastAvatar's own heads in the protocol: the encoder's single pass and its test-time refinement."""
 
 
 def input_views(found: Tensor, limit: int | None = None, first: int = HOLDOUT_VIEW) -> list[int]:
@@ -231,20 +248,111 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
 def results_markdown(table: Mapping[str, Mapping[str, float]],
                      paper: Mapping[str, Mapping[str, float]] = PAPER_TABLE1) -> str:
     """A Markdown table of :func:`summarize`'s ``table``: whole-image PSNR, SSIM, MAE, LPIPS, identity,
-    head-region PSNR, time per head, and the paper's PSNR / SSIM for the methods it reports.
+    head-region PSNR, time per head, and the paper's PSNR / SSIM for the methods it reports. A learned
+    method that scores below a baseline says so in its row (:func:`baseline_losses`).
 
     A column a method lacks reads "not measured" (LPIPS), "-" (time) or "nan" (identity)."""
     lines = ["| method | PSNR (dB) | SSIM | MAE | LPIPS | identity | head PSNR (dB) | time per head | paper PSNR / SSIM |",
              "|---|---|---|---|---|---|---|---|---|"]
+    losses = baseline_losses(table)
     for method, m in table.items():
         secs = m.get("seconds")
         when = "-" if secs is None else (f"{secs * 1000:.1f} ms" if secs < 1 else f"{secs:.1f} s")
         lpips = f"{m['lpips']:.3f}" if "lpips" in m else "not measured"
         ref = paper.get(method)
         ref_s = f"{ref['psnr']:.2f} / {ref['ssim']:.2f}" if ref else "-"
-        lines.append(f"| {method} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['mae']:.4f} | {lpips} | "
+        name = method + (f" (**loses to** {'; '.join(losses[method])})" if losses.get(method) else "")
+        lines.append(f"| {name} | {m['psnr']:.2f} | {m['ssim']:.3f} | {m['mae']:.4f} | {lpips} | "
                      f"{m.get('identity', float('nan')):.3f} | {m['psnr_head']:.2f} | {when} | {ref_s} |")
     return "\n".join(lines)
+
+
+def metric_key(method: str) -> str:
+    """A method's name as a metric-name prefix: ``"FaceNet nearest"`` -> ``"facenet_nearest"``."""
+    return re.sub(r"[^0-9a-z]+", "_", method.lower()).strip("_")
+
+
+def baseline_losses(table: Mapping[str, Mapping[str, float]], learned: Sequence[str] = LEARNED) -> dict[str, list[str]]:
+    """For each learned method of ``table`` (:func:`summarize`'s), the baselines (every other method) it
+    scores below on whole-image PSNR or SSIM, with the margins: ``{"feed-forward": ["render retrieval
+    (PSNR -1.69 dB)"]}``; an empty list where it beats them all."""
+    out: dict[str, list[str]] = {}
+    baselines = [b for b in table if b not in learned]
+    for method in (m for m in table if m in learned):
+        r, losses = table[method], []
+        for b in baselines:
+            worse = []
+            for key, unit, fmt in (("psnr", " dB", "+.2f"), ("ssim", "", "+.3f")):
+                mine, theirs = r.get(key), table[b].get(key)
+                if mine is not None and theirs is not None and mine < theirs:
+                    worse.append(f"{key.upper()} {mine - theirs:{fmt}}{unit}")
+            if worse:
+                losses.append(f"{b} ({', '.join(worse)})")
+        out[method] = losses
+    return out
+
+
+@torch.no_grad()
+def facenet_nearest(embeddings: Tensor, views: Sequence[int], train_embeddings: Tensor, train_found: Tensor) -> Tensor:
+    """The ``FaceNet nearest`` baseline: for each input photo, the training subject whose photo from the
+    same camera is nearest in FaceNet space (largest cosine).
+
+    Args:
+        embeddings: ``[V, 512]`` FaceNet embeddings of the input photos, taken at cameras ``views``.
+        train_embeddings, train_found: ``[N, C, 512]`` and ``[N, C]`` of the training subjects' views.
+
+    Returns:
+        ``[V]`` training-subject indices. A training subject without a face at that camera is compared
+        by the mean of its embeddings over the views with one; a subject without any face is never picked.
+
+    Raises:
+        ValueError: no training subject has a face in any view, or the shapes disagree.
+    """
+    if embeddings.ndim != 2 or train_embeddings.ndim != 3 or train_found.shape != train_embeddings.shape[:2] \
+            or len(views) != len(embeddings) or embeddings.shape[-1] != train_embeddings.shape[-1]:
+        raise ValueError(f"facenet_nearest: need embeddings [V, D] for V views, train_embeddings [N, C, D] and "
+                         f"train_found [N, C]; got {tuple(embeddings.shape)}, {len(views)} views, "
+                         f"{tuple(train_embeddings.shape)} and {tuple(train_found.shape)}")
+    found = train_found.to(train_embeddings.device).bool()
+    if not found.any():
+        raise ValueError("facenet_nearest: no training subject has a detected face in any view")
+    unit = torch.nn.functional.normalize(train_embeddings.float(), dim=-1)
+    mean = torch.nn.functional.normalize((unit * found[..., None]).sum(1), dim=-1)            # [N, D]
+    picks = []
+    for e, v in zip(embeddings, views, strict=True):
+        at_v = torch.where(found[:, v, None], unit[:, v], mean)                                # [N, D]
+        cos = at_v @ torch.nn.functional.normalize(e.float().to(unit.device), dim=-1)
+        picks.append(int(cos.masked_fill(~found.any(1), -math.inf).argmax()))
+    return torch.tensor(picks, dtype=torch.long)
+
+
+@torch.no_grad()
+def render_retrieval(avatars, photos: Tensor, cameras: Cameras, backend: Backend = "auto",
+                     chunk: int = 32) -> tuple[Tensor, Tensor]:
+    """The ``render retrieval`` baseline: every training subject's decoded head rendered at each input
+    camera (on white), and the subject whose render is nearest to the input photo (mean squared error over
+    the whole image) kept. It sees what refinement sees: the photo and its camera.
+
+    Args:
+        avatars: the trained decoder (:class:`~fastavatar_nb.decoder.DecoderResult`): its ``codes`` are the
+            candidates, decoded ``chunk`` at a time.
+        photos: ``[V, H, W, 3]`` the input photos; cameras: their ``V`` cameras.
+
+    Returns:
+        ``(indices [V], mse [V])``: the nearest training subject per photo and its error.
+    """
+    if photos.ndim != 4 or cameras.batch_shape != (len(photos),):
+        raise ValueError(f"render_retrieval: need photos [V, H, W, 3] and V cameras, got {tuple(photos.shape)} "
+                         f"and cameras of batch shape {tuple(cameras.batch_shape)}")
+    cams = Cameras(cameras.viewmats[None], cameras.Ks[None], cameras.width, cameras.height)   # [1, V]
+    errors = []
+    for i in range(0, len(avatars.codes), chunk):
+        heads = avatars.decode(avatars.codes[i:i + chunk])                                     # [n, K]
+        out = render(heads, cams, background=1.0, backend=backend).colors.clamp(0, 1)         # [n, V, H, W, 3]
+        errors.append(((out - photos[None].to(out.device)) ** 2).mean((-3, -2, -1)))          # [n, V]
+    err = torch.cat(errors)                                                                    # [N, V]
+    best = err.min(0)
+    return best.indices.cpu(), best.values.cpu()
 
 
 def file_digest(path: str | os.PathLike, length: int = 16) -> str:
@@ -304,8 +412,6 @@ def feed_forward(encoder, avatars, embeddings: Tensor) -> tuple[Tensor, Gaussian
     Returns ``(codes [V, L], heads [V, K], seconds [V])``; the time covers the encoder and the decoder
     (synchronised on CUDA), not FaceNet's crop and embedding, which notebook 07 times on its own.
     """
-    import time
-
     codes, heads, secs = [], [], []
     for e in embeddings:
         t0 = time.perf_counter()
@@ -320,14 +426,17 @@ def feed_forward(encoder, avatars, embeddings: Tensor) -> tuple[Tensor, Gaussian
 def run_protocol(subjects: Sequence[MultiViewSubject], embeddings: Tensor, found: Tensor, avatars, encoder,
                  refine_config, folder: str | os.PathLike, meta: Mapping[str, Any], *, backend: Backend = "auto",
                  input_view_limit: int | None = None, with_lpips: bool = False, net: torch.nn.Module | None = None,
-                 mtcnn=None, log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict]:
-    """The paper's protocol over test subjects, for the template, the feed-forward head and the refined head.
+                 mtcnn=None, train_embeddings: tuple[Tensor, Tensor] | None = None,
+                 log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], dict]:
+    """The paper's protocol over test subjects, for the feed-forward and the refined head beside the
+    :data:`BASELINES`.
 
     For each subject: its input views (:func:`input_views` of the views with a face), the feed-forward
     heads (:func:`feed_forward`), one refinement per input view
-    (:func:`fastavatar_nb.refine.refine_views`), then :func:`protocol_rows` on the other views; the rows
-    are saved to ``folder/<subject>.json`` with ``meta``, and a subject whose file exists is read back
-    instead of being run again (an interrupted evaluation resumes).
+    (:func:`fastavatar_nb.refine.refine_views`), the baselines' heads, then :func:`protocol_rows` on the
+    other views; the rows are saved to ``folder/<subject>.json`` with ``meta``, and a subject whose file
+    exists is read back instead of being run again (an interrupted evaluation resumes). The rows of the
+    two nearest-subject baselines name the training subject they picked (``"picked"``).
 
     Args:
         subjects: the test subjects (moved to the decoder's device here).
@@ -336,6 +445,9 @@ def run_protocol(subjects: Sequence[MultiViewSubject], embeddings: Tensor, found
         folder, meta: where rows go (:func:`protocol_dir`) and what made them.
         input_view_limit: at most this many input views per subject (``None``: every view with a face).
         net, mtcnn: FaceNet and MTCNN for the identity column (``net=None``: no identity column).
+        train_embeddings: ``([N, C, 512], [N, C])`` FaceNet embeddings of the training subjects' views (in
+            the order of ``avatars.subject_ids``) and where a face was found, for the ``FaceNet nearest``
+            baseline (``None``: no such row).
         log: where the "reusing ..." lines go.
 
     Returns:
@@ -345,6 +457,10 @@ def run_protocol(subjects: Sequence[MultiViewSubject], embeddings: Tensor, found
     from .refine import refine_views
 
     device = avatars.template.means.device
+    if train_embeddings is not None and train_embeddings[0].shape[0] != len(avatars.subject_ids):
+        raise ValueError(f"run_protocol: train_embeddings has {train_embeddings[0].shape[0]} subjects, the decoder "
+                         f"{len(avatars.subject_ids)} training subjects")
+    mean_code_head = avatars.decode(avatars.codes.mean(0))
     rows: list[dict[str, Any]] = []
     refined_heads: dict = {}
     for t, subject in enumerate(subjects):
@@ -358,11 +474,23 @@ def run_protocol(subjects: Sequence[MultiViewSubject], embeddings: Tensor, found
         codes, ff_heads, ff_secs = feed_forward(encoder, avatars, embeddings[t, views])
         ref_heads, ref_secs = refine_views(avatars, s, codes, views, refine_config, backend)
         refined_heads.update({(s.subject_id, v): ref_heads[j] for j, v in enumerate(views)})
-        heads = {"template": Gaussians.stack([avatars.template] * len(views)), "feed-forward": ff_heads,
-                 "refined": ref_heads}
-        subject_rows = protocol_rows(s, heads, views, backend, seconds={"feed-forward": ff_secs,
-                                                                        "refined": ff_secs + ref_secs},
-                                     with_lpips=with_lpips, identity=None if net is None else identity_scorer(s, net, mtcnn))
+        heads = {"template": Gaussians.stack([avatars.template] * len(views)),
+                 "mean code": Gaussians.stack([mean_code_head] * len(views))}
+        seconds = {"feed-forward": ff_secs, "refined": ff_secs + ref_secs}
+        picked: dict[str, Tensor] = {}
+        if train_embeddings is not None:
+            picked["FaceNet nearest"] = facenet_nearest(embeddings[t, views], views, *train_embeddings)
+        t0 = time.perf_counter()
+        picked["render retrieval"] = render_retrieval(avatars, s.images[views], s.cameras[views], backend)[0]
+        seconds["render retrieval"] = torch.full((len(views),), (time.perf_counter() - t0) / len(views))
+        for name, idx in picked.items():
+            heads[name] = avatars.decode(avatars.codes[idx.to(avatars.codes.device)])
+        heads.update({"feed-forward": ff_heads, "refined": ref_heads})
+        subject_rows = protocol_rows(s, heads, views, backend, seconds=seconds, with_lpips=with_lpips,
+                                     identity=None if net is None else identity_scorer(s, net, mtcnn))
+        for row in subject_rows:
+            if row["method"] in picked:
+                row["picked"] = avatars.subject_ids[int(picked[row["method"]][views.index(row["input_view"])])]
         save_rows(path, subject_rows, meta)
         rows += subject_rows
     return rows, refined_heads

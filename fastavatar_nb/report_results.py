@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .checkpoints import METRICS_FILE, PRESET_FILE, shipped_dir
-from .evaluation import PAPER_TABLE1
+from .evaluation import BASELINES, PAPER_TABLE1, baseline_losses, metric_key
+from .evaluation import LEARNED as LEARNED_METHODS
 from .presets import base
 
 __all__ = ["Score", "Course", "STAGE_TITLES", "FIGURE_CAPTIONS", "EVALUATION", "LEARNED", "GENERALISES_FROM",
@@ -41,11 +42,11 @@ Metrics = Mapping[str, Mapping[str, float]]
 EVALUATION = "07_evaluation"
 """The notebook whose metrics make the headline table (``<method>_psnr``, ``<method>_ssim``, ...)."""
 
-LEARNED: tuple[str, ...] = ("feed_forward", "refined")
+LEARNED: tuple[str, ...] = tuple(metric_key(m) for m in LEARNED_METHODS)
 """Method prefixes of notebook 07's metric names that are FastAvatar's learned heads; every other method
-it records (``template``, ``mean_code``, ``nearest``, ...) is a baseline."""
+it records (``template``, ``mean_code``, ``facenet_nearest``, ``render_retrieval``) is a baseline."""
 
-_BASELINE_ORDER = ("template", "mean_code", "nearest")
+_BASELINE_ORDER = ("template", "mean_code", "facenet_nearest", "render_retrieval")
 
 STAGE_TITLES: dict[str, str] = {
     "00": "Data",
@@ -247,7 +248,8 @@ def _number(values: Mapping[str, Any], key: str) -> float | None:
 
 
 def _rows_of(evaluation: Mapping[str, float], source: str) -> list[Score]:
-    rows = [Score(method=m.replace("_", "-") if m in LEARNED else m.replace("_", " "), source=source,
+    names = {metric_key(m): m for m in (*BASELINES, *LEARNED_METHODS)}
+    rows = [Score(method=names.get(m, m.replace("_", " ")), source=source,
                   learned=m in LEARNED, **{k: _number(evaluation, f"{m}_{k}")
                                            for k in ("psnr", "ssim", "mae", "lpips", "identity", "seconds")})
             for m in _methods(evaluation)]
@@ -255,24 +257,11 @@ def _rows_of(evaluation: Mapping[str, float], source: str) -> list[Score]:
 
 
 def _mark(rows: list[Score]) -> list[Score]:
-    """Each learned row with the baselines (of the same source) it scores below on PSNR or SSIM."""
-    baselines = [r for r in rows if not r.learned]
-    out = []
-    for r in rows:
-        if not r.learned:
-            out.append(r)
-            continue
-        losses = []
-        for b in baselines:
-            worse = []
-            if r.psnr is not None and b.psnr is not None and r.psnr < b.psnr:
-                worse.append(f"PSNR {r.psnr - b.psnr:+.2f} dB")
-            if r.ssim is not None and b.ssim is not None and r.ssim < b.ssim:
-                worse.append(f"SSIM {r.ssim - b.ssim:+.3f}")
-            if worse:
-                losses.append(f"{b.method} ({', '.join(worse)})")
-        out.append(replace(r, loses_to=tuple(losses)))
-    return out
+    """Each learned row with the baselines (of the same source) it scores below on PSNR or SSIM
+    (:func:`fastavatar_nb.evaluation.baseline_losses`)."""
+    table = {r.method: {k: v for k, v in (("psnr", r.psnr), ("ssim", r.ssim)) if v is not None} for r in rows}
+    losses = baseline_losses(table, learned=[r.method for r in rows if r.learned])
+    return [replace(r, loses_to=tuple(losses[r.method])) if r.learned else r for r in rows]
 
 
 def headline_rows(metrics: Metrics, course: Course | None = None,

@@ -172,12 +172,18 @@ class _FakeEncoder:
 
 
 class _FakeAvatars:
-    """A stand-in for DecoderResult: the code shifts the base colour of a known head."""
+    """A stand-in for DecoderResult: the code shifts the base colour of a known head; three training
+    subjects, t1's code nearest the photos' head (the template is that head shifted by 0.02; t1's by 0.005)."""
 
     def __init__(self, head: Gaussians) -> None:
         self.template = head
+        self.codes = torch.zeros(3, 4)
+        self.codes[:, 0] = torch.tensor([1.0, -0.3, -2.0])
+        self.subject_ids = ["t0", "t1", "t2"]
 
     def decode(self, w: torch.Tensor) -> Gaussians:
+        if w.ndim == 2:
+            return Gaussians.stack([self.decode(x) for x in w])
         g = self.template.clone()
         g.sh[:, 0] += 0.05 * w[0]
         return g
@@ -210,19 +216,32 @@ def test_run_protocol_scores_three_methods_saves_and_resumes(tmp_path, monkeypat
     views = input_views(found[0], 2)
     assert 8 not in views and len(views) == 2
     logs = []
+    train_emb = torch.randn(3, subject.num_views, 512, generator=torch.Generator().manual_seed(1))
+    train_emb[2] = emb[0]  # t2's photos look like this subject's to FaceNet
+    train = (train_emb, torch.ones(3, subject.num_views, dtype=torch.bool))
     rows, refined = run_protocol([subject], emb, found, avatars, encoder, None, tmp_path, {"k": 1}, backend="torch",
-                                 input_view_limit=2, log=logs.append)
+                                 input_view_limit=2, train_embeddings=train, log=logs.append)
     assert calls == [views] and not logs
-    assert [(r["method"], r["input_view"]) for r in rows] == [(m, v) for m in ("template", "feed-forward", "refined")
-                                                               for v in views]
+    methods = ("template", "mean code", "FaceNet nearest", "render retrieval", "feed-forward", "refined")
+    assert [(r["method"], r["input_view"]) for r in rows] == [(m, v) for m in methods for v in views]
+    assert [r["picked"] for r in rows if "picked" in r] == ["t2", "t2", "t1", "t1"]
+    table = summarize(rows)
+    # render retrieval decodes t1, the training head nearest the photos' head: above the template and t2
+    assert table["render retrieval"]["psnr"] > max(table["template"]["psnr"], table["FaceNet nearest"]["psnr"]) + 10
+    mean_code = avatars.decode(avatars.codes.mean(0))
+    torch.testing.assert_close(table["mean code"]["psnr"],
+                               float(novel_view_metrics(subject, Gaussians.stack([mean_code] * 2), views, "torch")["psnr"].mean()))
     assert sorted(refined) == [(subject.subject_id, v) for v in sorted(views)]
     ff = [r for r in rows if r["method"] == "feed-forward"]
     assert all(r["seconds"] < 2.0 for r in ff) and all(r["seconds"] >= 2.0 for r in rows if r["method"] == "refined")
     assert "seconds" not in rows[0] and "identity" not in rows[0]  # no FaceNet given: no identity column
+    with pytest.raises(ValueError, match="train_embeddings has 2 subjects, the decoder 3"):
+        run_protocol([subject], emb, found, avatars, encoder, None, tmp_path / "other", {"k": 1}, backend="torch",
+                     train_embeddings=(train_emb[:2], train[1][:2]))
     assert (tmp_path / f"{subject.subject_id}.json").is_file()
     # a second run reads the subject back instead of refining again
     again, refined_again = run_protocol([subject], emb, found, avatars, encoder, None, tmp_path, {"k": 1},
-                                        backend="torch", input_view_limit=2, log=logs.append)
+                                        backend="torch", input_view_limit=2, train_embeddings=train, log=logs.append)
     assert again == rows and refined_again == {} and len(calls) == 1 and "reusing" in logs[0]
 
 
@@ -238,3 +257,46 @@ def test_results_markdown_formats_every_column():
     assert lines[3] == "| feed-forward | 15.00 | 0.710 | 0.0500 | not measured | 0.457 | 13.50 | 12.3 ms | 21.26 / 0.90 |"
     assert lines[4] == "| refined | 20.00 | 0.800 | 0.0200 | 0.250 | nan | 18.00 | 3.2 s | 24.09 / 0.92 |"
     assert all(line.count("|") == lines[0].count("|") for line in lines)
+
+
+def test_facenet_nearest_compares_photos_of_the_same_camera():
+    from fastavatar_nb.evaluation import facenet_nearest
+
+    train = torch.tensor([[[0.0, 1.0], [1.0, 0.0]],     # t0: like the input at camera 1 only
+                          [[1.0, 0.1], [0.0, 1.0]],     # t1: like the input at camera 0 only
+                          [[1.0, 0.0], [1.0, 0.0]]])    # t2: like it everywhere, but no face found anywhere
+    found = torch.tensor([[True, True], [True, True], [False, False]])
+    e = torch.tensor([[2.0, 0.0], [3.0, 0.0]])           # the same face seen from camera 0 and from camera 1
+    assert facenet_nearest(e, [0, 1], train, found).tolist() == [1, 0]
+    # t1 has no face at camera 0: its mean over its other views ([0, 1]) stands in, and t0 wins there
+    found[1, 0] = False
+    assert facenet_nearest(e[:1], [0], train, found).tolist() == [0]
+    with pytest.raises(ValueError, match="no training subject has a detected face"):
+        facenet_nearest(e, [0, 1], train, torch.zeros(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"need embeddings \[V, D\] for V views"):
+        facenet_nearest(e, [0], train, found)
+
+
+def test_render_retrieval_finds_the_head_that_made_the_photo():
+    from fastavatar_nb.evaluation import render_retrieval
+
+    subject, truth = rig_scene(5, K=120)
+    avatars = _FakeAvatars(truth)   # decode(w) = truth + 0.05 w_0 in the base colour
+    avatars.codes[:, 0] = torch.tensor([3.0, 0.0, -3.0])  # t1 decodes to the truth itself
+    idx, mse = render_retrieval(avatars, subject.images[[2, 8]], subject.cameras[[2, 8]], backend="torch", chunk=2)
+    assert idx.tolist() == [1, 1] and float(mse.max()) < 1e-4
+    with pytest.raises(ValueError, match=r"need photos \[V, H, W, 3\] and V cameras"):
+        render_retrieval(avatars, subject.images[[2, 8]], subject.cameras[[2]])
+
+
+def test_a_learned_method_below_a_baseline_is_marked():
+    from fastavatar_nb.evaluation import baseline_losses
+
+    table = {"template": {"psnr": 15.0, "ssim": 0.80, "mae": 0.1, "psnr_head": 1.0, "n": 1.0},
+             "render retrieval": {"psnr": 19.46, "ssim": 0.85, "mae": 0.1, "psnr_head": 1.0, "n": 1.0},
+             "feed-forward": {"psnr": 17.77, "ssim": 0.86, "mae": 0.1, "psnr_head": 1.0, "n": 1.0},
+             "refined": {"psnr": 21.0, "ssim": 0.90, "mae": 0.1, "psnr_head": 1.0, "n": 1.0}}
+    assert baseline_losses(table) == {"feed-forward": ["render retrieval (PSNR -1.69 dB)"], "refined": []}
+    lines = results_markdown(table).splitlines()
+    assert lines[4].startswith("| feed-forward (**loses to** render retrieval (PSNR -1.69 dB)) | 17.77 |")
+    assert lines[5].startswith("| refined | 21.00 |")

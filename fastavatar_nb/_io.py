@@ -19,7 +19,7 @@ import json
 import math
 import os
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -387,6 +387,19 @@ def config_from_dict(cls: type[C], d: dict[str, Any]) -> C:
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown fields {unknown}")
     return cls(**d).validate()  # type: ignore[attr-defined]
+
+
+def config_from_settings(cls: type[C], base: Mapping[str, Any], settings: Mapping[str, Any],
+                         overrides: Mapping[str, Any], settings_name: str) -> C:
+    """A stage config from a preset: ``base`` (the fields the preset holds itself), then the preset's
+    ``settings`` for this stage, then the caller's ``overrides``; validated. An unknown name in
+    ``settings`` is named as the preset's field ``settings_name``, one in ``overrides`` as an argument."""
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for what, d in ((f"the preset's {settings_name}", settings), ("overrides", overrides)):
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: {what} name unknown fields {unknown}; fields are {sorted(known)}")
+    return cls(**{**base, **settings, **overrides}).validate()  # type: ignore[attr-defined]
 
 
 def check_fields(config: Any, *, positive_int: Iterable[str] = (), positive: Iterable[str] = (),

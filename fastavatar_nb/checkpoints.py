@@ -186,14 +186,13 @@ def load(name: str = "course", device: torch.device | str = "cpu", folder: str |
                       directions=directions, split=split, metrics=metrics, provenance=provenance)
 
 
-def for_lesson(preset: Preset, name: str = "course") -> Checkpoint | None:
-    """The shipped checkpoint a notebook shows beside its own small run, or ``None``.
+def for_lesson(preset: Preset) -> Checkpoint | None:
+    """The shipped checkpoint a notebook shows beside its own small run (``preset.lesson.checkpoint``), or ``None``.
 
     At the smoke preset (10 training subjects: each stage is taught, nothing generalises) notebooks
     03-07 end with what the course preset's 268 subjects buy on unseen test subjects: the course
     checkpoint, which has the smoke preset's image size and K. The course and full presets train at
-    scale themselves, so their notebooks use their own artifacts: ``None``.
+    scale themselves (their ``lesson.checkpoint`` is ``None``), so their notebooks use their own artifacts.
     """
-    if preset.name != "smoke":
-        return None
-    return load(name, device=preset.device)
+    name = preset.lesson.checkpoint
+    return None if name is None else load(name, device=preset.device)

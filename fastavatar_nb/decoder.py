@@ -60,6 +60,7 @@ from ._io import (
     atomic_save_tensors,
     check_fields,
     config_from_dict,
+    config_from_settings,
     meta_json,
     read_artifact,
 )
@@ -85,9 +86,6 @@ __all__ = [
     "checkpoint_state", "MLP_DTYPES", "MLP_DTYPE_CHOICES", "resolve_mlp_dtype", "StepLoss", "decoder_loss",
 ]
 
-COURSE_CODES_INIT_STD = 0.01
-"""The course preset's initial code scale (DeepSDF's): codes grow from one point along what tells
-subjects apart, so an encoder can land between them (see :attr:`DecoderConfig.codes_init_std`)."""
 DECODER_FILE = "decoder.safetensors"
 """Decoder weights, Gaussian embeddings, template and config, in a run folder."""
 LATENTS_FILE = "latents.safetensors"
@@ -405,22 +403,17 @@ class DecoderConfig:
     @staticmethod
     def for_preset(preset: Any, **overrides: Any) -> DecoderConfig:
         """The config of a :class:`~fastavatar_nb.presets.Preset`: its ``decoder_epochs``,
-        ``latent_dim``, ``embed_dim``, ``mlp_dtype`` and ``seed``, with the defaults above (tuned for the smoke
-        preset on a CPU). On CUDA (the full preset, 400 epochs) every step decodes 8 subjects and
-        renders one view of each, at the authors' learning rate of 1e-4 for the MLP and the codes
-        (1e-3 for the embeddings); that schedule has not been run yet. The course preset (268
-        subjects, 4 epochs on a CPU) decodes 4 subjects x 4 views per step (the cheapest (subject,
-        view) pairs on 2 cores: 99 ms against 119 ms for 1 x 2) and starts the codes small
-        (:data:`COURSE_CODES_INIT_STD`; chosen on validation subjects of a 64-subject pilot, see
-        ``benchmarks/results/cpu-2core/course_pilot.json``). ``overrides`` replace any field."""
+        ``latent_dim``, ``embed_dim``, ``mlp_dtype`` and ``seed``, then its ``decoder_settings`` (the
+        course preset: 4 subjects x 4 views per step and small codes; the full preset: the authors' learning
+        rates, 8 subjects x 1 view per step), over the defaults above (tuned for the smoke preset on a
+        CPU). ``overrides`` replace any field.
+
+        Raises:
+            ValueError: ``decoder_settings`` or ``overrides`` name a field this config does not have.
+        """
         kw: dict[str, Any] = {"epochs": preset.decoder_epochs, "latent_dim": preset.latent_dim,
                               "embed_dim": preset.embed_dim, "seed": preset.seed, "mlp_dtype": preset.mlp_dtype}
-        if preset.name == "course":
-            kw.update(subjects_per_step=4, views_per_step=4, codes_init_std=COURSE_CODES_INIT_STD)
-        if preset.device == "cuda":
-            kw.update(subjects_per_step=8, views_per_step=1, decoder_lr=1e-4, codes_lr=1e-4, embeddings_lr=1e-3)
-        kw.update(overrides)
-        return DecoderConfig(**kw).validate()
+        return config_from_settings(DecoderConfig, kw, preset.decoder_settings, overrides, "decoder_settings")
 
     def make_decoder(self, device: torch.device | str = "cpu") -> AutoDecoder:
         """A freshly initialised :class:`AutoDecoder` of this config's size on ``device``, computing

@@ -31,7 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._io import ArtifactError, atomic_save_tensors, check_fields, config_from_dict, meta_json, read_artifact
+from ._io import (
+    ArtifactError,
+    atomic_save_tensors,
+    check_fields,
+    config_from_dict,
+    config_from_settings,
+    meta_json,
+    read_artifact,
+)
 from .faces import EMBEDDING_DIM, make_mtcnn, truth_faces
 
 __all__ = ["ENCODER_FILE", "EncoderConfig", "EncoderMLP", "EncoderResult", "encoder_loss", "face_embeddings",
@@ -82,9 +90,6 @@ def encoder_loss(pred: Tensor, target: Tensor, mse_weight: float = 0.1, cos_weig
     return {"mse": mse, "cos": cos, "total": mse_weight * mse + cos_weight * (1 - cos)}
 
 
-COURSE_MSE_WEIGHT = 100.0
-"""The course preset's weight of the squared error to ``w`` (see :meth:`EncoderConfig.for_preset`)."""
-
 
 @dataclass
 class EncoderConfig:
@@ -130,18 +135,14 @@ class EncoderConfig:
 
     @staticmethod
     def for_preset(preset: Any, **overrides: Any) -> EncoderConfig:
-        """The preset's ``encoder_epochs`` and ``seed``; on CUDA (full preset) the authors' lr 1e-4.
-        The course preset's codes start small (``decoder.COURSE_CODES_INIT_STD``) and stay about
-        100 times shorter than standard-normal ones, so their squared error weighs
-        :data:`COURSE_MSE_WEIGHT` instead of 0.1 (without it the encoder learns the direction of
-        ``w`` but not its length; chosen on validation subjects of a pilot run)."""
+        """The preset's ``encoder_epochs`` and ``seed``, then its ``encoder_settings`` (the course preset's
+        MSE weight, the full preset's lr 1e-4), over the defaults above; ``overrides`` replace any field.
+
+        Raises:
+            ValueError: ``encoder_settings`` or ``overrides`` name a field this config does not have.
+        """
         kw: dict[str, Any] = {"epochs": preset.encoder_epochs, "seed": preset.seed}
-        if preset.name == "course":
-            kw["mse_weight"] = COURSE_MSE_WEIGHT
-        if preset.device == "cuda":
-            kw["lr"] = 1e-4
-        kw.update(overrides)
-        return EncoderConfig(**kw).validate()
+        return config_from_settings(EncoderConfig, kw, preset.encoder_settings, overrides, "encoder_settings")
 
 
 @torch.no_grad()

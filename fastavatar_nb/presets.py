@@ -43,6 +43,7 @@ import os
 import platform
 import random
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -83,6 +84,29 @@ DATA_TIMESTEP_ENV = "FASTAVATAR_DATA_TIMESTEP"
 
 class PresetError(ValueError):
     """A preset name, override or environment that cannot give a working preset."""
+
+
+@dataclass(frozen=True)
+class Lesson:
+    """What the notebooks show beside the pipeline itself, per preset (the defaults are the smoke preset's)."""
+
+    image_fit_steps: int = 100
+    """Notebook 01: Adam steps fitting 96 Gaussians to one small image with the torch renderer."""
+    head_fit_steps: int = 0
+    """Notebook 01: steps fitting a subject's head to its photos (0: show the head made from its 3D points;
+    on a CPU a head renders in about a second, too slow for a fit in a lesson)."""
+    viewer_width: int = 160
+    """Notebook 01: the orbit viewer's width in pixels (its height follows NeRSemble's 550:802)."""
+    checkpoint: str | None = "course"
+    """The shipped checkpoint (:mod:`fastavatar_nb.checkpoints`) whose at-scale numbers notebooks 03-07 show
+    beside this run's; ``None``: the run is at scale itself."""
+
+    def __post_init__(self) -> None:
+        for name in ("image_fit_steps", "head_fit_steps", "viewer_width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name == "viewer_width" else 0):
+                raise PresetError(f"Lesson.{name} must be a {'positive' if name == 'viewer_width' else 'non-negative'} "
+                                  f"int, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -158,6 +182,17 @@ class Preset:
     data_timestep: int | None = None
     """With ``data``: the timestep read from every subject (``--timestep``, ``FASTAVATAR_DATA_TIMESTEP``);
     ``None``: each subject's first (``00000`` in VHAP's exports, the authors' choice)."""
+    decoder_settings: Mapping[str, Any] = field(default_factory=dict)
+    """:class:`~fastavatar_nb.decoder.DecoderConfig` fields this preset sets besides ``decoder_epochs``,
+    ``latent_dim``, ``embed_dim``, ``mlp_dtype`` and ``seed`` (the config's defaults are the smoke
+    preset's; :meth:`~fastavatar_nb.decoder.DecoderConfig.for_preset` reads this, never the preset's
+    name or device)."""
+    encoder_settings: Mapping[str, Any] = field(default_factory=dict)
+    """:class:`~fastavatar_nb.encoder.EncoderConfig` fields this preset sets besides ``encoder_epochs``
+    and ``seed``."""
+    lesson: Lesson = field(default_factory=lambda: Lesson())
+    """The sizes of notebook 01's demonstrations and which shipped checkpoint notebooks 03-07 show
+    beside the run's own numbers."""
 
     def __post_init__(self) -> None:
         if self.device not in get_args(Device):
@@ -209,6 +244,19 @@ class Preset:
         ts = self.data_timestep
         if ts is not None and (not isinstance(ts, int) or isinstance(ts, bool) or ts < 0):
             raise PresetError(f"Preset {self.name!r}: data_timestep must be a non-negative int or None, got {ts!r}")
+        for name in ("decoder_settings", "encoder_settings"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+                raise PresetError(f"Preset {self.name!r}: {name} must map config field names to values, got {value!r}")
+            object.__setattr__(self, name, dict(value))
+        if isinstance(self.lesson, Mapping):  # read from preset.json
+            try:
+                object.__setattr__(self, "lesson", Lesson(**self.lesson))
+            except TypeError as e:
+                raise PresetError(f"Preset {self.name!r}: lesson has unknown fields ({e}); fields are "
+                                  f"{[f.name for f in dataclasses.fields(Lesson)]}") from None
+        if not isinstance(self.lesson, Lesson):
+            raise PresetError(f"Preset {self.name!r}: lesson must be a Lesson, got {self.lesson!r}")
 
     @property
     def num_train_subjects(self) -> int:
@@ -306,6 +354,15 @@ COURSE_EVAL_INPUT_VIEWS = 2
 """Course preset: input views per test subject in notebook 07 (camera 8 and a side camera: 16 x 2 refined heads)."""
 COURSE_DECODER_EPOCHS = 4
 """Course preset: decoder epochs over 268 subjects x 15 views (about 30 minutes on 2 cores)."""
+COURSE_CODES_INIT_STD = 0.01
+"""Course preset: the codes' initial standard deviation (DeepSDF's; the paper's 1.0 at smoke). Chosen on the
+validation subjects of a 64-subject pilot (``benchmarks/results/cpu-2core/course_pilot.json``): small codes start
+every subject at the same point, so subjects that look alike move their codes alike, a space an encoder can
+generalise in."""
+COURSE_MSE_WEIGHT = 100.0
+"""Course preset: weight of the encoder's squared error to ``w`` (0.1 elsewhere). Its codes start
+:data:`COURSE_CODES_INIT_STD` small and stay about 100 times shorter than standard-normal ones; at 0.1 the
+encoder learnt their direction but not their length (the pilot's validation subjects)."""
 
 _SMOKE = Preset(
     name="smoke",
@@ -337,6 +394,10 @@ _BASE: dict[str, Preset] = {
         template_subjects=COURSE_TEMPLATE_SUBJECTS,
         eval_input_views=COURSE_EVAL_INPUT_VIEWS,
         decoder_epochs=COURSE_DECODER_EPOCHS,
+        # 4 subjects x 4 views per step: the cheapest (subject, view) pairs on 2 cores (99 ms against 119 ms for 1 x 2)
+        decoder_settings={"subjects_per_step": 4, "views_per_step": 4, "codes_init_std": COURSE_CODES_INIT_STD},
+        encoder_settings={"mse_weight": COURSE_MSE_WEIGHT},
+        lesson=Lesson(image_fit_steps=400, checkpoint=None),
         run_dir=Path("runs") / "course",
     ),
     "full": Preset(
@@ -354,6 +415,11 @@ _BASE: dict[str, Preset] = {
         decoder_epochs=400,
         encoder_epochs=200,
         refine_iterations=300,
+        # the authors' learning rates and one view per decoded subject (a schedule not run yet)
+        decoder_settings={"subjects_per_step": 8, "views_per_step": 1, "decoder_lr": 1e-4, "codes_lr": 1e-4,
+                          "embeddings_lr": 1e-3},
+        encoder_settings={"lr": 1e-4},
+        lesson=Lesson(image_fit_steps=400, head_fit_steps=1000, viewer_width=366, checkpoint=None),
         run_dir=Path("runs") / "full",
     ),
 }

@@ -234,6 +234,16 @@ def test_decoder_config_validation_and_preset():
     assert (smoke.epochs, smoke.latent_dim, smoke.embed_dim) == (20, 512, 32)
     full = DecoderConfig.for_preset(base("full"))
     assert (full.epochs, full.views_per_step, full.decoder_lr) == (400, 1, 1e-4)
+    course = DecoderConfig.for_preset(base("course"))
+    assert (course.subjects_per_step, course.views_per_step, course.codes_init_std) == (4, 4, 0.01)
+    # the settings follow the preset, not the device it runs on; overrides win over both
+    assert DecoderConfig.for_preset(base("full").replace(device="cpu", backend="torch")) == full
+    assert DecoderConfig.for_preset(base("smoke").replace(device="cuda")) == smoke
+    assert DecoderConfig.for_preset(base("course"), views_per_step=2).views_per_step == 2
+    with pytest.raises(ValueError, match=r"the preset's decoder_settings name unknown fields \['view_per_step'\]"):
+        DecoderConfig.for_preset(base("smoke").replace(decoder_settings={"view_per_step": 2}))
+    with pytest.raises(ValueError, match=r"overrides name unknown fields \['bogus'\]"):
+        DecoderConfig.for_preset(base("smoke"), bogus=1)
     assert DecoderConfig.from_dict(json.loads(smoke.to_json())) == smoke
     assert smoke.mlp_dtype == full.mlp_dtype == "auto" and DecoderConfig().mlp_dtype == "float32"
     # a config stored before mlp_dtype existed reads as float32, the dtype it trained in

@@ -125,6 +125,10 @@ def test_preset_configs():
     assert EncoderConfig.for_preset(base("smoke")).epochs == 50
     full = EncoderConfig.for_preset(base("full"))
     assert (full.epochs, full.lr) == (200, 1e-4)
+    assert EncoderConfig.for_preset(base("course")).mse_weight == 100.0
+    assert EncoderConfig.for_preset(base("smoke")).mse_weight == EncoderConfig().mse_weight
+    with pytest.raises(ValueError, match=r"encoder_settings name unknown fields \['learning_rate'\]"):
+        EncoderConfig.for_preset(base("smoke").replace(encoder_settings={"learning_rate": 1.0}))
     assert EncoderConfig.from_dict(dataclasses.asdict(full)) == full
 
 

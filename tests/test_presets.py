@@ -195,6 +195,32 @@ def test_save_load_round_trip(no_cuda: None, tmp_path: Path) -> None:
     assert path == tmp_path / "r" / "preset.json"
     assert json.loads(path.read_text())["num_gaussians"] == 2_500
     assert Preset.load(path) == p
+    course = presets.base("course").replace(run_dir=tmp_path / "c")
+    assert Preset.load(course.save()) == course  # the stage settings and the lesson survive JSON
+    assert json.loads((tmp_path / "c" / "preset.json").read_text())["lesson"]["checkpoint"] is None
+    # a preset.json written before the stage settings existed reads with the smoke preset's (empty) ones
+    old = json.loads(path.read_text())
+    for key in ("decoder_settings", "encoder_settings", "lesson"):
+        del old[key]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert Preset.load(tmp_path / "old.json") == p
+
+
+def test_presets_differ_in_listed_settings_only() -> None:
+    from fastavatar_nb.presets import Lesson
+
+    smoke, course, full = (presets.base(n) for n in ("smoke", "course", "full"))
+    assert smoke.decoder_settings == smoke.encoder_settings == {} and smoke.lesson == Lesson()
+    assert course.decoder_settings["codes_init_std"] == presets.COURSE_CODES_INIT_STD
+    assert course.encoder_settings == {"mse_weight": presets.COURSE_MSE_WEIGHT}
+    assert (course.lesson.checkpoint, full.lesson.checkpoint, smoke.lesson.checkpoint) == (None, None, "course")
+    assert full.lesson.head_fit_steps > 0 == course.lesson.head_fit_steps
+    with pytest.raises(presets.PresetError, match="decoder_settings must map config field names"):
+        smoke.replace(decoder_settings=["epochs"])
+    with pytest.raises(presets.PresetError, match="lesson has unknown fields"):
+        smoke.replace(lesson={"steps": 3})
+    with pytest.raises(presets.PresetError, match="Lesson.viewer_width must be a positive int"):
+        Lesson(viewer_width=0)
 
 
 def test_setup_seeds_and_reports(no_cuda: None, tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _spin  # noqa: F401  (first: see benchmarks/_spin.py)
 import torch
 from _record import RESULTS, provenance, save
 
@@ -58,17 +59,17 @@ def main() -> None:
         embed_s = time.perf_counter() - t0
         refine_config = RefineConfig.for_preset(preset)
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as rows_dir:
-            rows, _ = run_protocol(test, test_emb, test_found, ck.avatars, ck.encoder, refine_config, rows_dir,
-                                   {"checkpoint": args.checkpoint}, backend=args.backend, input_view_limit=limit,
-                                   train_embeddings=(train_emb, train_found))
+        rows_dir = root / f"protocol-{args.checkpoint}-{limit}"  # per-subject rows: a rerun with --subjects resumes
+        rows, _ = run_protocol(test, test_emb, test_found, ck.avatars, ck.encoder, refine_config, rows_dir,
+                               {"checkpoint": args.checkpoint}, backend=args.backend, input_view_limit=limit,
+                               train_embeddings=(train_emb, train_found))
         protocol_s = time.perf_counter() - t0
     table = summarize(rows)
     print(results_markdown(table))
     losses = baseline_losses(table)
     for method, lost in losses.items():
         print(f"{method}: " + (f"loses to {', '.join(lost)}" if lost else "beats every baseline"))
-    picked = {m: sorted({r["picked"] for r in rows if r["method"] == m}) for m in BASELINES if m in table}
+    picked = {m: sorted({r["picked"] for r in rows if r["method"] == m and "picked" in r}) for m in BASELINES}
     record = {
         **provenance("baselines", torch.device("cpu"), gsplat_status()[1]),
         "checkpoint": args.checkpoint, "checkpoint_provenance": {k: ck.provenance.get(k) for k in ("run_commit", "shipped")},

@@ -316,13 +316,14 @@ def facenet_nearest(embeddings: Tensor, views: Sequence[int], train_embeddings: 
     found = train_found.to(train_embeddings.device).bool()
     if not found.any():
         raise ValueError("facenet_nearest: no training subject has a detected face in any view")
-    unit = torch.nn.functional.normalize(train_embeddings.float(), dim=-1)
-    mean = torch.nn.functional.normalize((unit * found[..., None]).sum(1), dim=-1)            # [N, D]
+    # views without a face hold NaN (encoder.dataset_embeddings): zero them before anything sums or compares them
+    unit = torch.nn.functional.normalize(train_embeddings.float().nan_to_num(0.0), dim=-1) * found[..., None]
+    mean = torch.nn.functional.normalize(unit.sum(1), dim=-1)                                  # [N, D]
     picks = []
     for e, v in zip(embeddings, views, strict=True):
         at_v = torch.where(found[:, v, None], unit[:, v], mean)                                # [N, D]
         cos = at_v @ torch.nn.functional.normalize(e.float().to(unit.device), dim=-1)
-        picks.append(int(cos.masked_fill(~found.any(1), -math.inf).argmax()))
+        picks.append(int(cos.nan_to_num(-math.inf).masked_fill(~found.any(1), -math.inf).argmax()))
     return torch.tensor(picks, dtype=torch.long)
 
 

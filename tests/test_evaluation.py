@@ -268,9 +268,12 @@ def test_facenet_nearest_compares_photos_of_the_same_camera():
     found = torch.tensor([[True, True], [True, True], [False, False]])
     e = torch.tensor([[2.0, 0.0], [3.0, 0.0]])           # the same face seen from camera 0 and from camera 1
     assert facenet_nearest(e, [0, 1], train, found).tolist() == [1, 0]
-    # t1 has no face at camera 0: its mean over its other views ([0, 1]) stands in, and t0 wins there
+    # t1 has no face at camera 0 (NaN there, as dataset_embeddings leaves it): its mean over its other views
+    # ([0, 1]) stands in, and t0 wins there
     found[1, 0] = False
+    train[1, 0] = float("nan")
     assert facenet_nearest(e[:1], [0], train, found).tolist() == [0]
+    assert facenet_nearest(e, [0, 1], train, found).tolist() == [0, 0]  # and the NaN never wins a comparison
     with pytest.raises(ValueError, match="no training subject has a detected face"):
         facenet_nearest(e, [0, 1], train, torch.zeros(3, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"need embeddings \[V, D\] for V views"):

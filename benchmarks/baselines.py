@@ -12,12 +12,17 @@ the training subjects too (FaceNet nearest compares the input photo with their p
     python benchmarks/baselines.py                   # ~15 min on 2 CPU cores
     python benchmarks/baselines.py --input-views 1   # camera 8 only
 
-Writes ``benchmarks/results/<cpu-2core|local>/baselines_course.json`` (``--out`` to choose).
+Writes ``benchmarks/results/<cpu-2core|local>/baselines_course.json`` (``--out`` to choose). With
+``--add-to-checkpoint`` it also adds the baselines' rows to the checkpoint's ``metrics.json`` (notebook 07's
+entry, which the notebooks and the report read), and says so in its ``provenance.json``; only when this run
+reproduces the checkpoint's own template, feed-forward and refined PSNR within :data:`REPRODUCE_DB`, so the
+table never mixes rows of different models.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -28,9 +33,21 @@ from _record import RESULTS, provenance, save
 
 from fastavatar_nb import checkpoints, faces
 from fastavatar_nb.encoder import dataset_embeddings
-from fastavatar_nb.evaluation import BASELINES, baseline_losses, results_markdown, run_protocol, summarize
+from fastavatar_nb.evaluation import (
+    BASELINES,
+    LEARNED,
+    baseline_losses,
+    metric_key,
+    results_markdown,
+    run_protocol,
+    summarize,
+)
 from fastavatar_nb.refine import RefineConfig
 from fastavatar_nb.render.gsplat_backend import gsplat_status
+
+REPRODUCE_DB = 0.05
+"""The most a row the checkpoint recorded may differ (PSNR, dB) before --add-to-checkpoint refuses."""
+EVALUATION = "07_evaluation"
 
 
 def main() -> None:
@@ -41,9 +58,19 @@ def main() -> None:
     ap.add_argument("--subjects", default=None, help="folder for the regenerated subjects (default: a temporary one)")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--add-to-checkpoint", action="store_true",
+                    help="add the baselines' rows to the checkpoint's metrics.json (see the module docstring)")
+    ap.add_argument("--from-results", type=Path, default=None,
+                    help="with --add-to-checkpoint: take the rows from this results file instead of running again")
     args = ap.parse_args()
 
     ck = checkpoints.load(args.checkpoint)
+    if args.from_results is not None:
+        if not args.add_to_checkpoint:
+            raise SystemExit("--from-results only goes with --add-to-checkpoint")
+        record = json.loads(args.from_results.read_text())
+        add_to_checkpoint(ck, record["table"], record, args.from_results.resolve())
+        return
     preset = ck.preset
     limit = args.input_views if args.input_views is not None else preset.eval_input_views
     with tempfile.TemporaryDirectory() as tmp:
@@ -81,7 +108,32 @@ def main() -> None:
         "rows": rows,
     }
     folder = "cpu-2core" if torch.get_num_threads() == 2 and not torch.cuda.is_available() else "local"
-    save(record, args.out or RESULTS / folder / f"baselines_{args.checkpoint}.json")
+    out = save(record, args.out or RESULTS / folder / f"baselines_{args.checkpoint}.json")
+    if args.add_to_checkpoint:
+        add_to_checkpoint(ck, table, record, out)
+
+
+def add_to_checkpoint(ck, table: dict, record: dict, results: Path) -> None:
+    """Add the baselines' means to ``ck``'s metrics.json; refuse unless its own rows reproduce."""
+    recorded = ck.metrics.get(EVALUATION, {})
+    for method in ("template", *LEARNED):
+        key = f"{metric_key(method)}_psnr"
+        if key not in recorded or abs(table[method]["psnr"] - recorded[key]) > REPRODUCE_DB:
+            raise SystemExit(f"--add-to-checkpoint: {method} scored {table[method]['psnr']:.3f} dB here, the checkpoint "
+                             f"recorded {recorded.get(key)}: not within {REPRODUCE_DB} dB, so its table would mix "
+                             "models; nothing was added")
+    added = {f"{metric_key(b)}_{k}": v for b in BASELINES if b != "template" for k, v in table[b].items() if k != "n"}
+    metrics_path, provenance_path = ck.folder / checkpoints.METRICS_FILE, ck.folder / checkpoints.PROVENANCE_FILE
+    metrics = json.loads(metrics_path.read_text())
+    metrics[EVALUATION].update(added)
+    metrics_path.write_text(json.dumps(metrics, indent=1, sort_keys=True) + "\n")
+    prov = json.loads(provenance_path.read_text())
+    prov.setdefault("added_metrics", []).append({
+        "notebook": EVALUATION, "names": sorted(added), "command": record["command"], "commit": record["commit"],
+        "date": record["date"], "results": str(results.relative_to(RESULTS.parent.parent)),
+        "reproduced_psnr": {m: table[m]["psnr"] for m in ("template", *LEARNED)}})
+    provenance_path.write_text(json.dumps(prov, indent=1) + "\n")
+    print(f"added {len(added)} metrics to {metrics_path} (and a note to {provenance_path.name})")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ from .render import Backend, render, resolve_backend
 __all__ = [
     "FitConfig", "FitResult", "fit_subjects", "estimate_normals", "sample_point_colors", "init_gaussians",
     "view_for_step", "SHORT_RUN_LRS", "LONG_RUN_LRS", "SHORT_RUN_STEPS", "CHECKPOINT_FILE", "checkpoint_state",
+    "FitLoss", "fit_loss",
 ]
 
 CHECKPOINT_FILE = "fit_checkpoint.safetensors"
@@ -531,6 +532,42 @@ def _load_optimizer(opt: torch.optim.Adam, tensors: dict[str, Tensor], device: t
     opt.load_state_dict(sd)
 
 
+@dataclass
+class FitLoss:
+    """One fit step's objective for ``S`` subjects (:func:`fit_loss`); each ``[S]`` is one per subject."""
+
+    loss: Tensor
+    """``[S]`` what the step minimises (summed over the subjects: each fit's gradient is its own)."""
+    l1: Tensor
+    """``[S]`` mean absolute error of the render."""
+    ssim: Tensor
+    """``[S]`` SSIM of the render (the value; the loss holds ``1 - SSIM``)."""
+    position: Tensor
+    """``[S]`` the position regulariser ``mean_k |mu_k - p_k|^2 / scene_scale^2`` (before its weight)."""
+    colors: Tensor
+    """``[S, 1, H, W, 3]`` the renders on white."""
+
+
+def fit_loss(gaussians: Gaussians, cameras: Cameras, images: Tensor, anchors: Tensor, config: FitConfig, step: int,
+             backend: Backend = "auto") -> FitLoss:
+    """The loss of step ``step`` of :func:`fit_subjects`, the function its loop calls: each subject's
+    Gaussians rendered at its one view on white with the SH bands of that step
+    (:meth:`FitConfig.degree_at`), scored by ``(1 - lambda) L1 + lambda (1 - SSIM)``
+    (:func:`~fastavatar_nb.objective.photometric_loss`, ``lambda = ssim_lambda``), plus
+    ``position_reg_weight`` times the mean squared distance of each centre from its anchor point in
+    ``scene_scale`` units.
+
+    Args:
+        gaussians: ``[S, K]``; cameras: ``[S, 1]``; images: ``[S, 1, H, W, 3]``; anchors: ``[S, K, 3]``.
+    """
+    out = render(gaussians, cameras, background=1.0, backend=backend, sh_degree=config.degree_at(step),
+                 tile_size=config.tile_size)
+    terms = photometric_loss(out.colors, images, None, 1.0 - config.ssim_lambda, config.ssim_lambda)
+    position = ((gaussians.means - anchors) ** 2).sum(-1).mean(-1) / config.scene_scale ** 2
+    return FitLoss(loss=terms["total"][:, 0] + config.position_reg_weight * position, l1=terms["l1"][:, 0],
+                   ssim=terms["ssim"][:, 0], position=position, colors=out.colors)
+
+
 def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None = None, backend: Backend = "auto",
                  device: torch.device | str | None = None, checkpoint: str | os.PathLike | None = None,
                  overwrite: bool = False, progress: bool = True,
@@ -659,12 +696,8 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
                 pos = torch.tensor([tv[view_for_step(config.seed, sched[i], step, len(tv))] for i in idx], device=dev)
                 cam = Cameras(cams.viewmats[ar, pos][:, None], cams.Ks[ar, pos][:, None], cams.width, cams.height)
                 gt = images[ar, pos][:, None]                                    # [S, 1, H, W, 3]
-                deg = config.degree_at(step)
-                out = render(_join_params(params), cam, background=1.0, backend=backend_name, sh_degree=deg,
-                             tile_size=config.tile_size)
-                terms = photometric_loss(out.colors, gt, None, 1.0 - config.ssim_lambda, config.ssim_lambda)
-                reg = ((params["means"] - anchors) ** 2).sum(-1).mean(-1) / config.scene_scale ** 2  # [S]
-                loss = terms["total"][:, 0] + config.position_reg_weight * reg
+                step_loss = fit_loss(_join_params(params), cam, gt, anchors, config, step, backend_name)
+                loss = step_loss.loss
                 opt.zero_grad(set_to_none=True)
                 loss.sum().backward()
                 opt.step()
@@ -672,7 +705,7 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
                     if grp["name"] == "means":
                         grp["lr"] = config.means_lr_at(step + 1)
                 with torch.no_grad():
-                    p = psnr(out.colors.detach().clamp(0, 1), gt)[:, 0]
+                    p = psnr(step_loss.colors.detach().clamp(0, 1), gt)[:, 0]
                 hist_loss[idx, step] = loss.detach().cpu()
                 hist_psnr[idx, step] = p.cpu()
                 state["step"] = step + 1
@@ -684,8 +717,8 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
                     save(cur, opt, seconds0 + time.perf_counter() - t_session)
                 if callback is not None:
                     callback({"step": step + 1, "iterations": T, "batch_start": b0, "subject_ids": [ids[i] for i in idx],
-                              "loss": loss.detach(), "l1": terms["l1"][:, 0].detach(),
-                              "ssim": terms["ssim"][:, 0].detach(), "psnr": p, "sh_degree": deg})
+                              "loss": loss.detach(), "l1": step_loss.l1.detach(),
+                              "ssim": step_loss.ssim.detach(), "psnr": p, "sh_degree": config.degree_at(step)})
             # ---- evaluate this batch and move it to the finished fits
             fitted = _join_params({k: v.detach() for k, v in params.items()})
             if config.evaluate:

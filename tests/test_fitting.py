@@ -23,7 +23,7 @@ from fastavatar_nb.fitting import (
     sample_point_colors,
     view_for_step,
 )
-from fastavatar_nb.gaussians import rgb_to_sh0
+from fastavatar_nb.gaussians import Gaussians, rgb_to_sh0
 from fastavatar_nb.objective import train_views
 
 W, H = RIG_W, RIG_H
@@ -230,3 +230,29 @@ def test_config_for_preset_uses_its_sizes():
                                 iterations=300).learning_rates() == SHORT_RUN_LRS
     assert FitConfig().learning_rates() == SHORT_RUN_LRS  # a plain config: 200 steps, short-run rates
     assert FitConfig(iterations=5000, means_lr=1e-3).learning_rates() == {**LONG_RUN_LRS, "means_lr": 1e-3}
+
+
+def test_fit_loss_is_the_objective_the_loop_minimises():
+    from fastavatar_nb.fitting import fit_loss
+    from fastavatar_nb.metrics import ssim
+
+    subject, _ = rig_scene(4, K=120)
+    cfg = FitConfig(iterations=1, batch_size=1, tile_size=4, evaluate=False, position_reg_weight=2.0)
+    result = fit_subjects([subject], cfg, backend="torch", progress=False)
+    tv = train_views(subject.num_views, cfg.holdout_view)
+    v = tv[view_for_step(cfg.seed, 0, 0, len(tv))]                           # the view of step 0
+    cam = Cameras(subject.cameras.viewmats[[v]][None], subject.cameras.Ks[[v]][None], RIG_W, RIG_H)
+    gt = subject.images[v][None, None]
+    init = Gaussians.stack([init_gaussians(subject, cfg)])                   # [1, K]
+    moved = init.clone()
+    moved.means = moved.means + 0.01                                          # 1 cm from every anchor
+    lib = fit_loss(moved, cam, gt, subject.points[None], cfg, step=0, backend="torch")
+    pred = lib.colors[0, 0]
+    by_hand = ((1 - cfg.ssim_lambda) * (pred - gt[0, 0]).abs().mean()
+               + cfg.ssim_lambda * (1 - ssim(pred, gt[0, 0], padding="same"))
+               + cfg.position_reg_weight * 3 * 0.01 ** 2 / cfg.scene_scale ** 2)
+    torch.testing.assert_close(lib.loss[0], by_hand, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lib.position[0], torch.tensor(3 * 0.01 ** 2 / cfg.scene_scale ** 2), rtol=1e-4, atol=0)
+    # the loop's first recorded loss is fit_loss of the initial Gaussians at that view
+    first = fit_loss(init, cam, gt, subject.points[None], cfg, step=0, backend="torch").loss[0]
+    torch.testing.assert_close(result.loss_history[0, 0], first.detach())

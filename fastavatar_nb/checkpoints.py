@@ -120,6 +120,42 @@ class Checkpoint:
         from .data import read_subject
         from .data.synthetic import generate_dataset
 
+        indices = self._synthetic_indices(split, count)
+        folder = Path(root) if root is not None else project_root() / "runs" / f"{self.name}-subjects"
+        p = self.preset
+        paths = generate_dataset(folder, p.num_subjects, seed=p.seed, width=p.image_width, height=p.image_height,
+                                 num_points=p.num_gaussians, progress=progress, indices=indices)
+        return [read_subject(path) for path in paths]
+
+    def subject_attributes(self, split: str = "test") -> dict[str, dict[str, Any]]:
+        """``{subject id: attributes}`` of the run's subjects of ``split``, as the synthetic generator drew them
+        (skin tone, hair, beard, expression, ...; :meth:`fastavatar_nb.data.synthetic.HeadParams.attributes`),
+        without rendering them."""
+        from .data.synthetic import sample_head_params, subject_seed
+
+        indices = self._synthetic_indices(split, None)
+        return {sid: sample_head_params(subject_seed(self.preset.seed, i)).attributes()
+                for sid, i in zip(self.split[split], indices, strict=True)}
+
+    def protocol_rows(self) -> list[dict[str, Any]]:
+        """The per-photo protocol rows (notebook 07's, one per method and input photo) that
+        ``benchmarks/baselines.py`` scored on this checkpoint and noted in ``provenance.json``; they live
+        in the repository checkout's ``benchmarks/results/``.
+
+        Raises:
+            FileNotFoundError: no such note, or its results file is not in this checkout.
+        """
+        notes = [n for n in self.provenance.get("added_metrics", []) if n.get("results")]
+        if not notes:
+            raise FileNotFoundError(f"{self.folder / PROVENANCE_FILE} names no protocol results: run "
+                                    "`python benchmarks/baselines.py --add-to-checkpoint`")
+        path = project_root(self.folder) / notes[-1]["results"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: the protocol rows of the {self.name} checkpoint are not in this "
+                                    "checkout (they ship in the repository's benchmarks/results/)")
+        return _read_json(path, "the protocol rows")["rows"]
+
+    def _synthetic_indices(self, split: str, count: int | None) -> list[int]:
         if split not in self.split:
             raise ValueError(f"split must be one of {sorted(self.split)}, got {split!r}")
         if self.preset.data is not None:
@@ -134,11 +170,7 @@ class Checkpoint:
                 raise ArtifactError(f"{self.folder / SPLIT_FILE}: subject id {sid!r} is not a synthetic subject "
                                     f"({prefix}_NNN)")
             indices.append(int(num))
-        folder = Path(root) if root is not None else project_root() / "runs" / f"{self.name}-subjects"
-        p = self.preset
-        paths = generate_dataset(folder, p.num_subjects, seed=p.seed, width=p.image_width, height=p.image_height,
-                                 num_points=p.num_gaussians, progress=progress, indices=indices)
-        return [read_subject(path) for path in paths]
+        return indices
 
 
 def _read_json(path: Path, what: str) -> Any:

@@ -42,7 +42,8 @@ from .render import Backend, render
 
 __all__ = ["EVAL_DIR", "PAPER_TABLE1", "BASELINES", "LEARNED", "results_markdown", "input_views", "cosine_within_between",
            "identity_scorer", "novel_view_metrics", "protocol_rows", "summarize", "save_rows", "load_rows", "file_digest",
-           "protocol_dir", "facenet_nearest", "render_retrieval", "baseline_losses", "metric_key"]
+           "protocol_dir", "facenet_nearest", "render_retrieval", "baseline_losses", "metric_key", "quality_vs_time",
+           "FACENET_METHODS", "PAPER_FIG4", "group_scores"]
 
 EVAL_DIR = "eval"
 """Folder of evaluation results in a run folder."""
@@ -60,6 +61,9 @@ BASELINES: tuple[str, ...] = ("template", "mean code", "FaceNet nearest", "rende
   camera, as refinement does)."""
 LEARNED: tuple[str, ...] = ("feed-forward", "refined")
 """FastAvatar's own heads in the protocol: the encoder's single pass and its test-time refinement."""
+FACENET_METHODS: tuple[str, ...] = ("FaceNet nearest", "feed-forward", "refined")
+"""Methods that start from the photo's FaceNet embedding: their time per head includes MTCNN and FaceNet
+(the paper's encoder g includes the face network g_FR). So does every ``"refined (N steps)"`` variant."""
 
 
 def input_views(found: Tensor, limit: int | None = None, first: int = HOLDOUT_VIEW) -> list[int]:
@@ -238,6 +242,16 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
+PAPER_FIG4: dict[str, tuple[float, float]] = {
+    "FastAvatar, single pass": (0.010, 21.26),
+    "FastAvatar, full": (3.0, 24.09),
+    "GAGAvatar": (0.015, 12.85),
+    "GaussianAvatars": (3600.0, 16.39),
+}
+"""Points of the paper's Fig. 4 that its text gives as numbers: ``{method: (seconds per head, PSNR)}``
+(section 4.2 and the caption: 21.26 dB "in 10ms", 24.09 dB "in 3 seconds" (the text says "roughly 10
+seconds"), GAGAvatar 12.85 dB "at 15 ms", GaussianAvatars 16.39 dB "at 1 hour"; one A100, 550x802)."""
+
 PAPER_TABLE1: dict[str, dict[str, float]] = {
     "feed-forward": {"psnr": 21.26, "ssim": 0.90, "lpips": 0.20, "mae": 0.03},
     "refined": {"psnr": 24.09, "ssim": 0.92, "lpips": 0.18, "mae": 0.02},
@@ -354,6 +368,61 @@ def render_retrieval(avatars, photos: Tensor, cameras: Cameras, backend: Backend
     err = torch.cat(errors)                                                                    # [N, V]
     best = err.min(0)
     return best.indices.cpu(), best.values.cpu()
+
+
+def quality_vs_time(rows: Sequence[Mapping[str, Any]], face_seconds: float,
+                    view: int = HOLDOUT_VIEW) -> dict[str, tuple[float, float]]:
+    """The points of the paper's Fig. 4: ``{method: (seconds per head, whole-image PSNR)}`` over the protocol
+    rows whose input photo is camera ``view`` (means over subjects, :func:`summarize`).
+
+    A method's time is its rows' ``seconds`` (0 where it records none: the template and the mean code do no
+    work per photo), plus ``face_seconds`` (MTCNN and FaceNet on one photo) for the :data:`FACENET_METHODS`
+    and every method whose name starts with ``"refined"``.
+
+    Raises:
+        ValueError: no row has camera ``view`` as its input.
+    """
+    mine = [r for r in rows if r["input_view"] == view]
+    if not mine:
+        raise ValueError(f"quality_vs_time: no protocol row has camera {view} as its input photo")
+    out = {}
+    for method, entry in summarize(mine).items():
+        face = face_seconds if method in FACENET_METHODS or method.startswith("refined") else 0.0
+        out[method] = (entry.get("seconds", 0.0) + face, entry["psnr"])
+    return out
+
+
+def group_scores(rows: Sequence[Mapping[str, Any]], labels: Mapping[str, str], methods: Sequence[str],
+                 key: str = "psnr", interval: float = 0.9, resamples: int = 2000,
+                 seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Scores per group of test subjects, with a bootstrap interval over the subjects of each group.
+
+    Args:
+        rows: protocol rows (:func:`protocol_rows`); labels: ``{subject id: group label}`` (a subject
+            without a label is left out); methods: the methods to score; key: the column (``"psnr"``).
+        interval: the central fraction of the bootstrap distribution reported (0.9: the 5th to 95th
+            percentile of the group mean, resampling its subjects with replacement ``resamples`` times).
+
+    Returns:
+        ``{label: {"subjects": n, method: mean, method + "_interval": (low, high)}}``, labels sorted; each
+        subject weighs the same (its mean over its input photos first, as :func:`summarize`).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, dict[str, Any]] = {}
+    for label in sorted(set(labels.values())):
+        subjects = sorted(s for s, lab in labels.items() if lab == label)
+        entry: dict[str, Any] = {"subjects": len(subjects)}
+        for method in methods:
+            per = [[float(r[key]) for r in rows if r["subject"] == s and r["method"] == method and key in r]
+                   for s in subjects]
+            means = torch.tensor([sum(v) / len(v) for v in per if v], dtype=torch.float64)
+            if not len(means):
+                continue
+            boot = means[torch.randint(len(means), (resamples, len(means)), generator=gen)].mean(1)
+            lo, hi = torch.quantile(boot, torch.tensor([(1 - interval) / 2, (1 + interval) / 2], dtype=torch.float64))
+            entry[method], entry[f"{method}_interval"] = float(means.mean()), (float(lo), float(hi))
+        out[label] = entry
+    return out
 
 
 def file_digest(path: str | os.PathLike, length: int = 16) -> str:

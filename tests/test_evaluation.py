@@ -303,3 +303,40 @@ def test_a_learned_method_below_a_baseline_is_marked():
     lines = results_markdown(table).splitlines()
     assert lines[4].startswith("| feed-forward (**loses to** render retrieval (PSNR -1.69 dB)) | 17.77 |")
     assert lines[5].startswith("| refined | 21.00 |")
+
+
+def test_quality_vs_time_adds_facenet_to_the_methods_that_use_it():
+    from fastavatar_nb.evaluation import quality_vs_time
+
+    def row(subject, method, view, psnr, seconds=None):
+        return {"subject": subject, "method": method, "input_view": view, "psnr": psnr,
+                **({} if seconds is None else {"seconds": seconds})}
+
+    rows = [row("a", "template", 8, 15.0), row("b", "template", 8, 17.0), row("a", "template", 2, 99.0),
+            row("a", "render retrieval", 8, 19.0, 5.0), row("a", "feed-forward", 8, 18.0, 0.02),
+            row("a", "refined (10 steps)", 8, 20.0, 1.0), row("a", "FaceNet nearest", 8, 16.0)]
+    pts = quality_vs_time(rows, face_seconds=0.1)
+    assert pts["template"] == (0.0, 16.0)  # camera 8's rows only, each subject weighing the same
+    assert pts["render retrieval"] == (5.0, 19.0)  # no FaceNet in a lookup by rendering
+    assert pts["feed-forward"] == pytest.approx((0.12, 18.0))
+    assert pts["refined (10 steps)"] == pytest.approx((1.1, 20.0))
+    assert pts["FaceNet nearest"] == pytest.approx((0.1, 16.0))
+    with pytest.raises(ValueError, match="no protocol row has camera 5"):
+        quality_vs_time(rows, 0.1, view=5)
+
+
+def test_group_scores_weigh_subjects_equally_and_bootstrap_over_them():
+    from fastavatar_nb.evaluation import group_scores
+
+    rows = [{"subject": s, "method": "refined", "input_view": v, "psnr": p}
+            for s, v, p in (("a", 8, 20.0), ("a", 2, 22.0), ("b", 8, 30.0), ("c", 8, 10.0), ("d", 8, 12.0))]
+    labels = {"a": "dark", "b": "dark", "c": "light", "d": "light", "e": "light"}  # e has no rows
+    out = group_scores(rows, labels, ["refined", "feed-forward"], resamples=500)
+    assert list(out) == ["dark", "light"] and out["light"]["subjects"] == 3
+    assert out["dark"]["refined"] == pytest.approx((21.0 + 30.0) / 2)  # a's two photos average first
+    assert out["light"]["refined"] == pytest.approx(11.0)
+    lo, hi = out["dark"]["refined_interval"]
+    assert 21.0 <= lo < out["dark"]["refined"] < hi <= 30.0  # resampling 2 subjects: between their means
+    assert "feed-forward" not in out["dark"]  # no rows of that method
+    one = group_scores(rows[2:3], {"b": "x"}, ["refined"])
+    assert one["x"]["refined_interval"] == (30.0, 30.0)  # one subject: no spread to resample

@@ -44,10 +44,10 @@ from fastavatar_nb.evaluation import (
 )
 from fastavatar_nb.refine import RefineConfig
 from fastavatar_nb.render.gsplat_backend import gsplat_status
+from fastavatar_nb.report_results import EVALUATION
 
 REPRODUCE_DB = 0.05
 """The most a row the checkpoint recorded may differ (PSNR, dB) before --add-to-checkpoint refuses."""
-EVALUATION = "07_evaluation"
 
 
 def main() -> None:

@@ -399,7 +399,7 @@ def config_from_settings(cls: type[C], base: Mapping[str, Any], settings: Mappin
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{cls.__name__}: {what} name unknown fields {unknown}; fields are {sorted(known)}")
-    return cls(**{**base, **settings, **overrides}).validate()  # type: ignore[attr-defined]
+    return config_from_dict(cls, {**base, **settings, **overrides})
 
 
 def check_fields(config: Any, *, positive_int: Iterable[str] = (), positive: Iterable[str] = (),

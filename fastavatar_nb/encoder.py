@@ -43,7 +43,7 @@ from ._io import (
 from .faces import EMBEDDING_DIM, make_mtcnn, truth_faces
 
 __all__ = ["ENCODER_FILE", "EncoderConfig", "EncoderMLP", "EncoderResult", "encoder_loss", "face_embeddings",
-           "dataset_embeddings", "training_pairs", "train_encoder", "encode_faces"]
+           "dataset_embeddings", "training_pairs", "augment_embeddings", "train_encoder", "encode_faces"]
 
 ENCODER_FILE = "encoder.safetensors"
 """The trained encoder MLP and its config, in a run folder."""
@@ -112,13 +112,25 @@ class EncoderConfig:
     """Hidden widths of the MLP."""
     dropout: float = 0.2
     """Dropout after each hidden layer."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) of the MLP's weights; 0: Adam, the authors' optimiser."""
+    input_noise: float = 0.0
+    """Standard deviation, per dimension, of Gaussian noise added to each L2-normalised training
+    embedding (:func:`augment_embeddings`; in 512 dimensions the noise's norm is about 22.6 times this,
+    against the embedding's 1); 0: none, the paper's."""
+    view_mix: float = 0.0
+    """Chance that a training embedding is replaced by a random mix of two views of its subject
+    (:func:`augment_embeddings`): the code must not depend on which view the photo shows; 0: none."""
     seed: int = 0
     """Seed of the initialisation and of the sample order."""
 
     def validate(self) -> EncoderConfig:
         """Raise ``ValueError`` naming the first bad field; returns ``self``."""
         check_fields(self, positive_int=("epochs", "batch_size"), positive=("lr", "lr_final"),
-                     non_negative=("mse_weight", "cos_weight"))
+                     non_negative=("mse_weight", "cos_weight", "weight_decay", "input_noise"))
+        mix = self.view_mix
+        if not (isinstance(mix, (int, float)) and not isinstance(mix, bool) and 0.0 <= mix <= 1.0):
+            raise ValueError(f"EncoderConfig.view_mix must be in [0, 1], got {self.view_mix!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"EncoderConfig.dropout must be in [0, 1), got {self.dropout!r}")
         self.hidden = tuple(int(h) for h in self.hidden)
@@ -248,6 +260,41 @@ class EncoderResult:
                              float(meta.get("seconds", "0")))
 
 
+def augment_embeddings(embeddings: Tensor, subject: Tensor, index: Tensor, config: EncoderConfig,
+                       generator: torch.Generator) -> Tensor:
+    """One training batch's inputs: ``embeddings[index]``, L2-normalised and augmented as ``config`` says.
+
+    * ``view_mix``: each sample, with that chance, becomes ``normalise(a x + (1 - a) x')`` with ``x'``
+      another sample of the same subject (any of its views, itself included) and ``a ~ U(0, 1)``;
+    * ``input_noise``: then ``x + sigma n``, ``n ~ N(0, I)`` (the MLP normalises its input again).
+
+    Args:
+        embeddings: ``[M, D]`` every training sample; subject: ``[M]`` each sample's subject index.
+        index: ``[B]`` the batch's samples. generator: a CPU generator (the draws are seeded).
+
+    Returns:
+        ``[B, D]`` on ``embeddings``' device; ``embeddings[index]`` itself when both are 0 (the paper's
+        training, bit for bit: the MLP normalises its input).
+    """
+    if config.view_mix == 0 and config.input_noise == 0:
+        return embeddings[index]
+    x = F.normalize(embeddings[index], dim=-1)
+    b, dev = len(index), embeddings.device
+    if config.view_mix > 0:
+        order = torch.argsort(subject.cpu(), stable=True)
+        counts = torch.bincount(subject.cpu())
+        starts = torch.cumsum(counts, 0) - counts
+        s = subject[index].cpu()
+        other = order[starts[s] + (torch.rand(b, generator=generator) * counts[s]).long().clamp_max(counts[s] - 1)]
+        a = torch.rand(b, 1, generator=generator).to(dev)
+        mixed = F.normalize(a * x + (1 - a) * F.normalize(embeddings[other.to(dev)], dim=-1), dim=-1)
+        use = (torch.rand(b, generator=generator) < config.view_mix).to(dev)
+        x = torch.where(use[:, None], mixed, x)
+    if config.input_noise > 0:
+        x = x + config.input_noise * torch.randn(x.shape, generator=generator).to(dev)
+    return x
+
+
 def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | None = None, progress: bool = True,
                   callback: Callable[[dict[str, Any]], None] | None = None) -> EncoderResult:
     """Distil the encoder MLP onto the decoder's codes (Eq. 9).
@@ -275,11 +322,15 @@ def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | N
     torch.manual_seed(config.seed)
     dev = embeddings.device
     model = EncoderMLP(targets.shape[1], embeddings.shape[1], config.hidden, config.dropout).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    opt = (torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+           if config.weight_decay > 0 else torch.optim.Adam(model.parameters(), lr=config.lr))
+    # each sample's subject: the samples of one subject share its code (training_pairs)
+    subject = torch.unique(targets, dim=0, return_inverse=True)[1]
     M = embeddings.shape[0]
     per_epoch = math.ceil(M / config.batch_size)
     total = config.epochs * per_epoch
     gen = torch.Generator().manual_seed(config.seed)
+    aug_gen = torch.Generator().manual_seed(config.seed + 1)
     losses, coss = torch.empty(total), torch.empty(total)
     bar = tqdm(total=total, desc="training the encoder", disable=not progress, unit="step", mininterval=0.5)
     t0 = time.perf_counter()
@@ -293,7 +344,8 @@ def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | N
                 continue
             for g in opt.param_groups:
                 g["lr"] = config.lr * config.lr_final ** (step / max(1, total - 1))
-            terms = encoder_loss(model(embeddings[idx]), targets[idx], config.mse_weight, config.cos_weight)
+            x = augment_embeddings(embeddings, subject, idx, config, aug_gen)
+            terms = encoder_loss(model(x), targets[idx], config.mse_weight, config.cos_weight)
             loss = terms["total"].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -16,6 +16,7 @@ from fastavatar_nb.encoder import (
     EncoderConfig,
     EncoderMLP,
     EncoderResult,
+    augment_embeddings,
     encode_faces,
     encoder_loss,
     face_embeddings,
@@ -95,6 +96,61 @@ def test_train_encoder_checks_inputs():
         EncoderConfig(epochs=0).validate()
     with pytest.raises(ValueError, match="unknown"):
         EncoderConfig.from_dict({"bogus": 1})
+
+
+def _two_subspaces(views: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """Subject 0's views span dimensions 0-1, subject 1's dimensions 2-3 (of 6), with varied norms."""
+    g = torch.Generator().manual_seed(3)
+    emb = torch.zeros(2 * views, 6)
+    emb[:views, :2] = torch.randn(views, 2, generator=g) * 3
+    emb[views:, 2:4] = torch.randn(views, 2, generator=g) * 0.5
+    return emb, torch.arange(2).repeat_interleave(views)
+
+
+def test_augment_embeddings_mixes_only_views_of_one_subject():
+    emb, subject = _two_subspaces()
+    idx = torch.arange(len(emb))
+    # off: the batch itself, bit for bit (the paper's training)
+    assert torch.equal(augment_embeddings(emb, subject, idx, EncoderConfig(), torch.Generator()), emb)
+    out = augment_embeddings(emb, subject, idx, EncoderConfig(view_mix=1.0), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(len(emb)))
+    assert out[:50, 2:].abs().max() == 0 and out[50:, :2].abs().max() == 0 and out[:, 4:].abs().max() == 0
+    unit = torch.nn.functional.normalize(emb, dim=-1)
+    assert ((out - unit).norm(dim=-1) > 1e-3).float().mean() > 0.8  # most samples moved
+    # a chance of 0.5 mixes about half of them, and a seed repeats the draw
+    half = augment_embeddings(emb.repeat(20, 1), subject.repeat(20), torch.arange(2000), EncoderConfig(view_mix=0.5),
+                              torch.Generator().manual_seed(1))
+    moved = ((half - unit.repeat(20, 1)).norm(dim=-1) > 1e-6).float().mean()
+    assert 0.42 < moved < 0.5  # 0.5 less the draws that mixed a view with itself (1 in 50)
+    again = augment_embeddings(emb.repeat(20, 1), subject.repeat(20), torch.arange(2000), EncoderConfig(view_mix=0.5),
+                               torch.Generator().manual_seed(1))
+    assert torch.equal(half, again)
+
+
+def test_augment_embeddings_noise_has_the_configured_spread():
+    emb, subject = _two_subspaces(views=2000)
+    out = augment_embeddings(emb, subject, torch.arange(len(emb)), EncoderConfig(input_noise=0.05),
+                             torch.Generator().manual_seed(0))
+    noise = out - torch.nn.functional.normalize(emb, dim=-1)
+    assert abs(float(noise.std()) - 0.05) < 0.002 and abs(float(noise.mean())) < 0.002
+
+
+def test_regularised_encoder_configs_train_and_weight_decay_shrinks_weights():
+    emb, codes = _clusters()
+    x, y = emb.flatten(0, 1), codes[:, None].expand(-1, 16, -1).flatten(0, 1)
+    base = EncoderConfig(epochs=20, batch_size=16, hidden=(64, 32), lr=3e-3)
+    norms = {}
+    for name, cfg in {"adam": base, "decay": dataclasses.replace(base, weight_decay=1.0),
+                      "mix+noise": dataclasses.replace(base, view_mix=0.5, input_noise=0.02)}.items():
+        r = train_encoder(x, y, cfg, progress=False)
+        assert r.loss_history[-5:].mean() < 0.5 * r.loss_history[:5].mean(), name
+        norms[name] = sum(float(p.detach().norm()) for n, p in r.model.named_parameters() if n.endswith("weight"))
+    assert norms["decay"] < 0.9 * norms["adam"]
+    for bad, match in (({"view_mix": 1.5}, "EncoderConfig.view_mix"), ({"view_mix": True}, "EncoderConfig.view_mix"),
+                       ({"input_noise": -0.1}, "EncoderConfig.input_noise"),
+                       ({"weight_decay": float("nan")}, "EncoderConfig.weight_decay")):
+        with pytest.raises(ValueError, match=match):
+            EncoderConfig(**bad).validate()
 
 
 def test_save_load_roundtrip_and_nan_passthrough(tmp_path):

@@ -190,6 +190,8 @@ class Preset:
     encoder_settings: Mapping[str, Any] = field(default_factory=dict)
     """:class:`~fastavatar_nb.encoder.EncoderConfig` fields this preset sets besides ``encoder_epochs``
     and ``seed``."""
+    refine_settings: Mapping[str, Any] = field(default_factory=dict)
+    """:class:`~fastavatar_nb.refine.RefineConfig` fields this preset sets besides ``refine_iterations``."""
     lesson: Lesson = field(default_factory=lambda: Lesson())
     """The sizes of notebook 01's demonstrations and which shipped checkpoint notebooks 03-07 show
     beside the run's own numbers."""
@@ -244,7 +246,7 @@ class Preset:
         ts = self.data_timestep
         if ts is not None and (not isinstance(ts, int) or isinstance(ts, bool) or ts < 0):
             raise PresetError(f"Preset {self.name!r}: data_timestep must be a non-negative int or None, got {ts!r}")
-        for name in ("decoder_settings", "encoder_settings"):
+        for name in ("decoder_settings", "encoder_settings", "refine_settings"):
             value = getattr(self, name)
             if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
                 raise PresetError(f"Preset {self.name!r}: {name} must map config field names to values, got {value!r}")
@@ -386,6 +388,12 @@ _SMOKE = Preset(
     eval_input_views=SMOKE_EVAL_INPUT_VIEWS,
     run_dir=Path("runs") / "smoke",
 )
+COURSE_REFINE_SCHEDULE = "code"
+"""Course preset: refinement optimises the code ``w`` only, the decoder stays frozen (the smoke preset: joint).
+Chosen on the validation subjects by notebook 06's schedule comparison on the 48-epoch course decoder (6 subjects,
+one photo each, 50 steps, whole image on the 15 other views): code only 28.22 dB, the authors' code-then-decoder
+28.18, joint 27.05, decoder only 26.17 (feed-forward 17.35). A decoder that reproduces 268 subjects well has a
+code space worth searching; tuning its weights on one photo overfits that photo."""
 
 _BASE: dict[str, Preset] = {
     "smoke": _SMOKE,
@@ -401,6 +409,7 @@ _BASE: dict[str, Preset] = {
         # 4 subjects x 4 views per step: the cheapest (subject, view) pairs on 2 cores (99 ms against 119 ms for 1 x 2)
         decoder_settings={"subjects_per_step": 4, "views_per_step": 4, "codes_init_std": COURSE_CODES_INIT_STD},
         encoder_settings={"mse_weight": COURSE_MSE_WEIGHT},
+        refine_settings={"schedule": COURSE_REFINE_SCHEDULE},
         lesson=Lesson(image_fit_steps=400, checkpoint=None),
         run_dir=Path("runs") / "course",
     ),

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_images
-from ._io import check_fields, config_from_dict
+from ._io import check_fields, config_from_dict, config_from_settings
 from .cameras import Cameras, rotvec_to_matrix
 from .data.subject import MultiViewSubject
 from .decoder import DecoderResult, apply_residuals, residual_penalty
@@ -139,11 +139,14 @@ class RefineConfig:
 
     @staticmethod
     def for_preset(preset: Any, **overrides: Any) -> RefineConfig:
-        """The preset's ``refine_iterations`` steps with the defaults above; ``overrides`` replace
-        any field."""
+        """The preset's ``refine_iterations`` steps, then its ``refine_settings`` (the course preset's
+        code-only schedule), over the defaults above; ``overrides`` replace any field.
+
+        Raises:
+            ValueError: ``refine_settings`` or ``overrides`` name a field this config does not have.
+        """
         kw: dict[str, Any] = {"steps": preset.refine_iterations}
-        kw.update(overrides)
-        return RefineConfig(**kw).validate()
+        return config_from_settings(RefineConfig, kw, preset.refine_settings, overrides, "refine_settings")
 
 
 @dataclass

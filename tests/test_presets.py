@@ -200,7 +200,7 @@ def test_save_load_round_trip(no_cuda: None, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "c" / "preset.json").read_text())["lesson"]["checkpoint"] is None
     # a preset.json written before the stage settings existed reads with the smoke preset's (empty) ones
     old = json.loads(path.read_text())
-    for key in ("decoder_settings", "encoder_settings", "lesson"):
+    for key in ("decoder_settings", "encoder_settings", "refine_settings", "lesson"):
         del old[key]
     (tmp_path / "old.json").write_text(json.dumps(old))
     assert Preset.load(tmp_path / "old.json") == p
@@ -210,9 +210,15 @@ def test_presets_differ_in_listed_settings_only() -> None:
     from fastavatar_nb.presets import Lesson
 
     smoke, course, full = (presets.base(n) for n in ("smoke", "course", "full"))
-    assert smoke.decoder_settings == smoke.encoder_settings == {} and smoke.lesson == Lesson()
+    assert smoke.decoder_settings == smoke.encoder_settings == smoke.refine_settings == {} and smoke.lesson == Lesson()
     assert course.decoder_settings["codes_init_std"] == presets.COURSE_CODES_INIT_STD
     assert course.encoder_settings == {"mse_weight": presets.COURSE_MSE_WEIGHT}
+    from fastavatar_nb.refine import RefineConfig
+
+    assert RefineConfig.for_preset(course).schedule == presets.COURSE_REFINE_SCHEDULE != RefineConfig.for_preset(smoke).schedule
+    assert RefineConfig.for_preset(course, schedule="joint", steps=3) == RefineConfig(steps=3, schedule="joint")
+    with pytest.raises(ValueError, match=r"refine_settings name unknown fields \['mode'\]"):
+        RefineConfig.for_preset(smoke.replace(refine_settings={"mode": "code"}))
     assert (course.lesson.checkpoint, full.lesson.checkpoint, smoke.lesson.checkpoint) == (None, None, "course")
     assert full.lesson.head_fit_steps > 0 == course.lesson.head_fit_steps
     with pytest.raises(presets.PresetError, match="decoder_settings must map config field names"):

@@ -49,6 +49,7 @@ def test_config_schedules_and_validation():
 
     class P:
         refine_iterations = 300
+        refine_settings: dict = {}
 
     assert RefineConfig.for_preset(P()).steps == 300 and RefineConfig.for_preset(P(), steps=5).steps == 5
     for bad in (dict(steps=-1), dict(schedule="both"), dict(code_fraction=1.5), dict(code_lr=-1.0),

@@ -355,7 +355,7 @@ COURSE_TEMPLATE_SUBJECTS = 32
 COURSE_EVAL_INPUT_VIEWS = 2
 """Course preset: input views per test subject in notebook 07 (camera 8 and a side camera: 16 x 2 refined heads)."""
 COURSE_DECODER_EPOCHS = 48
-"""Course preset: decoder epochs over 268 subjects x 15 views (12,864 steps, about 55 minutes on 2 cores).
+"""Course preset: decoder epochs over 268 subjects x 15 views (12,864 steps, about an hour on 2 cores).
 Chosen on the validation subjects (``benchmarks/decoder_capacity.py``,
 ``benchmarks/results/cpu-2core/decoder_capacity_course.json``): the validation feed-forward PSNR did not fall
 as the decoder trained longer, and its training subjects at the held-out camera 8 rose from 20.4 dB

@@ -47,8 +47,10 @@ def test_course_checkpoint_loads(course):
     assert (p.num_subjects, p.num_test_subjects, p.num_val_subjects) == (base.num_subjects, base.num_test_subjects,
                                                                           base.num_val_subjects)
     assert len(course.split["train"]) == p.num_train_subjects == len(course.avatars.subject_ids)
-    # trained before DecoderConfig.mlp_dtype existed: its architecture has no compute dtype, so float32
-    assert course.avatars.decoder.compute_dtype == "float32" and course.avatars.config.mlp_dtype == "float32"
+    # the decoder computes in what it was trained in; its config is the course preset's (for_lesson relies on it)
+    assert course.avatars.decoder.compute_dtype in ("float32", "bfloat16")
+    assert course.avatars.config == DecoderConfig.for_preset(p)
+    assert p.decoder_epochs == base.decoder_epochs and p.refine_settings == base.refine_settings
     assert len(course.split["test"]) == p.num_test_subjects >= 16
     assert not set(course.split["test"]) & set(course.split["train"])
     assert course.avatars.codes.shape == (p.num_train_subjects, p.latent_dim)

@@ -429,6 +429,13 @@ def test_damaged_or_foreign_decoder_files_name_the_file(scenes, tmp_path):
     with safe_open(str(dec), "pt") as f:
         meta = f.metadata()
     arch = json.loads(meta["architecture"])
+    # a file written before DecoderConfig.mlp_dtype existed (no compute dtype, no mlp_dtype) reads as float32
+    config = json.loads(meta["config"])
+    config.pop("mlp_dtype", None)
+    old_arch = {k: v for k, v in arch.items() if k != "compute_dtype"}
+    save_file(t, str(dec), {**meta, "architecture": json.dumps(old_arch), "config": json.dumps(config)})
+    old = DecoderResult.load(tmp_path)
+    assert old.decoder.compute_dtype == "float32" and old.config.mlp_dtype == "float32"
     save_file(t, str(dec), {**meta, "architecture": json.dumps({**arch, "hidden_dim": 16})})
     with pytest.raises(ArtifactError, match=f"{dec}: its weights do not make the decoder its metadata describes"):
         DecoderResult.load(tmp_path)

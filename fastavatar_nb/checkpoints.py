@@ -36,7 +36,7 @@ from .editing import DIRECTIONS_FILE, AttributeDirection, load_directions
 from .encoder import ENCODER_FILE, EncoderResult
 from .presets import Preset, project_root
 
-__all__ = ["SHIPPED", "SHIPPED_FILES", "PROVENANCE_FILE", "METRICS_FILE", "MAX_SHIPPED_MB", "Checkpoint", "load", "for_lesson",
+__all__ = ["SHIPPED", "SHIPPED_FILES", "PROVENANCE_FILE", "METRICS_FILE", "PROTOCOL_FILE", "MAX_SHIPPED_MB", "Checkpoint", "load", "for_lesson",
            "shipped_dir"]
 
 SHIPPED: tuple[str, ...] = ("course",)
@@ -47,8 +47,10 @@ METRICS_FILE = "metrics.json"
 """The run's metrics: ``{notebook: {name: number}}`` (its ``metrics/`` folder in one file)."""
 SPLIT_FILE = "split.json"
 PRESET_FILE = "preset.json"
+PROTOCOL_FILE = "protocol_rows.json"
+"""Notebook 07's per-photo protocol rows of the run that made the checkpoint (``scripts/ship_checkpoint.py``)."""
 SHIPPED_FILES: tuple[str, ...] = (DECODER_FILE, LATENTS_FILE, ENCODER_FILE, DIRECTIONS_FILE, SPLIT_FILE, PRESET_FILE,
-                                  METRICS_FILE, PROVENANCE_FILE)
+                                  METRICS_FILE, PROVENANCE_FILE, PROTOCOL_FILE)
 """Every file of a shipped folder."""
 MAX_SHIPPED_MB = 15.0
 """Size limit of one shipped folder (it lives in the git repository)."""
@@ -138,16 +140,21 @@ class Checkpoint:
                 for sid, i in zip(self.split[split], indices, strict=True)}
 
     def protocol_rows(self) -> list[dict[str, Any]]:
-        """The per-photo protocol rows (notebook 07's, one per method and input photo) that
-        ``benchmarks/baselines.py`` scored on this checkpoint and noted in ``provenance.json``; they live
-        in the repository checkout's ``benchmarks/results/``.
+        """The per-photo protocol rows (notebook 07's, one per method and input photo) of this checkpoint:
+        :data:`PROTOCOL_FILE` in its folder (the run's own rows, shipped with it), else the results file of
+        ``benchmarks/baselines.py`` that ``provenance.json`` names (checkpoints shipped before the run scored
+        its baselines itself).
 
         Raises:
-            FileNotFoundError: no such note, or its results file is not in this checkout.
+            FileNotFoundError: neither is there.
         """
+        own = self.folder / PROTOCOL_FILE
+        if own.is_file():
+            return _read_json(own, "the protocol rows")["rows"]
         notes = [n for n in self.provenance.get("added_metrics", []) if n.get("results")]
         if not notes:
-            raise FileNotFoundError(f"{self.folder / PROVENANCE_FILE} names no protocol results: run "
+            raise FileNotFoundError(f"{own} is missing and {self.folder / PROVENANCE_FILE} names no protocol results: "
+                                    "remake the checkpoint with `make course`, or run "
                                     "`python benchmarks/baselines.py --add-to-checkpoint`")
         path = project_root(self.folder) / notes[-1]["results"]
         if not path.is_file():

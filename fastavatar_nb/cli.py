@@ -81,7 +81,7 @@ class NotebookResult:
     name: str
     """File stem, e.g. ``"02_template_construction"``."""
     status: Status
-    """"ok", "failed", or "skipped" (succeeded earlier with the same cells)."""
+    """"ok", "failed", or "skipped" (succeeded earlier with the same cells and preset)."""
     seconds: float
     """Wall time of the execution (of the earlier one when skipped)."""
     executed: Path | None
@@ -161,6 +161,13 @@ def _read_notebook_json(path: Path) -> dict:
         raise NotebookReadError(
             f"{path} is not a Jupyter notebook: expected a JSON object with a 'cells' list, found {found}; {fix}")
     return data
+
+
+def _preset_hash(preset: presets.Preset) -> str:
+    """sha256 of the preset's settings (its run folder left out): a notebook that succeeded at other
+    settings of the same preset (a changed field, a newer version's defaults) runs again."""
+    fields = {k: v for k, v in preset.to_dict().items() if k != "run_dir"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _cells_hash(path: Path) -> str:
@@ -485,6 +492,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     plan: list[tuple[Path, str | None, bool]] = []
     unreadable: dict[str, str] = {}
+    preset_digest = _preset_hash(preset)
     for path in found:
         try:
             digest: str | None = _cells_hash(path)
@@ -498,6 +506,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             digest is not None
             and prev.get("status") == "ok"
             and prev.get("cells_sha256") == digest
+            and prev.get("preset_sha256") == preset_digest
             and isinstance(executed_rel, str)
             and (run_dir / executed_rel).is_file()
         )
@@ -505,7 +514,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.dry_run:
         for path, _, skip in plan:
             what = ("cannot be read (would be marked failed)" if path.stem in unreadable
-                    else "skip (done earlier, same cells)" if skip else "run")
+                    else "skip (done earlier, same cells and preset)" if skip else "run")
             print(f"  {path.name}: {what}")
         return 0
 
@@ -539,7 +548,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     run_dir / prev["executed"],
                 )
             )
-            bar.write(f"[skip] {path.name}: succeeded earlier with the same cells (--force reruns it)")
+            bar.write(f"[skip] {path.name}: succeeded earlier with the same cells and preset (--force reruns it)")
             continue
         bar.set_postfix_str(path.stem)
 
@@ -564,6 +573,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             "seconds": round(result.seconds, 3),
             "executed": str(result.executed.relative_to(run_dir)) if result.executed else None,
             "cells_sha256": digest,
+            "preset_sha256": preset_digest,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "error": result.error,
             "cell_index": result.cell_index,
@@ -789,7 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="execute the notebooks headless and write a report",
         description="Execute notebooks/NN_name.ipynb in order (fresh kernel each, working directory "
         "notebooks/), write executed copies to <run folder>/executed/, skip notebooks that "
-        "already succeeded with the same cells, and write <run folder>/report.md.",
+        "already succeeded with the same cells and preset settings, and write <run folder>/report.md.",
     )
     _add_preset_args(run)
     run.add_argument("--only", metavar="SPEC", help="notebook numbers: '02..04', '01,03' or '00,02..04'")

@@ -74,6 +74,29 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def protocol_rows(run_dir: Path, preset: Preset) -> dict:
+    """Notebook 07's rows of this run's models: the protocol folder (``eval/protocol-*``) whose meta names the
+    run's decoder and encoder files and the preset's refinement, with a file for every test subject."""
+    from fastavatar_nb.evaluation import file_digest, load_rows
+    from fastavatar_nb.refine import RefineConfig
+
+    want = {"decoder": file_digest(run_dir / "decoder.safetensors"), "encoder": file_digest(run_dir / "encoder.safetensors"),
+            "refine": json.loads(RefineConfig.for_preset(preset).to_json())}
+    test = json.loads((run_dir / "dataset" / "split.json").read_text())["test"]
+    for folder in sorted((run_dir / "eval").glob("protocol-*")):
+        files = [folder / f"{sid}.json" for sid in test]
+        if not all(f.is_file() for f in files):
+            continue
+        rows, meta = [], None
+        for f in files:
+            r, meta = load_rows(f)
+            rows += r
+        if meta is not None and all(meta.get(k) == v for k, v in want.items()):
+            return {"meta": meta, "rows": rows}
+    sys.exit(f"ship_checkpoint: {run_dir / 'eval'} holds no protocol rows of this run's decoder, encoder and "
+             "refinement for every test subject: run notebook 07 of the run again")
+
+
 def ship(run_dir: Path, out: Path, name: str = "course", overwrite: bool = False, notes: list[str] | None = None
          ) -> Path:
     run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
@@ -125,6 +148,7 @@ def ship(run_dir: Path, out: Path, name: str = "course", overwrite: bool = False
         "notes": list(notes or []),
     }
     (tmp / checkpoints.PROVENANCE_FILE).write_text(json.dumps(provenance, indent=1) + "\n")
+    (tmp / checkpoints.PROTOCOL_FILE).write_text(json.dumps(protocol_rows(run_dir, preset), indent=1) + "\n")
     ckpt = checkpoints.load(name, folder=tmp)
     val = SubjectDataset(run_dir / "dataset", "val")
     subjects = [val[i] for i in range(min(CHECK_SUBJECTS, len(val)))]

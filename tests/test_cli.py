@@ -276,6 +276,13 @@ def test_run_pass_fail_resume_and_report(tmp_path: Path, capsys: pytest.CaptureF
     assert "01_pass.ipynb: skip" in text and "02_fail.ipynb: run" in text
     assert cli.main([*args, "--dry-run", "--force"]) == 0
     assert "01_pass.ipynb: run" in capsys.readouterr().out
+    # Other settings of the same preset (a changed field, a newer version's defaults) make it run again.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(presets._BASE, "smoke", presets._BASE["smoke"].replace(refine_settings={"schedule": "code"}))
+        assert cli.main([*args, "--dry-run"]) == 0
+        assert "01_pass.ipynb: run" in capsys.readouterr().out
+    assert cli.main([*args, "--dry-run"]) == 0
+    assert "01_pass.ipynb: skip" in capsys.readouterr().out
     # Changing a cell makes it run again.
     write_notebook(nb_dir / "01_pass.ipynb", "print('changed')")
     assert cli.main([*args, "--dry-run"]) == 0
@@ -411,7 +418,8 @@ def test_status_entries_of_the_wrong_shape_are_rerun(tmp_path: Path, capsys: pyt
     out = capsys.readouterr().out
     assert "01_a.ipynb: run" in out and "02_b.ipynb: run" in out
     (run_dir / "run_status.json").write_text(json.dumps({"notebooks": {
-        "02_b": {"status": "ok", "cells_sha256": digest, "executed": "executed/02_b.ipynb", "seconds": "long"},
+        "02_b": {"status": "ok", "cells_sha256": digest, "executed": "executed/02_b.ipynb", "seconds": "long",
+                 "preset_sha256": cli._preset_hash(presets.get("smoke", run_dir=run_dir))},
     }}))
     (run_dir / "executed").mkdir()
     (run_dir / "executed" / "02_b.ipynb").write_text("{}")

@@ -110,6 +110,31 @@ def test_ship_refuses_an_unfinished_run_and_overwriting(tmp_path):
         mod.ship(tmp_path, tmp_path / "out")
 
 
+def test_ship_takes_the_protocol_rows_of_the_runs_own_models(tmp_path):
+    from fastavatar_nb.evaluation import file_digest, save_rows
+    from fastavatar_nb.refine import RefineConfig
+
+    mod = load_script("scripts/ship_checkpoint.py")
+    run = tmp_path / "run"
+    (run / "dataset").mkdir(parents=True)
+    (run / "dataset" / "split.json").write_text(json.dumps({"train": ["a"], "val": [], "test": ["t1", "t2"]}))
+    (run / "decoder.safetensors").write_bytes(b"decoder")
+    (run / "encoder.safetensors").write_bytes(b"encoder")
+    preset = presets.base("course")
+    meta = {"decoder": file_digest(run / "decoder.safetensors"), "encoder": file_digest(run / "encoder.safetensors"),
+            "refine": json.loads(RefineConfig.for_preset(preset).to_json())}
+    other = {**meta, "refine": json.loads(RefineConfig.for_preset(preset, schedule="joint").to_json())}
+    for folder, m in (("protocol-0other", other), ("protocol-1ours", meta)):
+        for sid in ("t1", "t2"):
+            save_rows(run / "eval" / folder / f"{sid}.json", [{"subject": sid, "method": folder, "psnr": 1.0}], m)
+    save_rows(run / "eval" / "protocol-2partial" / "t1.json", [{"subject": "t1", "method": "x"}], meta)
+    got = mod.protocol_rows(run, preset)
+    assert got["meta"] == meta and [r["method"] for r in got["rows"]] == ["protocol-1ours"] * 2
+    (run / "eval" / "protocol-1ours" / "t2.json").unlink()  # a test subject without rows: nothing to ship
+    with pytest.raises(SystemExit, match="no protocol rows of this run's decoder, encoder and refinement"):
+        mod.protocol_rows(run, preset)
+
+
 # ----------------------------------------------------------------------------- the course preset
 def test_course_preset_sizes():
     p = presets.base("course")

@@ -28,10 +28,13 @@ import torch
 
 from fastavatar_nb import checkpoints, report
 from fastavatar_nb.data import SubjectDataset
-from fastavatar_nb.evaluation import novel_view_metrics
+from fastavatar_nb.decoder import DECODER_FILE
+from fastavatar_nb.encoder import ENCODER_FILE
+from fastavatar_nb.evaluation import file_digest, load_rows, novel_view_metrics
 from fastavatar_nb.gaussians import Gaussians
 from fastavatar_nb.objective import HOLDOUT_VIEW
 from fastavatar_nb.presets import Preset, project_root
+from fastavatar_nb.refine import RefineConfig
 
 CHECK_SUBJECTS = 2
 """Validation subjects whose feed-forward numbers the test reproduces."""
@@ -77,22 +80,16 @@ def _version(dist: str) -> str:
 def protocol_rows(run_dir: Path, preset: Preset) -> dict:
     """Notebook 07's rows of this run's models: the protocol folder (``eval/protocol-*``) whose meta names the
     run's decoder and encoder files and the preset's refinement, with a file for every test subject."""
-    from fastavatar_nb.evaluation import file_digest, load_rows
-    from fastavatar_nb.refine import RefineConfig
-
-    want = {"decoder": file_digest(run_dir / "decoder.safetensors"), "encoder": file_digest(run_dir / "encoder.safetensors"),
+    want = {"decoder": file_digest(run_dir / DECODER_FILE), "encoder": file_digest(run_dir / ENCODER_FILE),
             "refine": json.loads(RefineConfig.for_preset(preset).to_json())}
-    test = json.loads((run_dir / "dataset" / "split.json").read_text())["test"]
+    test = json.loads((run_dir / "dataset" / checkpoints.SPLIT_FILE).read_text())["test"]
     for folder in sorted((run_dir / "eval").glob("protocol-*")):
         files = [folder / f"{sid}.json" for sid in test]
-        if not all(f.is_file() for f in files):
+        if not files or not all(f.is_file() for f in files):
             continue
-        rows, meta = [], None
-        for f in files:
-            r, meta = load_rows(f)
-            rows += r
-        if meta is not None and all(meta.get(k) == v for k, v in want.items()):
-            return {"meta": meta, "rows": rows}
+        meta = load_rows(files[0])[1]  # one folder's files share their meta: read the rest only for a match
+        if all(meta.get(k) == v for k, v in want.items()):
+            return {"meta": meta, "rows": [r for f in files for r in load_rows(f)[0]]}
     sys.exit(f"ship_checkpoint: {run_dir / 'eval'} holds no protocol rows of this run's decoder, encoder and "
              "refinement for every test subject: run notebook 07 of the run again")
 

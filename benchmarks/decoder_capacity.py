@@ -52,7 +52,7 @@ from fastavatar_nb.decoder import (
     train_decoder,
     train_views,
 )
-from fastavatar_nb.encoder import EncoderConfig, train_encoder, training_pairs
+from fastavatar_nb.encoder import EncoderConfig, dataset_photos, train_encoder, training_pairs
 from fastavatar_nb.evaluation import (
     cosine_within_between,
     facenet_nearest,
@@ -111,8 +111,9 @@ def score_validation(avatars: DecoderResult, encoder, val: SubjectDataset, val_e
     """Notebook 07's rows on the validation subjects: ``(summary table, cosine within, cosine between)``."""
     rows, codes_all = [], torch.zeros_like(val_emb[..., :avatars.codes.shape[1]])
     mean_head = avatars.decode(avatars.codes.mean(0))
+    photos = dataset_photos(val, val_emb.device)[val_found] if encoder.reads_photos else None
     with torch.no_grad():
-        codes_all[val_found] = encoder.encode(val_emb[val_found])
+        codes_all[val_found] = encoder.encode(val_emb[val_found], photos)
     subjects = [val[i] for i in range(len(val))]
     views = [input_views(val_found[i], limit) for i in range(len(val))]
     inputs = [(i, v) for i in range(len(val)) for v in views[i]]
@@ -196,7 +197,9 @@ def main() -> None:
         snap_file = snaps / f"snapshot_e{snap_steps[step]:g}.safetensors"
         shutil.copyfile(work / CHECKPOINT_FILE, snap_file)  # kept for later experiments (e.g. encoder variants)
         avatars = snapshot_result(snap_file, config, template, ids, dev)
-        encoder = train_encoder(*training_pairs(train_emb, train_found, avatars.codes), enc_config, progress=False)
+        photos = dataset_photos(train)[train_found] if enc_config.photo_grid != (0, 0) else None
+        encoder = train_encoder(*training_pairs(train_emb, train_found, avatars.codes), enc_config, progress=False,
+                                photos=photos)
         t_enc = time.perf_counter() - t0
         table, within, between = score_validation(avatars, encoder, val, val_emb, val_found, train_emb, train_found,
                                                   preset.eval_input_views, backend)

@@ -1,8 +1,9 @@
 """Encoder variants on the validation subjects: does a regularised encoder generalise further?
 
-Each variant is an :class:`~fastavatar_nb.encoder.EncoderConfig` switch over the course preset's
-encoder (the paper's frozen FaceNet + MLP with Eq. 9's loss): more dropout, weight decay, noise on the
-embeddings, and mixing two views of a subject. Each is distilled onto the codes of one decoder (a
+Each variant is an :class:`~fastavatar_nb.encoder.EncoderConfig` switch over the paper's encoder (frozen
+FaceNet + MLP with Eq. 9's loss, the course preset's weights): more dropout, weight decay, noise on the
+embeddings, mixing two views of a subject, and the input photo's colours on a coarse grid beside the
+embedding (``photo_grid``, ``photo_weight``; at weight 20 the embedding's share of the input is small). Each is distilled onto the codes of one decoder (a
 snapshot of ``benchmarks/decoder_capacity.py``, or the run folder's ``decoder.safetensors``) and scored on
 the course run's validation subjects exactly as ``decoder_capacity.py`` scores its snapshots: notebook 07's
 protocol on their input photos, beside the template, the mean code, FaceNet nearest and render retrieval.
@@ -13,7 +14,10 @@ against different subjects'.
 
     FASTAVATAR_RUN_DIR=runs/course python benchmarks/encoder_variants.py --snapshot runs/course/capacity_e48/snapshot_e48.safetensors
 
-Writes ``benchmarks/results/cpu-2core/encoder_variants_course.json`` (``--out`` to choose).
+Writes ``benchmarks/results/cpu-2core/encoder_variants_course_e48.json`` (``--out`` to choose; the 6-epoch
+snapshot's regularised variants are in ``encoder_variants_course.json``). The chosen variant (``--choose FILE``
+applies the rule again): the fewest inputs within ``NOISE_DB`` of the best validation feed-forward PSNR; the
+course preset ships it (``presets.COURSE_PHOTO_GRID``).
 """
 
 from __future__ import annotations
@@ -27,14 +31,14 @@ from pathlib import Path
 import _spin  # noqa: F401  (first: see benchmarks/_spin.py)
 import torch
 from _record import RESULTS, provenance, save
-from decoder_capacity import SCORED, score_validation, snapshot_result
+from decoder_capacity import NOISE_DB, SCORED, score_validation, snapshot_result
 
 import fastavatar_nb as fa
 import fastavatar_nb.presets  # noqa: F401
 from fastavatar_nb import pipeline
 from fastavatar_nb.data import SubjectDataset
 from fastavatar_nb.decoder import DecoderConfig, DecoderResult
-from fastavatar_nb.encoder import EncoderConfig, train_encoder, training_pairs
+from fastavatar_nb.encoder import EncoderConfig, dataset_photos, train_encoder, training_pairs
 from fastavatar_nb.evaluation import cosine_within_between
 
 VARIANTS: dict[str, dict] = {
@@ -44,8 +48,32 @@ VARIANTS: dict[str, dict] = {
     "embedding noise 0.02": {"input_noise": 0.02},
     "view mix 0.5": {"view_mix": 0.5},
     "all four": {"dropout": 0.5, "weight_decay": 0.05, "input_noise": 0.02, "view_mix": 0.5},
+    "photo colours 25x17, weight 0.5": {"photo_grid": (25, 17), "photo_weight": 0.5},
+    "photo colours 25x17, weight 1": {"photo_grid": (25, 17), "photo_weight": 1.0},
+    "photo colours 25x17, weight 2": {"photo_grid": (25, 17), "photo_weight": 2.0},
+    "photo colours 13x9, weight 1": {"photo_grid": (13, 9), "photo_weight": 1.0},
+    "photo colours 50x35, weight 1": {"photo_grid": (50, 35), "photo_weight": 1.0},
+    "photo colours 25x17, weight 20": {"photo_grid": (25, 17), "photo_weight": 20.0},
 }
 """Variant name -> the EncoderConfig fields it changes over the preset's config."""
+
+
+def inputs(row: dict) -> int:
+    """How many numbers a variant's encoder reads: FaceNet's 512, plus 3 per cell of its photo grid."""
+    rows, cols = row["changes"].get("photo_grid", (0, 0))
+    return 512 + 3 * rows * cols
+
+
+def choose(record: dict) -> str:
+    """Set ``record["chosen"]`` (and ``chosen_by``): among the variants whose validation feed-forward PSNR is
+    within :data:`NOISE_DB` of the best one's, the one that reads the fewest inputs, then the best of those."""
+    ff = {r["variant"]: r["val"]["feed-forward"]["psnr"] for r in record["rows"]}
+    best = max(ff.values())
+    near = [r for r in record["rows"] if ff[r["variant"]] >= best - NOISE_DB]
+    record["chosen"] = min(near, key=lambda r: (inputs(r), -ff[r["variant"]]))["variant"]
+    record["chosen_by"] = (f"the variant that reads the fewest inputs among those whose validation feed-forward PSNR "
+                           f"(whole image on white) is within {NOISE_DB} dB of the best ({best:.2f} dB)")
+    return record["chosen"]
 
 
 def facenet_identification(emb: torch.Tensor, found: torch.Tensor) -> float:
@@ -117,8 +145,15 @@ def main() -> None:
                     help="a decoder snapshot of decoder_capacity.py (default: the run folder's decoder.safetensors)")
     ap.add_argument("--epochs", type=int, default=None, help="with --snapshot: the decoder run's epochs (its config)")
     ap.add_argument("--only", default=None, help="variant names, comma-separated (default: all; '' for none)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "cpu-2core" / "encoder_variants_course.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "cpu-2core" / "encoder_variants_course_e48.json")
+    ap.add_argument("--choose", type=Path, default=None,
+                    help="apply the choice rule to this results file again (rewritten in place) and exit")
     args = ap.parse_args()
+    if args.choose is not None:
+        record = json.loads(args.choose.read_text())
+        print(f"chosen: {choose(record)} ({record['chosen_by']})")
+        save(record, args.choose)
+        return
 
     preset = fa.presets.get("course")
     run, dev, backend = preset.run_dir, preset.torch_device, preset.backend
@@ -133,7 +168,9 @@ def main() -> None:
     train_emb, train_found = pipeline.ensure_embeddings(preset, train)
     val_emb, val_found = pipeline.ensure_embeddings(preset, val)
     x, y = training_pairs(train_emb, train_found, avatars.codes)
-    base = EncoderConfig.for_preset(preset)
+    photos = dataset_photos(train)[train_found]
+    # the paper's encoder (no photo colours), whatever the preset ships
+    base = dataclasses.replace(EncoderConfig.for_preset(preset), photo_grid=(0, 0), photo_weight=1.0)
     within, between = cosine_within_between(val_emb, val_found)
     record = {**provenance("encoder variants (course)", torch.device(dev), "not used"),
               "decoder": str(args.snapshot or run / "decoder.safetensors"), "base_encoder_config": base.to_json(),
@@ -149,11 +186,11 @@ def main() -> None:
     for name in names:
         cfg = dataclasses.replace(base, **VARIANTS[name]).validate()
         t0 = time.perf_counter()
-        encoder = encoders[name] = train_encoder(x, y, cfg, progress=False)
+        encoder = encoders[name] = train_encoder(x, y, cfg, progress=False, photos=photos)
         secs = time.perf_counter() - t0
         table, c_within, c_between = score_validation(avatars, encoder, val, val_emb, val_found, train_emb,
                                                       train_found, preset.eval_input_views, backend)
-        train_cos = float(torch.nn.functional.cosine_similarity(encoder.encode(x), y, dim=-1).mean())
+        train_cos = float(torch.nn.functional.cosine_similarity(encoder.encode(x, photos), y, dim=-1).mean())
         row = {"variant": name, "changes": VARIANTS[name], "encoder_seconds": round(secs, 1),
                "train_code_cosine": train_cos, "val": {m: table[m] for m in SCORED if m in table},
                "val_code_cosine_within": c_within, "val_code_cosine_between": c_between}
@@ -168,6 +205,7 @@ def main() -> None:
     print("camera-8 photos of the validation subjects:", json.dumps(record["camera8_probes"]), flush=True)
     if record["rows"]:
         record["best"] = max(record["rows"], key=lambda r: r["val"]["feed-forward"]["psnr"])["variant"]
+        print(f"chosen: {choose(record)} ({record['chosen_by']})")
     save(record, args.out)
     print(json.dumps({r["variant"]: round(r["val"]["feed-forward"]["psnr"], 2) for r in record["rows"]}))
 

@@ -26,7 +26,7 @@ from _record import RESULTS, provenance, save
 
 from fastavatar_nb import faces, pipeline, presets
 from fastavatar_nb.data import SubjectDataset
-from fastavatar_nb.encoder import dataset_embeddings, encode_faces
+from fastavatar_nb.encoder import dataset_embeddings, dataset_photos, encode_faces
 from fastavatar_nb.evaluation import novel_view_metrics
 from fastavatar_nb.gaussians import Gaussians
 from fastavatar_nb.refine import RefineConfig, input_view, refine
@@ -69,7 +69,7 @@ def main() -> None:
     avatars = pipeline.ensure_decoder(preset, train)
     encoder = pipeline.ensure_encoder(preset, train, avatars)
     emb, found = dataset_embeddings(val, faces.load_facenet(device=dev), progress=False)
-    codes = encode_faces(emb.flatten(0, 1), encoder).unflatten(0, emb.shape[:2])     # [T, C, L]
+    codes = encode_faces(emb.flatten(0, 1), encoder, dataset_photos(val).flatten(0, 1)).unflatten(0, emb.shape[:2])
 
     cases = []  # (subject, view, code, input view tensors, feed-forward numbers)
     for t in range(len(val)):

@@ -270,7 +270,7 @@ def _score(preset: Any, v: Variant, avatars: Any, encoder: Any, test: Any, test_
     for t in range(len(test)):
         s = test[t].to(dev)
         views = input_views(test_found[t], preset.eval_input_views)
-        codes, heads, secs = feed_forward(encoder, avatars, test_emb[t, views].to(dev))
+        codes, heads, secs = feed_forward(encoder, avatars, test_emb[t, views].to(dev), s.images[views])
         if steps > 0:
             heads, rsecs = refine_views(avatars, s, codes, views, RefineConfig.for_preset(preset, steps=steps),
                                         preset.backend, progress=progress)

@@ -9,7 +9,7 @@ artifacts ship in ``data_samples/course/`` so any notebook can show them::
 
     ckpt = fa.checkpoints.load("course")
     test = ckpt.subjects("test", count=4)          # its unseen test subjects, regenerated
-    codes = ckpt.encoder.encode(embeddings)        # FaceNet embeddings of their photos -> w
+    codes = ckpt.encoder.encode(embeddings, photos)  # FaceNet embeddings of photos (and the photos) -> w
     heads = ckpt.avatars.decode(codes)             # -> Gaussians
 
 A shipped folder holds the template and decoder (``decoder.safetensors``), the training codes

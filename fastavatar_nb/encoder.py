@@ -13,6 +13,17 @@ training subject ``i`` should map to ``w_i``::
 ``DecoderResult.decode``).
 
 Shapes: embeddings ``[..., 512]`` (unit norm), codes ``[..., latent_dim]``.
+
+**Departure (a switch, off by default): the photo's colours.** FaceNet is trained to ignore what
+a 3DGS head is mostly made of: skin tone, hair colour, clothing, lighting. With
+``EncoderConfig.photo_grid`` set, the MLP also reads the input photo itself, average-pooled to a
+coarse grid (:meth:`EncoderMLP.photo_features`; the course preset's 25 x 17 cells), beside the
+embedding. On the course run's validation subjects this lifted feed-forward from 18.11 dB (the
+paper's encoder) to 24.03 dB, above render retrieval's 20.72 (``presets.COURSE_PHOTO_GRID``,
+``docs/course_checkpoint.md``).
+The photo must be framed as the training views are (a rig view, or ``photo.photo_view``'s working
+view) and on white, as the training photos are; the encoder then needs it at every call
+(:meth:`EncoderResult.encode`'s ``photos``).
 """
 
 from __future__ import annotations
@@ -43,7 +54,8 @@ from ._io import (
 from .faces import EMBEDDING_DIM, make_mtcnn, truth_faces
 
 __all__ = ["ENCODER_FILE", "EncoderConfig", "EncoderMLP", "EncoderResult", "encoder_loss", "face_embeddings",
-           "dataset_embeddings", "training_pairs", "augment_embeddings", "train_encoder", "encode_faces"]
+           "dataset_embeddings", "dataset_photos", "training_pairs", "augment_embeddings", "train_encoder",
+           "encode_faces"]
 
 ENCODER_FILE = "encoder.safetensors"
 """The trained encoder MLP and its config, in a run folder."""
@@ -51,20 +63,29 @@ _FORMAT = "fastavatar-nb encoder"
 
 
 class EncoderMLP(nn.Module):
-    """``g_MLP``: L2-normalised face embedding -> latent code ``w``.
+    """``g_MLP``: L2-normalised face embedding (and, optionally, the photo's colours) -> latent code ``w``.
 
-    Linear layers ``in_dim -> hidden[0] -> ... -> hidden[-1] -> latent_dim``, each hidden one
-    followed by BatchNorm, ReLU and dropout (the authors': 1024, 768, 512; dropout 0.2).
+    Linear layers ``in_dim (+ photo_dim) -> hidden[0] -> ... -> hidden[-1] -> latent_dim``, each hidden
+    one followed by BatchNorm, ReLU and dropout (the authors': 1024, 768, 512; dropout 0.2).
+
+    With ``photo_grid = (rows, cols)`` (not ``(0, 0)``) the input is
+    ``[normalise(e), photo_weight * normalise(c - photo_mean)]``: ``c`` the photo's colours on that
+    grid (:meth:`photo_features`, ``photo_dim = 3 * rows * cols``) and ``photo_mean`` their mean over
+    the training photos (a buffer that :func:`train_encoder` sets).
     """
 
     def __init__(self, latent_dim: int = 512, in_dim: int = EMBEDDING_DIM, hidden: tuple[int, ...] = (1024, 768, 512),
-                 dropout: float = 0.2) -> None:
+                 dropout: float = 0.2, photo_grid: tuple[int, int] = (0, 0), photo_weight: float = 1.0) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"EncoderMLP: dropout must be in [0, 1), got {dropout}")
         self.latent_dim, self.in_dim, self.hidden, self.dropout = latent_dim, in_dim, tuple(hidden), float(dropout)
+        self.photo_grid, self.photo_weight = (int(photo_grid[0]), int(photo_grid[1])), float(photo_weight)
+        self.photo_dim = 3 * self.photo_grid[0] * self.photo_grid[1]
+        if self.photo_dim:
+            self.register_buffer("photo_mean", torch.zeros(self.photo_dim))
         layers: list[nn.Module] = []
-        prev = in_dim
+        prev = in_dim + self.photo_dim
         for width in hidden:
             layers += [nn.Linear(prev, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(dropout)]
             prev = width
@@ -74,13 +95,36 @@ class EncoderMLP(nn.Module):
     def architecture(self) -> dict[str, Any]:
         """Constructor arguments (JSON-ready)."""
         return {"latent_dim": self.latent_dim, "in_dim": self.in_dim, "hidden": list(self.hidden),
-                "dropout": self.dropout}
+                "dropout": self.dropout, "photo_grid": list(self.photo_grid), "photo_weight": self.photo_weight}
 
-    def forward(self, embeddings: Tensor) -> Tensor:
-        """``[B, in_dim]`` face embeddings (normalised here) -> ``[B, latent_dim]`` codes."""
+    def photo_features(self, photos: Tensor) -> Tensor:
+        """``[B, H, W, 3]`` photos in [0, 1] (any size) -> ``[B, photo_dim]`` colours: each channel
+        averaged over the cells of a ``photo_grid`` (adaptive average pooling), row-major."""
+        if not self.photo_dim:
+            raise ValueError("EncoderMLP.photo_features: this encoder reads no photo colours (photo_grid (0, 0))")
+        if not isinstance(photos, Tensor) or photos.ndim != 4 or photos.shape[-1] != 3:
+            raise ValueError(f"photos must be [B, H, W, 3] RGB images in [0, 1], got "
+                             f"{tuple(photos.shape) if isinstance(photos, Tensor) else type(photos).__name__}")
+        if photos.shape[1] < self.photo_grid[0] or photos.shape[2] < self.photo_grid[1]:
+            raise ValueError(f"photos of {photos.shape[2]}x{photos.shape[1]} pixels are smaller than the encoder's "
+                             f"colour grid {self.photo_grid[1]}x{self.photo_grid[0]}")
+        x = photos.to(self.photo_mean.device, torch.float32).permute(0, 3, 1, 2)
+        return F.adaptive_avg_pool2d(x, self.photo_grid).flatten(1)
+
+    def forward(self, embeddings: Tensor, colours: Tensor | None = None) -> Tensor:
+        """``[B, in_dim]`` face embeddings (normalised here) and, when the encoder reads them, ``[B, photo_dim]``
+        colours (:meth:`photo_features`) -> ``[B, latent_dim]`` codes."""
         if embeddings.ndim != 2 or embeddings.shape[-1] != self.in_dim:
             raise ValueError(f"EncoderMLP: embeddings must be [B, {self.in_dim}], got {tuple(embeddings.shape)}")
-        return self.net(F.normalize(embeddings, dim=-1))
+        x = F.normalize(embeddings, dim=-1)
+        if not self.photo_dim:
+            return self.net(x)
+        if colours is None or colours.shape != (embeddings.shape[0], self.photo_dim):
+            raise ValueError(f"EncoderMLP: this encoder also reads the photo's colours: need colours "
+                             f"[{embeddings.shape[0]}, {self.photo_dim}] (photo_features), got "
+                             f"{None if colours is None else tuple(colours.shape)}")
+        c = self.photo_weight * F.normalize(colours - self.photo_mean, dim=-1)
+        return self.net(torch.cat([x, c], -1))
 
 
 def encoder_loss(pred: Tensor, target: Tensor, mse_weight: float = 0.1, cos_weight: float = 1.0) -> dict[str, Tensor]:
@@ -121,13 +165,19 @@ class EncoderConfig:
     view_mix: float = 0.0
     """Chance that a training embedding is replaced by a random mix of two views of its subject
     (:func:`augment_embeddings`): the code must not depend on which view the photo shows; 0: none."""
+    photo_grid: tuple[int, int] = (0, 0)
+    """Rows and columns of the grid of the input photo's colours that the MLP reads beside FaceNet's
+    embedding (:meth:`EncoderMLP.photo_features`); ``(0, 0)``: none, the paper's ``g_MLP o g_FR``. The
+    encoder then needs the photo at every call (on white, framed like the training views)."""
+    photo_weight: float = 1.0
+    """Norm of the (centred, normalised) colours against the normalised embedding's 1."""
     seed: int = 0
     """Seed of the initialisation and of the sample order."""
 
     def validate(self) -> EncoderConfig:
         """Raise ``ValueError`` naming the first bad field; returns ``self``."""
         check_fields(self, positive_int=("epochs", "batch_size"), positive=("lr", "lr_final"),
-                     non_negative=("mse_weight", "cos_weight", "weight_decay", "input_noise"))
+                     non_negative=("mse_weight", "cos_weight", "weight_decay", "input_noise", "photo_weight"))
         mix = self.view_mix
         if not (isinstance(mix, (int, float)) and not isinstance(mix, bool) and 0.0 <= mix <= 1.0):
             raise ValueError(f"EncoderConfig.view_mix must be in [0, 1], got {self.view_mix!r}")
@@ -136,6 +186,13 @@ class EncoderConfig:
         self.hidden = tuple(int(h) for h in self.hidden)
         if not self.hidden or min(self.hidden) < 1:
             raise ValueError(f"EncoderConfig.hidden must be positive widths, got {self.hidden!r}")
+        grid = self.photo_grid
+        if not (isinstance(grid, (tuple, list)) and len(grid) == 2
+                and all(isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in grid)
+                and (grid[0] == 0) == (grid[1] == 0)):
+            raise ValueError(f"EncoderConfig.photo_grid must be (rows, cols), both positive, or (0, 0) for none; "
+                             f"got {grid!r}")
+        self.photo_grid = (int(grid[0]), int(grid[1]))
         return self
 
     def to_json(self) -> str:
@@ -143,7 +200,8 @@ class EncoderConfig:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> EncoderConfig:
-        return config_from_dict(EncoderConfig, {**d, **({"hidden": tuple(d["hidden"])} if "hidden" in d else {})})
+        tuples = {k: tuple(d[k]) for k in ("hidden", "photo_grid") if isinstance(d.get(k), list)}
+        return config_from_dict(EncoderConfig, {**d, **tuples})
 
     @staticmethod
     def for_preset(preset: Any, **overrides: Any) -> EncoderConfig:
@@ -196,6 +254,14 @@ def dataset_embeddings(subjects: Sequence[Any], net: nn.Module, mtcnn=None, prog
     return torch.stack(emb), torch.stack(found)
 
 
+def dataset_photos(subjects: Sequence[Any], device: torch.device | str | None = None) -> Tensor:
+    """Every view of every subject (a list or a ``SubjectDataset``) as ``[S, C, H, W, 3]``: the photos
+    an encoder that :attr:`~EncoderResult.reads_photos` needs beside the embeddings."""
+    if len(subjects) == 0:
+        raise ValueError("dataset_photos: no subjects given")
+    return torch.stack([subjects[i].images.to(device) for i in range(len(subjects))])
+
+
 def training_pairs(embeddings: Tensor, found: Tensor, codes: Tensor) -> tuple[Tensor, Tensor]:
     """The encoder's training pairs: ``(embedding [M, 512], code w_i of its subject [M, L])`` for
     every view with a face, from ``embeddings [S, C, 512]``, ``found [S, C]`` and ``codes [S, L]``."""
@@ -222,11 +288,31 @@ class EncoderResult:
     config: EncoderConfig
     seconds: float = 0.0
 
-    def encode(self, embeddings: Tensor) -> Tensor:
-        """Codes ``[B, latent_dim]`` of face embeddings ``[B, 512]`` (eval mode, no gradient)."""
+    @property
+    def reads_photos(self) -> bool:
+        """Whether :meth:`encode` needs the photos (``EncoderConfig.photo_grid`` set)."""
+        return bool(self.model.photo_dim)
+
+    def encode(self, embeddings: Tensor, photos: Tensor | None = None) -> Tensor:
+        """Codes ``[B, latent_dim]`` of face embeddings ``[B, 512]`` (eval mode, no gradient).
+
+        Args:
+            photos: ``[B, H, W, 3]`` the photos the embeddings come from, on white and framed like the
+                training views (a dataset view, or :func:`~fastavatar_nb.photo.photo_view`'s working view);
+                needed when the encoder :attr:`reads_photos`, ignored otherwise.
+        """
+        colours = None
+        if self.reads_photos:
+            if photos is None:
+                raise ValueError(f"this encoder also reads the photo's colours (EncoderConfig.photo_grid "
+                                 f"{self.config.photo_grid}): pass photos=[B, H, W, 3], the input photos on white")
+            if photos.shape[0] != embeddings.shape[0]:
+                raise ValueError(f"encode: {embeddings.shape[0]} embeddings but {photos.shape[0]} photos; give one "
+                                 "photo per embedding")
+            colours = self.model.photo_features(photos)
         self.model.eval()
         with torch.no_grad():
-            return self.model(embeddings)
+            return self.model(embeddings, colours)
 
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write ``encoder.safetensors`` (weights, histories, config) into ``directory``."""
@@ -249,7 +335,8 @@ class EncoderResult:
                                 tensor_names=("loss_history", "cos_history"))
         arch = meta_json(path, meta, "architecture", hint)
         try:
-            model = EncoderMLP(arch["latent_dim"], arch["in_dim"], tuple(arch["hidden"]), arch["dropout"]).to(device)
+            model = EncoderMLP(arch["latent_dim"], arch["in_dim"], tuple(arch["hidden"]), arch["dropout"],
+                               tuple(arch.get("photo_grid", (0, 0))), arch.get("photo_weight", 1.0)).to(device)
             model.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
         except (KeyError, TypeError, ValueError, RuntimeError) as e:  # RuntimeError: missing/unexpected weights
             raise ArtifactError(f"{path}: its weights do not make the encoder its metadata describes ({arch}): {e!r}; "
@@ -296,7 +383,8 @@ def augment_embeddings(embeddings: Tensor, subject: Tensor, index: Tensor, confi
 
 
 def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | None = None, progress: bool = True,
-                  callback: Callable[[dict[str, Any]], None] | None = None) -> EncoderResult:
+                  callback: Callable[[dict[str, Any]], None] | None = None,
+                  photos: Tensor | None = None) -> EncoderResult:
     """Distil the encoder MLP onto the decoder's codes (Eq. 9).
 
     Args:
@@ -304,6 +392,8 @@ def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | N
         targets: ``[M, latent_dim]`` the code ``w_i`` of each embedding's subject (frozen).
         config: settings (default :class:`EncoderConfig`).
         callback: called after every step with ``step``, ``steps``, ``loss`` and ``cos`` (floats).
+        photos: ``[M, H, W, 3]`` each embedding's photo (``dataset_photos(...)[found]``); needed when
+            ``config.photo_grid`` is set, ignored otherwise.
 
     Returns:
         An :class:`EncoderResult` with the model in eval mode.
@@ -319,9 +409,18 @@ def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | N
                          "face_embeddings found a face")
     if embeddings.shape[0] < 2:
         raise ValueError("train_encoder: need at least 2 samples (BatchNorm)")
+    if config.photo_grid != (0, 0) and (photos is None or photos.shape[0] != embeddings.shape[0]):
+        raise ValueError(f"train_encoder: EncoderConfig.photo_grid {config.photo_grid} reads each embedding's photo: "
+                         f"pass photos [{embeddings.shape[0]}, H, W, 3], got "
+                         f"{None if photos is None else tuple(photos.shape)}")
     torch.manual_seed(config.seed)
     dev = embeddings.device
-    model = EncoderMLP(targets.shape[1], embeddings.shape[1], config.hidden, config.dropout).to(dev)
+    model = EncoderMLP(targets.shape[1], embeddings.shape[1], config.hidden, config.dropout, config.photo_grid,
+                       config.photo_weight).to(dev)
+    colours = None
+    if model.photo_dim:
+        colours = model.photo_features(photos)
+        model.photo_mean.copy_(colours.mean(0))
     opt = (torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
            if config.weight_decay > 0 else torch.optim.Adam(model.parameters(), lr=config.lr))
     # each sample's subject: the samples of one subject share its code (training_pairs)
@@ -345,7 +444,8 @@ def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | N
             for g in opt.param_groups:
                 g["lr"] = config.lr * config.lr_final ** (step / max(1, total - 1))
             x = augment_embeddings(embeddings, subject, idx, config, aug_gen)
-            terms = encoder_loss(model(x), targets[idx], config.mse_weight, config.cos_weight)
+            terms = encoder_loss(model(x, None if colours is None else colours[idx]), targets[idx], config.mse_weight,
+                                 config.cos_weight)
             loss = terms["total"].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -360,10 +460,11 @@ def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | N
     return EncoderResult(model, losses[:step], coss[:step], config, time.perf_counter() - t0)
 
 
-def encode_faces(embeddings: Tensor, encoder: EncoderResult) -> Tensor:
-    """Codes of face embeddings with NaN rows passed through as NaN: ``[N, 512] -> [N, latent_dim]``."""
+def encode_faces(embeddings: Tensor, encoder: EncoderResult, photos: Tensor | None = None) -> Tensor:
+    """Codes of face embeddings with NaN rows passed through as NaN: ``[N, 512] -> [N, latent_dim]``
+    (``photos [N, H, W, 3]``: as :meth:`EncoderResult.encode` needs them)."""
     out = torch.full((embeddings.shape[0], encoder.model.latent_dim), float("nan"), device=embeddings.device)
     ok = torch.isfinite(embeddings).all(-1)
     if ok.any():
-        out[ok] = encoder.encode(embeddings[ok])
+        out[ok] = encoder.encode(embeddings[ok], None if photos is None else photos[ok.to(photos.device)]).to(out.device)
     return out

@@ -476,16 +476,17 @@ def load_rows(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, 
     return d["rows"], d["meta"]
 
 
-def feed_forward(encoder, avatars, embeddings: Tensor) -> tuple[Tensor, Gaussians, Tensor]:
-    """One photo's face embedding -> code -> Gaussians, for each of ``embeddings [V, 512]``, timed one by one.
+def feed_forward(encoder, avatars, embeddings: Tensor, photos: Tensor | None = None) -> tuple[Tensor, Gaussians, Tensor]:
+    """One photo's face embedding -> code -> Gaussians, for each of ``embeddings [V, 512]``, timed one by one
+    (``photos [V, H, W, 3]``: the photos themselves, for an encoder that reads them).
 
     Returns ``(codes [V, L], heads [V, K], seconds [V])``; the time covers the encoder and the decoder
     (synchronised on CUDA), not FaceNet's crop and embedding, which notebook 07 times on its own.
     """
     codes, heads, secs = [], [], []
-    for e in embeddings:
+    for j, e in enumerate(embeddings):
         t0 = time.perf_counter()
-        codes.append(encoder.encode(e[None])[0])
+        codes.append(encoder.encode(e[None], None if photos is None else photos[j:j + 1])[0])
         heads.append(avatars.decode(codes[-1]))
         if codes[-1].device.type == "cuda":
             torch.cuda.synchronize()
@@ -541,7 +542,7 @@ def run_protocol(subjects: Sequence[MultiViewSubject], embeddings: Tensor, found
             log(f"{s.subject_id}: reusing {path}")
             continue
         views = input_views(found[t], input_view_limit)
-        codes, ff_heads, ff_secs = feed_forward(encoder, avatars, embeddings[t, views])
+        codes, ff_heads, ff_secs = feed_forward(encoder, avatars, embeddings[t, views], s.images[views])
         ref_heads, ref_secs = refine_views(avatars, s, codes, views, refine_config, backend)
         refined_heads.update({(s.subject_id, v): ref_heads[j] for j, v in enumerate(views)})
         heads = {"template": Gaussians.stack([avatars.template] * len(views)),

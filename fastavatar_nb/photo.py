@@ -706,6 +706,20 @@ def loss_region(view: PhotoView, alpha: Tensor, erode: int = REGION_ERODE_PX, th
     return region * (view.inside.cpu() > 0.99).float()
 
 
+def encoder_photo(view: PhotoView, avatars: Any, camera: Cameras, on_white: bool, backend: Backend = "auto") -> Tensor:
+    """``[H, W, 3]`` the working view as an encoder that reads the photo's colours sees it: on white, as
+    the training views are. A photo on white is the working view itself; for one that is not, only
+    :func:`loss_region` of the *template* rendered at the PnP ``camera`` (the photo's own head is not
+    known before the encoder runs) keeps the photo's colours, and everything else turns white."""
+    if on_white:
+        return view.image
+    with torch.no_grad():
+        alpha = render(avatars.template, camera, background=1.0, backend=backend,
+                       sh_degree=avatars.config.sh_degree).alphas[0]
+    keep = loss_region(view, alpha)[..., None].to(view.image.device)
+    return view.image * keep + (1 - keep)
+
+
 # ---------------------------------------------------------------------------------------------
 # All of it
 # ---------------------------------------------------------------------------------------------
@@ -851,16 +865,18 @@ def reconstruct(photo: Photo | Any, avatars, encoder, width: int, height: int, *
     with torch.no_grad():
         emb = embed_boxes(photo.image[None], detection.box.double()[None], net, mtcnn.margin, mtcnn.image_size, 1)[0]
     done("FaceNet embedding")
-    code = encoder.encode(emb[None].to(next(encoder.model.parameters()).device))[0].to(dev)
-    head = avatars.decode(code)
-    done("encoder + decoder")
     try:
         check_on_white(photo.image, photo.name)
         on_white = True
     except NotOnWhiteError:
         on_white = False
-    weights = None
     cam = pose.camera.to(dev)
+    enc_dev = next(encoder.model.parameters()).device
+    seen = encoder_photo(view, avatars, cam, on_white, backend) if encoder.reads_photos else None
+    code = encoder.encode(emb[None].to(enc_dev), None if seen is None else seen[None].to(enc_dev))[0].to(dev)
+    head = avatars.decode(code)
+    done("encoder + decoder")
+    weights = None
     if not on_white:
         with torch.no_grad():
             alpha = render(head, cam, background=1.0, backend=backend, sh_degree=sh_degree).alphas[0]

@@ -34,6 +34,7 @@ from .encoder import (
     EncoderConfig,
     EncoderResult,
     dataset_embeddings,
+    dataset_photos,
     train_encoder,
     training_pairs,
 )
@@ -245,6 +246,7 @@ def ensure_encoder(preset: Preset, train: SubjectDataset, avatars: DecoderResult
     if embeddings is None:
         embeddings = ensure_embeddings(preset, train, progress=progress)
     x, y = training_pairs(*embeddings, avatars.codes)
-    encoder = train_encoder(x, y, config, progress=progress, callback=callback)
+    photos = dataset_photos(train, x.device)[embeddings[1].to(x.device)] if config.photo_grid != (0, 0) else None
+    encoder = train_encoder(x, y, config, progress=progress, callback=callback, photos=photos)
     encoder.save(run)
     return encoder

@@ -388,6 +388,18 @@ _SMOKE = Preset(
     eval_input_views=SMOKE_EVAL_INPUT_VIEWS,
     run_dir=Path("runs") / "smoke",
 )
+COURSE_PHOTO_GRID = (25, 17)
+"""Course preset: the encoder also reads the input photo's colours on this grid of cells (rows, columns;
+``EncoderConfig.photo_grid``), beside FaceNet's embedding; the smoke and full presets use the paper's encoder
+(the embedding only). Chosen on the 16 validation subjects with the 48-epoch course decoder
+(``benchmarks/encoder_variants.py``, ``encoder_variants_course_e48.json``; whole image on white, 15 novel views
+of each input photo): the paper's encoder 18.11 dB; 13 x 9 cells 23.40; 25 x 17 cells at photo weight 0.5, 1, 2
+and 20: 23.62, 23.84, 23.64 and 24.03; 50 x 35 cells 24.09; render retrieval 20.72. The rule
+(``encoder_variants.choose``): the fewest inputs within ``NOISE_DB`` (0.5 dB) of the best, then the best of those.
+FaceNet keeps who a face is and drops what most of a whole-image PSNR is made of: skin, hair and clothing colour."""
+COURSE_PHOTO_WEIGHT = 20.0
+"""Course preset: the norm of the photo's colours against the embedding's 1 in the encoder's input
+(``EncoderConfig.photo_weight``; the first layer can still weigh the embedding up); see :data:`COURSE_PHOTO_GRID`."""
 COURSE_REFINE_SCHEDULE = "code"
 """Course preset: refinement optimises the code ``w`` only, the decoder stays frozen (the smoke preset: joint).
 Chosen on the validation subjects by notebook 06's schedule comparison on the 48-epoch course decoder (6 subjects,
@@ -408,7 +420,8 @@ _BASE: dict[str, Preset] = {
         decoder_epochs=COURSE_DECODER_EPOCHS,
         # 4 subjects x 4 views per step: the cheapest (subject, view) pairs on 2 cores (99 ms against 119 ms for 1 x 2)
         decoder_settings={"subjects_per_step": 4, "views_per_step": 4, "codes_init_std": COURSE_CODES_INIT_STD},
-        encoder_settings={"mse_weight": COURSE_MSE_WEIGHT},
+        encoder_settings={"mse_weight": COURSE_MSE_WEIGHT, "photo_grid": list(COURSE_PHOTO_GRID),  # JSON keeps lists
+                          "photo_weight": COURSE_PHOTO_WEIGHT},
         refine_settings={"schedule": COURSE_REFINE_SCHEDULE},
         lesson=Lesson(image_fit_steps=400, checkpoint=None),
         run_dir=Path("runs") / "course",

@@ -52,8 +52,8 @@ def check_numbers(ckpt: checkpoints.Checkpoint, subjects: list, net=None, mtcnn=
     mtcnn = mtcnn if mtcnn is not None else faces.make_mtcnn()
     out = {"subjects": [], "input_view": HOLDOUT_VIEW, "feed_forward_psnr": [], "template_psnr": []}
     for s in subjects:
-        emb = faces.embed_faces(s.images[HOLDOUT_VIEW:HOLDOUT_VIEW + 1], net, mtcnn=mtcnn)
-        head = ckpt.avatars.decode(ckpt.encoder.encode(emb))
+        photo = s.images[HOLDOUT_VIEW:HOLDOUT_VIEW + 1]
+        head = ckpt.avatars.decode(ckpt.encoder.encode(faces.embed_faces(photo, net, mtcnn=mtcnn), photo))
         heads = Gaussians.stack([head[0], ckpt.template])
         psnr = novel_view_metrics(s, heads, [HOLDOUT_VIEW, HOLDOUT_VIEW], "torch")["psnr"]
         out["subjects"].append(s.subject_id)

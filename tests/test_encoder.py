@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -17,6 +18,7 @@ from fastavatar_nb.encoder import (
     EncoderMLP,
     EncoderResult,
     augment_embeddings,
+    dataset_photos,
     encode_faces,
     encoder_loss,
     face_embeddings,
@@ -175,6 +177,88 @@ def test_save_load_roundtrip_and_nan_passthrough(tmp_path):
     torch.testing.assert_close(out[[0, 2]], result.encode(x[[0, 2]]))
 
 
+def _coloured(n_subjects: int = 4, views: int = 8, seed: int = 0):
+    """Subjects that share one identity embedding and differ only by their photos' colours (a flat RGB
+    each, with per-view noise): FaceNet cannot tell them apart, the photo can."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.nn.functional.normalize(torch.randn(1, 1, 16, generator=g), dim=-1).expand(n_subjects, views, 16)
+    colour = torch.rand(n_subjects, 1, 1, 1, 3, generator=g)
+    photos = (colour + 0.02 * torch.randn(n_subjects, views, 12, 9, 3, generator=g)).clamp(0, 1)
+    codes = torch.randn(n_subjects, 6, generator=g)
+    return emb.contiguous(), photos, codes
+
+
+def test_photo_features_are_cell_means_of_each_channel():
+    m = EncoderMLP(latent_dim=4, in_dim=8, hidden=(8,), photo_grid=(3, 2))
+    assert m.photo_dim == 18 and m.architecture()["photo_grid"] == [3, 2]
+    photos = torch.rand(2, 12, 10, 3)
+    f = m.photo_features(photos)
+    assert f.shape == (2, 18)
+    # channel-major, then row-major cells of 4 x 5 pixels
+    torch.testing.assert_close(f.reshape(2, 3, 3, 2)[1, 2, 1, 0], photos[1, 4:8, 0:5, 2].mean())
+    torch.testing.assert_close(f.reshape(2, 3, 3, 2)[0, 0, 2, 1], photos[0, 8:12, 5:10, 0].mean())
+    with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
+        m.photo_features(torch.rand(2, 3, 12, 10))
+    with pytest.raises(ValueError, match="smaller than the encoder's colour grid"):
+        m.photo_features(torch.rand(2, 2, 10, 3))
+    with pytest.raises(ValueError, match="colours"):
+        m(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="reads no photo colours"):
+        EncoderMLP(latent_dim=4, in_dim=8, hidden=(8,)).photo_features(photos)
+
+
+def test_encoder_that_reads_photos_tells_apart_subjects_facenet_cannot(tmp_path):
+    emb, photos, codes = _coloured()
+    found = torch.ones(emb.shape[:2], dtype=torch.bool)
+    x, y = training_pairs(emb, found, codes)
+    px = photos[found]
+    cfg = EncoderConfig(epochs=80, batch_size=8, hidden=(32,), lr=3e-3, photo_grid=(2, 3))
+    with pytest.raises(ValueError, match=r"photo_grid \(2, 3\) reads each embedding's photo: pass photos \[32"):
+        train_encoder(x, y, cfg, progress=False)
+    result = train_encoder(x, y, cfg, progress=False, photos=px)
+    assert result.reads_photos
+    torch.testing.assert_close(result.model.photo_mean, result.model.photo_features(px).mean(0))
+    # fresh photos of the same colours (new noise) land on their subject's code
+    _, fresh, _ = _coloured(seed=0)
+    fresh = (fresh + 0.02 * torch.randn(fresh.shape, generator=torch.Generator().manual_seed(5))).clamp(0, 1)
+    pred = result.encode(x, fresh[found])
+    cos = torch.nn.functional.cosine_similarity(pred[:, None], codes[None], dim=-1)      # [M, S]
+    assert (cos.argmax(-1) == torch.arange(4).repeat_interleave(8)).float().mean() > 0.95
+    # the paper's encoder sees one embedding for all four subjects: one code for all
+    paper = train_encoder(x, y, dataclasses.replace(cfg, photo_grid=(0, 0)), progress=False)
+    assert float(paper.encode(x).std(0).max()) < 1e-4
+    with pytest.raises(ValueError, match="pass photos="):
+        result.encode(x)
+    with pytest.raises(ValueError, match="32 embeddings but 3 photos"):
+        result.encode(x, px[:3])
+    result.save(tmp_path)
+    back = EncoderResult.load(tmp_path)
+    assert back.config == cfg and back.reads_photos
+    torch.testing.assert_close(back.encode(x, px), result.encode(x, px), rtol=0, atol=0)
+    with_nan = x[:3].clone()
+    with_nan[1] = float("nan")
+    out = encode_faces(with_nan, back, px[:3])
+    assert torch.isnan(out[1]).all()
+    torch.testing.assert_close(out[[0, 2]], back.encode(x[[0, 2]], px[[0, 2]]))
+
+
+def test_dataset_photos_stack_every_view():
+    class S:
+        def __init__(self, k):
+            self.images = torch.full((3, 4, 5, 3), float(k))
+
+    out = dataset_photos([S(1), S(2)])
+    assert out.shape == (2, 3, 4, 5, 3) and float(out[1, 2, 3, 4, 0]) == 2.0
+    with pytest.raises(ValueError, match="no subjects"):
+        dataset_photos([])
+
+
+@pytest.mark.parametrize("grid", [(0, 5), (3, -1), (2.5, 2), (1, 2, 3), "25x17"])
+def test_photo_grid_is_validated(grid):
+    with pytest.raises(ValueError, match="EncoderConfig.photo_grid"):
+        EncoderConfig(photo_grid=grid).validate()
+
+
 def test_preset_configs():
     from fastavatar_nb.presets import base
 
@@ -183,6 +267,12 @@ def test_preset_configs():
     assert (full.epochs, full.lr) == (200, 1e-4)
     assert EncoderConfig.for_preset(base("course")).mse_weight == 100.0
     assert EncoderConfig.for_preset(base("smoke")).mse_weight == EncoderConfig().mse_weight
+    # only the course preset's encoder reads the photo's colours; a preset read back from JSON gives the same config
+    assert EncoderConfig.for_preset(base("course")).photo_grid == (25, 17)
+    assert EncoderConfig.for_preset(base("smoke")).photo_grid == EncoderConfig.for_preset(base("full")).photo_grid == (0, 0)
+    course_json = json.loads(json.dumps(base("course").to_dict()))["encoder_settings"]
+    assert EncoderConfig.for_preset(base("course").replace(encoder_settings=course_json)) == \
+        EncoderConfig.for_preset(base("course"))
     with pytest.raises(ValueError, match=r"encoder_settings name unknown fields \['learning_rate'\]"):
         EncoderConfig.for_preset(base("smoke").replace(encoder_settings={"learning_rate": 1.0}))
     assert EncoderConfig.from_dict(dataclasses.asdict(full)) == full

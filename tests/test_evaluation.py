@@ -167,7 +167,13 @@ def test_cosine_within_between_against_a_hand_count():
 
 
 class _FakeEncoder:
-    def encode(self, e: torch.Tensor) -> torch.Tensor:  # a code is the embedding's first 4 numbers
+    def __init__(self) -> None:
+        self.photos: list[torch.Tensor] = []  # the photos each encode() call was given
+
+    def encode(self, e: torch.Tensor, photos: torch.Tensor | None = None) -> torch.Tensor:
+        if photos is not None:  # a code is the embedding's first 4 numbers
+            assert photos.shape[0] == e.shape[0] and photos.shape[-1] == 3
+            self.photos.append(photos)
         return e[:, :4].clone()
 
 
@@ -219,8 +225,11 @@ def test_run_protocol_scores_three_methods_saves_and_resumes(tmp_path, monkeypat
     train_emb = torch.randn(3, subject.num_views, 512, generator=torch.Generator().manual_seed(1))
     train_emb[2] = emb[0]  # t2's photos look like this subject's to FaceNet
     train = (train_emb, torch.ones(3, subject.num_views, dtype=torch.bool))
+    encoder.photos.clear()
     rows, refined = run_protocol([subject], emb, found, avatars, encoder, None, tmp_path, {"k": 1}, backend="torch",
                                  input_view_limit=2, train_embeddings=train, log=logs.append)
+    # the encoder saw each input view's own photo (an encoder that reads the photo's colours needs it)
+    torch.testing.assert_close(torch.cat(encoder.photos), subject.images[views], rtol=0, atol=0)
     assert calls == [views] and not logs
     methods = ("template", "mean code", "FaceNet nearest", "render retrieval", "feed-forward", "refined")
     assert [(r["method"], r["input_view"]) for r in rows] == [(m, v) for m in methods for v in views]

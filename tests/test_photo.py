@@ -22,6 +22,7 @@ from fastavatar_nb.cameras import Cameras, matrix_to_rotvec, rotvec_to_matrix
 from fastavatar_nb.cli import main
 from fastavatar_nb.gaussians import Gaussians, quat_to_rotmat
 from fastavatar_nb.objective import evaluate_views
+from fastavatar_nb.render import render
 from fastavatar_nb.webviewer import pack_head
 
 # ---------------------------------------------------------------------------------------------
@@ -314,6 +315,23 @@ def test_photo_on_white_and_on_green(course, size, landmarks3d, net, mtcnn, subj
     json.dumps(s)
     assert s["refine_steps"] == 12 and s["camera_refined"] is not None and set(s["times_s"]) >= {
         "load photo", "detect face", "camera (PnP)", "FaceNet embedding", "encoder + decoder", "refinement"}
+
+
+def test_encoder_photo_is_on_white_like_the_training_views(course, size, landmarks3d, net, mtcnn, subject):
+    view = 8
+    green = _reconstruct(_on_green(subject, view), course, size, landmarks3d, net, mtcnn)
+    seen = ph.encoder_photo(green.view, course.avatars, green.pose.camera, on_white=False, backend="torch")
+    with torch.no_grad():                               # the template's head area at the PnP camera
+        alpha = render(course.template, green.pose.camera, background=1.0, sh_degree=course.avatars.config.sh_degree,
+                       backend="torch").alphas[0]
+    keep = ph.loss_region(green.view, alpha) > 0.5
+    assert 0.2 < float(keep.float().mean()) < 0.8
+    torch.testing.assert_close(seen[keep], green.view.image[keep])
+    assert bool((seen[~keep] == 1).all())               # the green background turned white
+    # against the truth on white: the head area's colours are the photo's, the rest is white as in training
+    truth = ph.photo_view(p := ph.load_photo(subject.images[view]), ph.detect_face(p, mtcnn), landmarks3d[0], *size)
+    assert float((seen - truth.image).abs().mean()) < float((green.view.image - truth.image).abs().mean()) / 2
+    assert ph.encoder_photo(truth, course.avatars, green.pose.camera, on_white=True) is truth.image
 
 
 def test_rotated_grey_and_rgba_versions_give_the_same_camera(course, size, landmarks3d, net, mtcnn, subject, tmp_path):

@@ -314,13 +314,23 @@ class EncoderResult:
         with torch.no_grad():
             return self.model(embeddings, colours)
 
-    def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Write ``encoder.safetensors`` (weights, histories, config) into ``directory``."""
+    def save(self, directory: str | os.PathLike, overwrite: bool = False,
+             weights_dtype: torch.dtype = torch.float32) -> Path:
+        """Write ``encoder.safetensors`` (weights, histories, config) into ``directory``.
+
+        ``weights_dtype=torch.float16`` stores the MLP's floating-point weights and buffers at half the size
+        (the shipped course checkpoint's; codes move by about 1e-3 of their length); :meth:`load` reads
+        either into float32.
+        """
+        if weights_dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"EncoderResult.save: weights_dtype must be torch.float32 or torch.float16, got "
+                             f"{weights_dtype}")
         path = Path(directory) / ENCODER_FILE
         if path.exists() and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         path.parent.mkdir(parents=True, exist_ok=True)
-        t = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        t = {f"model.{k}": (v.to(weights_dtype) if v.is_floating_point() else v)
+             for k, v in self.model.state_dict().items()}
         t.update({"loss_history": self.loss_history, "cos_history": self.cos_history})
         atomic_save_tensors(t, path, {"format": _FORMAT, "architecture": json.dumps(self.model.architecture()),
                                       "config": self.config.to_json(), "seconds": repr(self.seconds)})

@@ -29,7 +29,7 @@ import torch
 from fastavatar_nb import checkpoints, report
 from fastavatar_nb.data import SubjectDataset
 from fastavatar_nb.decoder import DECODER_FILE
-from fastavatar_nb.encoder import ENCODER_FILE
+from fastavatar_nb.encoder import ENCODER_FILE, EncoderResult
 from fastavatar_nb.evaluation import file_digest, load_rows, novel_view_metrics
 from fastavatar_nb.gaussians import Gaussians
 from fastavatar_nb.objective import HOLDOUT_VIEW
@@ -114,15 +114,16 @@ def ship(run_dir: Path, out: Path, name: str = "course", overwrite: bool = False
     if failed:
         sys.exit(f"ship_checkpoint: notebooks {failed} did not finish in {run_dir} (run_status.json); "
                  "ship a run whose every notebook passed")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            sys.exit(f"ship_checkpoint: {out} exists; pass --overwrite to replace it")
-        shutil.rmtree(out)
-    tmp = out.with_name(out.name + ".tmp")
+    replace = out.exists() and any(out.iterdir())
+    if replace and not overwrite:
+        sys.exit(f"ship_checkpoint: {out} exists; pass --overwrite to replace it")
+    tmp = out.with_name(out.name + ".tmp")  # the shipped folder is replaced only once this one passes every check
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for dest, src in sources.items():
         shutil.copyfile(src, tmp / dest)
+    # the encoder's weights in float16: half the size (an encoder that reads the photo's colours has a wider first layer)
+    EncoderResult.load(tmp).save(tmp, overwrite=True, weights_dtype=torch.float16)
     (tmp / checkpoints.METRICS_FILE).write_text(json.dumps(report.collect_metrics(run_dir), indent=1, sort_keys=True)
                                                 + "\n")
     preset = Preset.load(run_dir / "preset.json")
@@ -157,7 +158,14 @@ def ship(run_dir: Path, out: Path, name: str = "course", overwrite: bool = False
         sys.exit(f"ship_checkpoint: {size_mb:.1f} MB is over the {checkpoints.MAX_SHIPPED_MB} MB limit")
     for p in tmp.iterdir():
         p.chmod(0o644)
-    tmp.rename(out)
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
     print(f"wrote {out} ({size_mb:.1f} MB): {', '.join(sorted(p.name for p in out.iterdir()))}")
     print(f"check: {provenance['check']}")
     return out

@@ -235,6 +235,21 @@ def test_encoder_that_reads_photos_tells_apart_subjects_facenet_cannot(tmp_path)
     back = EncoderResult.load(tmp_path)
     assert back.config == cfg and back.reads_photos
     torch.testing.assert_close(back.encode(x, px), result.encode(x, px), rtol=0, atol=0)
+    # float16 weights (the shipped checkpoint's): a smaller file that reads back into float32, codes nearly the same
+    half = tmp_path / "half"
+    result.save(half, weights_dtype=torch.float16)
+    from safetensors.torch import load_file
+
+    def weight_bytes(folder):
+        return sum(t.nbytes for k, t in load_file(str(folder / ENCODER_FILE)).items() if k.startswith("model."))
+
+    assert weight_bytes(half) < 0.55 * weight_bytes(tmp_path)
+    back16 = EncoderResult.load(half)
+    assert all(p.dtype == torch.float32 for p in back16.model.parameters())
+    ref = result.encode(x, px)
+    assert float((back16.encode(x, px) - ref).norm(dim=-1).max() / ref.norm(dim=-1).min()) < 1e-2
+    with pytest.raises(ValueError, match="weights_dtype"):
+        result.save(half, overwrite=True, weights_dtype=torch.bfloat16)
     with_nan = x[:3].clone()
     with_nan[1] = float("nan")
     out = encode_faces(with_nan, back, px[:3])

@@ -188,11 +188,11 @@ def test_headline_table_rows_and_reused_numbers(tmp_path: Path) -> None:
     course = {r.method: r for r in rows if r.source == "course checkpoint"}
     assert course["refined"].psnr == pytest.approx(shipped["refined_psnr"])
     assert course["feed-forward"].identity == pytest.approx(shipped["feed_forward_identity"])
-    # at 268 training subjects it beats the template, but not a lookup over the training heads
-    assert course["feed-forward"].loses_to == (
-        f"render retrieval (PSNR {shipped['feed_forward_psnr'] - shipped['render_retrieval_psnr']:+.2f} dB, "
-        f"SSIM {shipped['feed_forward_ssim'] - shipped['render_retrieval_ssim']:+.3f})",)
-    assert not course["refined"].loses_to
+    # at 268 training subjects, with the encoder that reads the photo's colours, it beats every baseline, a lookup
+    # over the training heads included (the paper's encoder lost to it: test_a_method_that_loses_to_a_baseline...)
+    assert shipped["feed_forward_psnr"] > shipped["render_retrieval_psnr"] and \
+        shipped["feed_forward_ssim"] > shipped["render_retrieval_ssim"]
+    assert course["feed-forward"].loses_to == () and not course["refined"].loses_to
 
 
 def test_a_method_that_loses_to_a_baseline_is_marked(tmp_path: Path) -> None:

@@ -54,6 +54,8 @@ VARIANTS: dict[str, dict] = {
     "photo colours 13x9, weight 1": {"photo_grid": (13, 9), "photo_weight": 1.0},
     "photo colours 50x35, weight 1": {"photo_grid": (50, 35), "photo_weight": 1.0},
     "photo colours 25x17, weight 20": {"photo_grid": (25, 17), "photo_weight": 20.0},
+    "photo colours 25x17, weight 20, jitter 0.05": {"photo_grid": (25, 17), "photo_weight": 20.0, "photo_jitter": 0.05},
+    "photo colours 25x17, weight 20, jitter 0.1": {"photo_grid": (25, 17), "photo_weight": 20.0, "photo_jitter": 0.1},
 }
 """Variant name -> the EncoderConfig fields it changes over the preset's config."""
 
@@ -66,14 +68,48 @@ def inputs(row: dict) -> int:
 
 def choose(record: dict) -> str:
     """Set ``record["chosen"]`` (and ``chosen_by``): among the variants whose validation feed-forward PSNR is
-    within :data:`NOISE_DB` of the best one's, the one that reads the fewest inputs, then the best of those."""
-    ff = {r["variant"]: r["val"]["feed-forward"]["psnr"] for r in record["rows"]}
+    within :data:`NOISE_DB` of the best one's, the one that reads the fewest inputs, then the best of those. Where
+    every row was also scored through the photo route (``--photo-route``), the PSNR is the mean of both routes."""
+    both = all("val_photo_route_feed_forward_psnr" in r for r in record["rows"])
+    ff = {r["variant"]: (r["val"]["feed-forward"]["psnr"] + r["val_photo_route_feed_forward_psnr"]) / 2 if both
+          else r["val"]["feed-forward"]["psnr"] for r in record["rows"]}
     best = max(ff.values())
     near = [r for r in record["rows"] if ff[r["variant"]] >= best - NOISE_DB]
     record["chosen"] = min(near, key=lambda r: (inputs(r), -ff[r["variant"]]))["variant"]
-    record["chosen_by"] = (f"the variant that reads the fewest inputs among those whose validation feed-forward PSNR "
-                           f"(whole image on white) is within {NOISE_DB} dB of the best ({best:.2f} dB)")
+    what = "the mean of the dataset route's and the photo route's" if both else "the"
+    record["chosen_by"] = (f"the variant that reads the fewest inputs among those whose {what} validation feed-forward "
+                           f"PSNR (whole image on white) is within {NOISE_DB} dB of the best ({best:.2f} dB)")
     return record["chosen"]
+
+
+PHOTO_ROUTE_VIEWS = (8, 3)
+"""Views of each validation subject that :func:`photo_route_psnr` treats as a user's photo (frontal, side)."""
+
+
+def photo_route_psnr(avatars: DecoderResult, encoder, val: SubjectDataset, backend: str) -> float:
+    """Feed-forward PSNR (whole image on white, the 15 other views) when each validation subject's
+    :data:`PHOTO_ROUTE_VIEWS` photos go through ``photo.reconstruct`` as a user's photo would: MTCNN on the photo,
+    the PnP camera, and the working view (framed like camera 8 from the landmarks, not the rig's own framing)
+    as the photo the encoder reads."""
+    from fastavatar_nb import faces
+    from fastavatar_nb import photo as ph
+    from fastavatar_nb.evaluation import novel_view_metrics
+    from fastavatar_nb.gaussians import Gaussians
+
+    net, mtcnn = faces.load_facenet(), faces.make_mtcnn()
+    w, h = val[0].width, val[0].height
+    lm = ph.template_landmarks(avatars.template, w, h, mtcnn, backend)[0]
+    out = []
+    for i in range(len(val)):
+        s = val[i]
+        for v in PHOTO_ROUTE_VIEWS:
+            try:
+                r = ph.reconstruct(s.images[v], avatars, encoder, w, h, landmarks3d=lm, net=net, mtcnn=mtcnn,
+                                   backend=backend, progress=False)
+            except ph.NoFaceError:
+                continue
+            out.append(float(novel_view_metrics(s, Gaussians.stack([r.feed_forward]), [v], backend)["psnr"][0]))
+    return sum(out) / len(out)
 
 
 def facenet_identification(emb: torch.Tensor, found: torch.Tensor) -> float:
@@ -144,8 +180,11 @@ def main() -> None:
     ap.add_argument("--snapshot", type=Path, default=None,
                     help="a decoder snapshot of decoder_capacity.py (default: the run folder's decoder.safetensors)")
     ap.add_argument("--epochs", type=int, default=None, help="with --snapshot: the decoder run's epochs (its config)")
-    ap.add_argument("--only", default=None, help="variant names, comma-separated (default: all; '' for none)")
+    ap.add_argument("--only", default=None, help="variant names, separated by semicolons (default: all; '' for none)")
     ap.add_argument("--out", type=Path, default=RESULTS / "cpu-2core" / "encoder_variants_course_e48.json")
+    ap.add_argument("--photo-route", action="store_true",
+                    help="also score each variant through photo.reconstruct (photo_route_psnr)")
+    ap.add_argument("--no-probes", action="store_true", help="skip the camera-8 ridge probes")
     ap.add_argument("--choose", type=Path, default=None,
                     help="apply the choice rule to this results file again (rewritten in place) and exit")
     args = ap.parse_args()
@@ -181,7 +220,9 @@ def main() -> None:
     print(f"FaceNet on the validation photos: nearest other photo shows the same subject "
           f"{record['facenet']['val_identification_nearest_photo']:.1%}; cosine within {within:.3f}, "
           f"between {between:.3f}", flush=True)
-    names = list(VARIANTS) if args.only is None else [n for n in args.only.split(",") if n]
+    names = list(VARIANTS) if args.only is None else [n.strip() for n in args.only.split(";") if n.strip()]
+    if unknown := [n for n in names if n not in VARIANTS]:
+        ap.error(f"--only names unknown variants {unknown}; variants are {list(VARIANTS)}")
     encoders = {}
     for name in names:
         cfg = dataclasses.replace(base, **VARIANTS[name]).validate()
@@ -191,18 +232,22 @@ def main() -> None:
         table, c_within, c_between = score_validation(avatars, encoder, val, val_emb, val_found, train_emb,
                                                       train_found, preset.eval_input_views, backend)
         train_cos = float(torch.nn.functional.cosine_similarity(encoder.encode(x, photos), y, dim=-1).mean())
+        route = photo_route_psnr(avatars, encoder, val, backend) if args.photo_route else None
         row = {"variant": name, "changes": VARIANTS[name], "encoder_seconds": round(secs, 1),
+               **({"val_photo_route_feed_forward_psnr": route} if route is not None else {}),
                "train_code_cosine": train_cos, "val": {m: table[m] for m in SCORED if m in table},
                "val_code_cosine_within": c_within, "val_code_cosine_between": c_between}
         record["rows"].append(row)
-        print(f"{name}: val feed-forward {table['feed-forward']['psnr']:.2f} dB (render retrieval "
+        print(f"{name}: val feed-forward {table['feed-forward']['psnr']:.2f} dB"
+              + (f", photo route {route:.2f} dB" if route is not None else "") + " (render retrieval "
               f"{table['render retrieval']['psnr']:.2f}); code cosine train {train_cos:.3f}, val within "
               f"{c_within:.3f} between {c_between:.3f} ({secs:.0f} s)", flush=True)
         save(record, args.out)
-    paper = encoders.get(next(iter(VARIANTS))) or train_encoder(x, y, base, progress=False)
-    record["camera8_probes"] = camera8_probes(avatars, train, val, train_emb, train_found, val_emb, val_found, paper,
-                                              backend)
-    print("camera-8 photos of the validation subjects:", json.dumps(record["camera8_probes"]), flush=True)
+    if not args.no_probes:
+        paper = encoders.get(next(iter(VARIANTS))) or train_encoder(x, y, base, progress=False)
+        record["camera8_probes"] = camera8_probes(avatars, train, val, train_emb, train_found, val_emb, val_found,
+                                                  paper, backend)
+        print("camera-8 photos of the validation subjects:", json.dumps(record["camera8_probes"]), flush=True)
     if record["rows"]:
         record["best"] = max(record["rows"], key=lambda r: r["val"]["feed-forward"]["psnr"])["variant"]
         print(f"chosen: {choose(record)} ({record['chosen_by']})")

@@ -54,7 +54,7 @@ from ._io import (
 from .faces import EMBEDDING_DIM, make_mtcnn, truth_faces
 
 __all__ = ["ENCODER_FILE", "EncoderConfig", "EncoderMLP", "EncoderResult", "encoder_loss", "face_embeddings",
-           "dataset_embeddings", "dataset_photos", "training_pairs", "augment_embeddings", "train_encoder",
+           "dataset_embeddings", "dataset_photos", "training_pairs", "augment_embeddings", "augment_photos", "train_encoder",
            "encode_faces"]
 
 ENCODER_FILE = "encoder.safetensors"
@@ -171,6 +171,10 @@ class EncoderConfig:
     encoder then needs the photo at every call (on white, framed like the training views)."""
     photo_weight: float = 1.0
     """Norm of the (centred, normalised) colours against the normalised embedding's 1."""
+    photo_jitter: float = 0.0
+    """With ``photo_grid`` set: each training photo is zoomed by a random factor in ``[1 - j, 1 + j]`` and
+    shifted by up to ``j`` of its size each way, per step (:func:`augment_photos`, white fill), so that a photo
+    framed a little differently from the rig's views (``photo.photo_view``'s working view) reads the same; 0: none."""
     seed: int = 0
     """Seed of the initialisation and of the sample order."""
 
@@ -178,6 +182,9 @@ class EncoderConfig:
         """Raise ``ValueError`` naming the first bad field; returns ``self``."""
         check_fields(self, positive_int=("epochs", "batch_size"), positive=("lr", "lr_final"),
                      non_negative=("mse_weight", "cos_weight", "weight_decay", "input_noise", "photo_weight"))
+        if not (isinstance(self.photo_jitter, (int, float)) and not isinstance(self.photo_jitter, bool)
+                and 0.0 <= self.photo_jitter < 0.5):
+            raise ValueError(f"EncoderConfig.photo_jitter must be in [0, 0.5), got {self.photo_jitter!r}")
         mix = self.view_mix
         if not (isinstance(mix, (int, float)) and not isinstance(mix, bool) and 0.0 <= mix <= 1.0):
             raise ValueError(f"EncoderConfig.view_mix must be in [0, 1], got {self.view_mix!r}")
@@ -392,6 +399,23 @@ def augment_embeddings(embeddings: Tensor, subject: Tensor, index: Tensor, confi
     return x
 
 
+def augment_photos(photos: Tensor, jitter: float, generator: torch.Generator) -> Tensor:
+    """``[B, H, W, 3]`` photos, each zoomed about its centre by ``s ~ U(1 - jitter, 1 + jitter)`` and shifted
+    by ``(dx, dy) ~ U(-jitter, jitter)`` of its width and height (bilinear; white where it leaves the photo).
+    ``jitter = 0`` returns ``photos`` itself."""
+    if jitter == 0:
+        return photos
+    b, dev = photos.shape[0], photos.device
+    u = (torch.rand(b, 3, generator=generator) * 2 - 1) * jitter          # zoom offset, dx, dy
+    scale = 1 + u[:, 0]
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
+    theta[:, 0, 2], theta[:, 1, 2] = -2 * u[:, 1] / scale, -2 * u[:, 2] / scale   # normalised coordinates span 2
+    x = photos.permute(0, 3, 1, 2).float() - 1                              # white -> 0: the padding is white
+    grid = F.affine_grid(theta.to(dev), list(x.shape), align_corners=False)
+    return (F.grid_sample(x, grid, align_corners=False, padding_mode="zeros") + 1).permute(0, 2, 3, 1)
+
+
 def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | None = None, progress: bool = True,
                   callback: Callable[[dict[str, Any]], None] | None = None,
                   photos: Tensor | None = None) -> EncoderResult:
@@ -454,8 +478,11 @@ def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | N
             for g in opt.param_groups:
                 g["lr"] = config.lr * config.lr_final ** (step / max(1, total - 1))
             x = augment_embeddings(embeddings, subject, idx, config, aug_gen)
-            terms = encoder_loss(model(x, None if colours is None else colours[idx]), targets[idx], config.mse_weight,
-                                 config.cos_weight)
+            c = None
+            if colours is not None:
+                c = (colours[idx] if config.photo_jitter == 0 else
+                     model.photo_features(augment_photos(photos[idx.to(photos.device)], config.photo_jitter, aug_gen)))
+            terms = encoder_loss(model(x, c), targets[idx], config.mse_weight, config.cos_weight)
             loss = terms["total"].mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -18,6 +18,7 @@ from fastavatar_nb.encoder import (
     EncoderMLP,
     EncoderResult,
     augment_embeddings,
+    augment_photos,
     dataset_photos,
     encode_faces,
     encoder_loss,
@@ -224,6 +225,10 @@ def test_encoder_that_reads_photos_tells_apart_subjects_facenet_cannot(tmp_path)
     pred = result.encode(x, fresh[found])
     cos = torch.nn.functional.cosine_similarity(pred[:, None], codes[None], dim=-1)      # [M, S]
     assert (cos.argmax(-1) == torch.arange(4).repeat_interleave(8)).float().mean() > 0.95
+    # trained on jittered photos (zoomed and shifted per step) it still tells them apart
+    jittered = train_encoder(x, y, dataclasses.replace(cfg, photo_jitter=0.1), progress=False, photos=px)
+    cos_j = torch.nn.functional.cosine_similarity(jittered.encode(x, fresh[found])[:, None], codes[None], dim=-1)
+    assert (cos_j.argmax(-1) == torch.arange(4).repeat_interleave(8)).float().mean() > 0.95
     # the paper's encoder sees one embedding for all four subjects: one code for all
     paper = train_encoder(x, y, dataclasses.replace(cfg, photo_grid=(0, 0)), progress=False)
     assert float(paper.encode(x).std(0).max()) < 1e-4
@@ -255,6 +260,25 @@ def test_encoder_that_reads_photos_tells_apart_subjects_facenet_cannot(tmp_path)
     out = encode_faces(with_nan, back, px[:3])
     assert torch.isnan(out[1]).all()
     torch.testing.assert_close(out[[0, 2]], back.encode(x[[0, 2]], px[[0, 2]]))
+
+
+def test_augment_photos_zoom_and_shift_with_white_fill():
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    photos = torch.rand(6, 40, 30, 3)
+    assert augment_photos(photos, 0.0, g()) is photos
+    out = augment_photos(photos, 0.1, g())
+    assert out.shape == photos.shape and torch.equal(out, augment_photos(photos, 0.1, g()))   # seeded
+    assert not torch.allclose(out, photos)
+    white = torch.ones(2, 40, 30, 3)
+    torch.testing.assert_close(augment_photos(white, 0.2, g()), white)       # white stays white, inside and out
+    # a grey photo: only a border (at most the jitter's share of each side, twice) turns white
+    grey = torch.full((50, 40, 30, 3), 0.5)
+    moved = augment_photos(grey, 0.1, g())
+    whitened = (moved.mean(-1) > 0.75).float().mean(dim=(1, 2))
+    assert float(whitened.max()) < 1 - (1 - 2 * 0.1) ** 2 * (1 - 0.1) ** 2 + 0.05
+    assert float(moved[:, 18:22, 13:17].sub(0.5).abs().max()) < 1e-6        # the centre never leaves the photo
+    with pytest.raises(ValueError, match="photo_jitter"):
+        EncoderConfig(photo_jitter=0.7).validate()
 
 
 def test_dataset_photos_stack_every_view():

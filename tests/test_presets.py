@@ -213,7 +213,8 @@ def test_presets_differ_in_listed_settings_only() -> None:
     assert smoke.decoder_settings == smoke.encoder_settings == smoke.refine_settings == {} and smoke.lesson == Lesson()
     assert course.decoder_settings["codes_init_std"] == presets.COURSE_CODES_INIT_STD
     assert course.encoder_settings == {"mse_weight": presets.COURSE_MSE_WEIGHT, "photo_grid": list(presets.COURSE_PHOTO_GRID),
-                                       "photo_weight": presets.COURSE_PHOTO_WEIGHT}
+                                       "photo_weight": presets.COURSE_PHOTO_WEIGHT,
+                                       "photo_jitter": presets.COURSE_PHOTO_JITTER}
     from fastavatar_nb.refine import RefineConfig
 
     assert RefineConfig.for_preset(course).schedule == presets.COURSE_REFINE_SCHEDULE != RefineConfig.for_preset(smoke).schedule

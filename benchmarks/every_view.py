@@ -4,7 +4,8 @@ Notebook 07 refines one head per input photo, so the course preset scores two in
 (``Preset.eval_input_views``: camera 8 and a side camera). The feed-forward issue's goals name *every* input view
 with a face; refinement aside, that is cheap. For each test subject and each view in which MTCNN finds a face: the
 run's encoder (and, with ``--paper-encoder FILE``, a second encoder file, e.g. the paper's FaceNet-only encoder on
-the same decoder) -> decoder -> head, the template, and render retrieval (every decoded training head rendered at
+the same decoder) -> decoder -> head (and the cosine of its codes within and between subjects), the template,
+and render retrieval (every decoded training head rendered at
 the photo's camera, the nearest kept), each scored on the 15 other views, whole image on white (notebook 07's
 ``protocol_rows`` and ``summarize``). Nothing is chosen from these numbers.
 
@@ -33,7 +34,13 @@ from fastavatar_nb.cameras import Cameras
 from fastavatar_nb.data import SubjectDataset
 from fastavatar_nb.decoder import DecoderResult
 from fastavatar_nb.encoder import ENCODER_FILE, EncoderResult
-from fastavatar_nb.evaluation import input_views, protocol_rows, render_retrieval, summarize
+from fastavatar_nb.evaluation import (
+    cosine_within_between,
+    input_views,
+    protocol_rows,
+    render_retrieval,
+    summarize,
+)
 from fastavatar_nb.gaussians import Gaussians
 
 
@@ -68,6 +75,15 @@ def main() -> None:
     t0 = time.perf_counter()
     picked = dict(zip(inputs, render_retrieval(avatars, photos, cams, backend=backend)[0].tolist(), strict=True))
     retrieval_s = time.perf_counter() - t0
+    cosines = {}
+    for name, enc in encoders.items():  # the codes of one subject's photos against another's (every view with a face)
+        codes = torch.zeros(*found.shape, avatars.codes.shape[1])
+        for t, s in enumerate(subjects):
+            vs = input_views(found[t], None)
+            if vs:
+                codes[t, vs] = enc.encode(emb[t, vs], s.images[vs]).cpu()
+        within, between = cosine_within_between(codes, found.cpu())
+        cosines[name] = {"within": within, "between": between}
     rows = []
     for t, s in enumerate(subjects):
         vs = input_views(found[t], None)
@@ -83,6 +99,7 @@ def main() -> None:
               "run": str(run), "test_subjects": len(test), "input_photos": len(inputs),
               "render_retrieval_seconds": round(retrieval_s, 1),
               "encoders": {name: enc.config.to_json() for name, enc in encoders.items()},
+              "code_cosine": cosines,
               "table": {m: {k: v for k, v in r.items() if isinstance(v, (int, float))} for m, r in table.items()}}
     save(record, args.out)
     print(json.dumps({m: round(r["psnr"], 2) for m, r in table.items()}))

@@ -106,6 +106,15 @@ def heldout_psnr(avatars: DecoderResult, train: SubjectDataset, backend: str, ch
     return float(torch.cat(out).mean())
 
 
+def retrieve_inputs(avatars: DecoderResult, subjects: list, inputs: list[tuple[int, int]], backend: str) -> dict:
+    """Render retrieval for many input photos at once (each training head decoded once): ``{(subject index,
+    view): index of the training subject picked}`` for ``inputs`` of ``(subject index, view)``."""
+    photos = torch.stack([subjects[i].images[v] for i, v in inputs])
+    cams = Cameras(torch.stack([subjects[i].cameras.viewmats[v] for i, v in inputs]),
+                   torch.stack([subjects[i].cameras.Ks[v] for i, v in inputs]), subjects[0].width, subjects[0].height)
+    return dict(zip(inputs, render_retrieval(avatars, photos, cams, backend=backend)[0].tolist(), strict=True))
+
+
 def score_validation(avatars: DecoderResult, encoder, val: SubjectDataset, val_emb, val_found, train_emb,
                      train_found, limit: int | None, backend: str) -> tuple[dict, float, float]:
     """Notebook 07's rows on the validation subjects: ``(summary table, cosine within, cosine between)``."""
@@ -117,11 +126,7 @@ def score_validation(avatars: DecoderResult, encoder, val: SubjectDataset, val_e
     subjects = [val[i] for i in range(len(val))]
     views = [input_views(val_found[i], limit) for i in range(len(val))]
     inputs = [(i, v) for i in range(len(val)) for v in views[i]]
-    # render retrieval over every validation photo at once: each training head is decoded once
-    photos = torch.stack([subjects[i].images[v] for i, v in inputs])
-    cams = Cameras(torch.stack([subjects[i].cameras.viewmats[v] for i, v in inputs]),
-                   torch.stack([subjects[i].cameras.Ks[v] for i, v in inputs]), subjects[0].width, subjects[0].height)
-    retrieved = dict(zip(inputs, render_retrieval(avatars, photos, cams, backend=backend)[0].tolist(), strict=True))
+    retrieved = retrieve_inputs(avatars, subjects, inputs, backend)
     for i, s in enumerate(subjects):
         vs = views[i]
         if not vs:
@@ -197,7 +202,7 @@ def main() -> None:
         snap_file = snaps / f"snapshot_e{snap_steps[step]:g}.safetensors"
         shutil.copyfile(work / CHECKPOINT_FILE, snap_file)  # kept for later experiments (e.g. encoder variants)
         avatars = snapshot_result(snap_file, config, template, ids, dev)
-        photos = dataset_photos(train)[train_found] if enc_config.photo_grid != (0, 0) else None
+        photos = dataset_photos(train)[train_found] if enc_config.reads_photos else None
         encoder = train_encoder(*training_pairs(train_emb, train_found, avatars.codes), enc_config, progress=False,
                                 photos=photos)
         t_enc = time.perf_counter() - t0

@@ -26,11 +26,11 @@ from pathlib import Path
 import _spin  # noqa: F401  (first: see benchmarks/_spin.py)
 import torch
 from _record import RESULTS, provenance, save
+from decoder_capacity import retrieve_inputs
 
 import fastavatar_nb as fa
 import fastavatar_nb.presets  # noqa: F401
 from fastavatar_nb import pipeline
-from fastavatar_nb.cameras import Cameras
 from fastavatar_nb.data import SubjectDataset
 from fastavatar_nb.decoder import DecoderResult
 from fastavatar_nb.encoder import ENCODER_FILE, EncoderResult
@@ -38,7 +38,6 @@ from fastavatar_nb.evaluation import (
     cosine_within_between,
     input_views,
     protocol_rows,
-    render_retrieval,
     summarize,
 )
 from fastavatar_nb.gaussians import Gaussians
@@ -69,11 +68,8 @@ def main() -> None:
     if args.paper_encoder is not None:
         encoders[f"feed-forward, {args.paper_encoder.name}"] = load_encoder_file(args.paper_encoder, dev)
     inputs = [(t, v) for t in range(len(test)) for v in input_views(found[t], None)]
-    photos = torch.stack([subjects[t].images[v] for t, v in inputs])
-    cams = Cameras(torch.stack([subjects[t].cameras.viewmats[v] for t, v in inputs]),
-                   torch.stack([subjects[t].cameras.Ks[v] for t, v in inputs]), subjects[0].width, subjects[0].height)
     t0 = time.perf_counter()
-    picked = dict(zip(inputs, render_retrieval(avatars, photos, cams, backend=backend)[0].tolist(), strict=True))
+    picked = retrieve_inputs(avatars, subjects, inputs, backend)
     retrieval_s = time.perf_counter() - t0
     cosines = {}
     for name, enc in encoders.items():  # the codes of one subject's photos against another's (every view with a face)

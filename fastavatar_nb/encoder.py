@@ -181,6 +181,12 @@ class EncoderConfig:
     seed: int = 0
     """Seed of the initialisation and of the sample order."""
 
+    @property
+    def reads_photos(self) -> bool:
+        """Whether an encoder of this config reads the photo's colours (``photo_grid`` set), so that
+        :func:`train_encoder` and every call need the photos."""
+        return tuple(self.photo_grid) != (0, 0)
+
     def validate(self) -> EncoderConfig:
         """Raise ``ValueError`` naming the first bad field; returns ``self``."""
         check_fields(self, positive_int=("epochs", "batch_size"), positive=("lr", "lr_final"),
@@ -446,7 +452,7 @@ def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | N
                          "face_embeddings found a face")
     if embeddings.shape[0] < 2:
         raise ValueError("train_encoder: need at least 2 samples (BatchNorm)")
-    if config.photo_grid != (0, 0) and (photos is None or photos.shape[0] != embeddings.shape[0]):
+    if config.reads_photos and (photos is None or photos.shape[0] != embeddings.shape[0]):
         raise ValueError(f"train_encoder: EncoderConfig.photo_grid {config.photo_grid} reads each embedding's photo: "
                          f"pass photos [{embeddings.shape[0]}, H, W, 3], got "
                          f"{None if photos is None else tuple(photos.shape)}")

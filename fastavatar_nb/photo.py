@@ -63,7 +63,7 @@ from .render import Backend, render
 __all__ = [
     "PhotoError", "NoFaceError", "LANDMARK_NAMES", "MAX_PHOTO_SIDE", "MIN_PHOTO_SIDE", "FRONTAL_VIEW", "PHOTO_REFINE",
     "Photo", "load_photo", "FaceDetection", "detect_face", "template_landmarks", "PhotoView", "photo_view",
-    "Pose", "estimate_pose", "camera_angles", "photo_refine_config", "rotation_error_deg", "face_ellipse", "loss_region", "Reconstruction", "reconstruct",
+    "Pose", "estimate_pose", "camera_angles", "photo_refine_config", "rotation_error_deg", "face_ellipse", "loss_region", "head_region", "encoder_photo", "Reconstruction", "reconstruct",
     "draw_detection", "OUTPUT_FILES", "check_output_folder", "save_reconstruction",
 ]
 
@@ -706,17 +706,22 @@ def loss_region(view: PhotoView, alpha: Tensor, erode: int = REGION_ERODE_PX, th
     return region * (view.inside.cpu() > 0.99).float()
 
 
+def head_region(view: PhotoView, head: Gaussians, camera: Cameras, sh_degree: int, backend: Backend = "auto") -> Tensor:
+    """``[H, W]`` :func:`loss_region` of ``head`` rendered at ``camera`` (its alpha) in the working view."""
+    with torch.no_grad():
+        alpha = render(head, camera, background=1.0, backend=backend, sh_degree=sh_degree).alphas[0]
+    return loss_region(view, alpha)
+
+
 def encoder_photo(view: PhotoView, avatars: Any, camera: Cameras, on_white: bool, backend: Backend = "auto") -> Tensor:
     """``[H, W, 3]`` the working view as an encoder that reads the photo's colours sees it: on white, as
     the training views are. A photo on white is the working view itself; for one that is not, only
-    :func:`loss_region` of the *template* rendered at the PnP ``camera`` (the photo's own head is not
-    known before the encoder runs) keeps the photo's colours, and everything else turns white."""
+    :func:`head_region` of the *template* at the PnP ``camera`` (the photo's own head is not known before
+    the encoder runs) keeps the photo's colours, and everything else turns white."""
     if on_white:
         return view.image
-    with torch.no_grad():
-        alpha = render(avatars.template, camera, background=1.0, backend=backend,
-                       sh_degree=avatars.config.sh_degree).alphas[0]
-    keep = loss_region(view, alpha)[..., None].to(view.image.device)
+    keep = head_region(view, avatars.template, camera, avatars.config.sh_degree, backend)[..., None]
+    keep = keep.to(view.image.device)
     return view.image * keep + (1 - keep)
 
 
@@ -878,9 +883,7 @@ def reconstruct(photo: Photo | Any, avatars, encoder, width: int, height: int, *
     done("encoder + decoder")
     weights = None
     if not on_white:
-        with torch.no_grad():
-            alpha = render(head, cam, background=1.0, backend=backend, sh_degree=sh_degree).alphas[0]
-        weights = loss_region(view, alpha)
+        weights = head_region(view, head, cam, sh_degree, backend)
         notes.append(f"not on white ({MIN_WHITE_BORDER:.0%} of the border must be >= {WHITE_LEVEL}): refinement's "
                      f"loss sees the head area only ({float(weights.mean()):.0%} of the working view)")
     elif float(view.inside.min()) < 0.99:

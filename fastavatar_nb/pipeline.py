@@ -246,7 +246,7 @@ def ensure_encoder(preset: Preset, train: SubjectDataset, avatars: DecoderResult
     if embeddings is None:
         embeddings = ensure_embeddings(preset, train, progress=progress)
     x, y = training_pairs(*embeddings, avatars.codes)
-    photos = dataset_photos(train, x.device)[embeddings[1].to(x.device)] if config.photo_grid != (0, 0) else None
+    photos = dataset_photos(train, x.device)[embeddings[1].to(x.device)] if config.reads_photos else None
     encoder = train_encoder(x, y, config, progress=progress, callback=callback, photos=photos)
     encoder.save(run)
     return encoder

@@ -114,8 +114,7 @@ def ship(run_dir: Path, out: Path, name: str = "course", overwrite: bool = False
     if failed:
         sys.exit(f"ship_checkpoint: notebooks {failed} did not finish in {run_dir} (run_status.json); "
                  "ship a run whose every notebook passed")
-    replace = out.exists() and any(out.iterdir())
-    if replace and not overwrite:
+    if out.exists() and any(out.iterdir()) and not overwrite:
         sys.exit(f"ship_checkpoint: {out} exists; pass --overwrite to replace it")
     tmp = out.with_name(out.name + ".tmp")  # the shipped folder is replaced only once this one passes every check
     shutil.rmtree(tmp, ignore_errors=True)

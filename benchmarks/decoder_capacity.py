@@ -21,7 +21,11 @@ that notebook 03 at ``decoder_epochs = --epochs`` reuses it instead of training 
 
     FASTAVATAR_RUN_DIR=runs/course python benchmarks/decoder_capacity.py --epochs 40 --snapshots 4,8,16,24,32,40
 
-Writes ``benchmarks/results/cpu-2core/decoder_capacity_course.json`` (``--out`` to choose), rewritten after
+``--preset NAME`` runs another preset's config in its run folder, ``--decoder JSON`` changes DecoderConfig fields
+(e.g. ``'{"hidden_dim": 128}'``), and ``--refine`` adds the refined head from each validation photo (the preset's
+RefineConfig) to the scored rows.
+
+Writes ``benchmarks/results/cpu-2core/decoder_capacity_<preset>.json`` (``--out`` to choose), rewritten after
 every snapshot so an interrupted run keeps what it measured.
 """
 
@@ -62,11 +66,12 @@ from fastavatar_nb.evaluation import (
     summarize,
 )
 from fastavatar_nb.objective import HOLDOUT_VIEW, evaluate_views
+from fastavatar_nb.refine import RefineConfig, refine_views
 
 NOISE_DB = 0.5
 """Differences of validation feed-forward PSNR below this are not told apart: 16 validation subjects x 2 photos
 (a second seed of the smoke preset moved the feed-forward row by 0.25 dB, ``ablations_smoke.json``)."""
-SCORED = ("template", "mean code", "FaceNet nearest", "render retrieval", "feed-forward")
+SCORED = ("template", "mean code", "FaceNet nearest", "render retrieval", "feed-forward", "refined")
 
 
 def choose(record: dict) -> float:
@@ -116,8 +121,10 @@ def retrieve_inputs(avatars: DecoderResult, subjects: list, inputs: list[tuple[i
 
 
 def score_validation(avatars: DecoderResult, encoder, val: SubjectDataset, val_emb, val_found, train_emb,
-                     train_found, limit: int | None, backend: str) -> tuple[dict, float, float]:
-    """Notebook 07's rows on the validation subjects: ``(summary table, cosine within, cosine between)``."""
+                     train_found, limit: int | None, backend: str,
+                     refine_config: RefineConfig | None = None) -> tuple[dict, float, float]:
+    """Notebook 07's rows on the validation subjects: ``(summary table, cosine within, cosine between)``; with
+    ``refine_config``, the refined head from each input photo too (row ``"refined"``)."""
     rows, codes_all = [], torch.zeros_like(val_emb[..., :avatars.codes.shape[1]])
     mean_head = avatars.decode(avatars.codes.mean(0))
     photos = dataset_photos(val, val_emb.device)[val_found] if encoder.reads_photos else None
@@ -138,6 +145,8 @@ def score_validation(avatars: DecoderResult, encoder, val: SubjectDataset, val_e
                  "FaceNet nearest": avatars.decode(avatars.codes[near]),
                  "render retrieval": avatars.decode(avatars.codes[picked]),
                  "feed-forward": avatars.decode(codes_all[i, vs])}
+        if refine_config is not None:
+            heads["refined"] = refine_views(avatars, s, codes_all[i, vs], vs, refine_config, backend, progress=False)[0]
         rows += protocol_rows(s, heads, vs, backend)
     within, between = cosine_within_between(codes_all, val_found)
     return summarize(rows), within, between
@@ -153,8 +162,15 @@ def main() -> None:
                     help="folder of this run's checkpoint and snapshots (default: <run>/capacity_e<E>)")
     ap.add_argument("--checkpoint-into-run", action="store_true",
                     help="train into the run folder's decoder_checkpoint/ (notebook 03 then reuses it)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "cpu-2core" / "decoder_capacity_course.json")
+    ap.add_argument("--preset", default="course", help="the preset whose run folder and configs are used (default course)")
+    ap.add_argument("--decoder", type=json.loads, default={}, metavar="JSON",
+                    help='DecoderConfig fields over the preset\'s, e.g. \'{"hidden_dim": 128}\'')
+    ap.add_argument("--refine", action="store_true",
+                    help="also score the refined head from each validation photo (the preset's RefineConfig)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results file (default: benchmarks/results/cpu-2core/decoder_capacity_<preset>.json)")
     args = ap.parse_args()
+    args.out = args.out or RESULTS / "cpu-2core" / f"decoder_capacity_{args.preset}.json"
     if args.choose is not None:
         record = json.loads(args.choose.read_text())
         print(f"chosen: {choose(record):g} epochs ({record['chosen_by']})")
@@ -163,15 +179,15 @@ def main() -> None:
     if args.epochs is None:
         ap.error("--epochs is required (or --choose FILE)")
 
-    preset = fa.presets.get("course")
+    preset = fa.presets.get(args.preset)
     run, dev, backend = preset.run_dir, preset.torch_device, preset.backend
     if not (run / "dataset").is_dir():
-        raise SystemExit(f"{run} has no dataset: run `fastavatar-nb run --preset course --only 00..02` first "
+        raise SystemExit(f"{run} has no dataset: run `fastavatar-nb run --preset {preset.name} --only 00..02` first "
                          "(FASTAVATAR_RUN_DIR names the run folder)")
     train = SubjectDataset(run / "dataset", "train", cache_size=preset.num_subjects)
     val = pipeline.validation_subjects(preset, run / "dataset")
     template = pipeline.ensure_template(preset, train, progress=False)
-    config = DecoderConfig.for_preset(preset, epochs=args.epochs)
+    config = DecoderConfig.for_preset(preset, **{"epochs": args.epochs, **args.decoder})
     enc_config = EncoderConfig.for_preset(preset)
     train_emb, train_found = pipeline.ensure_embeddings(preset, train)
     val_emb, val_found = pipeline.ensure_embeddings(preset, val)
@@ -186,8 +202,8 @@ def main() -> None:
     snaps = args.work or run / f"capacity_e{args.epochs}"
     work = run / pipeline.DECODER_CHECKPOINT if args.checkpoint_into_run else snaps
     snaps.mkdir(parents=True, exist_ok=True)
-    record = {**provenance("decoder capacity (course)", torch.device(dev), "not used"),
-              "preset": preset.name, "run_dir": str(run), "decoder_config": config.to_json(),
+    record = {**provenance(f"decoder capacity ({preset.name})", torch.device(dev), "not used"),
+              "preset": preset.name, "run_dir": str(run), "decoder_overrides": args.decoder, "decoder_config": config.to_json(),
               "encoder_config": enc_config.to_json(), "steps_per_epoch": per_epoch,
               "train_subjects": len(train), "val_subjects": len(val), "input_views_per_val_subject":
               preset.eval_input_views, "snapshots": []}
@@ -207,7 +223,8 @@ def main() -> None:
                                 photos=photos)
         t_enc = time.perf_counter() - t0
         table, within, between = score_validation(avatars, encoder, val, val_emb, val_found, train_emb, train_found,
-                                                  preset.eval_input_views, backend)
+                                                  preset.eval_input_views, backend,
+                                                  RefineConfig.for_preset(preset) if args.refine else None)
         snap = {"epoch": snap_steps[step], "step": step, "epochs_done": round(step / per_epoch, 3),
                 "train_seconds": round(t_train[1], 1), "train_step_psnr_last_epoch":
                 float(avatars.psnr_history[max(0, step - per_epoch):step].mean()),

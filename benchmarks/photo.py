@@ -16,14 +16,20 @@ Three measurements, written to one JSON:
 3. **Step times** of :func:`~fastavatar_nb.photo.reconstruct` on this machine.
 4. With ``--test``: the chosen settings (:data:`fastavatar_nb.photo.PHOTO_REFINE`) **scored** on the
    course checkpoint's test subjects, the same way (nothing is chosen from these numbers).
+5. With ``--configs JSON``: only 2, for the listed :class:`~fastavatar_nb.refine.RefineConfig` fields.
+6. With ``--real``: every camera of the shared real subjects as a user's photo, refined with PHOTO_REFINE
+   (``--configs``: overrides of it), scored on the other views rendered through the estimated camera
+   (:func:`real_photos`).
 
     python benchmarks/photo.py                 # 1-3: ~20 min on 2 CPU cores -> photo.json
     python benchmarks/photo.py --test          # 4: ~10 min -> photo_test.json
+    python benchmarks/photo.py --real          # 6: ~3 min per config -> photo_real.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 import warnings
@@ -95,10 +101,11 @@ def camera_accuracy(ckpt, landmarks3d, mtcnn) -> dict:
     return out
 
 
-def schedules(ckpt, landmarks3d, net, mtcnn, n_subjects: int, views: list[int], steps: int) -> dict:
+def schedules(ckpt, landmarks3d, net, mtcnn, n_subjects: int, views: list[int], steps: int,
+              configs: list[dict] = CONFIGS) -> dict:
     W, H = ckpt.preset.image_width, ckpt.preset.image_height
     subjects = ckpt.subjects("val", n_subjects)
-    results: dict[str, list[float]] = {"feed_forward": [], **{_name(c): [] for c in CONFIGS}}
+    results: dict[str, list[float]] = {"feed_forward": [], **{_name(c): [] for c in configs}}
     per_case, times = [], []
     for sub in subjects:
         gt = sub.images[None]
@@ -109,7 +116,7 @@ def schedules(ckpt, landmarks3d, net, mtcnn, n_subjects: int, views: list[int], 
                 image = sub.images[v] if bg is None else sub.images[v] * m + bg * (1 - m)
                 others = [i for i in range(sub.num_views) if i != v]
                 case = {"subject": sub.subject_id, "view": v, "background": bg_name}
-                for cfg in CONFIGS:
+                for cfg in configs:
                     t0 = time.perf_counter()
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
@@ -120,7 +127,7 @@ def schedules(ckpt, landmarks3d, net, mtcnn, n_subjects: int, views: list[int], 
                     if "feed_forward" not in case:
                         ff = evaluate_views(Gaussians.stack([r.feed_forward]), gt, cams, others)["psnr"].mean()
                         case["feed_forward"] = round(float(ff), 3)
-                        case["rotation_error_deg"] = round(float(ph.rotation_error_deg(r.camera, sub.cameras[[v]])), 2)
+                        case["rotation_error_deg"] = round(float(ph.rotation_error_deg(r.pose.camera, sub.cameras[[v]])), 2)
                         results["feed_forward"].append(float(ff))
                     s = float(evaluate_views(Gaussians.stack([r.head]), gt, cams, others)["psnr"].mean())
                     case[_name(cfg)] = round(s, 3)
@@ -176,6 +183,72 @@ def score_test(ckpt, landmarks3d, net, mtcnn, n_subjects: int, views: list[int],
             "cases": len(rows), "rows": rows}
 
 
+def _through(photo_camera: Cameras, estimate: Cameras, rig: Cameras) -> Cameras:
+    """``[1, C]`` the rig's cameras moved so that the photo's camera sits at ``estimate``: the head reconstructed in
+    its own frame is seen by the other cameras as the rig saw the subject, if the estimate is right
+    (``V_i inv(V_photo) V_est``; the rig's relative poses are ground truth, used for scoring only)."""
+    rel = rig.viewmats.double() @ torch.linalg.inv(photo_camera.viewmats[0].double())
+    return Cameras((rel @ estimate.viewmats[0].double()).float()[None], rig.Ks[None], rig.width, rig.height)
+
+
+def real_photos(ckpt, landmarks3d, net, mtcnn, steps: int, configs: list[dict]) -> dict:
+    """Every camera of each shared real subject as a user's photo (full size, as VHAP exports it, on white):
+    the template and the feed-forward head (at the PnP camera) and the head refined with each of ``configs``
+    (``{}``: PHOTO_REFINE; at its refined camera), scored on the subject's 15 other views at the checkpoint's size
+    (whole image on white). The head is in the template's frame and the subject in the rig's, so each view is
+    rendered through :func:`_through` the camera the reconstruction estimated: a wrong camera costs PSNR, as it
+    would show in a user's turntable."""
+    W, H = ckpt.preset.image_width, ckpt.preset.image_height
+    rows = []
+    for folder in sorted(SHARED.iterdir()) if SHARED.is_dir() else []:
+        full = read_subject(folder)
+        sub, Rh = full.resize(W, H), tracked_head_rotation(folder)
+
+        def score(head: Gaussians, cam: Cameras, c: int, sub=sub) -> float:
+            others = [i for i in range(sub.num_views) if i != c]
+            views = _through(sub.cameras[[c]], cam, sub.cameras)
+            return round(float(evaluate_views(Gaussians.stack([head]), sub.images[None], views, others)["psnr"].mean()), 3)
+
+        for c in range(full.num_views):
+            row = {"subject": folder.name, "camera": c}
+            cal = sub.cameras[[c]]
+            V = cal.viewmats.double().clone()
+            V[0, :3, :3] = V[0, :3, :3] @ Rh
+            rel = Cameras(V.float(), cal.Ks, W, H)
+            for j, cfg in enumerate(configs):
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        r = ph.reconstruct(full.images[c], ckpt.avatars, ckpt.encoder, W, H, refine_steps=steps,
+                                           refine_config=ph.photo_refine_config(steps, **cfg),
+                                           landmarks3d=landmarks3d, net=net, mtcnn=mtcnn, progress=False)
+                except ph.NoFaceError:
+                    row["face"] = False
+                    break
+                if j == 0:
+                    row["template"] = score(ckpt.template, r.pose.camera, c)
+                    row["feed_forward"] = score(r.feed_forward, r.pose.camera, c)
+                    row["rotation_error_head_pnp_deg"] = round(float(ph.rotation_error_deg(r.pose.camera, rel)), 2)
+                name = _name(cfg) or "PHOTO_REFINE"
+                row[name] = score(r.head, r.camera, c)
+                row[name + " rotation_error_head_deg"] = round(float(ph.rotation_error_deg(r.camera, rel)), 2)
+            rows.append(row)
+            print(row, flush=True)
+    ok = [r for r in rows if r.get("face", True)]
+    summary = {}
+    for cfg in configs:
+        name = _name(cfg) or "PHOTO_REFINE"
+        summary[name] = {
+            "mean_refined": round(statistics.mean(r[name] for r in ok), 3),
+            "refined_at_or_above_feed_forward": sum(r[name] >= r["feed_forward"] for r in ok),
+            "median_rotation_error_head_deg": round(statistics.median(r[name + " rotation_error_head_deg"] for r in ok), 2)}
+    return {"steps": steps, "photos": len(ok), "cameras": len(rows),
+            "mean_template": round(statistics.mean(r["template"] for r in ok), 3),
+            "mean_feed_forward": round(statistics.mean(r["feed_forward"] for r in ok), 3),
+            "median_rotation_error_head_pnp_deg": round(statistics.median(r["rotation_error_head_pnp_deg"] for r in ok), 2),
+            "configs": summary, "rows": rows}
+
+
 def _name(cfg: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in cfg.items())
 
@@ -202,9 +275,16 @@ def main() -> None:
     ap.add_argument("--views", type=int, nargs="+", default=[8, 3], help="input views (8 frontal, 3 from the side)")
     ap.add_argument("--steps", type=int, default=50, help="refinement steps (the smoke and course presets' 50)")
     ap.add_argument("--test", action="store_true", help="score PHOTO_REFINE on the test subjects instead")
-    ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/cpu-2core/photo[_test].json")
+    ap.add_argument("--real", action="store_true",
+                    help="every camera of the shared real subjects as a photo, refined with --configs")
+    ap.add_argument("--configs", type=json.loads, default=None, metavar="JSON",
+                    help="a list of RefineConfig fields: with --real, overrides of PHOTO_REFINE (default [{}]); "
+                         "else the refinements compared on the validation subjects (default CONFIGS), and only that")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default benchmarks/results/cpu-2core/photo[_test|_real].json")
     args = ap.parse_args()
-    out = args.out or RESULTS / "cpu-2core" / ("photo_test.json" if args.test else "photo.json")
+    out = args.out or RESULTS / "cpu-2core" / ("photo_test.json" if args.test else "photo_real.json" if args.real
+                                               else "photo.json")
     torch.manual_seed(0)
     ckpt = fa.checkpoints.load("course")
     mtcnn, net = faces.make_mtcnn(), faces.load_facenet()
@@ -214,8 +294,16 @@ def main() -> None:
     record["template_landmarks"] = {"points_m": L3.numpy().round(4).tolist(),
                                     "reprojection_px_per_view": err.numpy().round(2).tolist(),
                                     "seconds": round(time.perf_counter() - t0, 2)}
+    if args.real:
+        record["real"] = real_photos(ckpt, L3, net, mtcnn, args.steps, args.configs or [{}])
+        save(record, out)
+        return
     if args.test:
         record["test"] = score_test(ckpt, L3, net, mtcnn, args.subjects, args.views, args.steps)
+        save(record, out)
+        return
+    if args.configs is not None:
+        record["schedules_val"] = schedules(ckpt, L3, net, mtcnn, args.subjects, args.views, args.steps, args.configs)
         save(record, out)
         return
     record["camera_nersemble"] = camera_accuracy(ckpt, L3, mtcnn)

@@ -90,15 +90,24 @@ FACE_ELLIPSE_SIZE = (1.15, 1.6)
 """Semi-axes of :func:`face_ellipse` (horizontal, vertical) in units of the eye-to-mouth distance."""
 PHOTO_REFINE = {"schedule": "code", "pose_rotation_lr": 1e-2, "pose_translation_lr": 2e-3}
 """How :func:`reconstruct` refines a head on a photo (:class:`~fastavatar_nb.refine.RefineConfig`
-fields; the others keep their defaults): the code ``w`` and the camera's pose. Five landmarks
-leave the camera several degrees off (a face's proportions look like pitch), and a head refined
-to a photo from a wrong camera bends away from every other view; refining the pose with the head
-brings the camera within a few degrees. Chosen on the course checkpoint's validation subjects
-(5 subjects x cameras 8 and 3, on white and on green, 50 steps; ``benchmarks/photo.py``,
-``benchmarks/results/cpu-2core/photo.json``), mean PSNR on the 15 other views: feed-forward 15.60,
-code and camera 18.69, code only 17.47, the default joint schedule 12.44 (15.08 with the camera),
-joint with a 10x smaller decoder learning rate and the camera 18.31 dB; the camera's rotation error
-12.4 degrees from PnP, 5.4 after refinement."""
+fields; the others keep their defaults): the code ``w`` and the camera's pose. Five landmarks leave the
+camera several degrees off (a face's proportions look like pitch), and a head refined to a photo from a wrong camera bends away from every other
+view; refining the pose with the head brings the camera within a few degrees. The schedule was chosen on the
+course checkpoint's validation subjects with its first encoder (5 subjects x cameras 8 and 3, on white and on
+green, 50 steps; ``benchmarks/photo.py``, ``benchmarks/results/cpu-2core/photo.json``), mean PSNR on the 15
+other views: feed-forward 15.60, code and camera 18.69, code only 17.47, the default joint schedule 12.44
+(15.08 with the camera), joint with a 10x smaller decoder learning rate and the camera 18.31 dB; the camera's
+rotation error 12.4 degrees from PnP, 5.4 after refinement.
+
+A pull toward the encoder's code (``RefineConfig.code_prior_weight``) is not part of it. On the validation photos
+with the shipped encoder, weight 0.3 left 2 of 20 photos below their feed-forward head on the other views (9 of 20
+without it; mean 19.44 against 18.99 dB; ``photo_prior_val.json``), but on the 32 real frames of NeRSemble
+subjects 306 and 369 it left 12 below (9 without it; ``photo_real.json``): there the refined camera drifts from
+PnP's 5.8 degrees (median, relative to the tracked head) to 12-15 degrees, and the prior leaves the pose more of
+the fit. Refining the code alone left none of the 32 real photos below feed-forward, and 14 of the 20 validation
+photos. Synthetic validation photos do not stand for real ones yet (issue 31 item 3: one head frame would let
+real subjects validate)."""
+
 _EXIF_ORIENTATION = 0x0112
 _EXIF_FOCAL_35MM = 0xA405
 _EXIF_IFD = 0x8769

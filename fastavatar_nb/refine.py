@@ -94,6 +94,11 @@ class RefineConfig:
     within a few degrees (``benchmarks/photo.py``)."""
     pose_translation_lr: float = 0.0
     """Adam learning rate (metres) of a shift of the input camera, with ``pose_rotation_lr``."""
+    code_prior_weight: float = 0.0
+    """Weight of a pull toward the starting code ``w_0`` (the encoder's), added to the loss:
+    ``code_prior_weight * ||w - w_0||^2 / ||w_0||^2`` (relative, so one weight suits codes of any length).
+    A photo constrains only what its camera sees; the prior keeps what it cannot see near the encoder's
+    guess (0: no prior, as the paper)."""
 
     @property
     def refines_pose(self) -> bool:
@@ -110,7 +115,7 @@ class RefineConfig:
         if not (isinstance(self.code_fraction, (int, float)) and 0 <= self.code_fraction <= 1):
             raise ValueError(f"RefineConfig.code_fraction must be in [0, 1], got {self.code_fraction!r}")
         check_fields(self, non_negative=("code_lr", "decoder_lr", "embeddings_lr", "grad_clip", "pose_rotation_lr",
-                                         "pose_translation_lr"))
+                                         "pose_translation_lr", "code_prior_weight"))
         return self
 
     @property
@@ -210,6 +215,13 @@ def _check_inputs(avatars: DecoderResult, code: Tensor, image: Tensor, camera: C
         raise ValueError(f"refine: weights must be [H, W] = {tuple(image.shape[:2])}, got {tuple(weights.shape)}")
 
 
+def code_drift(w: Tensor, w0: Tensor) -> Tensor:
+    """``||w - w_0||^2 / ||w_0||^2``: how far a code moved from where it started, relative to its length (the
+    term :attr:`RefineConfig.code_prior_weight` weighs; a zero ``w_0`` counts as length 1)."""
+    norm = w0.detach().square().sum()
+    return (w - w0.detach()).square().sum() / torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
 def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras, weights: Tensor | None = None,
            config: RefineConfig | None = None, backend: Backend = "auto", progress: bool = True,
            callback: Callable[[dict[str, Any]], None] | None = None) -> RefineResult:
@@ -217,7 +229,7 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
 
     Each step decodes ``w`` with the (copied) MLP, renders the input view on white and minimises
     ``l1 L1 + ssim (1 - SSIM) [+ lpips LPIPS]`` over ``weights`` plus the decoder's residual
-    penalties, with Adam; ``config.schedule`` decides whether the step moves ``w``, the MLP or both.
+    penalties [+ ``code_prior_weight`` :func:`code_drift`], with Adam; ``config.schedule`` decides whether the step moves ``w``, the MLP or both.
 
     Args:
         avatars: the trained decoder (its template, embeddings and MLP; none of them is changed).
@@ -303,6 +315,8 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
                          tile_size=dcfg.tile_size)
             terms = photometric_loss(out.colors[None], gt, wt, dcfg.l1_weight, dcfg.ssim_weight, dcfg.lpips_weight)
             total = terms["total"].mean() + residual_penalty(res, dcfg)
+            if config.code_prior_weight > 0:
+                total = total + config.code_prior_weight * code_drift(w, code)
             code_opt.zero_grad(set_to_none=True)
             mlp_opt.zero_grad(set_to_none=True)
             pose_opt.zero_grad(set_to_none=True)

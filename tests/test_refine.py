@@ -215,3 +215,30 @@ def test_pose_refinement_moves_a_wrong_camera_back(problem):
     torch.testing.assert_close(fixed.camera.viewmats, wrong.viewmats, rtol=0, atol=0)
     with pytest.raises(ValueError, match="pose_rotation_lr"):
         RefineConfig(pose_rotation_lr=-1.0).validate()
+
+
+def test_code_drift_and_the_code_prior(problem):
+    """code_drift is ||w - w0||^2 / ||w0||^2 with its gradient; the prior adds exactly that times its weight to the
+    first step's loss, and a heavier prior keeps the code nearer its start."""
+    from fastavatar_nb.refine import code_drift
+
+    w0 = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    w = torch.tensor([3.0, 6.0], dtype=torch.float64, requires_grad=True)
+    d = code_drift(w, w0)
+    torch.testing.assert_close(d, torch.tensor(4.0 / 25.0, dtype=torch.float64))
+    d.backward()
+    torch.testing.assert_close(w.grad, 2 * (w.detach() - w0) / 25.0)          # d/dw of ||w - w0||^2 / 25
+    assert float(code_drift(torch.ones(3), torch.zeros(3))) == 3.0            # a zero start counts as length 1
+    avatars, subject, _, w_start = problem
+    image, cam = input_view(subject, 8)
+    runs = {}
+    for weight in (0.0, 1.0, 100.0):
+        cfg = RefineConfig(steps=15, schedule="code", code_lr=5e-2, code_prior_weight=weight)
+        runs[weight] = refine(avatars, w_start, image, cam, None, cfg, backend="torch", progress=False)
+    # step 0 starts at w0 (no drift yet): the same loss with or without the prior
+    assert runs[0.0].loss_history[0] == runs[100.0].loss_history[0]
+    drift = {k: float(code_drift(r.code, w_start)) for k, r in runs.items()}
+    assert drift[0.0] > drift[1.0] > drift[100.0] > 0, drift
+    assert drift[100.0] < 0.1 * drift[0.0], drift
+    with pytest.raises(ValueError, match="code_prior_weight"):
+        RefineConfig(code_prior_weight=-1.0).validate()

@@ -6,7 +6,7 @@ sent as a message to the client that runs the kernel, and a flood of them can ou
 client's patience (nbval gives up after 5 s without a message it wants). Such runs set the
 environment variable ``FASTAVATAR_HEADLESS=1`` (:data:`HEADLESS_ENV`); then
 
-- :func:`live_displays` is False, so :class:`fastavatar_nb.viewers.LiveCurves` draws its figure
+- :func:`live_displays` is False, so :class:`fastavatar_nb.plots.LiveCurves` draws its figure
   once, at ``finish()``;
 - :func:`progress_bar` is a plain text bar that writes a handful of whole lines (start, every
   tenth of the way, a heartbeat every 5 minutes, the end) instead of a widget.

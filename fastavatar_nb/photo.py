@@ -923,7 +923,7 @@ def draw_detection(photo: Photo, detection: FaceDetection, max_side: int = 480):
     landmarks, as a PIL image."""
     from PIL import Image, ImageDraw
 
-    from .viewers import to_uint8
+    from .images import to_uint8
 
     img = Image.fromarray(to_uint8(photo.image))
     k = min(1.0, max_side / max(img.size))
@@ -972,7 +972,8 @@ def save_reconstruction(recon: Reconstruction, folder: str | os.PathLike, *, ove
     """
     import json
 
-    from .viewers import save_gif, turntable_frames
+    from .images import save_gif
+    from .orbit import turntable_frames
     from .webviewer import html_page, viewer_state
 
     out = Path(folder)

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 
 from fastavatar_nb import report_results as results
+from fastavatar_nb.images import to_uint8
 from fastavatar_nb.presets import Preset
 
 __all__ = [
@@ -176,8 +177,6 @@ def save_image(image: torch.Tensor | np.ndarray, where: Preset | PathLike, name:
     array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
         raise ValueError(f"save_image expects [H, W], [H, W, 3] or [H, W, 4], got shape {list(array.shape)}")
-    from .viewers import to_uint8  # here, so the CLI's report does not import plotly
-
     array = to_uint8(array)
     stem = name[:-4] if name.endswith(".png") else name
     if not _NAME.match(stem):

@@ -25,7 +25,7 @@ K = 10,144, sent once per head (and again on each :meth:`HeadViewer.set_head`); 
 exported notebook holds it base64-encoded (4/3 of that) plus the 111 kB viewer script per display.
 
 Where the browser has no WebGL2, the viewer says so and the kernel-rendered
-:class:`~fastavatar_nb.viewers.OrbitViewer` takes its place (one per head, not linked).
+:class:`~fastavatar_nb.orbit.OrbitViewer` takes its place (one per head, not linked).
 """
 
 from __future__ import annotations
@@ -128,9 +128,9 @@ def viewer_state(heads: Gaussians | Sequence[Gaussians] | Mapping[str, Gaussians
     """The viewer's fields (what the widget syncs and a page embeds), heads packed by :func:`pack_head`.
 
     ``target`` and ``distance`` default to the first head's framing
-    (:func:`fastavatar_nb.viewers.orbit_framing`, the same as :class:`~fastavatar_nb.viewers.OrbitViewer`'s).
+    (:func:`fastavatar_nb.orbit.orbit_framing`, the same as :class:`~fastavatar_nb.orbit.OrbitViewer`'s).
     """
-    from .viewers import orbit_framing
+    from .orbit import orbit_framing
 
     heads, titles = _named_heads(heads, titles)
     if int(width) < 8 or int(height) < 8:
@@ -185,7 +185,7 @@ class HeadViewer:
             :meth:`~fastavatar_nb.cameras.Cameras.from_spherical`; ``target``/``distance`` default to
             the first head's framing.
         background: RGB in [0, 1] (one value for grey levels); white by default, as the paper scores.
-        fallback_backend: the renderer of the :class:`~fastavatar_nb.viewers.OrbitViewer` shown where
+        fallback_backend: the renderer of the :class:`~fastavatar_nb.orbit.OrbitViewer` shown where
             the browser has no WebGL2.
 
     Displays as the widget in a live frontend and as a self-contained WebGL page (``text/html``)
@@ -267,7 +267,7 @@ class HeadViewer:
             return
         import ipywidgets as widgets
 
-        from .viewers import OrbitViewer
+        from .orbit import OrbitViewer
 
         w = self.widget
         orbits = [OrbitViewer(h, width=w.width, height=w.height, backend=self.fallback_backend, yaw_deg=w.yaw,
@@ -320,7 +320,7 @@ def html_page(state: Mapping[str, Any], title: str = "3D heads", *, bare: bool =
     image) are shown as stills beside the viewer and ``info`` as a table below; ``bare`` leaves out
     the page's heading and margins (for an iframe in a notebook).
     """
-    from .viewers import data_uri
+    from .images import data_uri
 
     page_state = {k: v for k, v in state.items() if k != "heads"}
     page_state["heads_b64"] = [base64.b64encode(bytes(h)).decode("ascii") for h in state["heads"]]

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import io
 import math
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -313,3 +315,17 @@ def test_setup_plotly_sets_the_renderer():
             setup_plotly("svg")
     finally:
         pio.renderers.default = before
+
+
+def test_images_orbit_and_the_report_load_without_plotly():
+    """The image utilities, the orbit viewer and the run report need no plotly (nor ipywidgets): the CLI's report
+    and the photo route import them in a plain Python process."""
+    code = ("import sys, fastavatar_nb.images, fastavatar_nb.orbit, fastavatar_nb.report; "
+            "print(sorted(m for m in ('plotly', 'ipywidgets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    from fastavatar_nb import images, orbit, plots, viewers
+
+    for name in viewers.__all__:  # the notebooks' one import re-exports each concern module's names
+        home = next((m for m in (images, plots, orbit) if name in m.__all__), None)
+        assert name == "in_notebook_kernel" or getattr(viewers, name) is getattr(home, name), name

@@ -1,7 +1,7 @@
 """Figures of multi-view subjects: the camera rig around the head points, view grids, overlays.
 
 Every function returns an object (a plotly ``go.Figure`` or a ``PIL.Image.Image``); the notebook
-decides to display it. Built on the generic helpers of :mod:`fastavatar_nb.viewers`
+decides to display it. Built on the generic helpers of :mod:`fastavatar_nb.plots` and :mod:`fastavatar_nb.images`
 (``camera_frusta_traces``, ``image_grid``).
 """
 
@@ -14,7 +14,8 @@ import plotly.graph_objects as go
 import torch
 from PIL import Image
 
-from ..viewers import camera_frusta_traces, image_grid, to_uint8
+from ..images import image_grid, to_uint8
+from ..plots import camera_frusta_traces
 from .subject import MultiViewSubject
 
 __all__ = ["rig_figure", "view_grid", "points_overlay", "subjects_grid", "rays_side_view"]

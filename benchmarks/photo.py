@@ -41,7 +41,7 @@ from _record import RESULTS, provenance, save
 import fastavatar_nb as fa
 from fastavatar_nb import faces
 from fastavatar_nb import photo as ph
-from fastavatar_nb.cameras import Cameras
+from fastavatar_nb.cameras import Cameras, rotation_error_deg
 from fastavatar_nb.data import read_subject
 from fastavatar_nb.data.nersemble import tracked_head_rotation
 from fastavatar_nb.gaussians import Gaussians
@@ -84,8 +84,8 @@ def camera_accuracy(ckpt, landmarks3d, mtcnn) -> dict:
             rows.append({"camera": c, "face": True, "yaw_deg": round(pose.yaw_deg, 2), "pitch_deg": round(pose.pitch_deg, 2),
                          "calibrated_yaw_deg": round(float(torch.rad2deg(torch.atan2(C[0], C[2]))), 2),
                          "calibrated_pitch_deg": round(float(torch.rad2deg(torch.asin(C[1] / C.norm()))), 2),
-                         "rotation_error_world_deg": round(float(ph.rotation_error_deg(pose.camera, cal)), 2),
-                         "rotation_error_head_deg": round(float(ph.rotation_error_deg(pose.camera, rel)), 2),
+                         "rotation_error_world_deg": round(float(rotation_error_deg(pose.camera, cal)), 2),
+                         "rotation_error_head_deg": round(float(rotation_error_deg(pose.camera, rel)), 2),
                          "reprojection_px": round(pose.reprojection_px, 2)})
         ok = [r for r in rows if r["face"]]
         out[folder.name] = {
@@ -127,12 +127,12 @@ def schedules(ckpt, landmarks3d, net, mtcnn, n_subjects: int, views: list[int], 
                     if "feed_forward" not in case:
                         ff = evaluate_views(Gaussians.stack([r.feed_forward]), gt, cams, others)["psnr"].mean()
                         case["feed_forward"] = round(float(ff), 3)
-                        case["rotation_error_deg"] = round(float(ph.rotation_error_deg(r.pose.camera, sub.cameras[[v]])), 2)
+                        case["rotation_error_deg"] = round(float(rotation_error_deg(r.pose.camera, sub.cameras[[v]])), 2)
                         results["feed_forward"].append(float(ff))
                     s = float(evaluate_views(Gaussians.stack([r.head]), gt, cams, others)["psnr"].mean())
                     case[_name(cfg)] = round(s, 3)
                     case[_name(cfg) + " rotation_error_deg"] = round(float(
-                        ph.rotation_error_deg(r.camera, sub.cameras[[v]])), 2)
+                        rotation_error_deg(r.camera, sub.cameras[[v]])), 2)
                     results[_name(cfg)].append(s)
                 per_case.append(case)
                 print(case)
@@ -170,9 +170,9 @@ def score_test(ckpt, landmarks3d, net, mtcnn, n_subjects: int, views: list[int],
                          for k, h in (("feed_forward", r.feed_forward), ("refined", r.head))}
                 rows.append({"subject": sub.subject_id, "view": v, "background": bg_name,
                              "template": round(template, 3), **{k: round(x, 3) for k, x in score.items()},
-                             "rotation_error_pnp_deg": round(float(ph.rotation_error_deg(r.pose.camera,
+                             "rotation_error_pnp_deg": round(float(rotation_error_deg(r.pose.camera,
                                                                                          sub.cameras[[v]])), 2),
-                             "rotation_error_refined_deg": round(float(ph.rotation_error_deg(r.camera,
+                             "rotation_error_refined_deg": round(float(rotation_error_deg(r.camera,
                                                                                              sub.cameras[[v]])), 2)})
                 print(rows[-1])
     keys = ("template", "feed_forward", "refined", "rotation_error_pnp_deg", "rotation_error_refined_deg")
@@ -228,10 +228,10 @@ def real_photos(ckpt, landmarks3d, net, mtcnn, steps: int, configs: list[dict]) 
                 if j == 0:
                     row["template"] = score(ckpt.template, r.pose.camera, c)
                     row["feed_forward"] = score(r.feed_forward, r.pose.camera, c)
-                    row["rotation_error_head_pnp_deg"] = round(float(ph.rotation_error_deg(r.pose.camera, rel)), 2)
+                    row["rotation_error_head_pnp_deg"] = round(float(rotation_error_deg(r.pose.camera, rel)), 2)
                 name = _name(cfg) or "PHOTO_REFINE"
                 row[name] = score(r.head, r.camera, c)
-                row[name + " rotation_error_head_deg"] = round(float(ph.rotation_error_deg(r.camera, rel)), 2)
+                row[name + " rotation_error_head_deg"] = round(float(rotation_error_deg(r.camera, rel)), 2)
             rows.append(row)
             print(row, flush=True)
     ok = [r for r in rows if r.get("face", True)]

@@ -54,7 +54,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import MIN_FACE_PHOTO_SIDE, RANGE_SLACK
-from .cameras import Cameras, intrinsics, look_at_viewmat, matrix_to_rotvec, rotvec_to_matrix
+from .cameras import (
+    Cameras,
+    camera_angles,
+    intrinsics,
+    matrix_to_rotvec,
+    rotation_error_deg,
+    rotvec_to_matrix,
+    triangulate,
+)
 from .faces import NoFaceError as _FacesNoFaceError
 from .gaussians import Gaussians
 from .objective import HOLDOUT_VIEW, MIN_WHITE_BORDER, WHITE_LEVEL, NotOnWhiteError, check_on_white
@@ -401,21 +409,6 @@ def detect_face(photo: Photo | Any, mtcnn=None) -> FaceDetection:
 # ---------------------------------------------------------------------------------------------
 
 
-def triangulate(points2d: Tensor, cameras: Cameras) -> Tensor:
-    """Linear (DLT) triangulation of ``P`` points seen by ``C`` cameras: ``[C, P, 2] -> [P, 3]`` (float64).
-
-    Pixel positions use the cameras' convention (:meth:`Cameras.project`). Each point solves the
-    homogeneous system ``u (P_3 X) - P_1 X = 0, v (P_3 X) - P_2 X = 0`` over the views by SVD.
-    """
-    P = cameras.Ks.double() @ cameras.viewmats[:, :3, :].double()              # [C, 3, 4]
-    uv = points2d.double()
-    rows = torch.cat([uv[..., 0, None] * P[:, None, 2] - P[:, None, 0],
-                      uv[..., 1, None] * P[:, None, 2] - P[:, None, 1]], dim=0)  # [2C, P, 4]
-    A = rows.permute(1, 0, 2)                                                   # [P, 2C, 4]
-    X = torch.linalg.svd(A).Vh[:, -1]                                           # [P, 4]
-    return X[:, :3] / X[:, 3:]
-
-
 def template_landmarks(template: Gaussians, width: int, height: int, mtcnn=None, backend: Backend = "auto",
                        sh_degree: int = 3, scale: int = LANDMARK_RENDER_SCALE) -> tuple[Tensor, Tensor]:
     """The five MTCNN landmarks on a template head, in 3D: triangulated from renders of the rig.
@@ -647,32 +640,6 @@ def estimate_pose(view: PhotoView, landmarks3d: Tensor, iterations: int = 60, ph
     res = (_reprojection(p, X, K) - u).norm(dim=-1) / (photo_scale or view.scale)
     return Pose(camera=cam, yaw_deg=yaw, pitch_deg=pitch, roll_deg=roll, distance=dist,
                 reprojection_px=float(res.pow(2).mean().sqrt()), residuals_px=res.float())
-
-
-def camera_angles(camera: Cameras) -> tuple[float, float, float, float]:
-    """``(yaw, pitch, roll, distance)`` of a camera of one view around the head at the origin.
-
-    Yaw and pitch (degrees) place the camera centre as :meth:`Cameras.from_spherical` does (yaw
-    positive towards +x, pitch positive from above); roll (degrees) is the turn of the image about
-    the viewing axis against a camera looking at the origin with world +y up; distance in metres.
-    """
-    V = camera.viewmats.reshape(-1, 4, 4)[0].double().cpu()
-    R, t = V[:3, :3], V[:3, 3]
-    centre = -R.T @ t
-    dist = float(centre.norm())
-    yaw = math.degrees(math.atan2(float(centre[0]), float(centre[2])))
-    pitch = math.degrees(math.asin(max(-1.0, min(1.0, float(centre[1]) / dist))))
-    look = look_at_viewmat(centre.float()[None], torch.zeros(1, 3))[0, :3, :3].double()
-    rel = R @ look.T
-    roll = math.degrees(math.atan2(float(rel[1, 0]), float(rel[0, 0])))
-    return yaw, pitch, roll, dist
-
-
-def rotation_error_deg(a: Cameras, b: Cameras) -> Tensor:
-    """Angle (degrees) of the rotation between the orientations of two camera batches of one shape."""
-    Ra, Rb = a.viewmats[..., :3, :3].double(), b.viewmats[..., :3, :3].double()
-    cos = (((Ra @ Rb.transpose(-1, -2)).diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
-    return torch.rad2deg(torch.acos(cos))
 
 
 # ---------------------------------------------------------------------------------------------

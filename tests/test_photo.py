@@ -18,7 +18,7 @@ from PIL import Image
 
 from fastavatar_nb import checkpoints, faces
 from fastavatar_nb import photo as ph
-from fastavatar_nb.cameras import Cameras, matrix_to_rotvec, rotvec_to_matrix
+from fastavatar_nb.cameras import Cameras, matrix_to_rotvec, rotation_error_deg, rotvec_to_matrix, triangulate
 from fastavatar_nb.cli import main
 from fastavatar_nb.gaussians import Gaussians, quat_to_rotmat
 from fastavatar_nb.objective import evaluate_views
@@ -197,7 +197,7 @@ def test_triangulation_recovers_points_exactly():
     cams = Cameras.nersemble_rig(69, 100)
     X = torch.tensor([[0.03, 0.02, 0.05], [-0.04, -0.05, 0.08], [0.0, 0.1, -0.02]])
     uv, _ = cams.project(X)
-    assert torch.allclose(ph.triangulate(uv, cams), X.double(), atol=1e-5)
+    assert torch.allclose(triangulate(uv, cams), X.double(), atol=1e-5)
 
 
 def _view_of(K: torch.Tensor, landmarks: torch.Tensor, width=69, height=100) -> ph.PhotoView:
@@ -215,7 +215,7 @@ def test_pnp_recovers_a_known_camera(yaw, pitch, roll, landmarks3d):
     cam = Cameras(V, cam.Ks, 69, 100)
     uv, _ = cam.project(X)
     pose = ph.estimate_pose(_view_of(cam.Ks[0], uv[0]), landmarks3d[0])
-    assert float(ph.rotation_error_deg(pose.camera, cam)) < 0.05
+    assert float(rotation_error_deg(pose.camera, cam)) < 0.05
     assert pose.yaw_deg == pytest.approx(yaw, abs=0.05) and pose.pitch_deg == pytest.approx(pitch, abs=0.05)
     assert pose.roll_deg == pytest.approx(roll, abs=0.05)
     assert pose.distance == pytest.approx(1.15, abs=1e-3) and pose.reprojection_px < 1e-3
@@ -223,7 +223,7 @@ def test_pnp_recovers_a_known_camera(yaw, pitch, roll, landmarks3d):
     noisy = uv[0] + torch.tensor([[0.8, 0.0], [0.0, -0.8], [0.5, 0.5], [-0.6, 0.0], [0.0, 0.7]])
     pose = ph.estimate_pose(_view_of(cam.Ks[0], noisy), landmarks3d[0])
     assert 0.1 < pose.reprojection_px < 1.0
-    assert float(ph.rotation_error_deg(pose.camera, cam)) < 6
+    assert float(rotation_error_deg(pose.camera, cam)) < 6
 
 
 def test_template_landmarks_are_a_face(landmarks3d):
@@ -272,7 +272,7 @@ def test_nersemble_frames_camera_against_the_calibration(shared_dir, size, mtcnn
                                               ph.detect_face(p, mtcnn), landmarks3d[0], *size), landmarks3d[0])
         V = sub.cameras[[c]].viewmats.double().clone()
         V[0, :3, :3] = V[0, :3, :3] @ head                       # the camera relative to the tracked head
-        errors.append(float(ph.rotation_error_deg(pose.camera, Cameras(V.float(), sub.cameras.Ks[[c]], 550, 802))))
+        errors.append(float(rotation_error_deg(pose.camera, Cameras(V.float(), sub.cameras.Ks[[c]], 550, 802))))
         assert pose.reprojection_px < 8                          # photo pixels of a 550x802 frame
     assert max(errors) < 12 and sorted(errors)[1] < 8, errors    # measured: 7.4, 3.3, 3.3, 4.8
 
@@ -296,7 +296,7 @@ def test_photo_on_white_and_on_green(course, size, landmarks3d, net, mtcnn, subj
     route = faces.embed_faces(subject.images[view:view + 1], net, mtcnn=mtcnn)[0]
     assert torch.allclose(same.embedding, route, atol=1e-5)
     assert same.on_white and (same.weights is None or float(same.weights.mean()) > 0.5)
-    assert float(ph.rotation_error_deg(same.camera, subject.cameras[[view]])) < 20
+    assert float(rotation_error_deg(same.camera, subject.cameras[[view]])) < 20
     big = _reconstruct(_big(subject.images[view]), course, size, landmarks3d, net, mtcnn)
     assert float(torch.dot(big.embedding, route)) > 0.8                 # 4x the pixels: nearly the same face
     green = _reconstruct(_on_green(subject, view), course, size, landmarks3d, net, mtcnn, refine_steps=12)
@@ -305,8 +305,8 @@ def test_photo_on_white_and_on_green(course, size, landmarks3d, net, mtcnn, subj
     assert any("not on white" in n for n in green.notes)
     # refinement fits the photo's head area and does not move the camera away from the truth
     assert green.refined.final_psnr > float(green.refined.psnr_history[0]) + 0.5
-    assert float(ph.rotation_error_deg(green.camera, subject.cameras[[view]])) < \
-        float(ph.rotation_error_deg(green.pose.camera, subject.cameras[[view]])) + 1.0
+    assert float(rotation_error_deg(green.camera, subject.cameras[[view]])) < \
+        float(rotation_error_deg(green.pose.camera, subject.cameras[[view]])) + 1.0
     # every head is a head: scored on the other views it is within reach of the template
     template = _other_views_psnr(course.template, subject, view)
     for r in (same, big, green):
@@ -351,9 +351,9 @@ def test_rotated_grey_and_rgba_versions_give_the_same_camera(course, size, landm
     for path in (turned, grey, rgba_path):
         r = _reconstruct(path, course, size, landmarks3d, net, mtcnn)
         assert r.head.num_gaussians == course.template.num_gaussians
-        assert float(ph.rotation_error_deg(r.pose.camera, truth)) < 20, path.name
+        assert float(rotation_error_deg(r.pose.camera, truth)) < 20, path.name
         # turned back upright it is the same photo (JPEG aside); grey moves MTCNN's landmarks by ~1 px
-        assert float(ph.rotation_error_deg(r.pose.camera, ref.pose.camera)) < (2 if path == turned else 10), path.name
+        assert float(rotation_error_deg(r.pose.camera, ref.pose.camera)) < (2 if path == turned else 10), path.name
     turned_r = _reconstruct(turned, course, size, landmarks3d, net, mtcnn)
     assert any("EXIF" in n for n in turned_r.summary()["notes"])
     assert float(torch.cosine_similarity(turned_r.embedding, ref.embedding, dim=0)) > 0.9

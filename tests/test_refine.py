@@ -194,8 +194,7 @@ def test_pose_refinement_moves_a_wrong_camera_back(problem):
     """With the true code and a camera turned by 4 degrees, refining only the pose (code_lr 0)
     brings the camera back towards the truth; without pose learning rates the camera is returned
     unchanged."""
-    from fastavatar_nb.cameras import rotvec_to_matrix
-    from fastavatar_nb.photo import rotation_error_deg
+    from fastavatar_nb.cameras import rotation_error_deg, rotvec_to_matrix
 
     avatars, subject, w_true, _ = problem
     image, cam = input_view(subject, 8)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from _record import RESULTS, provenance
 
-from fastavatar_nb import ablations, presets
+from fastavatar_nb import ablations, presets, runtime
 from fastavatar_nb.render.gsplat_backend import gsplat_status
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     except KeyError as e:
         ap.error(f"--only: {e.args[0]}")
     preset = presets.get(args.preset)
-    presets.setup(preset, save=False)
+    runtime.setup(preset, save=False)
     folder = args.folder or preset.run_dir.parent / f"ablations-{preset.name}"
     results = ablations.run(preset, folder, variants, progress=False)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from _record import RESULTS, provenance, save
 
-from fastavatar_nb import faces, pipeline, presets
+from fastavatar_nb import faces, pipeline, presets, runtime
 from fastavatar_nb.data import SubjectDataset
 from fastavatar_nb.encoder import dataset_embeddings, dataset_photos, encode_faces
 from fastavatar_nb.evaluation import novel_view_metrics
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     preset = presets.get(args.preset)
-    presets.setup(preset, save=False)
+    runtime.setup(preset, save=False)
     dev, backend = preset.torch_device, preset.backend
     views = [int(v) for v in args.views.split(",")]
 

@@ -5,7 +5,7 @@ size, number of Gaussians ``K``, iteration and epoch counts), the device and ren
 backend, the seed, and the run folder where artifacts go. Notebooks start with::
 
     preset = fa.presets.get(os.environ.get("FASTAVATAR_PRESET", "auto"))
-    print(fa.presets.setup(preset))
+    print(fa.runtime.setup(preset))
 
 Names:
 
@@ -40,16 +40,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
-import random
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import numpy as np
 import torch
 
 from .decoder import MLP_DTYPE_CHOICES
@@ -65,7 +61,6 @@ __all__ = [
     "base",
     "get",
     "project_root",
-    "setup",
 ]
 
 Device = Literal["cpu", "cuda"]
@@ -167,7 +162,7 @@ class Preset:
     training subjects decoded 0.15 dB lower on their training views and 0.24 dB lower on camera 8 (means
     of two seeds; ``benchmarks/results/cpu-2core/decoder_dtype_smoke.json``)."""
     seed: int = 0
-    """Seed for torch, numpy and random (see :func:`setup`) and for the synthetic data."""
+    """Seed for torch, numpy and random (see :func:`fastavatar_nb.runtime.setup`) and for the synthetic data."""
     run_dir: Path = field(default=Path("runs"))
     """Folder for this run's artifacts (dataset, fits, weights, metrics/, figures/)."""
     data: Path | None = None
@@ -336,7 +331,7 @@ class Preset:
         )
 
     def describe_data(self) -> str:
-        """One line saying which data the run uses (printed by :func:`setup` in every notebook)."""
+        """One line saying which data the run uses (printed by :func:`fastavatar_nb.runtime.setup` in every notebook)."""
         if self.data is None:
             return ("data: synthetic heads (procedural, made by notebook 00 into "
                     f"{self.run_dir / 'dataset'}); `--data DIR` runs on real NeRSemble subjects")
@@ -610,53 +605,3 @@ def _data_overrides(preset: Preset, overrides: dict[str, Any]) -> dict[str, Any]
     for name, value in counts.items():
         out.setdefault(name, value)
     return out
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def setup(preset: Preset, *, save: bool = True) -> str:
-    """Set torch's threads, seed torch, numpy and random with ``preset.seed``, create the run folder,
-    report the environment.
-
-    Threads: :func:`fastavatar_nb.threads.configure_threads` (the cores free now; a warning when
-    other jobs keep some busy).
-
-    Args:
-        preset: the preset of this notebook or script.
-        save: also write the preset to ``preset.run_dir / "preset.json"`` (the run report reads it).
-
-    Returns:
-        A few lines to print in the setup cell: versions of Python, torch, numpy, gsplat and
-        fastavatar-nb, the device (with the GPU's name on CUDA), the backend, the threads and the preset.
-    """
-    from .threads import configure_threads
-
-    threads = configure_threads()  # the free cores only: a busy machine slows two-thread torch tenfold
-    random.seed(preset.seed)
-    np.random.seed(preset.seed)
-    torch.manual_seed(preset.seed)  # seeds every CUDA device too
-    preset.run_dir.mkdir(parents=True, exist_ok=True)
-    if save:
-        preset.save()
-    device = preset.device
-    if preset.device == "cuda" and torch.cuda.is_available():
-        device = f"cuda ({torch.cuda.get_device_name(0)})"
-    backend = preset.backend
-    if backend == "auto":
-        from .render import resolve_backend
-
-        backend = f"auto -> {resolve_backend('auto', preset.torch_device)}"
-    return "\n".join(
-        [
-            f"python {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__} | "
-            f"gsplat {_version('gsplat')} | fastavatar-nb {_version('fastavatar-nb')}",
-            f"device {device} | backend {backend} | seed {preset.seed} | {threads}",
-            f"preset {preset.describe()}",
-            preset.describe_data(),
-        ]
-    )

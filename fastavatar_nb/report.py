@@ -9,7 +9,7 @@ Convention (every notebook follows it, ``fastavatar-nb run`` reads it):
 - ``<run_dir>/figures/*.png``: figures, written with :func:`save_image` or by any code
   that writes a PNG into :func:`figures_dir`. Prefix them with the notebook number
   (``"02_template_orbit.png"``) so that the report groups them.
-- ``<run_dir>/preset.json``: the preset (written by ``fastavatar_nb.presets.setup``).
+- ``<run_dir>/preset.json``: the preset (written by ``fastavatar_nb.runtime.setup``).
 - ``<run_dir>/run_status.json``: per-notebook status and timings (written by the CLI).
 
 :func:`write_report` turns those into ``report.md`` and ``report.html`` in the run folder.

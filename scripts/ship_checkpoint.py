@@ -21,7 +21,6 @@ import shutil
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -35,6 +34,7 @@ from fastavatar_nb.gaussians import Gaussians
 from fastavatar_nb.objective import HOLDOUT_VIEW
 from fastavatar_nb.presets import Preset, project_root
 from fastavatar_nb.refine import RefineConfig
+from fastavatar_nb.runtime import package_version
 
 CHECK_SUBJECTS = 2
 """Validation subjects whose feed-forward numbers the test reproduces."""
@@ -68,13 +68,6 @@ def _git(*args: str, where: Path | None = None) -> str:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def protocol_rows(run_dir: Path, preset: Preset) -> dict:
@@ -138,7 +131,7 @@ def ship(run_dir: Path, out: Path, name: str = "course", overwrite: bool = False
         "preset": preset.to_dict(),
         "notebook_seconds": {k: v.get("seconds") for k, v in notebooks.items()},
         "total_seconds": round(sum(float(v.get("seconds") or 0) for v in notebooks.values()), 1),
-        "libraries": {d: _version(d) for d in LIBRARIES},
+        "libraries": {d: package_version(d) for d in LIBRARIES},
         "python": platform.python_version(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},

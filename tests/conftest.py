@@ -102,7 +102,7 @@ def _seed_everything() -> None:
 
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
-    """Each test leaves torch's thread count as it found it (``presets.setup`` sets it to the free cores)."""
+    """Each test leaves torch's thread count as it found it (``runtime.setup`` sets it to the free cores)."""
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastavatar_nb import presets
+from fastavatar_nb import presets, runtime
 from fastavatar_nb.presets import Preset, PresetError
 
 
@@ -233,9 +233,9 @@ def test_presets_differ_in_listed_settings_only() -> None:
 
 def test_setup_seeds_and_reports(no_cuda: None, tmp_path: Path) -> None:
     p = presets.get("smoke", run_dir=tmp_path / "run", seed=3)
-    text = presets.setup(p)
+    text = runtime.setup(p)
     first = (torch.rand(3), np.random.rand(), random.random())
-    presets.setup(p)
+    runtime.setup(p)
     second = (torch.rand(3), np.random.rand(), random.random())
     torch.testing.assert_close(first[0], second[0])
     assert first[1:] == second[1:]

@@ -32,7 +32,7 @@ __all__ = ["Cameras", "Gaussians", "render", "__version__"]
 
 _LAZY = {"presets", "data", "fitting", "template", "decoder", "pipeline", "faces", "encoder", "editing", "evaluation",
          "metrics", "viewers", "cli", "report", "ply", "gaussians", "cameras", "objective", "refine", "distributed", "threads",
-         "checkpoints", "photo", "webviewer", "explorer", "figures", "report_results", "images", "plots", "orbit", "collapse", "runtime"}
+         "checkpoints", "photo", "webviewer", "explorer", "figures", "report_results", "images", "plots", "orbit", "collapse", "runtime", "photo_io"}
 
 
 def __getattr__(name: str):

@@ -568,6 +568,94 @@ def fit_loss(gaussians: Gaussians, cameras: Cameras, images: Tensor, anchors: Te
                    ssim=terms["ssim"][:, 0], position=position, colors=out.colors)
 
 
+def _resume_fit(ckpt: CheckpointFile | None, overwrite: bool, config: FitConfig, ids: list[str],
+                shard: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(state, saved tensors)`` to start :func:`fit_subjects` from: a fresh state, or the checkpoint's when it is
+    of the same run (checked: config, subjects, shard, sizes; another run raises) and ``overwrite`` is off
+    (with it, the checkpoint is discarded)."""
+    state: dict[str, Any] = {"num_done": 0, "batch_start": None, "step": 0, "seconds": 0.0}
+    if ckpt is None or not ckpt.exists():
+        return state, {}
+    if overwrite:
+        ckpt.discard()
+        return state, {}
+    st, saved = ckpt.load(state_keys=_STATE_KEYS, tensor_names=("hist.loss", "hist.psnr"))
+    ckpt.require_same_run(st, {"config": json.loads(config.to_json()), "subject_ids": ids,
+                               "subject_indices": shard.get("subject_indices")}, "fit")
+    _check_resumable(ckpt, st, saved, len(ids), config.iterations, config.batch_size)
+    state.update({k: st[k] for k in ("num_done", "batch_start", "step", "seconds")})
+    return state, saved
+
+
+def _save_fit(ckpt: CheckpointFile, config: FitConfig, ids: list[str], shard: dict[str, Any], state: dict[str, Any],
+              seconds: float, backend_name: str, hist_loss: Tensor, hist_psnr: Tensor, done: dict[str, Tensor],
+              cur: dict[str, Tensor] | None, opt: torch.optim.Adam | None) -> None:
+    """Write :func:`fit_subjects`' resumable checkpoint: its state, the histories, the finished fits (``done.*``)
+    and, mid-batch, the current batch's parameters (``cur.*``) with Adam's state."""
+    tensors = {"hist.loss": hist_loss, "hist.psnr": hist_psnr, **{f"done.{k}": v for k, v in done.items()}}
+    if cur is not None:
+        tensors.update({f"cur.{k}": v for k, v in cur.items()})
+        tensors.update(_optimizer_tensors(opt))
+    ckpt.save({"config": json.loads(config.to_json()), "subject_ids": ids, **shard, "num_done": state["num_done"],
+               "batch_start": state["batch_start"], "step": state["step"], "seconds": seconds,
+               "backend": backend_name,
+               "view_schedule": "numpy default_rng(SeedSequence([seed, subject_index, epoch])).permutation",
+               "optimizer": {"type": "Adam", "eps": 1e-15, "betas": [0.9, 0.999],
+                             "lr": {g["name"]: g["lr"] for g in opt.param_groups} if opt else None}},
+              tensors)
+
+
+def _start_batch(batch: list[MultiViewSubject], images: Tensor, cams: Cameras, tv: list[int], config: FitConfig,
+                 backend_name: str, dev: torch.device, saved: dict[str, Tensor], saved_step: int
+                 ) -> tuple[dict[str, Tensor], torch.optim.Adam, int, Tensor]:
+    """A batch's parameters (leaves), their Adam, the first step and the initial training PSNR ``[S]``: from
+    ``saved`` (a checkpoint taken in this batch, at step ``saved_step``) when it holds them, else fresh
+    (:func:`init_gaussians`)."""
+    resuming = "cur.means" in saved
+    if resuming:
+        params = {k: saved[f"cur.{k}"].to(dev).clone() for k in _PARAM_NAMES}
+    else:
+        params = _split_params(Gaussians.stack([init_gaussians(s, config) for s in batch]).clone())
+    step0 = int(saved_step) if resuming else 0
+    for v in params.values():
+        v.requires_grad_(True)
+    opt = _make_optimizer(params, config)
+    if resuming:
+        _load_optimizer(opt, saved, dev)
+        for grp in opt.param_groups:
+            if grp["name"] == "means":
+                grp["lr"] = config.means_lr_at(step0)
+    if resuming and "cur.init_train_psnr" in saved:
+        init_psnr = saved["cur.init_train_psnr"].to(dev)
+    elif not config.evaluate:
+        init_psnr = torch.full((len(batch),), float("nan"), device=dev)
+    else:
+        init_psnr = evaluate_views(_join_params(params).detach(), images, cams, tv, backend=backend_name, sh_degree=0,
+                                   tile_size=config.tile_size)["psnr"].mean(1)
+    return params, opt, step0, init_psnr
+
+
+def _score_batch(fitted: Gaussians, images: Tensor, masks: Tensor, cams: Cameras, tv: list[int], anchors: Tensor,
+                 init_psnr: Tensor, config: FitConfig, backend_name: str) -> dict[str, Tensor]:
+    """A finished batch's fits and scores, by the names of :data:`_DONE`: its training views, and the held-out
+    view (whole image and head region); NaN where ``config.evaluate`` is off or there is no held-out view."""
+    S, dev = images.shape[0], images.device
+    if config.evaluate:
+        tr = evaluate_views(fitted, images, cams, tv, backend=backend_name, sh_degree=config.sh_degree,
+                            tile_size=config.tile_size)
+    else:
+        tr = {k: torch.full((S, 1), float("nan"), device=dev) for k in ("psnr", "ssim")}
+    if config.holdout_view is not None and config.evaluate:
+        ho = evaluate_views(fitted, images, cams, [config.holdout_view], head_region(masks, cams),
+                            backend_name, config.sh_degree, tile_size=config.tile_size)
+    else:
+        ho = {k: torch.full((S, 1), float("nan"), device=dev) for k in ("psnr", "ssim", "psnr_head")}
+    return {**{f"g.{k}": v for k, v in fitted.parameters().items()}, "anchors": anchors,
+            "init_train_psnr": init_psnr, "train_psnr": tr["psnr"].mean(1), "train_ssim": tr["ssim"].mean(1),
+            "heldout_psnr": ho["psnr"][:, 0], "heldout_ssim": ho["ssim"][:, 0],
+            "heldout_psnr_head": ho["psnr_head"][:, 0]}
+
+
 def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None = None, backend: Backend = "auto",
                  device: torch.device | str | None = None, checkpoint: str | os.PathLike | None = None,
                  overwrite: bool = False, progress: bool = True,
@@ -616,41 +704,15 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
     backend_name = resolve_backend(backend, dev)
     T, bs = config.iterations, config.batch_size
 
-    # ---- resume or start
     ckpt = _checkpoint(checkpoint) if checkpoint is not None else None
-    state: dict[str, Any] = {"num_done": 0, "batch_start": None, "step": 0, "seconds": 0.0}
-    saved: dict[str, Tensor] = {}
-    if ckpt is not None and ckpt.exists():
-        if overwrite:
-            ckpt.discard()
-        else:
-            st, saved = ckpt.load(state_keys=_STATE_KEYS, tensor_names=("hist.loss", "hist.psnr"))
-            ckpt.require_same_run(st, {"config": json.loads(config.to_json()), "subject_ids": ids,
-                                       "subject_indices": shard.get("subject_indices")}, "fit")
-            _check_resumable(ckpt, st, saved, n, T, bs)
-            state.update({k: st[k] for k in ("num_done", "batch_start", "step", "seconds")})
-
+    state, saved = _resume_fit(ckpt, overwrite, config, ids, shard)
     hist_loss = saved.get("hist.loss", torch.full((n, T), float("nan")))
     hist_psnr = saved.get("hist.psnr", torch.full((n, T), float("nan")))
     done: dict[str, Tensor] = {k[5:]: v for k, v in saved.items() if k.startswith("done.")}
 
-    def checkpoint_tensors(cur: dict[str, Tensor] | None, opt: torch.optim.Adam | None) -> dict[str, Tensor]:
-        t = {"hist.loss": hist_loss, "hist.psnr": hist_psnr, **{f"done.{k}": v for k, v in done.items()}}
-        if cur is not None:
-            t.update({f"cur.{k}": v for k, v in cur.items()})
-            t.update(_optimizer_tensors(opt))
-        return t
-
     def save(cur: dict[str, Tensor] | None, opt: torch.optim.Adam | None, seconds: float) -> None:
-        if ckpt is None:
-            return
-        ckpt.save({"config": json.loads(config.to_json()), "subject_ids": ids, **shard, "num_done": state["num_done"],
-                   "batch_start": state["batch_start"], "step": state["step"], "seconds": seconds,
-                   "backend": backend_name,
-                   "view_schedule": "numpy default_rng(SeedSequence([seed, subject_index, epoch])).permutation",
-                   "optimizer": {"type": "Adam", "eps": 1e-15, "betas": [0.9, 0.999],
-                                 "lr": {g["name"]: g["lr"] for g in opt.param_groups} if opt else None}},
-                  checkpoint_tensors(cur, opt))
+        if ckpt is not None:
+            _save_fit(ckpt, config, ids, shard, state, seconds, backend_name, hist_loss, hist_psnr, done, cur, opt)
 
     total_steps = (math.ceil(n / bs) * T)
     first_batch = state["num_done"] // bs
@@ -669,27 +731,8 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
             images, masks, cams, anchors = stack_subjects(batch)
             S, C = images.shape[:2]
             tv = train_views(C, config.holdout_view)
-            resuming = state["batch_start"] == b0 and "cur.means" in saved
-            if resuming:
-                params = {k: saved[f"cur.{k}"].to(dev).clone() for k in _PARAM_NAMES}
-                step0 = int(state["step"])
-            else:
-                init = Gaussians.stack([init_gaussians(s, config) for s in batch])
-                params = _split_params(init.clone())
-                step0 = 0
-            for v in params.values():
-                v.requires_grad_(True)
-            opt = _make_optimizer(params, config)
-            if resuming:
-                _load_optimizer(opt, saved, dev)
-                for grp in opt.param_groups:
-                    if grp["name"] == "means":
-                        grp["lr"] = config.means_lr_at(step0)
-            nan = torch.full((S,), float("nan"), device=dev)
-            init_psnr = (saved["cur.init_train_psnr"].to(dev) if resuming and "cur.init_train_psnr" in saved
-                         else nan if not config.evaluate else evaluate_views(
-                             _join_params(params).detach(), images, cams, tv, backend=backend_name, sh_degree=0,
-                             tile_size=config.tile_size)["psnr"].mean(1))
+            params, opt, step0, init_psnr = _start_batch(batch, images, cams, tv, config, backend_name, dev,
+                                                         saved if state["batch_start"] == b0 else {}, state["step"])
             state["batch_start"] = b0
             ar = torch.arange(S, device=dev)
             for step in range(step0, T):
@@ -719,22 +762,8 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
                     callback({"step": step + 1, "iterations": T, "batch_start": b0, "subject_ids": [ids[i] for i in idx],
                               "loss": loss.detach(), "l1": step_loss.l1.detach(),
                               "ssim": step_loss.ssim.detach(), "psnr": p, "sh_degree": config.degree_at(step)})
-            # ---- evaluate this batch and move it to the finished fits
-            fitted = _join_params({k: v.detach() for k, v in params.items()})
-            if config.evaluate:
-                tr = evaluate_views(fitted, images, cams, tv, backend=backend_name, sh_degree=config.sh_degree,
-                                    tile_size=config.tile_size)
-            else:
-                tr = {k: nan[:, None] for k in ("psnr", "ssim")}
-            if config.holdout_view is not None and config.evaluate:
-                ho = evaluate_views(fitted, images, cams, [config.holdout_view], head_region(masks, cams),
-                                    backend_name, config.sh_degree, tile_size=config.tile_size)
-            else:
-                ho = {k: torch.full((S, 1), float("nan"), device=dev) for k in ("psnr", "ssim", "psnr_head")}
-            new = {**{f"g.{k}": v for k, v in fitted.parameters().items()}, "anchors": anchors,
-                   "init_train_psnr": init_psnr, "train_psnr": tr["psnr"].mean(1), "train_ssim": tr["ssim"].mean(1),
-                   "heldout_psnr": ho["psnr"][:, 0], "heldout_ssim": ho["ssim"][:, 0],
-                   "heldout_psnr_head": ho["psnr_head"][:, 0]}
+            new = _score_batch(_join_params({k: v.detach() for k, v in params.items()}), images, masks, cams, tv,
+                               anchors, init_psnr, config, backend_name)
             for k, v in new.items():
                 v = v.detach().cpu()
                 done[k] = torch.cat([done[k], v]) if k in done else v

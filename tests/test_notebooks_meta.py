@@ -156,6 +156,24 @@ def test_committed_notebook_follows_the_rules(path: Path) -> None:
     assert "fastavatar_nb" in sources
 
 
+
+def test_output_checked_cells_are_marked_as_nbval_reads_them() -> None:
+    """nbval compares a cell's output only when a line of it is exactly ``# NBVAL_CHECK_OUTPUT``; a marker with
+    more text on its line would keep its output (check_notebooks) but never be compared. Every such cell has a
+    reference output, and the notebooks hold some: deterministic printed checks at the smoke preset."""
+    from nbval.plugin import find_comment_markers
+
+    checked = 0
+    for path in NOTEBOOKS:
+        for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
+            if cell.cell_type != "code" or check.CHECK_OUTPUT_MARKER not in cell.source:
+                continue
+            assert dict(find_comment_markers(cell.source)).get("check") is True, \
+                f"{path.name} cell {i}: put '# NBVAL_CHECK_OUTPUT' alone on its line (nbval ignores it otherwise)"
+            assert cell.outputs and cell.execution_count, f"{path.name} cell {i}: no reference output"
+            checked += 1
+    assert checked >= 4, checked
+
 # ------------------------------------------------------------------ numbers in the prose
 ROOT = Path(__file__).resolve().parent.parent
 MEASURED = re.compile(r"(?<![\w.])(\d+\.\d+)\s*(dB|x\b|%| s\b| ms\b| min\b)")

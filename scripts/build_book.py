@@ -152,6 +152,20 @@ def copy_without_cdn_mathjax(path: Path, dest: Path) -> int:
     return dropped
 
 
+def copy_without_outputs(path: Path, dest: Path) -> None:
+    """Copy a committed notebook with every code cell's outputs and count emptied: the few it keeps (the
+    reference outputs of its ``# NBVAL_CHECK_OUTPUT`` cells) belong to the tests, not to a run, and the page
+    says it shows no outputs."""
+    try:
+        notebook = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BookError(f"cannot read notebook {path}: {err}") from err
+    for cell in notebook.get("cells", []):
+        if cell.get("cell_type") == "code":
+            cell["outputs"], cell["execution_count"] = [], None
+    dest.write_text(json.dumps(notebook), encoding="utf-8")
+
+
 def discover(folder: Path) -> dict[str, Path]:
     """``{file name: path}`` of the ``NN_name.ipynb`` files directly in ``folder`` (as ``fastavatar-nb run``
     finds them: :func:`fastavatar_nb.cli.discover_notebooks`)."""
@@ -175,7 +189,7 @@ def assemble(run_dir: Path, folder: Path, notebooks_dir: Path = NOTEBOOKS) -> So
             copy_without_cdn_mathjax(path, folder / name)
         else:
             source.without_outputs.append(name)
-            shutil.copyfile(path, folder / name)
+            copy_without_outputs(path, folder / name)
         source.notebooks.append(name)
         source.titles.append(notebook_title(path))
         lines.append(f"1. [{source.titles[-1]}]({name})")

@@ -43,7 +43,7 @@ from fastavatar_nb import faces
 from fastavatar_nb import photo as ph
 from fastavatar_nb.cameras import Cameras, rotation_error_deg
 from fastavatar_nb.data import read_subject
-from fastavatar_nb.data.nersemble import tracked_head_rotation
+from fastavatar_nb.data.nersemble import head_relative_cameras, tracked_head_rotation
 from fastavatar_nb.gaussians import Gaussians
 from fastavatar_nb.objective import evaluate_views
 from fastavatar_nb.refine import RefineConfig
@@ -77,9 +77,7 @@ def camera_accuracy(ckpt, landmarks3d, mtcnn) -> dict:
                 continue
             pose = ph.estimate_pose(ph.photo_view(p, det, landmarks3d, W, H), landmarks3d)
             cal = sub.cameras[[c]]
-            V = cal.viewmats.double().clone()
-            V[0, :3, :3] = V[0, :3, :3] @ Rh
-            rel = Cameras(V.float(), cal.Ks, cal.width, cal.height)
+            rel = head_relative_cameras(cal, Rh)
             C = cal.centers[0]
             rows.append({"camera": c, "face": True, "yaw_deg": round(pose.yaw_deg, 2), "pitch_deg": round(pose.pitch_deg, 2),
                          "calibrated_yaw_deg": round(float(torch.rad2deg(torch.atan2(C[0], C[2]))), 2),
@@ -199,6 +197,7 @@ def real_photos(ckpt, landmarks3d, net, mtcnn, steps: int, configs: list[dict]) 
     rendered through :func:`_through` the camera the reconstruction estimated: a wrong camera costs PSNR, as it
     would show in a user's turntable."""
     W, H = ckpt.preset.image_width, ckpt.preset.image_height
+    names = [_name(cfg) or "PHOTO_REFINE" for cfg in configs]
     rows = []
     for folder in sorted(SHARED.iterdir()) if SHARED.is_dir() else []:
         full = read_subject(folder)
@@ -211,11 +210,8 @@ def real_photos(ckpt, landmarks3d, net, mtcnn, steps: int, configs: list[dict]) 
 
         for c in range(full.num_views):
             row = {"subject": folder.name, "camera": c}
-            cal = sub.cameras[[c]]
-            V = cal.viewmats.double().clone()
-            V[0, :3, :3] = V[0, :3, :3] @ Rh
-            rel = Cameras(V.float(), cal.Ks, W, H)
-            for j, cfg in enumerate(configs):
+            rel = head_relative_cameras(sub.cameras[[c]], Rh)
+            for j, (cfg, name) in enumerate(zip(configs, names, strict=True)):
                 try:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
@@ -229,15 +225,13 @@ def real_photos(ckpt, landmarks3d, net, mtcnn, steps: int, configs: list[dict]) 
                     row["template"] = score(ckpt.template, r.pose.camera, c)
                     row["feed_forward"] = score(r.feed_forward, r.pose.camera, c)
                     row["rotation_error_head_pnp_deg"] = round(float(rotation_error_deg(r.pose.camera, rel)), 2)
-                name = _name(cfg) or "PHOTO_REFINE"
                 row[name] = score(r.head, r.camera, c)
                 row[name + " rotation_error_head_deg"] = round(float(rotation_error_deg(r.camera, rel)), 2)
             rows.append(row)
             print(row, flush=True)
     ok = [r for r in rows if r.get("face", True)]
     summary = {}
-    for cfg in configs:
-        name = _name(cfg) or "PHOTO_REFINE"
+    for name in names:
         summary[name] = {
             "mean_refined": round(statistics.mean(r[name] for r in ok), 3),
             "refined_at_or_above_feed_forward": sum(r[name] >= r["feed_forward"] for r in ok),

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .cameras import Cameras
-from .data.subject import MultiViewSubject
+from .data.subject import MultiViewSubject, stack_subjects
 from .decoder import AutoDecoder, DecoderConfig, apply_residuals, decoder_loss, positional_embedding
 from .encoder import EncoderConfig, EncoderMLP
 from .gaussians import Gaussians
@@ -108,10 +108,8 @@ def train_end_to_end(subjects: Sequence[MultiViewSubject], template: Gaussians, 
         raise ValueError(f"train_end_to_end: no view of {faceless} has a face MTCNN found: no input photo")
     dev = template.device
     backend_name = resolve_backend(backend, dev)
-    images = torch.stack([s.images for s in subjects]).to(dev)                        # [N, C, H, W, 3]
-    viewmats = torch.stack([s.cameras.viewmats for s in subjects]).to(dev)
-    Ks = torch.stack([s.cameras.Ks for s in subjects]).to(dev)
-    width, height = subjects[0].width, subjects[0].height
+    images, _, rig, _ = stack_subjects(subjects)                                      # [N, C, H, W, 3], [N, C]
+    images, rig = images.to(dev), rig.to(dev)
     tv = torch.tensor(train_views(views, dcfg.holdout_view))
 
     torch.manual_seed(dcfg.seed)
@@ -136,7 +134,7 @@ def train_end_to_end(subjects: Sequence[MultiViewSubject], template: Gaussians, 
         v = tv[torch.randperm(len(tv), generator=gen)[:dcfg.views_per_step]]
         s, v_in, v = s.to(dev), v_in.to(dev), v.to(dev)
         w = encoder(emb[s, v_in])                                                     # [B, latent_dim]
-        cams = Cameras(viewmats[s[:, None], v[None]], Ks[s[:, None], v[None]], width, height)
+        cams = Cameras(rig.viewmats[s[:, None], v[None]], rig.Ks[s[:, None], v[None]], rig.width, rig.height)
         out = decoder_loss(decoder, template, w, embeddings, images[s[:, None], v[None]], cams, dcfg, backend_name)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()

@@ -125,6 +125,14 @@ def notebook_title(path: Path) -> str:
     return path.stem
 
 
+def read_notebook(path: Path) -> dict:
+    """A notebook's JSON, or a :class:`BookError` that names the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BookError(f"cannot read notebook {path}: {err}") from err
+
+
 def copy_without_cdn_mathjax(path: Path, dest: Path) -> int:
     """Copy a notebook, dropping the ``<script src=".../mathjax/...">`` tags of its HTML outputs; returns
     how many went.
@@ -133,10 +141,7 @@ def copy_without_cdn_mathjax(path: Path, dest: Path) -> int:
     MathJax already (from ``_static``), and a second copy from the network is neither reachable offline
     nor compatible with the first; no figure of this package has TeX in its labels.
     """
-    try:
-        notebook = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise BookError(f"cannot read notebook {path}: {err}") from err
+    notebook = read_notebook(path)
     dropped = 0
     for cell in notebook.get("cells", []):
         for output in cell.get("outputs", []):
@@ -156,10 +161,7 @@ def copy_without_outputs(path: Path, dest: Path) -> None:
     """Copy a committed notebook with every code cell's outputs and count emptied: the few it keeps (the
     reference outputs of its ``# NBVAL_CHECK_OUTPUT`` cells) belong to the tests, not to a run, and the page
     says it shows no outputs."""
-    try:
-        notebook = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise BookError(f"cannot read notebook {path}: {err}") from err
+    notebook = read_notebook(path)
     for cell in notebook.get("cells", []):
         if cell.get("cell_type") == "code":
             cell["outputs"], cell["execution_count"] = [], None

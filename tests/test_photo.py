@@ -259,7 +259,7 @@ def test_face_ellipse_and_loss_region():
 
 def test_nersemble_frames_camera_against_the_calibration(shared_dir, size, mtcnn, landmarks3d):
     from fastavatar_nb.data import read_subject
-    from fastavatar_nb.data.nersemble import tracked_head_rotation
+    from fastavatar_nb.data.nersemble import head_relative_cameras, tracked_head_rotation
 
     folder = shared_dir / "data" / "nersemble_samples" / "306"
     if not folder.is_dir():
@@ -270,9 +270,8 @@ def test_nersemble_frames_camera_against_the_calibration(shared_dir, size, mtcnn
     for c in (2, 5, 8, 11):
         pose = ph.estimate_pose(ph.photo_view(p := ph.load_photo(sub.images[c], name=f"cam{c}"),
                                               ph.detect_face(p, mtcnn), landmarks3d[0], *size), landmarks3d[0])
-        V = sub.cameras[[c]].viewmats.double().clone()
-        V[0, :3, :3] = V[0, :3, :3] @ head                       # the camera relative to the tracked head
-        errors.append(float(rotation_error_deg(pose.camera, Cameras(V.float(), sub.cameras.Ks[[c]], 550, 802))))
+        rel = head_relative_cameras(sub.cameras[[c]], head)      # the camera relative to the tracked head
+        errors.append(float(rotation_error_deg(pose.camera, rel)))
         assert pose.reprojection_px < 8                          # photo pixels of a 550x802 frame
     assert max(errors) < 12 and sorted(errors)[1] < 8, errors    # measured: 7.4, 3.3, 3.3, 4.8
 
@@ -461,3 +460,19 @@ def test_draw_detection_marks_every_face():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ph.draw_detection(ph.Photo(torch.ones(2000, 1000, 3), "big"), det)  # downscaled for display
+
+
+def test_head_relative_cameras_turn_each_camera_by_the_head_rotation():
+    from fastavatar_nb.data.nersemble import head_relative_cameras
+
+    rig = Cameras.nersemble_rig(69, 100)
+    same = head_relative_cameras(rig, torch.eye(3, dtype=torch.float64))
+    torch.testing.assert_close(same.viewmats, rig.viewmats)
+    R = rotvec_to_matrix(torch.tensor([0.0, math.radians(9.0), 0.0], dtype=torch.float64))
+    turned = head_relative_cameras(rig, R)
+    torch.testing.assert_close(rotation_error_deg(turned, rig), torch.full((16,), 9.0, dtype=torch.float64),
+                               atol=1e-3, rtol=0)  # float32 matrices: acos near 1 loses a few 1e-4 degrees
+    torch.testing.assert_close(turned.viewmats[..., :3, 3], rig.viewmats[..., :3, 3])  # translations kept
+    torch.testing.assert_close(turned.viewmats[..., :3, :3].double(), rig.viewmats[..., :3, :3].double() @ R,
+                               atol=1e-6, rtol=0)
+    assert turned.width == 69 and turned.height == 100 and turned.viewmats.dtype == rig.viewmats.dtype

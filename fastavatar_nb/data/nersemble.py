@@ -54,7 +54,7 @@ from .subject import MultiViewSubject, target_size
 __all__ = [
     "SubjectFormatError", "MissingSubjectFileError", "read_subject", "write_subject", "list_subject_dirs",
     "split_subjects", "write_split", "SubjectDataset", "Split", "HOLDOUT_VIEW", "default_num_test",
-    "tracked_head_rotation", "frame_value", "select_frames",
+    "tracked_head_rotation", "head_relative_cameras", "frame_value", "select_frames",
 ]
 
 Split = Literal["train", "val", "test", "all"]
@@ -353,6 +353,15 @@ def tracked_head_rotation(folder: str | os.PathLike, timestep: int = 0) -> torch
     except (KeyError, ValueError, OSError) as e:
         raise SubjectFormatError(f"{path}: no FLAME 'rotation' and 'neck_pose' ({e})") from None
     return rotvec_to_matrix(rot) @ rotvec_to_matrix(neck)
+
+
+def head_relative_cameras(cameras: Cameras, head_rotation: torch.Tensor) -> Cameras:
+    """``cameras`` as seen from the tracked head: each rotation ``R_cam @ R_head`` (``head_rotation`` ``[3, 3]``,
+    :func:`tracked_head_rotation`), translations and intrinsics unchanged; what a camera estimated from a photo
+    (relative to the template's straight head) is compared with."""
+    V = cameras.viewmats.double().clone()
+    V[..., :3, :3] = V[..., :3, :3] @ head_rotation.double()
+    return Cameras(V.to(cameras.viewmats.dtype), cameras.Ks, cameras.width, cameras.height)
 
 
 def list_subject_dirs(root: str | os.PathLike) -> list[Path]:

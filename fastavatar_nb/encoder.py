@@ -56,7 +56,7 @@ from ._io import (
 )
 from .faces import EMBEDDING_DIM, make_mtcnn, truth_faces
 
-__all__ = ["ENCODER_FILE", "EncoderConfig", "EncoderMLP", "EncoderResult", "encoder_loss", "face_embeddings",
+__all__ = ["ENCODER_FILE", "EncoderConfig", "EncoderMLP", "EncoderResult", "encoder_loss", "encoder_batch_loss", "face_embeddings",
            "dataset_embeddings", "dataset_photos", "training_pairs", "augment_embeddings", "augment_photos", "train_encoder",
            "encode_faces"]
 
@@ -136,6 +136,18 @@ def encoder_loss(pred: Tensor, target: Tensor, mse_weight: float = 0.1, cos_weig
     cos = F.cosine_similarity(pred, target, dim=-1)
     return {"mse": mse, "cos": cos, "total": mse_weight * mse + cos_weight * (1 - cos)}
 
+
+
+def encoder_batch_loss(model: EncoderMLP, embeddings: Tensor, targets: Tensor, config: EncoderConfig,
+                       colours: Tensor | None = None) -> dict[str, Tensor]:
+    """The loss of one step of :func:`train_encoder` (Eq. 9), the function its loop calls: the model's codes
+    for a batch of (augmented) embeddings ``[B, 512]`` (and colours ``[B, photo_dim]`` when it reads them)
+    against their subjects' codes ``targets`` ``[B, latent_dim]``, weighted by the config.
+
+    Returns :func:`encoder_loss`'s per-sample ``mse``, ``cos`` and ``total`` ``[B]``, and ``loss``, the scalar
+    minimised (the mean of ``total``); ``loss.backward()`` and the optimiser step are the caller's."""
+    terms = encoder_loss(model(embeddings, colours), targets, config.mse_weight, config.cos_weight)
+    return {**terms, "loss": terms["total"].mean()}
 
 
 @dataclass
@@ -428,7 +440,8 @@ def augment_photos(photos: Tensor, jitter: float, generator: torch.Generator) ->
 def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | None = None, progress: bool = True,
                   callback: Callable[[dict[str, Any]], None] | None = None,
                   photos: Tensor | None = None) -> EncoderResult:
-    """Distil the encoder MLP onto the decoder's codes (Eq. 9).
+    """Distil the encoder MLP onto the decoder's codes (Eq. 9): each step minimises :func:`encoder_batch_loss`
+    on a batch with Adam (AdamW with ``weight_decay``), the learning rate decaying exponentially.
 
     Args:
         embeddings: ``[M, 512]`` face embeddings (one per training view with a face; no NaNs).
@@ -491,8 +504,8 @@ def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | N
             if colours is not None:
                 c = (colours[idx] if config.photo_jitter == 0 else
                      model.photo_features(augment_photos(photos[idx.to(photos.device)], config.photo_jitter, aug_gen)))
-            terms = encoder_loss(model(x, c), targets[idx], config.mse_weight, config.cos_weight)
-            loss = terms["total"].mean()
+            terms = encoder_batch_loss(model, x, targets[idx], config, c)
+            loss = terms["loss"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

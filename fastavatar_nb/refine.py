@@ -52,7 +52,7 @@ from .metrics import lpips_available, psnr
 from .objective import check_on_white, photometric_loss
 from .render import Backend, render, resolve_backend
 
-__all__ = ["Schedule", "RefineConfig", "RefineResult", "input_view", "refine", "refine_views"]
+__all__ = ["Schedule", "RefineConfig", "RefineResult", "RefineLoss", "input_view", "refine", "refine_loss", "refine_views"]
 
 Schedule = Literal["code_then_decoder", "joint", "code", "decoder"]
 
@@ -222,6 +222,51 @@ def code_drift(w: Tensor, w0: Tensor) -> Tensor:
     return (w - w0.detach()).square().sum() / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
+@dataclass
+class RefineLoss:
+    """One refinement step's loss (:func:`refine_loss`): ``loss = image + penalty + prior``."""
+
+    loss: Tensor
+    """The scalar minimised."""
+    image: Tensor
+    """``l1 L1 + ssim (1 - SSIM) [+ lpips LPIPS]`` of the render against the photo on white (a scalar)."""
+    penalty: Tensor
+    """The decoder's residual penalty (Eq. 8, :func:`~fastavatar_nb.decoder.residual_penalty`), a scalar."""
+    prior: Tensor
+    """``code_prior_weight`` times :func:`code_drift` (zero when the weight is 0), a scalar."""
+    colors: Tensor
+    """``[1, H, W, 3]`` the render at the input camera on white (with its gradient)."""
+
+
+def refine_loss(decoder: nn.Module, template: Gaussians, w: Tensor, embeddings: Tensor, image: Tensor, camera: Cameras,
+                decoder_config: Any, weights: Tensor | None = None, code_prior_weight: float = 0.0,
+                initial_code: Tensor | None = None, backend: Backend = "auto") -> RefineLoss:
+    """The loss of one step of :func:`refine`, the function its loop calls (paper section 3.5: the decoder's
+    own loss, Eq. 2-8, on the one input photo).
+
+    Decodes ``w`` ``[latent_dim]`` with the embeddings ``e_k`` into residuals, applies them to the template,
+    renders the head at ``camera`` (``Cameras`` ``[1]``) on white and scores it against ``image`` ``[H, W, 3]``
+    with the decoder's weights (``decoder_config``, a :class:`~fastavatar_nb.decoder.DecoderConfig`) over
+    ``weights`` ``[H, W]`` (``None``: every pixel), plus the residual penalty and, with
+    ``code_prior_weight > 0``, the code's drift from ``initial_code``. Gradients flow to ``w``, the decoder,
+    the embeddings and the camera where they require them; ``loss.backward()`` and the optimiser steps are
+    the caller's."""
+    res = decoder(w, embeddings)
+    out = render(apply_residuals(template, res), camera, background=1.0, backend=backend,
+                 sh_degree=decoder_config.sh_degree, tile_size=decoder_config.tile_size)
+    wt = None if weights is None else weights[None, None]
+    image_term = photometric_loss(out.colors[None], image[None, None], wt, decoder_config.l1_weight,
+                                  decoder_config.ssim_weight, decoder_config.lpips_weight)["total"].mean()
+    penalty = residual_penalty(res, decoder_config)
+    prior = torch.zeros((), device=w.device)
+    if code_prior_weight > 0:
+        if initial_code is None:
+            raise ValueError("refine_loss: code_prior_weight > 0 needs initial_code, the code w_0 refinement started at")
+        prior = code_prior_weight * code_drift(w, initial_code)
+    return RefineLoss(loss=image_term + penalty + prior, image=image_term, penalty=penalty, prior=prior,
+                      colors=out.colors)
+
+
 def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras, weights: Tensor | None = None,
            config: RefineConfig | None = None, backend: Backend = "auto", progress: bool = True,
            callback: Callable[[dict[str, Any]], None] | None = None) -> RefineResult:
@@ -229,7 +274,8 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
 
     Each step decodes ``w`` with the (copied) MLP, renders the input view on white and minimises
     ``l1 L1 + ssim (1 - SSIM) [+ lpips LPIPS]`` over ``weights`` plus the decoder's residual
-    penalties [+ ``code_prior_weight`` :func:`code_drift`], with Adam; ``config.schedule`` decides whether the step moves ``w``, the MLP or both.
+    penalties [+ ``code_prior_weight`` :func:`code_drift`] (:func:`refine_loss`, the step's loss), with Adam;
+    ``config.schedule`` decides whether the step moves ``w``, the MLP or both.
 
     Args:
         avatars: the trained decoder (its template, embeddings and MLP; none of them is changed).
@@ -291,13 +337,9 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
         top = torch.cat([R, (V[:3, 3] + d_shift)[:, None]], 1)
         return Cameras(torch.cat([top, V[3:]], 0)[None], camera.Ks, camera.width, camera.height)
 
-    def forward():
-        res = decoder(w, emb)
-        return res, apply_residuals(template, res)
-
     def current_head() -> Gaussians:
         with torch.no_grad():
-            return forward()[1].detach()
+            return apply_residuals(template, decoder(w, emb)).detach()
 
     losses = torch.full((config.steps,), float("nan"))
     psnrs = torch.full((config.steps,), float("nan"))
@@ -310,13 +352,9 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
             for p in mlp:
                 p.requires_grad_(do_mlp)
             emb.requires_grad_(do_mlp and config.embeddings_lr > 0)
-            res, head = forward()
-            out = render(head, current_camera(), background=1.0, backend=backend_name, sh_degree=dcfg.sh_degree,
-                         tile_size=dcfg.tile_size)
-            terms = photometric_loss(out.colors[None], gt, wt, dcfg.l1_weight, dcfg.ssim_weight, dcfg.lpips_weight)
-            total = terms["total"].mean() + residual_penalty(res, dcfg)
-            if config.code_prior_weight > 0:
-                total = total + config.code_prior_weight * code_drift(w, code)
+            step_loss = refine_loss(decoder, template, w, emb, image, current_camera(), dcfg, weights,
+                                    config.code_prior_weight, code, backend_name)
+            total = step_loss.loss
             code_opt.zero_grad(set_to_none=True)
             mlp_opt.zero_grad(set_to_none=True)
             pose_opt.zero_grad(set_to_none=True)
@@ -332,7 +370,7 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
                 pose_opt.step()
             losses[step] = float(total.detach())
             with torch.no_grad():
-                psnrs[step] = float(psnr(out.colors.detach().clamp(0, 1)[None], gt, mask=wt).flatten()[0])
+                psnrs[step] = float(psnr(step_loss.colors.detach().clamp(0, 1)[None], gt, mask=wt).flatten()[0])
             bar.update(1)
             bar.set_postfix(loss=f"{losses[step]:.4f}", psnr=f"{psnrs[step]:.2f}", refresh=False)
             if callback is not None:

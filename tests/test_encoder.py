@@ -21,6 +21,7 @@ from fastavatar_nb.encoder import (
     augment_photos,
     dataset_photos,
     encode_faces,
+    encoder_batch_loss,
     encoder_loss,
     face_embeddings,
     train_encoder,
@@ -50,6 +51,32 @@ def test_encoder_loss_is_equation_9():
     assert float(ortho["mse"]) == pytest.approx((1 + 4) / 4)
     assert float(ortho["total"]) == pytest.approx(0.1 * 1.25 + 1.0)
 
+
+
+def test_train_encoder_minimises_encoder_batch_loss():
+    """The loop's first recorded loss is encoder_batch_loss of the seeded fresh MLP on the whole batch (the mean of
+    Eq. 9 over the samples), and its gradient equals finite differences of that loss in one weight."""
+    emb, codes = _clusters(n_subjects=3, views=4, dim=16, latent=6)
+    x, y = emb.flatten(0, 1), codes[:, None].expand(-1, 4, -1).flatten(0, 1)
+    cfg = EncoderConfig(epochs=1, batch_size=len(x), hidden=(16,), dropout=0.0, seed=3)
+    first = float(train_encoder(x, y, cfg, progress=False).loss_history[0])
+    torch.manual_seed(cfg.seed)  # the loop's initialisation
+    model = EncoderMLP(6, 16, cfg.hidden, cfg.dropout).double().train()
+    terms = encoder_batch_loss(model, x.double(), y.double(), cfg)
+    assert float(terms["loss"]) == pytest.approx(first, rel=1e-5)
+    by_hand = cfg.mse_weight * ((model(x.double()) - y) ** 2).mean(-1) + cfg.cos_weight * (
+        1 - torch.nn.functional.cosine_similarity(model(x.double()), y.double(), dim=-1))
+    torch.testing.assert_close(terms["total"], by_hand)
+    torch.testing.assert_close(terms["loss"], by_hand.mean())
+    weight = model.net[-1].weight
+    (grad,) = torch.autograd.grad(terms["loss"], [weight])
+    h = 1e-6
+    with torch.no_grad():
+        weight[2, 5] += h
+        up = float(encoder_batch_loss(model, x.double(), y.double(), cfg)["loss"])
+        weight[2, 5] -= 2 * h
+        down = float(encoder_batch_loss(model, x.double(), y.double(), cfg)["loss"])
+    assert float(grad[2, 5]) == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-9)
 
 def _clusters(n_subjects: int = 5, views: int = 16, dim: int = 32, latent: int = 12, noise: float = 0.3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)

@@ -15,7 +15,7 @@ from fastavatar_nb.evaluation import novel_view_metrics
 from fastavatar_nb.gaussians import Gaussians
 from fastavatar_nb.metrics import lpips_available
 from fastavatar_nb.objective import NotOnWhiteError
-from fastavatar_nb.refine import RefineConfig, input_view, refine, refine_views
+from fastavatar_nb.refine import RefineConfig, input_view, refine, refine_loss, refine_views
 from fastavatar_nb.render import render
 
 L = 8
@@ -241,3 +241,40 @@ def test_code_drift_and_the_code_prior(problem):
     assert drift[100.0] < 0.1 * drift[0.0], drift
     with pytest.raises(ValueError, match="code_prior_weight"):
         RefineConfig(code_prior_weight=-1.0).validate()
+
+
+def test_refine_minimises_refine_loss(problem):
+    """refine's recorded first loss is refine_loss at the start code: the photometric term against a hand
+    computation plus the residual penalty; the prior is its weight times code_drift, and needs the start code.
+    One clipped Adam step on w with refine's rate (its one step, schedule 'code') gives the code refine returns."""
+    from fastavatar_nb.decoder import apply_residuals, residual_penalty
+    from fastavatar_nb.metrics import ssim
+    from fastavatar_nb.refine import code_drift
+
+    avatars, subject, _, w_start = problem
+    image, cam = input_view(subject, 8)
+    dcfg = avatars.config
+    cfg = RefineConfig(steps=1, schedule="code", code_lr=5e-2)
+    run = refine(avatars, w_start, image, cam, None, cfg, backend="torch", progress=False)
+    w = w_start.clone().requires_grad_(True)
+    lib = refine_loss(avatars.decoder, avatars.template, w, avatars.embeddings, image, cam, dcfg, backend="torch")
+    assert float(lib.loss.detach()) == pytest.approx(float(run.loss_history[0]), rel=1e-6)
+    res = avatars.decoder(w_start, avatars.embeddings)
+    colors = render(apply_residuals(avatars.template, res), cam, background=1.0, backend="torch",
+                    sh_degree=dcfg.sh_degree, tile_size=dcfg.tile_size).colors[0]
+    by_hand = dcfg.l1_weight * (colors - image).abs().mean() + dcfg.ssim_weight * (1 - ssim(colors, image, padding="same"))
+    torch.testing.assert_close(lib.image, by_hand)
+    torch.testing.assert_close(lib.loss, by_hand + residual_penalty(res, dcfg))
+    assert float(lib.prior) == 0.0
+    lib.loss.backward()
+    torch.nn.utils.clip_grad_norm_([w], cfg.grad_clip)
+    opt = torch.optim.Adam([w], lr=cfg.code_lr)
+    opt.step()
+    torch.testing.assert_close(w.detach(), run.code)
+    moved = w_start + 0.3
+    prior = refine_loss(avatars.decoder, avatars.template, moved, avatars.embeddings, image, cam, dcfg,
+                        code_prior_weight=2.0, initial_code=w_start, backend="torch")
+    torch.testing.assert_close(prior.prior, 2.0 * code_drift(moved, w_start))
+    with pytest.raises(ValueError, match="initial_code"):
+        refine_loss(avatars.decoder, avatars.template, moved, avatars.embeddings, image, cam, dcfg,
+                    code_prior_weight=2.0, backend="torch")

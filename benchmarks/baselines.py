@@ -42,7 +42,6 @@ from fastavatar_nb.evaluation import (
     run_protocol,
     summarize,
 )
-from fastavatar_nb.refine import RefineConfig
 from fastavatar_nb.render.gsplat_backend import gsplat_status
 from fastavatar_nb.report_results import EVALUATION
 
@@ -84,7 +83,7 @@ def main() -> None:
         test_emb, test_found = dataset_embeddings(test, net, mtcnn)
         train_emb, train_found = dataset_embeddings(train, net, mtcnn)
         embed_s = time.perf_counter() - t0
-        refine_config = RefineConfig.for_preset(preset)
+        refine_config = preset.refine
         t0 = time.perf_counter()
         rows_dir = root / f"protocol-{args.checkpoint}-{limit}"  # per-subject rows: a rerun with --subjects resumes
         rows, _ = run_protocol(test, test_emb, test_found, ck.avatars, ck.encoder, refine_config, rows_dir,

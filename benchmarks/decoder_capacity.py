@@ -17,7 +17,7 @@ The epochs to ship (:func:`choose`): the most epochs whose validation feed-forwa
 refinement, retrieval and editing, which start from them) gain from, is never paid for with generalisation.
 A snapshot is a point on one learning-rate schedule (decaying over ``--epochs``): a count below ``--epochs``
 is then trained on its own schedule. ``--choose FILE`` applies the rule to a results file again. With ``--checkpoint-into-run`` the run trains into the run folder's ``decoder_checkpoint/``, so
-that notebook 03 at ``decoder_epochs = --epochs`` reuses it instead of training again.
+that notebook 03 at ``decoder.epochs = --epochs`` reuses it instead of training again.
 
     FASTAVATAR_RUN_DIR=runs/course python benchmarks/decoder_capacity.py --epochs 40 --snapshots 4,8,16,24,32,40
 
@@ -56,7 +56,7 @@ from fastavatar_nb.decoder import (
     train_decoder,
     train_views,
 )
-from fastavatar_nb.encoder import EncoderConfig, dataset_photos, train_encoder, training_pairs
+from fastavatar_nb.encoder import dataset_photos, train_encoder, training_pairs
 from fastavatar_nb.evaluation import (
     cosine_within_between,
     facenet_nearest,
@@ -187,8 +187,8 @@ def main() -> None:
     train = SubjectDataset(run / "dataset", "train", cache_size=preset.num_subjects)
     val = pipeline.validation_subjects(preset, run / "dataset")
     template = pipeline.ensure_template(preset, train, progress=False)
-    config = DecoderConfig.for_preset(preset, **{"epochs": args.epochs, **args.decoder})
-    enc_config = EncoderConfig.for_preset(preset)
+    config = preset.decoder.replace(**{"epochs": args.epochs, **args.decoder})
+    enc_config = preset.encoder
     train_emb, train_found = pipeline.ensure_embeddings(preset, train)
     val_emb, val_found = pipeline.ensure_embeddings(preset, val)
     ids = list(train.subject_ids)
@@ -224,7 +224,7 @@ def main() -> None:
         t_enc = time.perf_counter() - t0
         table, within, between = score_validation(avatars, encoder, val, val_emb, val_found, train_emb, train_found,
                                                   preset.eval_input_views, backend,
-                                                  RefineConfig.for_preset(preset) if args.refine else None)
+                                                  preset.refine if args.refine else None)
         snap = {"epoch": snap_steps[step], "step": step, "epochs_done": round(step / per_epoch, 3),
                 "train_seconds": round(t_train[1], 1), "train_step_psnr_last_epoch":
                 float(avatars.psnr_history[max(0, step - per_epoch):step].mean()),

@@ -23,7 +23,7 @@ from _record import RESULTS, provenance, save
 
 from fastavatar_nb import presets
 from fastavatar_nb.data import SubjectDataset
-from fastavatar_nb.decoder import DecoderConfig, resolve_mlp_dtype, train_decoder
+from fastavatar_nb.decoder import resolve_mlp_dtype, train_decoder
 from fastavatar_nb.render.gsplat_backend import gsplat_status
 from fastavatar_nb.template import load_template
 
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for seed in args.seeds:
         for dtype in args.dtypes:
-            cfg = DecoderConfig.for_preset(preset, mlp_dtype=dtype, seed=seed)
+            cfg = preset.decoder.replace(mlp_dtype=dtype, seed=seed)
             res = train_decoder(subjects, template, cfg, backend=preset.backend, device=device, progress=False)
             row = {"mlp_dtype": dtype, "seed": seed, "seconds": res.seconds, "steps": len(res.loss_history),
                    "train_psnr": float(res.train_psnr.mean()), "heldout_psnr": float(res.heldout_psnr.mean()),

@@ -37,8 +37,8 @@ import fastavatar_nb as fa
 import fastavatar_nb.presets  # noqa: F401
 from fastavatar_nb import pipeline
 from fastavatar_nb.data import SubjectDataset
-from fastavatar_nb.decoder import DecoderConfig, DecoderResult
-from fastavatar_nb.encoder import EncoderConfig, dataset_photos, train_encoder, training_pairs
+from fastavatar_nb.decoder import DecoderResult
+from fastavatar_nb.encoder import dataset_photos, train_encoder, training_pairs
 from fastavatar_nb.evaluation import cosine_within_between
 
 VARIANTS: dict[str, dict] = {
@@ -199,7 +199,7 @@ def main() -> None:
     train = SubjectDataset(run / "dataset", "train", cache_size=preset.num_subjects)
     val = pipeline.validation_subjects(preset, run / "dataset")
     if args.snapshot is not None:
-        config = DecoderConfig.for_preset(preset, **({"epochs": args.epochs} if args.epochs else {}))
+        config = preset.decoder.replace(**({"epochs": args.epochs} if args.epochs else {}))
         avatars = snapshot_result(args.snapshot, config, pipeline.ensure_template(preset, train, progress=False),
                                   list(train.subject_ids), dev)
     else:
@@ -209,7 +209,7 @@ def main() -> None:
     x, y = training_pairs(train_emb, train_found, avatars.codes)
     photos = dataset_photos(train)[train_found]
     # the paper's encoder (no photo colours), whatever the preset ships
-    base = dataclasses.replace(EncoderConfig.for_preset(preset), photo_grid=(0, 0), photo_weight=1.0)
+    base = dataclasses.replace(preset.encoder, photo_grid=(0, 0), photo_weight=1.0)
     within, between = cosine_within_between(val_emb, val_found)
     record = {**provenance("encoder variants (course)", torch.device(dev), "not used"),
               "decoder": str(args.snapshot or run / "decoder.safetensors"), "base_encoder_config": base.to_json(),

@@ -1,7 +1,7 @@
 """Fit quality on real NeRSemble subjects: whole-image PSNR/SSIM on the training views and on camera 8.
 
 Fits each given NeRSemble/VHAP subject folder as notebook 02 fits the synthetic subjects
-(``FitConfig.for_preset``, batch 1) on ``K`` = the preset's corresponded points: its FLAME points
+(``preset.fit``, batch 1) on ``K`` = the preset's corresponded points: its FLAME points
 thinned to the head share plus bust points fitted to its masks
 (:func:`fastavatar_nb.data.bust.with_bust`), so the model covers the whole foreground. Reports
 the metrics of :class:`~fastavatar_nb.fitting.FitResult`: whole image on white first, then the
@@ -34,7 +34,7 @@ from PIL import Image
 from fastavatar_nb import presets
 from fastavatar_nb.data import read_subject
 from fastavatar_nb.data.bust import num_bust_points, with_bust
-from fastavatar_nb.fitting import FitConfig, fit_subjects
+from fastavatar_nb.fitting import fit_subjects
 from fastavatar_nb.objective import HOLDOUT_VIEW
 from fastavatar_nb.render import render
 from fastavatar_nb.render.gsplat_backend import gsplat_status
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = (args.run_dir or presets.project_root() / "runs" / "bench" / "fit_nersemble").resolve()
     device = preset.torch_device
     overrides = {"batch_size": 1} | ({} if args.iterations is None else {"iterations": args.iterations})
-    config = FitConfig.for_preset(preset, **overrides)
+    config = preset.fit.replace(**overrides)
     K = preset.num_gaussians
     width, height = (args.width, None) if args.width is not None else (preset.image_width, preset.image_height)
     out = args.out or run_dir / f"fit_nersemble_{preset.name}_{device.type}.json"

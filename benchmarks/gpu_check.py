@@ -402,9 +402,9 @@ class Sizes:
 
         p = presets.base("full")
         return Sizes(num_gaussians=p.num_gaussians, width=p.image_width, height=p.image_height,
-                     refine_steps=p.refine_iterations, fit_batch_sizes=tuple(sorted({p.fit_batch_size, 64})),
-                     projected_subjects=p.num_train_subjects, projected_fit_iterations=p.fit_iterations,
-                     projected_decoder_epochs=p.decoder_epochs, num_views=p.num_views)
+                     refine_steps=p.refine.steps, fit_batch_sizes=tuple(sorted({p.fit.batch_size, 64})),
+                     projected_subjects=p.num_train_subjects, projected_fit_iterations=p.fit.iterations,
+                     projected_decoder_epochs=p.decoder.epochs, num_views=p.num_views)
 
 
 class Context:
@@ -690,11 +690,11 @@ def section_fitting(ctx: Context, deadline: float) -> dict[str, Any]:
 def section_decoder(ctx: Context, deadline: float) -> dict[str, Any]:
     """``train_decoder`` steps at the full preset's schedule (8 subjects x 1 view per step)."""
     from fastavatar_nb import presets
-    from fastavatar_nb.decoder import DecoderConfig, train_decoder
+    from fastavatar_nb.decoder import train_decoder
 
     s = ctx.sizes
     subjects = [ctx.subject._replace(subject_id=f"bench_{k:03d}") for k in range(s.decoder_subjects)]
-    cfg = DecoderConfig.for_preset(presets.base("full"), epochs=1)
+    cfg = presets.base("full").decoder.replace(epochs=1)
     times, n = _timed_steps(lambda cb: train_decoder(subjects, ctx.template, cfg, backend=ctx.backend,
                                                      device=ctx.device, progress=False, callback=cb),
                             ctx.device, s.decoder_steps, deadline)

@@ -29,7 +29,7 @@ from fastavatar_nb.data import SubjectDataset
 from fastavatar_nb.encoder import dataset_embeddings, dataset_photos, encode_faces
 from fastavatar_nb.evaluation import novel_view_metrics
 from fastavatar_nb.gaussians import Gaussians
-from fastavatar_nb.refine import RefineConfig, input_view, refine
+from fastavatar_nb.refine import input_view, refine
 from fastavatar_nb.render.gsplat_backend import gsplat_status
 
 # every row names its schedule and both learning rates, so it does not depend on RefineConfig's defaults
@@ -84,7 +84,7 @@ def main() -> None:
 
     rows = []
     for overrides in CONFIGS:
-        cfg = RefineConfig.for_preset(preset, **overrides, **({"steps": args.steps} if args.steps else {}))
+        cfg = preset.refine.replace(**overrides, **({"steps": args.steps} if args.steps else {}))
         acc = {"input_before": [], "input_after": [], "novel_before": [], "novel_after": [], "ms_per_step": []}
         for s, v, code, (image, cam), ff_novel in cases:
             r = refine(avatars, code, image, cam, None, cfg, backend, progress=False)

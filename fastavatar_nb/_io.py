@@ -380,6 +380,30 @@ def mismatch(expected: dict[str, Any], found: Any, limit: int = 4, found_name: s
 
 
 # ---------------------------------------------------------------------------------- configs
+class StageConfig:
+    """What every stage's config shares (``FitConfig``, ``DecoderConfig``, ``EncoderConfig``, ``RefineConfig``:
+    frozen dataclasses, each with its own ``validate()``): a changed copy, JSON out and a dict in.
+
+    A preset holds one config per stage (``preset.decoder``); a variant is ``preset.decoder.replace(epochs=4)``."""
+
+    def replace(self: C, **changes: Any) -> C:
+        """A validated copy with ``changes``; an unknown field raises ``ValueError`` naming it and the fields."""
+        known = {f.name for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"{type(self).__name__}: unknown fields {unknown}; fields are {sorted(known)}")
+        return dataclasses.replace(self, **changes).validate()  # type: ignore[type-var, attr-defined]
+
+    def to_json(self) -> str:
+        """Every field as JSON, keys sorted (the form artifacts store and reuse compares)."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[C], d: Mapping[str, Any]) -> C:
+        """The config of a dict (``to_json``'s, read back), validated; unknown fields are named."""
+        return config_from_dict(cls, dict(d))
+
+
 def config_from_dict(cls: type[C], d: dict[str, Any]) -> C:
     """``cls(**d).validate()`` for a config dataclass, naming unknown fields instead of a TypeError."""
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -387,19 +411,6 @@ def config_from_dict(cls: type[C], d: dict[str, Any]) -> C:
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown fields {unknown}")
     return cls(**d).validate()  # type: ignore[attr-defined]
-
-
-def config_from_settings(cls: type[C], base: Mapping[str, Any], settings: Mapping[str, Any],
-                         overrides: Mapping[str, Any], settings_name: str) -> C:
-    """A stage config from a preset: ``base`` (the fields the preset holds itself), then the preset's
-    ``settings`` for this stage, then the caller's ``overrides``; validated. An unknown name in
-    ``settings`` is named as the preset's field ``settings_name``, one in ``overrides`` as an argument."""
-    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    for what, d in ((f"the preset's {settings_name}", settings), ("overrides", overrides)):
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: {what} name unknown fields {unknown}; fields are {sorted(known)}")
-    return config_from_dict(cls, {**base, **settings, **overrides})
 
 
 def check_fields(config: Any, *, positive_int: Iterable[str] = (), positive: Iterable[str] = (),

@@ -16,7 +16,7 @@ switch                 what changes
                        paper's), ``"random"`` (:func:`~fastavatar_nb.template.random_template` at the
                        training subjects' mean points, kept fixed) or ``"joint"`` (that random template
                        optimised with the decoder, ``DecoderConfig.template_lr``)
-``refine_factor``      refinement steps as a multiple of ``Preset.refine_iterations`` (0: feed-forward)
+``refine_factor``      refinement steps as a multiple of the preset's ``refine.steps`` (0: feed-forward)
 =====================  ===========================================================================
 
 :func:`run` trains what each variant needs (reusing the preset's own run for the default) and scores
@@ -222,8 +222,7 @@ def _models(preset: Any, v: Variant, train: Any, base: tuple[Any, Any], folder: 
     resumed when interrupted, refused when stored with another config)."""
     from . import pipeline
     from .data import SubjectDataset
-    from .decoder import DecoderConfig
-    from .encoder import ENCODER_FILE, EncoderConfig
+    from .encoder import ENCODER_FILE
     from .template import random_template
 
     avatars, encoder = base
@@ -251,9 +250,9 @@ def _models(preset: Any, v: Variant, train: Any, base: tuple[Any, Any], folder: 
             return pipeline.ensure_template(p, p_train, progress=progress)  # fitted at this K
 
         avatars = pipeline.ensure_decoder(p, p_train, progress=progress, make_template=make_template,
-                                          config=DecoderConfig.for_preset(p, **overrides))
+                                          config=p.decoder.replace(**overrides))
     encoder = pipeline.ensure_encoder(p, p_train, avatars, embeddings=embeddings, progress=progress,
-                                      config=EncoderConfig.for_preset(p, **v.encoder))
+                                      config=p.encoder.replace(**v.encoder))
     return avatars, encoder
 
 
@@ -261,18 +260,18 @@ def _score(preset: Any, v: Variant, avatars: Any, encoder: Any, test: Any, test_
            progress: bool) -> dict[str, Any]:
     """Notebook 07's protocol on the test subjects for one variant: whole image first, then the head region."""
     from .evaluation import feed_forward, input_views, protocol_rows, summarize
-    from .refine import RefineConfig, refine_views
+    from .refine import refine_views
 
     dev = preset.torch_device
     rows: list[dict[str, Any]] = []
     times: list[float] = []
-    steps = round(preset.refine_iterations * v.refine_factor)
+    steps = round(preset.refine.steps * v.refine_factor)
     for t in range(len(test)):
         s = test[t].to(dev)
         views = input_views(test_found[t], preset.eval_input_views)
         codes, heads, secs = feed_forward(encoder, avatars, test_emb[t, views].to(dev), s.images[views])
         if steps > 0:
-            heads, rsecs = refine_views(avatars, s, codes, views, RefineConfig.for_preset(preset, steps=steps),
+            heads, rsecs = refine_views(avatars, s, codes, views, preset.refine.replace(steps=steps),
                                         preset.backend, progress=progress)
             secs = secs + rsecs
         rows += protocol_rows(s, {v.name: heads}, views, preset.backend)

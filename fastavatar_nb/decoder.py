@@ -57,10 +57,9 @@ from torch import Tensor, nn
 from ._io import (
     ArtifactError,
     CheckpointFile,
+    StageConfig,
     atomic_save_tensors,
     check_fields,
-    config_from_dict,
-    config_from_settings,
     meta_json,
     read_artifact,
 )
@@ -305,8 +304,8 @@ class AutoDecoder(nn.Module):
 
 
 # -------------------------------------------------------------------------------- config
-@dataclass
-class DecoderConfig:
+@dataclass(frozen=True)
+class DecoderConfig(StageConfig):
     """Settings of :func:`train_decoder`. Defaults: the paper's losses at a CPU-sized schedule."""
 
     epochs: int = 20
@@ -392,28 +391,6 @@ class DecoderConfig:
         if self.mlp_dtype not in MLP_DTYPE_CHOICES:
             raise ValueError(f"DecoderConfig.mlp_dtype must be one of {MLP_DTYPE_CHOICES}, got {self.mlp_dtype!r}")
         return self
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> DecoderConfig:
-        return config_from_dict(DecoderConfig, d)
-
-    @staticmethod
-    def for_preset(preset: Any, **overrides: Any) -> DecoderConfig:
-        """The config of a :class:`~fastavatar_nb.presets.Preset`: its ``decoder_epochs``,
-        ``latent_dim``, ``embed_dim``, ``mlp_dtype`` and ``seed``, then its ``decoder_settings`` (the
-        course preset: 4 subjects x 4 views per step and small codes; the full preset: the authors' learning
-        rates, 8 subjects x 1 view per step), over the defaults above (tuned for the smoke preset on a
-        CPU). ``overrides`` replace any field.
-
-        Raises:
-            ValueError: ``decoder_settings`` or ``overrides`` name a field this config does not have.
-        """
-        kw: dict[str, Any] = {"epochs": preset.decoder_epochs, "latent_dim": preset.latent_dim,
-                              "embed_dim": preset.embed_dim, "seed": preset.seed, "mlp_dtype": preset.mlp_dtype}
-        return config_from_settings(DecoderConfig, kw, preset.decoder_settings, overrides, "decoder_settings")
 
     def make_decoder(self, device: torch.device | str = "cpu") -> AutoDecoder:
         """A freshly initialised :class:`AutoDecoder` of this config's size on ``device``, computing

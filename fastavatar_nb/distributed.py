@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "rank must see it")
     p.add_argument("--allow-cpu", action="store_true", help="allow --preset full without CUDA")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a preset field, e.g. --set num_subjects=40 (repeatable)")
+                   help="override a preset field or a stage's, e.g. --set num_subjects=40 --set decoder.epochs=4 "
+                        "(repeatable)")
     p.add_argument("--dist-backend", choices=("auto", "nccl", "gloo"), default="auto",
                    help="process-group backend: auto = nccl on CUDA, gloo on CPU")
     p.add_argument("--timeout-minutes", type=float, default=24 * 60.0, metavar="M",
@@ -336,7 +337,7 @@ def _fit_stage(preset: Any, train: Any, device: torch.device, progress: bool) ->
         _say(f"{run} already has {TEMPLATE_SAFETENSORS if (run / TEMPLATE_SAFETENSORS).is_file() else FITS_FILE}; "
              "not fitting again")
     else:
-        fits = fit_subjects_distributed(train, run / FIT_SHARDS, FitConfig.for_preset(preset), backend=preset.backend,
+        fits = fit_subjects_distributed(train, run / FIT_SHARDS, preset.fit, backend=preset.backend,
                                         device=device, progress=progress)
         if world()[0] == 0:
             fits.save(run / FITS_FILE)
@@ -360,7 +361,7 @@ def _decoder_stage(preset: Any, train: Any, device: torch.device, progress: bool
         return
     _fit_stage(preset, train, device, progress)
     template = load_template(run, device=device)
-    config = DecoderConfig.for_preset(preset)
+    config = preset.decoder
     if world()[1] > config.subjects_per_step:
         _say(f"warning: {world()[1]} ranks but {config.subjects_per_step} items per step; "
              f"{world()[1] - config.subjects_per_step} ranks will idle")

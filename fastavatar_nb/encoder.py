@@ -31,7 +31,6 @@ view) and on white, as the training photos are; the encoder then needs it at eve
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -47,10 +46,9 @@ from torch import Tensor, nn
 
 from ._io import (
     ArtifactError,
+    StageConfig,
     atomic_save_tensors,
     check_fields,
-    config_from_dict,
-    config_from_settings,
     meta_json,
     read_artifact,
 )
@@ -150,8 +148,8 @@ def encoder_batch_loss(model: EncoderMLP, embeddings: Tensor, targets: Tensor, c
     return {**terms, "loss": terms["total"].mean()}
 
 
-@dataclass
-class EncoderConfig:
+@dataclass(frozen=True)
+class EncoderConfig(StageConfig):
     """Settings of :func:`train_encoder`."""
 
     epochs: int = 50
@@ -193,6 +191,11 @@ class EncoderConfig:
     seed: int = 0
     """Seed of the initialisation and of the sample order."""
 
+    def __post_init__(self) -> None:  # JSON gives lists: the fields are tuples
+        for name in ("hidden", "photo_grid"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
     @property
     def reads_photos(self) -> bool:
         """Whether an encoder of this config reads the photo's colours (``photo_grid`` set), so that
@@ -211,8 +214,8 @@ class EncoderConfig:
             raise ValueError(f"EncoderConfig.view_mix must be in [0, 1], got {self.view_mix!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"EncoderConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        self.hidden = tuple(int(h) for h in self.hidden)
-        if not self.hidden or min(self.hidden) < 1:
+        if not (isinstance(self.hidden, tuple) and self.hidden
+                and all(isinstance(h, int) and not isinstance(h, bool) for h in self.hidden)) or min(self.hidden) < 1:
             raise ValueError(f"EncoderConfig.hidden must be positive widths, got {self.hidden!r}")
         grid = self.photo_grid
         if not (isinstance(grid, (tuple, list)) and len(grid) == 2
@@ -220,28 +223,7 @@ class EncoderConfig:
                 and (grid[0] == 0) == (grid[1] == 0)):
             raise ValueError(f"EncoderConfig.photo_grid must be (rows, cols), both positive, or (0, 0) for none; "
                              f"got {grid!r}")
-        self.photo_grid = (int(grid[0]), int(grid[1]))
         return self
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> EncoderConfig:
-        tuples = {k: tuple(d[k]) for k in ("hidden", "photo_grid") if isinstance(d.get(k), list)}
-        return config_from_dict(EncoderConfig, {**d, **tuples})
-
-    @staticmethod
-    def for_preset(preset: Any, **overrides: Any) -> EncoderConfig:
-        """The preset's ``encoder_epochs`` and ``seed``, then its ``encoder_settings`` (the course preset's
-        MSE weight, the full preset's lr 1e-4), over the defaults above; ``overrides`` replace any field.
-
-        Raises:
-            ValueError: ``encoder_settings`` or ``overrides`` name a field this config does not have.
-        """
-        kw: dict[str, Any] = {"epochs": preset.encoder_epochs, "seed": preset.seed}
-        return config_from_settings(EncoderConfig, kw, preset.encoder_settings, overrides, "encoder_settings")
-
 
 @torch.no_grad()
 def face_embeddings(images: Tensor, net: nn.Module, mtcnn=None, batch_size: int = 32) -> tuple[Tensor, Tensor]:

@@ -37,7 +37,6 @@ damaged checkpoint, one of another run or leftovers of the earlier two-file layo
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -54,9 +53,9 @@ from torch import Tensor
 
 from ._io import (
     CheckpointFile,
+    StageConfig,
     atomic_save_tensors,
     check_fields,
-    config_from_dict,
     meta_json,
     read_artifact,
 )
@@ -93,8 +92,8 @@ _STATE_KEYS = ("config", "subject_ids", "num_done", "batch_start", "step", "seco
 _LR_FIELDS = ("means_lr", "scales_lr", "quats_lr", "opacities_lr", "sh0_lr", "shN_lr")
 
 
-@dataclass
-class FitConfig:
+@dataclass(frozen=True)
+class FitConfig(StageConfig):
     """Settings of :func:`fit_subjects`. Learning rates follow gsplat's ``simple_trainer``."""
 
     iterations: int = 200
@@ -191,24 +190,6 @@ class FitConfig:
         exponentially to ``means_lr_final`` times that at the last step."""
         frac = step / max(1, self.iterations - 1)
         return self.learning_rates()["means_lr"] * self.scene_scale * self.means_lr_final ** frac
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @staticmethod
-    def for_preset(preset: Any, **overrides: Any) -> FitConfig:
-        """The config for a :class:`~fastavatar_nb.presets.Preset`: its ``fit_iterations``,
-        ``fit_batch_size`` and ``seed``; the learning rates follow the run's length (also when
-        ``iterations`` is overridden: :meth:`learning_rates`). ``overrides`` replace any field."""
-        kw: dict[str, Any] = {"iterations": preset.fit_iterations, "batch_size": preset.fit_batch_size,
-                              "seed": preset.seed}
-        kw.update(overrides)
-        return FitConfig(**kw).validate()
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> FitConfig:
-        return config_from_dict(FitConfig, d)
-
 
 SHORT_RUN_STEPS = 1000
 """Runs with fewer iterations than this use :data:`SHORT_RUN_LRS`, longer ones :data:`LONG_RUN_LRS`."""

@@ -38,7 +38,7 @@ from .encoder import (
     train_encoder,
     training_pairs,
 )
-from .fitting import FitConfig, FitResult, fit_subjects
+from .fitting import FitResult, fit_subjects
 from .gaussians import Gaussians
 from .presets import Preset
 from .template import TEMPLATE_SAFETENSORS, build_template, load_template, save_template
@@ -125,7 +125,7 @@ def ensure_template(preset: Preset, train: SubjectDataset, progress: bool = True
     """The run's template: ``template.safetensors`` when the run folder has one, else made now.
 
     Making it is notebook 02 without the figures: the :func:`template_subjects` are fitted with
-    ``FitConfig.for_preset(preset)`` (reusing ``fits.safetensors``, or resuming
+    ``preset.fit`` (reusing ``fits.safetensors``, or resuming
     ``fit_checkpoint/``, when present), averaged with :func:`build_template` and saved.
 
     Raises:
@@ -143,7 +143,7 @@ def ensure_template(preset: Preset, train: SubjectDataset, progress: bool = True
             raise ValueError(f"{fits_path} holds fits of {fits.subject_ids}, not of the template's training subjects "
                              f"{want}; delete it (and {FIT_CHECKPOINT}/) to fit again")
     else:
-        fits = fit_subjects(fitted, FitConfig.for_preset(preset), backend=preset.backend, device=preset.torch_device,
+        fits = fit_subjects(fitted, preset.fit, backend=preset.backend, device=preset.torch_device,
                             checkpoint=run / FIT_CHECKPOINT, progress=progress)
         fits.save(fits_path)
     template = build_template(fits.gaussians)
@@ -155,7 +155,7 @@ def ensure_decoder(preset: Preset, train: SubjectDataset, progress: bool = True,
                    callback: Callable[[dict[str, Any]], None] | None = None, config: DecoderConfig | None = None,
                    make_template: Callable[[], Gaussians] | None = None) -> DecoderResult:
     """The run's auto-decoder: ``decoder.safetensors`` + ``latents.safetensors`` when present, else
-    trained now as notebook 03 does (``DecoderConfig.for_preset(preset)``, resuming
+    trained now as notebook 03 does (``preset.decoder``, resuming
     ``decoder_checkpoint/``), on the template of :func:`ensure_template`. ``callback`` goes to
     :func:`~fastavatar_nb.decoder.train_decoder` (e.g. live training curves).
 
@@ -168,7 +168,7 @@ def ensure_decoder(preset: Preset, train: SubjectDataset, progress: bool = True,
         ValueError: the stored decoder was trained on other subjects or with another config.
     """
     run = preset.run_dir
-    config = DecoderConfig.for_preset(preset) if config is None else config
+    config = preset.decoder if config is None else config
     if (run / DECODER_FILE).is_file():
         result = DecoderResult.load(run, device=preset.torch_device)
         if result.subject_ids != train.subject_ids or result.config != config:
@@ -223,7 +223,7 @@ def ensure_encoder(preset: Preset, train: SubjectDataset, avatars: DecoderResult
                    callback: Callable[[dict[str, Any]], None] | None = None,
                    config: EncoderConfig | None = None) -> EncoderResult:
     """The run's encoder: ``encoder.safetensors`` when present, else distilled now as notebook 04
-    does (``EncoderConfig.for_preset(preset)``) onto ``avatars``' codes and saved.
+    does (``preset.encoder``) onto ``avatars``' codes and saved.
 
     Args:
         embeddings: ``(embeddings [S, C, 512], found [S, C])`` of the training subjects
@@ -236,7 +236,7 @@ def ensure_encoder(preset: Preset, train: SubjectDataset, avatars: DecoderResult
         ValueError: the stored encoder was trained with another config.
     """
     run = preset.run_dir
-    config = EncoderConfig.for_preset(preset) if config is None else config
+    config = preset.encoder if config is None else config
     if (run / ENCODER_FILE).is_file():
         encoder = EncoderResult.load(run, device=preset.torch_device)
         if encoder.config != config:

@@ -48,7 +48,10 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from .decoder import MLP_DTYPE_CHOICES
+from .decoder import DecoderConfig
+from .encoder import EncoderConfig
+from .fitting import FitConfig
+from .refine import RefineConfig
 from .render import Backend
 
 __all__ = [
@@ -104,6 +107,32 @@ class Lesson:
                                   f"int, got {value!r}")
 
 
+STAGES: dict[str, type] = {"fit": FitConfig, "decoder": DecoderConfig, "encoder": EncoderConfig,
+                           "refine": RefineConfig}
+"""The preset's stage configs, by field name: each stage module takes its own and never sees the preset."""
+
+_FLAT_STAGE_FIELDS = ("fit_iterations", "fit_batch_size", "decoder_epochs", "encoder_epochs", "refine_iterations",
+                      "latent_dim", "embed_dim", "mlp_dtype", "decoder_settings", "encoder_settings", "refine_settings")
+
+
+def _from_flat(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``preset.json`` of the earlier layout (each stage's sizes as preset fields, its other settings in a
+    ``<stage>_settings`` dict) in this one: the stage configs it gave then."""
+    d, seed = dict(data), data.get("seed", 0)
+    settings = {k: dict(d.pop(f"{k}_settings", None) or {}) for k in ("decoder", "encoder", "refine")}
+    stages = {
+        "fit": {"iterations": d.pop("fit_iterations", None), "batch_size": d.pop("fit_batch_size", None), "seed": seed},
+        "decoder": {"epochs": d.pop("decoder_epochs", None), "latent_dim": d.pop("latent_dim", None),
+                    "embed_dim": d.pop("embed_dim", None), "mlp_dtype": d.pop("mlp_dtype", None), "seed": seed,
+                    **settings["decoder"]},
+        "encoder": {"epochs": d.pop("encoder_epochs", None), "seed": seed, **settings["encoder"]},
+        "refine": {"steps": d.pop("refine_iterations", None), **settings["refine"]},
+    }
+    for name, fields in stages.items():
+        d[name] = {k: v for k, v in fields.items() if v is not None}
+    return d
+
+
 @dataclass(frozen=True)
 class Preset:
     """Every size and switch of one run. Frozen: derive variants with :meth:`replace`."""
@@ -128,20 +157,10 @@ class Preset:
     """K, Gaussians per head: head and neck points plus :func:`~fastavatar_nb.data.bust.num_bust_points`
     bust points (a fifth of K) over the shoulders the photos show. Full: 12,680 = FLAME's 10,144
     (one per face of FLAME-with-teeth, the paper's K) + 2,536 bust points."""
-    fit_iterations: int
-    """Optimisation steps of each per-subject 3DGS fit (template construction)."""
-    fit_batch_size: int
-    """Subjects optimised together in one batched fit."""
-    decoder_epochs: int
-    """Passes over every (subject, view) pair when training the auto-decoder and codes ``w``."""
-    encoder_epochs: int
-    """Passes over the training subjects when distilling the image encoder to the codes ``w``."""
-    refine_iterations: int
-    """Test-time refinement steps on the single input view (paper default 300)."""
     eval_input_views: int | None = None
     """Input views per test subject in notebook 07's protocol
     (:func:`fastavatar_nb.evaluation.input_views`: camera 8 and views spread over the rig); ``None``:
-    every view with a face, as the paper. Each refined head costs ``refine_iterations`` steps."""
+    every view with a face, as the paper. Each refined head costs ``refine.steps`` steps."""
     template_subjects: int | None = None
     """Training subjects fitted and averaged into the template (the first ones of the training split);
     ``None``: all of them, as the paper does. The average of a few dozen heads is already the average
@@ -151,18 +170,9 @@ class Preset:
     steps and learning rates, the SVM's C) is made on them."""
     num_views: int = 16
     """Cameras per subject (the NeRSemble rig has 16)."""
-    latent_dim: int = 512
-    """Size of a subject's latent code ``w``."""
-    embed_dim: int = 32
-    """Size of each Gaussian's embedding ``e_k``."""
-    mlp_dtype: str = "auto"
-    """What the decoder's MLP multiplies in (:attr:`fastavatar_nb.decoder.DecoderConfig.mlp_dtype`):
-    ``"auto"`` (bfloat16 where the CPU multiplies it natively, else float32), ``"float32"`` (the
-    authors') or ``"bfloat16"``. At the smoke preset bfloat16 trained the decoder 1.6x faster, and its
-    training subjects decoded 0.15 dB lower on their training views and 0.24 dB lower on camera 8 (means
-    of two seeds; ``benchmarks/results/cpu-2core/decoder_dtype_smoke.json``)."""
     seed: int = 0
-    """Seed for torch, numpy and random (see :func:`fastavatar_nb.runtime.setup`) and for the synthetic data."""
+    """Seed for torch, numpy and random (see :func:`fastavatar_nb.runtime.setup`) and for the synthetic data;
+    :meth:`replace` with a new ``seed`` gives it to every stage config too."""
     run_dir: Path = field(default=Path("runs"))
     """Folder for this run's artifacts (dataset, fits, weights, metrics/, figures/)."""
     data: Path | None = None
@@ -177,16 +187,15 @@ class Preset:
     data_timestep: int | None = None
     """With ``data``: the timestep read from every subject (``--timestep``, ``FASTAVATAR_DATA_TIMESTEP``);
     ``None``: each subject's first (``00000`` in VHAP's exports, the authors' choice)."""
-    decoder_settings: Mapping[str, Any] = field(default_factory=dict)
-    """:class:`~fastavatar_nb.decoder.DecoderConfig` fields this preset sets besides ``decoder_epochs``,
-    ``latent_dim``, ``embed_dim``, ``mlp_dtype`` and ``seed`` (the config's defaults are the smoke
-    preset's; :meth:`~fastavatar_nb.decoder.DecoderConfig.for_preset` reads this, never the preset's
-    name or device)."""
-    encoder_settings: Mapping[str, Any] = field(default_factory=dict)
-    """:class:`~fastavatar_nb.encoder.EncoderConfig` fields this preset sets besides ``encoder_epochs``
-    and ``seed``."""
-    refine_settings: Mapping[str, Any] = field(default_factory=dict)
-    """:class:`~fastavatar_nb.refine.RefineConfig` fields this preset sets besides ``refine_iterations``."""
+    fit: FitConfig = field(default_factory=FitConfig)
+    """The per-subject 3DGS fits of template construction (notebook 02): iterations, subjects per batch, rates."""
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    """The auto-decoder, its codes ``w`` and embeddings ``e_k`` (notebook 03): epochs, sizes (``latent_dim``,
+    ``embed_dim``), what the MLP multiplies in (``mlp_dtype``), the loss and the schedule."""
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    """The encoder distilled onto the codes (notebook 04)."""
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    """Test-time refinement on the single input view (notebooks 06-08): steps (the paper's 300), schedule, rates."""
     lesson: Lesson = field(default_factory=lambda: Lesson())
     """The sizes of notebook 01's demonstrations and which shipped checkpoint notebooks 03-07 show
     beside the run's own numbers."""
@@ -204,16 +213,12 @@ class Preset:
             raise PresetError(
                 f"Preset {self.name!r}: backend 'gsplat' needs device 'cuda', got {self.device!r}"
             )
-        positive = (
-            "num_subjects", "image_width", "image_height", "num_gaussians", "fit_iterations",
-            "fit_batch_size", "num_views", "latent_dim", "embed_dim",
-        )  # fmt: skip
+        positive = ("num_subjects", "image_width", "image_height", "num_gaussians", "num_views")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise PresetError(f"Preset {self.name!r}: {name} must be a positive int, got {value!r}")
-        for name in ("decoder_epochs", "encoder_epochs", "refine_iterations", "num_test_subjects", "num_val_subjects",
-                     "seed"):
+        for name in ("num_test_subjects", "num_val_subjects", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise PresetError(f"Preset {self.name!r}: {name} must be a non-negative int, got {value!r}")
@@ -223,8 +228,6 @@ class Preset:
                 f"({self.num_val_subjects}) must be smaller than num_subjects ({self.num_subjects}) so that some "
                 "subjects are left for training"
             )
-        if self.mlp_dtype not in MLP_DTYPE_CHOICES:
-            raise PresetError(f"Preset {self.name!r}: mlp_dtype must be one of {MLP_DTYPE_CHOICES}, got {self.mlp_dtype!r}")
         for name, none_means in (("template_subjects", "all training subjects"), ("eval_input_views", "every view")):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
@@ -241,11 +244,16 @@ class Preset:
         ts = self.data_timestep
         if ts is not None and (not isinstance(ts, int) or isinstance(ts, bool) or ts < 0):
             raise PresetError(f"Preset {self.name!r}: data_timestep must be a non-negative int or None, got {ts!r}")
-        for name in ("decoder_settings", "encoder_settings", "refine_settings"):
+        for name, cls in STAGES.items():
             value = getattr(self, name)
-            if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-                raise PresetError(f"Preset {self.name!r}: {name} must map config field names to values, got {value!r}")
-            object.__setattr__(self, name, dict(value))
+            try:
+                if isinstance(value, Mapping):  # read from preset.json
+                    value = cls.from_dict(value)
+                if not isinstance(value, cls):
+                    raise ValueError(f"must be a {cls.__name__}, got {value!r}")
+                object.__setattr__(self, name, value.validate())
+            except ValueError as e:
+                raise PresetError(f"Preset {self.name!r}: {name}: {e}") from None
         if isinstance(self.lesson, Mapping):  # read from preset.json
             try:
                 object.__setattr__(self, "lesson", Lesson(**self.lesson))
@@ -282,12 +290,38 @@ class Preset:
         return self.run_dir / "figures"
 
     def replace(self, **changes: Any) -> Preset:
-        """A copy with some fields changed; unknown field names raise :class:`PresetError`."""
+        """A copy with some fields changed.
+
+        A stage config's field is named ``stage.field`` (``preset.replace(**{"decoder.epochs": 4})``, as
+        ``--set decoder.epochs=4`` gives it), or the stage is given whole (``decoder=preset.decoder.replace(...)``).
+        A new ``seed`` goes to every stage config that is not given whole, so one seed still decides the run.
+
+        Raises:
+            PresetError: an unknown field or stage field (the message lists the known ones), or a bad value.
+        """
         known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
+        plain = {k: v for k, v in changes.items() if "." not in k}
+        unknown = sorted(set(plain) - known)
         if unknown:
-            raise PresetError(f"Unknown preset field(s) {unknown}; fields are {sorted(known)}")
-        return dataclasses.replace(self, **changes)
+            raise PresetError(f"Unknown preset field(s) {unknown}; fields are {sorted(known)} (a stage's fields: "
+                              f"{', '.join(f'{n}.FIELD' for n in STAGES)})")
+        staged: dict[str, dict[str, Any]] = {}
+        for key, value in changes.items():
+            if "." in key:
+                stage, _, name = key.partition(".")
+                if stage not in STAGES:
+                    raise PresetError(f"Unknown stage {stage!r} in {key!r}; stages are {', '.join(STAGES)}")
+                staged.setdefault(stage, {})[name] = value
+        if "seed" in plain:
+            for stage in STAGES:
+                if stage not in plain and hasattr(getattr(self, stage), "seed"):
+                    staged.setdefault(stage, {}).setdefault("seed", plain["seed"])
+        for stage, fields in staged.items():
+            try:
+                plain[stage] = plain.get(stage, getattr(self, stage)).replace(**fields)
+            except ValueError as e:
+                raise PresetError(f"Preset {self.name!r}: {stage}: {e}") from None
+        return dataclasses.replace(self, **plain)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field (``run_dir`` as a string)."""
@@ -310,6 +344,8 @@ class Preset:
         data = json.loads(Path(path).read_text())
         if not isinstance(data, dict):
             raise PresetError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        if any(k in data for k in _FLAT_STAGE_FIELDS):
+            data = _from_flat(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -321,11 +357,11 @@ class Preset:
         return (
             f"{self.name}: {self.num_subjects} subjects ({self.num_train_subjects} train / "
             f"{self.num_val_subjects} val / {self.num_test_subjects} test) x {self.num_views} views at {self.image_width}x{self.image_height}, "
-            f"K={self.num_gaussians:,} Gaussians, fit {self.fit_iterations:,} it (batch {self.fit_batch_size}"
+            f"K={self.num_gaussians:,} Gaussians, fit {self.fit.iterations:,} it (batch {self.fit.batch_size}"
             + (f", template from {self.num_template_subjects} subjects" if self.template_subjects is not None else "")
             + "), "
-            f"decoder {self.decoder_epochs} ep, encoder {self.encoder_epochs} ep, "
-            f"refine {self.refine_iterations} it, device={self.device}, backend={self.backend}, "
+            f"decoder {self.decoder.epochs} ep, encoder {self.encoder.epochs} ep, "
+            f"refine {self.refine.steps} it, device={self.device}, backend={self.backend}, "
             f"seed={self.seed}, run_dir={self.run_dir}"
             + (f", data={self.data}" if self.data is not None else "")
         )
@@ -375,12 +411,13 @@ _SMOKE = Preset(
     image_width=69,
     image_height=100,
     num_gaussians=2_500,
-    fit_iterations=200,
-    fit_batch_size=4,
-    decoder_epochs=20,
-    encoder_epochs=50,
-    refine_iterations=50,
     eval_input_views=SMOKE_EVAL_INPUT_VIEWS,
+    fit=FitConfig(iterations=200, batch_size=4),
+    # the configs' defaults are the smoke preset's; the MLP multiplies in bfloat16 where the CPU does so natively
+    # (1.6x faster training, 0.15 dB lower on the training views: benchmarks/results/cpu-2core/decoder_dtype_smoke.json)
+    decoder=DecoderConfig(epochs=20, mlp_dtype="auto"),
+    encoder=EncoderConfig(epochs=50),
+    refine=RefineConfig(steps=50),
     run_dir=Path("runs") / "smoke",
 )
 COURSE_PHOTO_GRID = (25, 17)
@@ -420,16 +457,16 @@ _BASE: dict[str, Preset] = {
         num_val_subjects=16,
         template_subjects=COURSE_TEMPLATE_SUBJECTS,
         eval_input_views=COURSE_EVAL_INPUT_VIEWS,
-        decoder_epochs=COURSE_DECODER_EPOCHS,
         # 4 subjects x 4 views per step: the cheapest (subject, view) pairs on 2 cores (99 ms against 119 ms for 1 x 2)
-        decoder_settings={"subjects_per_step": 4, "views_per_step": 4, "codes_init_std": COURSE_CODES_INIT_STD},
-        encoder_settings={"mse_weight": COURSE_MSE_WEIGHT, "photo_grid": list(COURSE_PHOTO_GRID),  # JSON keeps lists
-                          "photo_weight": COURSE_PHOTO_WEIGHT, "photo_jitter": COURSE_PHOTO_JITTER},
-        refine_settings={"schedule": COURSE_REFINE_SCHEDULE},
+        decoder=_SMOKE.decoder.replace(epochs=COURSE_DECODER_EPOCHS, subjects_per_step=4, views_per_step=4,
+                                       codes_init_std=COURSE_CODES_INIT_STD),
+        encoder=_SMOKE.encoder.replace(mse_weight=COURSE_MSE_WEIGHT, photo_grid=COURSE_PHOTO_GRID,
+                                       photo_weight=COURSE_PHOTO_WEIGHT, photo_jitter=COURSE_PHOTO_JITTER),
+        refine=_SMOKE.refine.replace(schedule=COURSE_REFINE_SCHEDULE),
         lesson=Lesson(image_fit_steps=400, checkpoint=None),
         run_dir=Path("runs") / "course",
     ),
-    "full": Preset(
+    "full": _SMOKE.replace(
         name="full",
         device="cuda",
         backend="gsplat",
@@ -439,15 +476,13 @@ _BASE: dict[str, Preset] = {
         image_width=275,
         image_height=401,
         num_gaussians=12_680,
-        fit_iterations=5_000,
-        fit_batch_size=16,
-        decoder_epochs=400,
-        encoder_epochs=200,
-        refine_iterations=300,
+        eval_input_views=None,
+        fit=_SMOKE.fit.replace(iterations=5_000, batch_size=16),
         # the authors' learning rates and one view per decoded subject (a schedule not run yet)
-        decoder_settings={"subjects_per_step": 8, "views_per_step": 1, "decoder_lr": 1e-4, "codes_lr": 1e-4,
-                          "embeddings_lr": 1e-3},
-        encoder_settings={"lr": 1e-4},
+        decoder=_SMOKE.decoder.replace(epochs=400, subjects_per_step=8, views_per_step=1, decoder_lr=1e-4,
+                                       codes_lr=1e-4, embeddings_lr=1e-3),
+        encoder=_SMOKE.encoder.replace(epochs=200, lr=1e-4),
+        refine=_SMOKE.refine.replace(steps=300),
         lesson=Lesson(image_fit_steps=400, head_fit_steps=1000, viewer_width=366, checkpoint=None),
         run_dir=Path("runs") / "full",
     ),
@@ -514,7 +549,7 @@ def get(name: str = "auto", *, allow_cpu: bool | None = None, **overrides: Any) 
         if not allow_cpu:
             raise PresetError(
                 f"Preset {key!r} is sized for a CUDA GPU ({preset.num_subjects} subjects, "
-                f"K={preset.num_gaussians:,}, {preset.fit_iterations:,} fit iterations) and CUDA is not "
+                f"K={preset.num_gaussians:,}, {preset.fit.iterations:,} fit iterations) and CUDA is not "
                 f"available here: on CPU it would take days. Use 'smoke' (or 'auto'), or pass "
                 f"allow_cpu=True / set {ALLOW_CPU_FULL_ENV}=1 to run it on CPU anyway."
             )

@@ -32,8 +32,6 @@ takes both from a subject.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_images
-from ._io import check_fields, config_from_dict, config_from_settings
+from ._io import StageConfig, check_fields
 from .cameras import Cameras, rotvec_to_matrix
 from .data.subject import MultiViewSubject
 from .decoder import DecoderResult, apply_residuals, residual_penalty
@@ -57,8 +55,8 @@ __all__ = ["Schedule", "RefineConfig", "RefineResult", "RefineLoss", "input_view
 Schedule = Literal["code_then_decoder", "joint", "code", "decoder"]
 
 
-@dataclass
-class RefineConfig:
+@dataclass(frozen=True)
+class RefineConfig(StageConfig):
     """Settings of :func:`refine`. Defaults: the smoke preset's 50 steps on a CPU.
 
     The loss is the decoder's own (its :class:`~fastavatar_nb.decoder.DecoderConfig`: L1, SSIM
@@ -134,25 +132,6 @@ class RefineConfig:
         if self.schedule == "decoder":
             return False, True
         return (True, False) if step < self.code_steps else (False, True)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> RefineConfig:
-        return config_from_dict(RefineConfig, d)
-
-    @staticmethod
-    def for_preset(preset: Any, **overrides: Any) -> RefineConfig:
-        """The preset's ``refine_iterations`` steps, then its ``refine_settings`` (the course preset's
-        code-only schedule), over the defaults above; ``overrides`` replace any field.
-
-        Raises:
-            ValueError: ``refine_settings`` or ``overrides`` name a field this config does not have.
-        """
-        kw: dict[str, Any] = {"steps": preset.refine_iterations}
-        return config_from_settings(RefineConfig, kw, preset.refine_settings, overrides, "refine_settings")
-
 
 @dataclass
 class RefineResult:

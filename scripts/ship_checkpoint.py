@@ -33,7 +33,6 @@ from fastavatar_nb.evaluation import file_digest, load_rows, novel_view_metrics
 from fastavatar_nb.gaussians import Gaussians
 from fastavatar_nb.objective import HOLDOUT_VIEW
 from fastavatar_nb.presets import Preset, project_root
-from fastavatar_nb.refine import RefineConfig
 from fastavatar_nb.runtime import package_version
 
 CHECK_SUBJECTS = 2
@@ -74,7 +73,7 @@ def protocol_rows(run_dir: Path, preset: Preset) -> dict:
     """Notebook 07's rows of this run's models: the protocol folder (``eval/protocol-*``) whose meta names the
     run's decoder and encoder files and the preset's refinement, with a file for every test subject."""
     want = {"decoder": file_digest(run_dir / DECODER_FILE), "encoder": file_digest(run_dir / ENCODER_FILE),
-            "refine": json.loads(RefineConfig.for_preset(preset).to_json())}
+            "refine": json.loads(preset.refine.to_json())}
     test = json.loads((run_dir / "dataset" / checkpoints.SPLIT_FILE).read_text())["test"]
     for folder in sorted((run_dir / "eval").glob("protocol-*")):
         files = [folder / f"{sid}.json" for sid in test]

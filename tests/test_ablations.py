@@ -47,14 +47,12 @@ def test_verdicts_reversed_and_within_noise():
 
 
 def test_variants_name_real_switches():
-    from fastavatar_nb.decoder import DecoderConfig
-    from fastavatar_nb.encoder import EncoderConfig
 
     smoke = presets.get("smoke")
     for v in VARIANTS:
         assert v.paper is None or v.paper in PAPER_TABLE2
-        DecoderConfig.for_preset(smoke, **v.decoder)  # unknown fields would raise TypeError
-        EncoderConfig.for_preset(smoke, **v.encoder)
+        smoke.decoder.replace(**v.decoder)  # unknown fields would raise TypeError
+        smoke.encoder.replace(**v.encoder)
     assert len({v.slug for v in VARIANTS}) == len(VARIANTS)
     assert ablations.variant("w/o SSIM (dec.)").slug == "w-o-ssim-dec"
 
@@ -63,8 +61,9 @@ def test_variants_name_real_switches():
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     preset = presets.get("smoke", num_subjects=4, num_test_subjects=1, num_val_subjects=1, image_width=20,
-                         image_height=29, num_gaussians=300, fit_iterations=4, fit_batch_size=2, decoder_epochs=1,
-                         encoder_epochs=1, refine_iterations=2, eval_input_views=2, run_dir=run_dir / "smoke")
+                         image_height=29, num_gaussians=300, eval_input_views=2, run_dir=run_dir / "smoke",
+                         **{"fit.iterations": 4, "fit.batch_size": 2, "decoder.epochs": 1, "encoder.epochs": 1,
+                            "refine.steps": 2})
     return preset, run_dir / "ablations"
 
 

@@ -49,11 +49,11 @@ def test_course_checkpoint_loads(course):
     assert len(course.split["train"]) == p.num_train_subjects == len(course.avatars.subject_ids)
     # the decoder computes in what it was trained in; its config is the course preset's (for_lesson relies on it)
     assert course.avatars.decoder.compute_dtype in ("float32", "bfloat16")
-    assert course.avatars.config == DecoderConfig.for_preset(p)
-    assert p.decoder_epochs == base.decoder_epochs and p.refine_settings == base.refine_settings
+    assert course.avatars.config == p.decoder
+    assert (p.fit, p.decoder, p.encoder, p.refine) == (base.fit, base.decoder, base.encoder, base.refine)
     assert len(course.split["test"]) == p.num_test_subjects >= 16
     assert not set(course.split["test"]) & set(course.split["train"])
-    assert course.avatars.codes.shape == (p.num_train_subjects, p.latent_dim)
+    assert course.avatars.codes.shape == (p.num_train_subjects, p.decoder.latent_dim)
     assert course.template.num_gaussians == p.num_gaussians
     assert course.directions and course.direction(course.directions[0].name) is course.directions[0]
     with pytest.raises(KeyError, match="it has"):
@@ -112,7 +112,6 @@ def test_ship_refuses_an_unfinished_run_and_overwriting(tmp_path):
 
 def test_ship_takes_the_protocol_rows_of_the_runs_own_models(tmp_path):
     from fastavatar_nb.evaluation import file_digest, save_rows
-    from fastavatar_nb.refine import RefineConfig
 
     mod = load_script("scripts/ship_checkpoint.py")
     run = tmp_path / "run"
@@ -122,8 +121,8 @@ def test_ship_takes_the_protocol_rows_of_the_runs_own_models(tmp_path):
     (run / "encoder.safetensors").write_bytes(b"encoder")
     preset = presets.base("course")
     meta = {"decoder": file_digest(run / "decoder.safetensors"), "encoder": file_digest(run / "encoder.safetensors"),
-            "refine": json.loads(RefineConfig.for_preset(preset).to_json())}
-    other = {**meta, "refine": json.loads(RefineConfig.for_preset(preset, schedule="joint").to_json())}
+            "refine": json.loads(preset.refine.to_json())}
+    other = {**meta, "refine": json.loads(preset.refine.replace(schedule="joint").to_json())}
     for folder, m in (("protocol-0other", other), ("protocol-1ours", meta)):
         for sid in ("t1", "t2"):
             save_rows(run / "eval" / folder / f"{sid}.json", [{"subject": sid, "method": folder, "psnr": 1.0}], m)

@@ -278,7 +278,7 @@ def test_run_pass_fail_resume_and_report(tmp_path: Path, capsys: pytest.CaptureF
     assert "01_pass.ipynb: run" in capsys.readouterr().out
     # Other settings of the same preset (a changed field, a newer version's defaults) make it run again.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(presets._BASE, "smoke", presets._BASE["smoke"].replace(refine_settings={"schedule": "code"}))
+        mp.setitem(presets._BASE, "smoke", presets._BASE["smoke"].replace(**{"refine.schedule": "code"}))
         assert cli.main([*args, "--dry-run"]) == 0
         assert "01_pass.ipynb: run" in capsys.readouterr().out
     assert cli.main([*args, "--dry-run"]) == 0

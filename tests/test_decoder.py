@@ -230,20 +230,22 @@ def test_decoder_config_validation_and_preset():
         DecoderConfig.from_dict({"epochs": 2, "bogus": 1})
     from fastavatar_nb.presets import base
 
-    smoke = DecoderConfig.for_preset(base("smoke"))
+    smoke = base("smoke").decoder
     assert (smoke.epochs, smoke.latent_dim, smoke.embed_dim) == (20, 512, 32)
-    full = DecoderConfig.for_preset(base("full"))
+    full = base("full").decoder
     assert (full.epochs, full.views_per_step, full.decoder_lr) == (400, 1, 1e-4)
-    course = DecoderConfig.for_preset(base("course"))
+    course = base("course").decoder
     assert (course.subjects_per_step, course.views_per_step, course.codes_init_std) == (4, 4, 0.01)
     # the settings follow the preset, not the device it runs on; overrides win over both
-    assert DecoderConfig.for_preset(base("full").replace(device="cpu", backend="torch")) == full
-    assert DecoderConfig.for_preset(base("smoke").replace(device="cuda")) == smoke
-    assert DecoderConfig.for_preset(base("course"), views_per_step=2).views_per_step == 2
-    with pytest.raises(ValueError, match=r"the preset's decoder_settings name unknown fields \['view_per_step'\]"):
-        DecoderConfig.for_preset(base("smoke").replace(decoder_settings={"view_per_step": 2}))
-    with pytest.raises(ValueError, match=r"overrides name unknown fields \['bogus'\]"):
-        DecoderConfig.for_preset(base("smoke"), bogus=1)
+    assert base("full").replace(device="cpu", backend="torch").decoder == full
+    assert base("smoke").replace(device="cuda").decoder == smoke
+    assert base("course").decoder.replace(views_per_step=2).views_per_step == 2
+    with pytest.raises(ValueError, match=r"DecoderConfig: unknown fields \['bogus'\]; fields are \[.*'views_per_step'"):
+        base("smoke").decoder.replace(bogus=1)
+    with pytest.raises(ValueError, match="DecoderConfig.views_per_step must be"):  # a changed copy is validated
+        base("smoke").decoder.replace(views_per_step=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # a preset's config cannot change under it
+        base("smoke").decoder.epochs = 1
     assert DecoderConfig.from_dict(json.loads(smoke.to_json())) == smoke
     assert smoke.mlp_dtype == full.mlp_dtype == "auto" and DecoderConfig().mlp_dtype == "float32"
     # a config stored before mlp_dtype existed reads as float32, the dtype it trained in

@@ -328,19 +328,18 @@ def test_photo_grid_is_validated(grid):
 def test_preset_configs():
     from fastavatar_nb.presets import base
 
-    assert EncoderConfig.for_preset(base("smoke")).epochs == 50
-    full = EncoderConfig.for_preset(base("full"))
+    assert base("smoke").encoder.epochs == 50
+    full = base("full").encoder
     assert (full.epochs, full.lr) == (200, 1e-4)
-    assert EncoderConfig.for_preset(base("course")).mse_weight == 100.0
-    assert EncoderConfig.for_preset(base("smoke")).mse_weight == EncoderConfig().mse_weight
+    assert base("course").encoder.mse_weight == 100.0
+    assert base("smoke").encoder.mse_weight == EncoderConfig().mse_weight
     # only the course preset's encoder reads the photo's colours; a preset read back from JSON gives the same config
-    assert EncoderConfig.for_preset(base("course")).photo_grid == (25, 17)
-    assert EncoderConfig.for_preset(base("smoke")).photo_grid == EncoderConfig.for_preset(base("full")).photo_grid == (0, 0)
-    course_json = json.loads(json.dumps(base("course").to_dict()))["encoder_settings"]
-    assert EncoderConfig.for_preset(base("course").replace(encoder_settings=course_json)) == \
-        EncoderConfig.for_preset(base("course"))
-    with pytest.raises(ValueError, match=r"encoder_settings name unknown fields \['learning_rate'\]"):
-        EncoderConfig.for_preset(base("smoke").replace(encoder_settings={"learning_rate": 1.0}))
+    assert base("course").encoder.photo_grid == (25, 17)
+    assert base("smoke").encoder.photo_grid == base("full").encoder.photo_grid == (0, 0)
+    course_json = json.loads(json.dumps(base("course").to_dict()))["encoder"]  # photo_grid as a list
+    assert EncoderConfig.from_dict(course_json) == base("course").encoder
+    with pytest.raises(ValueError, match=r"unknown fields \['learning_rate'\]"):
+        base("smoke").encoder.replace(learning_rate=1.0)
     assert EncoderConfig.from_dict(dataclasses.asdict(full)) == full
 
 

@@ -217,17 +217,17 @@ def test_no_evaluation():
     assert torch.isfinite(res.loss_history).all()
 
 
-def test_config_for_preset_uses_its_sizes():
+def test_the_presets_fit_config():
     from fastavatar_nb import presets
 
     p = presets.get("smoke")
-    cfg = FitConfig.for_preset(p)
-    assert (cfg.iterations, cfg.batch_size, cfg.seed) == (p.fit_iterations, p.fit_batch_size, p.seed)
+    cfg = p.fit
+    assert (cfg.iterations, cfg.batch_size, cfg.seed) == (200, 4, p.seed)
+    assert p.replace(seed=5).fit.seed == 5  # one seed decides the run
     assert cfg.learning_rates() == SHORT_RUN_LRS
     # the rates follow the run's length, also when the preset's iterations are overridden
-    assert FitConfig.for_preset(p, iterations=5000).learning_rates() == LONG_RUN_LRS
-    assert FitConfig.for_preset(presets.base("full").replace(device="cpu", backend="torch"),
-                                iterations=300).learning_rates() == SHORT_RUN_LRS
+    assert p.fit.replace(iterations=5000).learning_rates() == LONG_RUN_LRS
+    assert presets.base("full").replace(device="cpu", backend="torch").fit.replace(iterations=300).learning_rates() == SHORT_RUN_LRS
     assert FitConfig().learning_rates() == SHORT_RUN_LRS  # a plain config: 200 steps, short-run rates
     assert FitConfig(iterations=5000, means_lr=1e-3).learning_rates() == {**LONG_RUN_LRS, "means_lr": 1e-3}
 

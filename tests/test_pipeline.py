@@ -18,7 +18,7 @@ from fastavatar_nb.template import build_template, load_template
 def tiny(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     return presets.get("smoke", num_subjects=4, num_test_subjects=1, num_val_subjects=1, image_width=20, image_height=29,
-                       num_gaussians=300, fit_iterations=4, fit_batch_size=2, run_dir=run_dir)
+                       num_gaussians=300, run_dir=run_dir, **{"fit.iterations": 4, "fit.batch_size": 2})
 
 
 def test_prepare_dataset_makes_subjects_and_split_once(tiny):
@@ -67,18 +67,18 @@ def test_ensure_template_refuses_fits_of_other_subjects(tiny):
 
 
 def test_ensure_decoder_refusal_names_what_differs(tiny, monkeypatch):
-    from fastavatar_nb.decoder import DECODER_FILE, DecoderConfig
+    from fastavatar_nb.decoder import DECODER_FILE
 
     root = pipeline.prepare_dataset(tiny, progress=False)
     train = SubjectDataset(root, "train")
     tiny.run_dir.mkdir(parents=True, exist_ok=True)
     (tiny.run_dir / DECODER_FILE).write_bytes(b"")  # a stored decoder (its loading is stubbed below)
-    stored = SimpleNamespace(subject_ids=train.subject_ids, config=DecoderConfig.for_preset(tiny, mlp_dtype="float32"))
+    stored = SimpleNamespace(subject_ids=train.subject_ids, config=tiny.decoder.replace(mlp_dtype="float32"))
     monkeypatch.setattr(pipeline.DecoderResult, "load", lambda *a, **k: stored)
     with pytest.raises(ValueError, match=r"another DecoderConfig \(mlp_dtype: this call 'auto', the stored one "
                                          r"'float32'\); delete decoder.safetensors"):
         pipeline.ensure_decoder(tiny, train, progress=False)
-    stored.config, stored.subject_ids = DecoderConfig.for_preset(tiny), train.subject_ids[:-1]
+    stored.config, stored.subject_ids = tiny.decoder, train.subject_ids[:-1]
     with pytest.raises(ValueError, match=rf"other subjects \({len(train) - 1} stored, {len(train)} in this run"):
         pipeline.ensure_decoder(tiny, train, progress=False)
     stored.subject_ids = train.subject_ids
@@ -94,7 +94,7 @@ def test_ensure_encoder_distils_once_then_reuses(tiny, monkeypatch):
     found[0, 3] = False
     emb[0, 3] = float("nan")  # a view without a face is left out, not trained on
     avatars = SimpleNamespace(codes=torch.randn(len(train), 512, generator=g))
-    small = tiny.replace(encoder_epochs=3)
+    small = tiny.replace(**{"encoder.epochs": 3})
     encoder = pipeline.ensure_encoder(small, train, avatars, (emb, found), progress=False)
     assert (small.run_dir / "encoder.safetensors").is_file()
     assert len(encoder.loss_history) == 3  # 31 pairs: one batch of 64 per epoch
@@ -107,4 +107,4 @@ def test_ensure_encoder_distils_once_then_reuses(tiny, monkeypatch):
     x = emb[found][:4]
     torch.testing.assert_close(again.encode(x), encoder.encode(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"another EncoderConfig \(epochs: this call 4, the stored one 3\)"):
-        pipeline.ensure_encoder(tiny.replace(encoder_epochs=4), train, avatars, (emb, found), progress=False)
+        pipeline.ensure_encoder(tiny.replace(**{"encoder.epochs": 4}), train, avatars, (emb, found), progress=False)

@@ -51,8 +51,8 @@ def test_smoke_numbers(no_cuda: None) -> None:
     assert (p.name, p.device, p.backend) == ("smoke", "cpu", "auto")
     assert (p.num_subjects, p.num_train_subjects, p.num_val_subjects, p.num_test_subjects) == (14, 10, 2, 2)
     assert (p.image_width, p.image_height) == (69, 100)
-    assert (p.num_gaussians, p.fit_iterations, p.refine_iterations) == (2_500, 200, 50)
-    assert (p.latent_dim, p.embed_dim, p.num_views) == (512, 32, 16)
+    assert (p.num_gaussians, p.fit.iterations, p.refine.steps) == (2_500, 200, 50)
+    assert (p.decoder.latent_dim, p.decoder.embed_dim, p.num_views) == (512, 32, 16)
 
 
 def test_full_numbers_match_paper(fake_cuda: None) -> None:
@@ -65,8 +65,8 @@ def test_full_numbers_match_paper(fake_cuda: None) -> None:
     from fastavatar_nb.data.bust import num_bust_points
 
     assert p.num_gaussians - num_bust_points(p.num_gaussians) == 10_144
-    assert (p.num_gaussians, p.fit_iterations, p.refine_iterations) == (12_680, 5_000, 300)
-    assert (p.latent_dim, p.embed_dim) == (512, 32)
+    assert (p.num_gaussians, p.fit.iterations, p.refine.steps) == (12_680, 5_000, 300)
+    assert (p.decoder.latent_dim, p.decoder.embed_dim) == (512, 32)
     # 275x401 is the 550x802 NeRSemble frame halved (rounded), keeping its aspect ratio.
     assert abs(p.image_width / p.image_height - 550 / 802) < 2e-3
 
@@ -141,8 +141,16 @@ def test_overrides_and_validation(no_cuda: None, tmp_path: Path) -> None:
         p.replace(backend="gsplat")
     with pytest.raises(PresetError, match="device"):
         p.replace(device="tpu")
-    with pytest.raises(PresetError, match="fit_iterations"):
-        p.replace(fit_iterations=1.5)
+    with pytest.raises(PresetError, match=r"fit: FitConfig.iterations must be a positive int, got 1.5"):
+        p.replace(**{"fit.iterations": 1.5})
+    with pytest.raises(PresetError, match=r"decoder: DecoderConfig: unknown fields \['epoch'\]"):
+        p.replace(**{"decoder.epoch": 3})
+    with pytest.raises(PresetError, match=r"Unknown stage 'decoders' in 'decoders.epochs'; stages are fit, decoder"):
+        p.replace(**{"decoders.epochs": 3})
+    with pytest.raises(PresetError, match=r"Unknown preset field\(s\) \['decoder_epochs'\].*decoder.FIELD"):
+        p.replace(decoder_epochs=3)  # the earlier flat name: the message shows the stage form
+    with pytest.raises(PresetError, match="refine: must be a RefineConfig"):
+        p.replace(refine=3)
 
 
 def test_frozen(no_cuda: None) -> None:
@@ -166,8 +174,7 @@ def test_every_field_has_a_docstring() -> None:
     assert fields == documented
     required = {
         "name", "device", "backend", "num_subjects", "num_test_subjects", "image_width", "image_height",
-        "num_gaussians", "fit_iterations", "fit_batch_size", "decoder_epochs", "encoder_epochs",
-        "refine_iterations", "latent_dim", "embed_dim", "seed", "run_dir",
+        "num_gaussians", "fit", "decoder", "encoder", "refine", "seed", "run_dir",
     }  # fmt: skip
     assert required <= fields
 
@@ -198,33 +205,63 @@ def test_save_load_round_trip(no_cuda: None, tmp_path: Path) -> None:
     course = presets.base("course").replace(run_dir=tmp_path / "c")
     assert Preset.load(course.save()) == course  # the stage settings and the lesson survive JSON
     assert json.loads((tmp_path / "c" / "preset.json").read_text())["lesson"]["checkpoint"] is None
-    # a preset.json written before the stage settings existed reads with the smoke preset's (empty) ones
-    old = json.loads(path.read_text())
-    for key in ("decoder_settings", "encoder_settings", "refine_settings", "lesson"):
-        del old[key]
-    (tmp_path / "old.json").write_text(json.dumps(old))
-    assert Preset.load(tmp_path / "old.json") == p
+    # a preset.json of the earlier flat layout (stage sizes as preset fields, the rest in <stage>_settings, or
+    # neither, as before the settings existed) reads as the stage configs it gave then
+    flat = {k: v for k, v in p.to_dict().items() if k not in ("fit", "decoder", "encoder", "refine", "lesson")}
+    flat.update(fit_iterations=200, fit_batch_size=4, decoder_epochs=20, encoder_epochs=50, refine_iterations=50,
+                latent_dim=512, embed_dim=32, mlp_dtype="auto")
+    (tmp_path / "old.json").write_text(json.dumps(flat))
+    assert Preset.load(tmp_path / "old.json") == p and p.decoder.seed == p.encoder.seed == p.fit.seed == 7
+    flat_course = {**flat, "name": "course", "seed": 0, "decoder_epochs": 48, "template_subjects": 32,
+                   "num_subjects": 300, "num_test_subjects": 16, "num_val_subjects": 16, "eval_input_views": 2,
+                   "run_dir": str(tmp_path / "c"), "lesson": {"image_fit_steps": 400, "checkpoint": None},
+                   "decoder_settings": {"subjects_per_step": 4, "views_per_step": 4, "codes_init_std": 0.01},
+                   "encoder_settings": {"mse_weight": 100.0, "photo_grid": [25, 17], "photo_weight": 20.0,
+                                        "photo_jitter": 0.05},
+                   "refine_settings": {"schedule": "code"}}
+    (tmp_path / "old_course.json").write_text(json.dumps(flat_course))
+    assert Preset.load(tmp_path / "old_course.json") == course
 
 
 def test_presets_differ_in_listed_settings_only() -> None:
+    from fastavatar_nb.decoder import DecoderConfig
+    from fastavatar_nb.encoder import EncoderConfig
+    from fastavatar_nb.fitting import FitConfig
     from fastavatar_nb.presets import Lesson
-
-    smoke, course, full = (presets.base(n) for n in ("smoke", "course", "full"))
-    assert smoke.decoder_settings == smoke.encoder_settings == smoke.refine_settings == {} and smoke.lesson == Lesson()
-    assert course.decoder_settings["codes_init_std"] == presets.COURSE_CODES_INIT_STD
-    assert course.encoder_settings == {"mse_weight": presets.COURSE_MSE_WEIGHT, "photo_grid": list(presets.COURSE_PHOTO_GRID),
-                                       "photo_weight": presets.COURSE_PHOTO_WEIGHT,
-                                       "photo_jitter": presets.COURSE_PHOTO_JITTER}
     from fastavatar_nb.refine import RefineConfig
 
-    assert RefineConfig.for_preset(course).schedule == presets.COURSE_REFINE_SCHEDULE != RefineConfig.for_preset(smoke).schedule
-    assert RefineConfig.for_preset(course, schedule="joint", steps=3) == RefineConfig(steps=3, schedule="joint")
-    with pytest.raises(ValueError, match=r"refine_settings name unknown fields \['mode'\]"):
-        RefineConfig.for_preset(smoke.replace(refine_settings={"mode": "code"}))
+    smoke, course, full = (presets.base(n) for n in ("smoke", "course", "full"))
+
+    def differ(a, b):
+        return {k for k, v in dataclasses.asdict(a).items() if dataclasses.asdict(b)[k] != v}
+
+    # smoke: the configs' defaults (but for the MLP's dtype); course and full: smoke except the fields they list
+    assert (differ(smoke.fit, FitConfig()), differ(smoke.decoder, DecoderConfig()), differ(smoke.encoder, EncoderConfig()),
+            differ(smoke.refine, RefineConfig())) == (set(), {"mlp_dtype"}, set(), set())
+    assert smoke.lesson == Lesson()
+    assert differ(course.decoder, smoke.decoder) == {"epochs", "subjects_per_step", "views_per_step", "codes_init_std"}
+    assert differ(course.encoder, smoke.encoder) == {"mse_weight", "photo_grid", "photo_weight", "photo_jitter"}
+    assert (differ(course.fit, smoke.fit), differ(course.refine, smoke.refine)) == (set(), {"schedule"})
+    assert course.decoder.codes_init_std == presets.COURSE_CODES_INIT_STD
+    assert course.encoder.photo_grid == presets.COURSE_PHOTO_GRID
+    assert differ(full.decoder, smoke.decoder) == {"epochs", "subjects_per_step", "views_per_step", "decoder_lr",
+                                                   "codes_lr", "embeddings_lr"}
+    assert (differ(full.fit, smoke.fit), differ(full.encoder, smoke.encoder), differ(full.refine, smoke.refine)) == (
+        {"iterations", "batch_size"}, {"epochs", "lr"}, {"steps"})
+    # a stage field by its dotted name (as --set gives it); a new seed reaches every stage
+    tweaked = smoke.replace(**{"decoder.epochs": 3, "refine.schedule": "code"}, seed=4)
+    assert (tweaked.decoder.epochs, tweaked.refine.schedule, tweaked.decoder.views_per_step) == (3, "code", 2)
+    assert tweaked.seed == tweaked.fit.seed == tweaked.decoder.seed == tweaked.encoder.seed == 4
+    assert smoke.replace(seed=4, decoder=smoke.decoder).decoder.seed == 0  # a stage given whole is kept as given
+
+    assert course.refine.schedule == presets.COURSE_REFINE_SCHEDULE != smoke.refine.schedule
+    assert course.refine.replace(schedule="joint", steps=3) == RefineConfig(steps=3, schedule="joint")
+    with pytest.raises(ValueError, match=r"RefineConfig: unknown fields \['mode'\]"):
+        smoke.refine.replace(mode="code")
     assert (course.lesson.checkpoint, full.lesson.checkpoint, smoke.lesson.checkpoint) == (None, None, "course")
     assert full.lesson.head_fit_steps > 0 == course.lesson.head_fit_steps
-    with pytest.raises(presets.PresetError, match="decoder_settings must map config field names"):
-        smoke.replace(decoder_settings=["epochs"])
+    with pytest.raises(presets.PresetError, match=r"decoder: DecoderConfig: unknown fields \['epoch'\]"):
+        smoke.replace(decoder={"epoch": 3})  # a dict (as preset.json holds it) is read as the stage's config
     with pytest.raises(presets.PresetError, match="lesson has unknown fields"):
         smoke.replace(lesson={"steps": 3})
     with pytest.raises(presets.PresetError, match="Lesson.viewer_width must be a positive int"):

@@ -309,7 +309,7 @@ def test_real_samples_pass_the_check(real_root: Path) -> None:
 def test_real_samples_through_the_pipeline(real_root: Path, tmp_path: Path) -> None:
     """One train and one test subject: cached at a tiny size, a 4-step template, no val subjects."""
     p = presets.get("smoke", data=real_root, run_dir=tmp_path / "run", image_width=20, image_height=29,
-                    num_gaussians=300, fit_iterations=4, fit_batch_size=1)
+                    num_gaussians=300, **{"fit.iterations": 4, "fit.batch_size": 1})
     assert (p.num_train_subjects, p.num_val_subjects, p.num_test_subjects) == (1, 0, 1)
     root = pipeline.prepare_dataset(p, progress=False)
     assert json.loads((root / "source.json").read_text())["source"] == str(real_root.resolve())

@@ -46,12 +46,7 @@ def test_config_schedules_and_validation():
     assert RefineConfig(schedule="joint").optimises(0) == (True, True)
     assert RefineConfig(schedule="code").optimises(49) == (True, False)
     assert RefineConfig(schedule="decoder").optimises(0) == (False, True)
-
-    class P:
-        refine_iterations = 300
-        refine_settings: dict = {}
-
-    assert RefineConfig.for_preset(P()).steps == 300 and RefineConfig.for_preset(P(), steps=5).steps == 5
+    assert RefineConfig(steps=300).replace(steps=5) == RefineConfig(steps=5)
     for bad in (dict(steps=-1), dict(schedule="both"), dict(code_fraction=1.5), dict(code_lr=-1.0),
                 dict(grad_clip=float("nan"))):
         with pytest.raises(ValueError, match="RefineConfig"):

@@ -420,7 +420,8 @@ def _resolve_preset(args: argparse.Namespace) -> presets.Preset:
     try:
         name = presets.get(args.preset, allow_cpu=args.allow_cpu).name
         overrides = {"run_dir": Path(args.out) / name} if args.out is not None else {}
-        return presets.get(name, allow_cpu=args.allow_cpu, **overrides, **_data_overrides(args))
+        return presets.get(name, allow_cpu=args.allow_cpu, **overrides, **_data_overrides(args),
+                           **presets.parse_sets(args.set))
     except presets.PresetError as err:
         message = str(err)
         for field, option in (("data_split ", "--split "), ("data_labels ", "--labels "), ("data ", "--data ")):
@@ -526,6 +527,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         presets.RUN_DIR_ENV: str(run_dir),
     }
     env.setdefault(HEADLESS_ENV, "1")  # nobody watches these kernels: no live redraws (fastavatar_nb._live)
+    if args.set:  # the kernels' presets.get applies them (over any FASTAVATAR_SET of the caller)
+        env[presets.SET_ENV] = json.dumps({**json.loads(env.get(presets.SET_ENV) or "{}"), **presets.parse_sets(args.set)})
     if args.allow_cpu:
         env[presets.ALLOW_CPU_FULL_ENV] = "1"
     for var, value in ((presets.DATA_ENV, preset.data), (presets.DATA_SPLIT_ENV, preset.data_split),
@@ -775,6 +778,9 @@ def _add_preset_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow --preset full without CUDA (very slow: days on a CPU)",
     )
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change one preset field for this run, a stage's by its dotted name: --set num_subjects=20 "
+                        "--set decoder.epochs=4 (repeatable; values read as JSON where they parse; also $FASTAVATAR_SET)")
 
 
 def _positive_int(text: str) -> int:

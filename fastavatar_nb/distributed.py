@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
@@ -287,14 +288,10 @@ def _setup(args: argparse.Namespace) -> tuple[Any, torch.device]:
     from . import presets
 
     overrides: dict[str, Any] = {"run_dir": Path(args.run_dir).resolve()} if args.run_dir is not None else {}
-    for item in args.set:
-        field, eq, value = item.partition("=")
-        if not eq or not field:
-            raise _UsageError(f"--set needs FIELD=VALUE, got {item!r}")
-        try:
-            overrides[field.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[field.strip()] = value
+    try:
+        overrides.update(presets.parse_sets(args.set))
+    except presets.PresetError as err:
+        raise _UsageError(str(err)) from err
     try:
         preset = presets.get(args.preset, allow_cpu=args.allow_cpu or None, **overrides)
     except (presets.PresetError, ValueError, TypeError) as err:
@@ -329,20 +326,17 @@ def _say(msg: str) -> None:
 
 
 def _fit_stage(preset: Any, train: Any, device: torch.device, progress: bool) -> None:
-    from .pipeline import FITS_FILE, ensure_template
+    from .pipeline import FITS_FILE, ensure_fits, ensure_template
     from .template import TEMPLATE_SAFETENSORS
 
     run = preset.run_dir
-    if (run / TEMPLATE_SAFETENSORS).is_file() or (run / FITS_FILE).is_file():
-        _say(f"{run} already has {TEMPLATE_SAFETENSORS if (run / TEMPLATE_SAFETENSORS).is_file() else FITS_FILE}; "
-             "not fitting again")
-    else:
-        fits = fit_subjects_distributed(train, run / FIT_SHARDS, preset.fit, backend=preset.backend,
-                                        device=device, progress=progress)
-        if world()[0] == 0:
-            fits.save(run / FITS_FILE)
-            _say(f"wrote {run / FITS_FILE} ({len(fits.subject_ids)} subjects, {world()[1]} shards)")
-    if world()[0] == 0:  # the template from fits.safetensors, exactly as the notebooks make it
+    if (run / TEMPLATE_SAFETENSORS).is_file():
+        _say(f"{run} already has {TEMPLATE_SAFETENSORS}; not fitting again")
+    else:  # the pipeline's fits (reused when they match the run, refused when not), fitted over the ranks
+        fit = functools.partial(fit_subjects_distributed, folder=run / FIT_SHARDS, backend=preset.backend, device=device)
+        fits = ensure_fits(preset, train, progress=progress, fit=fit, save=world()[0] == 0)
+        _say(f"{run / FITS_FILE}: {len(fits.subject_ids)} subjects, {world()[1]} shard(s)")
+    if world()[0] == 0:  # the template from fits.safetensors (or the stored one, checked), as the notebooks make it
         ensure_template(preset, train, progress=progress)
     _barrier()
 
@@ -353,23 +347,16 @@ def _decoder_stage(preset: Any, train: Any, device: torch.device, progress: bool
     from .template import load_template
 
     run = preset.run_dir
-    if (run / DECODER_FILE).is_file():
-        if world()[0] == 0:
-            ensure_decoder(preset, train, progress=progress)  # checks its subjects and config
-        _say(f"{run / DECODER_FILE} exists; not training again")
-        _barrier()
-        return
-    _fit_stage(preset, train, device, progress)
-    template = load_template(run, device=device)
-    config = preset.decoder
-    if world()[1] > config.subjects_per_step:
-        _say(f"warning: {world()[1]} ranks but {config.subjects_per_step} items per step; "
-             f"{world()[1] - config.subjects_per_step} ranks will idle")
-    result = train_decoder_distributed(train, template, config, backend=preset.backend, device=device,
-                                       checkpoint=run / DECODER_CHECKPOINT, progress=progress)
-    if world()[0] == 0:
-        result.save(run)
-        _say(f"wrote {run / DECODER_FILE} and the codes of {len(result.subject_ids)} subjects")
+    if not (run / DECODER_FILE).is_file():
+        _fit_stage(preset, train, device, progress)
+        if world()[1] > preset.decoder.subjects_per_step:
+            _say(f"warning: {world()[1]} ranks but {preset.decoder.subjects_per_step} items per step; "
+                 f"{world()[1] - preset.decoder.subjects_per_step} ranks will idle")
+    train_fn = functools.partial(train_decoder_distributed, backend=preset.backend, device=device,
+                                 checkpoint=run / DECODER_CHECKPOINT)
+    result = ensure_decoder(preset, train, progress=progress, train_fn=train_fn, save=world()[0] == 0,
+                            make_template=lambda: load_template(run, device=device))  # reuse: checked on every rank
+    _say(f"{run / DECODER_FILE}: the codes of {len(result.subject_ids)} subjects")
     _barrier()
 
 

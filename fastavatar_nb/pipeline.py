@@ -9,17 +9,26 @@ top to bottom, and a full run never does the same work twice.
   with ``preset.data`` the real subjects of that folder, checked, resized and cached in the run folder.
 - :func:`validation_subjects`: the val subjects (the training subjects, with a warning, when a small
   real dataset has none).
-- :func:`ensure_template`: notebook 02's fits of the training subjects (:func:`template_subjects`) and their average.
+- :func:`ensure_fits`: notebook 02's fits of the training subjects (:func:`template_subjects`).
+- :func:`ensure_template`: their average (:func:`store_template` writes it, or checks the stored one).
 - :func:`ensure_decoder`: notebook 03's auto-decoder and the training subjects' codes ``w``.
 - :func:`ensure_embeddings`: FaceNet embeddings of every view of one split (notebooks 04-07).
 - :func:`ensure_encoder`: notebook 04's encoder, distilled onto those codes.
+
+Every stage follows one rule (:func:`check_reuse`): its artifact stores the subjects and the config that made it,
+and a run reuses it only when both are this run's; otherwise it is refused with one message that names the file,
+what differs and what to delete. Nothing a run made is overwritten. The notebooks, the CLI and
+:mod:`fastavatar_nb.distributed` all make their artifacts through these functions (``distributed`` passes its own
+fitting and training functions, which run over a process group).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +37,7 @@ from torch import Tensor
 
 from ._io import mismatch
 from .data import MultiViewSubject, SubjectDataset, split_subjects, synthetic, write_split
-from .decoder import DECODER_FILE, DecoderConfig, DecoderResult, train_decoder
+from .decoder import DECODER_FILE, LATENTS_FILE, DecoderConfig, DecoderResult, train_decoder
 from .encoder import (
     ENCODER_FILE,
     EncoderConfig,
@@ -38,13 +47,20 @@ from .encoder import (
     train_encoder,
     training_pairs,
 )
-from .fitting import FitResult, fit_subjects
+from .fitting import FitConfig, FitResult, fit_subjects
 from .gaussians import Gaussians
 from .presets import Preset
-from .template import TEMPLATE_SAFETENSORS, build_template, load_template, save_template
+from .template import (
+    TEMPLATE_PLY,
+    TEMPLATE_SAFETENSORS,
+    build_template,
+    load_template,
+    save_template,
+    template_metadata,
+)
 
 __all__ = ["FITS_FILE", "FIT_CHECKPOINT", "DECODER_CHECKPOINT", "NoValidationSubjectsWarning", "prepare_dataset",
-           "validation_subjects", "template_subjects", "ensure_template", "EMBEDDINGS_FILE", "ensure_embeddings", "ensure_decoder", "ensure_encoder"]
+           "validation_subjects", "template_subjects", "check_reuse", "ensure_fits", "store_template", "ensure_template", "EMBEDDINGS_FILE", "ensure_embeddings", "ensure_decoder", "ensure_encoder"]
 
 FITS_FILE = "fits.safetensors"
 """The per-subject fits of notebook 02, in the run folder."""
@@ -58,9 +74,36 @@ class NoValidationSubjectsWarning(UserWarning):
     """The split has no val subjects: choices are made on training subjects (optimistic numbers)."""
 
 
-def _config_diff(wanted: Any, stored: Any) -> str:
-    """The fields where a stored artifact's config differs from this run's, for a refusal."""
-    return mismatch(dataclasses.asdict(wanted), dataclasses.asdict(stored), found_name="the stored one")
+def check_reuse(path: Path, subjects: Sequence[str] | None, stored_subjects: Sequence[str] | None, config: Any,
+                stored_config: Any | None, delete: str) -> None:
+    """The one rule of every stage's reuse: an artifact in the run folder is reused only when it was made from
+    ``subjects`` (their ids, in order) with ``config``.
+
+    Args:
+        path: the artifact; subjects, stored_subjects: this run's subject ids and the artifact's (``None``: an
+            artifact that records none, such as the encoder, whose subjects are the decoder's).
+        config, stored_config: this run's stage config and the artifact's (``None``: the artifact predates
+            storing its config, and only its subjects are checked).
+        delete: what to delete to make it again (named in the message).
+
+    Raises:
+        ValueError: ``"<path> was made from other subjects (...)"`` or ``"<path> was made with another
+            <Config> (<field>: this call <value>, the stored one <value>; ...)"``, then ``"; delete <delete> to
+            make it again"``.
+    """
+    subjects, stored_subjects = list(subjects or []), list(stored_subjects or [])
+    if stored_subjects != subjects:
+        first = next((i for i, (a, b) in enumerate(zip(subjects, stored_subjects, strict=False)) if a != b),
+                     min(len(subjects), len(stored_subjects)))
+        why = (f"other subjects ({len(stored_subjects)} stored, {len(subjects)} in this run's split; first difference "
+               f"at position {first}: stored {stored_subjects[first] if first < len(stored_subjects) else None!r}, "
+               f"this run {subjects[first] if first < len(subjects) else None!r})")
+    elif stored_config is not None and stored_config != config:
+        diff = mismatch(dataclasses.asdict(config), dataclasses.asdict(stored_config), found_name="the stored one")
+        why = f"another {type(config).__name__} ({diff})"
+    else:
+        return
+    raise ValueError(f"{path} was made with {why}; delete {delete} to make it again")
 
 
 def prepare_dataset(preset: Preset, progress: bool = True) -> Path:
@@ -121,39 +164,89 @@ def template_subjects(preset: Preset, train: SubjectDataset) -> list[MultiViewSu
     return [train[i] for i in range(min(len(train), preset.num_template_subjects))]
 
 
-def ensure_template(preset: Preset, train: SubjectDataset, progress: bool = True) -> Gaussians:
-    """The run's template: ``template.safetensors`` when the run folder has one, else made now.
+def ensure_fits(preset: Preset, train: SubjectDataset, progress: bool = True,
+                callback: Callable[[dict[str, Any]], None] | None = None,
+                fit: Callable[..., FitResult] | None = None, save: bool = True) -> FitResult:
+    """The run's per-subject fits of the :func:`template_subjects` (notebook 02): ``fits.safetensors`` when it
+    holds these subjects' fits made with ``preset.fit`` (:func:`check_reuse`), else fitted now and saved.
 
-    Making it is notebook 02 without the figures: the :func:`template_subjects` are fitted with
-    ``preset.fit`` (reusing ``fits.safetensors``, or resuming
-    ``fit_checkpoint/``, when present), averaged with :func:`build_template` and saved.
+    Args:
+        callback: goes to the fitting function (e.g. live curves).
+        fit: the fitting function, called as ``fit(subjects, config=..., progress=..., callback=...)``; default
+            :func:`~fastavatar_nb.fitting.fit_subjects` on the preset's device and backend, resuming
+            ``fit_checkpoint/``. :mod:`fastavatar_nb.distributed` passes one that fits over a process group.
+        save: write ``fits.safetensors`` (every rank but the first of a process group passes ``False``).
 
     Raises:
-        ValueError: the run folder's fits are of other subjects than ``train``.
+        ValueError: the stored fits are of other subjects or were made with another ``FitConfig``.
+    """
+    path = preset.run_dir / FITS_FILE
+    fitted = template_subjects(preset, train)
+    if path.is_file():
+        fits = FitResult.load(path, device=preset.torch_device)
+        check_reuse(path, [s.subject_id for s in fitted], fits.subject_ids, preset.fit, fits.config,
+                    f"{FITS_FILE} (and {FIT_CHECKPOINT}/)")
+        return fits
+    if fit is None:
+        fit = functools.partial(fit_subjects, backend=preset.backend, device=preset.torch_device,
+                                checkpoint=preset.run_dir / FIT_CHECKPOINT)
+    fits = fit(fitted, config=preset.fit, progress=progress, callback=callback)
+    if save:
+        fits.save(path)
+    return fits
+
+
+def store_template(preset: Preset, template: Gaussians, fits: FitResult) -> str:
+    """Write the template averaged from ``fits`` into the run folder (``template.ply`` and ``template.safetensors``,
+    which records the fitted subjects and their ``FitConfig``), or, where the run folder has one, check it: made
+    from the same subjects with the same config (:func:`check_reuse`) and holding the same numbers. Returns a line
+    saying which.
+
+    Raises:
+        ValueError: the stored template was made from other fits, or holds other numbers.
+    """
+    run = preset.run_dir
+    if not (run / TEMPLATE_SAFETENSORS).is_file():
+        ply, st = save_template(template, run, metadata={"subjects": ",".join(fits.subject_ids), "preset": preset.name,
+                                                         "fit_config": fits.config.to_json()})
+        return f"wrote {ply.name} ({ply.stat().st_size / 1e6:.2f} MB, opens in any 3DGS viewer) and {st.name} in {run}"
+    _check_stored_template(preset, fits.subject_ids, fits.config)
+    stored = load_template(run, device=template.device)
+    if not torch.allclose(stored.means, template.means, atol=1e-6, rtol=0):
+        raise ValueError(f"{run / TEMPLATE_SAFETENSORS} does not hold the average of these fits; delete "
+                         f"{TEMPLATE_SAFETENSORS} and {TEMPLATE_PLY} to make it again")
+    return f"kept the template in {run}: the same subjects, FitConfig and numbers"
+
+
+def _check_stored_template(preset: Preset, subjects: Sequence[str], config: FitConfig) -> None:
+    meta = template_metadata(preset.run_dir)
+    stored = FitConfig.from_dict(json.loads(meta["fit_config"])) if "fit_config" in meta else None  # older: none
+    check_reuse(preset.run_dir / TEMPLATE_SAFETENSORS, subjects, meta.get("subjects", "").split(","), config, stored,
+                f"{TEMPLATE_SAFETENSORS} and {TEMPLATE_PLY}")
+
+
+def ensure_template(preset: Preset, train: SubjectDataset, progress: bool = True) -> Gaussians:
+    """The run's template: ``template.safetensors`` when the run folder has one made from the
+    :func:`template_subjects` with ``preset.fit`` (:func:`check_reuse`), else the average
+    (:func:`~fastavatar_nb.template.build_template`) of :func:`ensure_fits`, stored (:func:`store_template`).
+
+    Raises:
+        ValueError: the stored template or fits were made from other subjects or with another ``FitConfig``.
     """
     run = preset.run_dir
     if (run / TEMPLATE_SAFETENSORS).is_file():
+        _check_stored_template(preset, [s.subject_id for s in template_subjects(preset, train)], preset.fit)
         return load_template(run, device=preset.torch_device)
-    fits_path = run / FITS_FILE
-    fitted = template_subjects(preset, train)
-    if fits_path.is_file():
-        fits = FitResult.load(fits_path, device=preset.torch_device)
-        want = [s.subject_id for s in fitted]
-        if fits.subject_ids != want:
-            raise ValueError(f"{fits_path} holds fits of {fits.subject_ids}, not of the template's training subjects "
-                             f"{want}; delete it (and {FIT_CHECKPOINT}/) to fit again")
-    else:
-        fits = fit_subjects(fitted, preset.fit, backend=preset.backend, device=preset.torch_device,
-                            checkpoint=run / FIT_CHECKPOINT, progress=progress)
-        fits.save(fits_path)
+    fits = ensure_fits(preset, train, progress=progress)
     template = build_template(fits.gaussians)
-    save_template(template, run, metadata={"subjects": ",".join(fits.subject_ids), "preset": preset.name})
+    store_template(preset, template, fits)
     return template
 
 
 def ensure_decoder(preset: Preset, train: SubjectDataset, progress: bool = True,
                    callback: Callable[[dict[str, Any]], None] | None = None, config: DecoderConfig | None = None,
-                   make_template: Callable[[], Gaussians] | None = None) -> DecoderResult:
+                   make_template: Callable[[], Gaussians] | None = None,
+                   train_fn: Callable[..., DecoderResult] | None = None, save: bool = True) -> DecoderResult:
     """The run's auto-decoder: ``decoder.safetensors`` + ``latents.safetensors`` when present, else
     trained now as notebook 03 does (``preset.decoder``, resuming
     ``decoder_checkpoint/``), on the template of :func:`ensure_template`. ``callback`` goes to
@@ -163,6 +256,10 @@ def ensure_decoder(preset: Preset, train: SubjectDataset, progress: bool = True,
         config: another config than the preset's (e.g. an ablation's, :mod:`fastavatar_nb.ablations`).
         make_template: makes the template to train on, called only when the decoder is trained now
             (default: :func:`ensure_template` of this run).
+        train_fn: the training function, called as ``train_fn(subjects, template, config=..., progress=...,
+            callback=...)``; default :func:`~fastavatar_nb.decoder.train_decoder` on the preset's device and
+            backend, resuming ``decoder_checkpoint/``. :mod:`fastavatar_nb.distributed` passes its own.
+        save: write the decoder and the codes (every rank but the first of a process group passes ``False``).
 
     Raises:
         ValueError: the stored decoder was trained on other subjects or with another config.
@@ -171,16 +268,16 @@ def ensure_decoder(preset: Preset, train: SubjectDataset, progress: bool = True,
     config = preset.decoder if config is None else config
     if (run / DECODER_FILE).is_file():
         result = DecoderResult.load(run, device=preset.torch_device)
-        if result.subject_ids != train.subject_ids or result.config != config:
-            why = (f"another DecoderConfig ({_config_diff(config, result.config)})" if result.config != config
-                   else f"other subjects ({len(result.subject_ids)} stored, {len(train)} in this run's split)")
-            raise ValueError(f"{run / DECODER_FILE} was trained with {why}; delete decoder.safetensors and "
-                             "latents.safetensors to train again")
+        check_reuse(run / DECODER_FILE, train.subject_ids, result.subject_ids, config, result.config,
+                    f"{DECODER_FILE} and {LATENTS_FILE}")
         return result
     template = make_template() if make_template is not None else ensure_template(preset, train, progress=progress)
-    result = train_decoder(train, template, config, backend=preset.backend, device=preset.torch_device,
-                           checkpoint=run / DECODER_CHECKPOINT, progress=progress, callback=callback)
-    result.save(run)
+    if train_fn is None:
+        train_fn = functools.partial(train_decoder, backend=preset.backend, device=preset.torch_device,
+                                     checkpoint=run / DECODER_CHECKPOINT)
+    result = train_fn(train, template, config=config, progress=progress, callback=callback)
+    if save:
+        result.save(run)
     return result
 
 
@@ -239,9 +336,7 @@ def ensure_encoder(preset: Preset, train: SubjectDataset, avatars: DecoderResult
     config = preset.encoder if config is None else config
     if (run / ENCODER_FILE).is_file():
         encoder = EncoderResult.load(run, device=preset.torch_device)
-        if encoder.config != config:
-            raise ValueError(f"{run / ENCODER_FILE} was trained with another EncoderConfig "
-                             f"({_config_diff(config, encoder.config)}); delete it to train again")
+        check_reuse(run / ENCODER_FILE, None, None, config, encoder.config, ENCODER_FILE)
         return encoder
     if embeddings is None:
         embeddings = ensure_embeddings(preset, train, progress=progress)

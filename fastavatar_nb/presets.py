@@ -41,7 +41,7 @@ import dataclasses
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -63,6 +63,7 @@ __all__ = [
     "PresetName",
     "base",
     "get",
+    "parse_sets",
     "project_root",
 ]
 
@@ -78,6 +79,9 @@ DATA_ENV = "FASTAVATAR_DATA"
 DATA_SPLIT_ENV = "FASTAVATAR_DATA_SPLIT"
 DATA_LABELS_ENV = "FASTAVATAR_DATA_LABELS"
 DATA_TIMESTEP_ENV = "FASTAVATAR_DATA_TIMESTEP"
+SET_ENV = "FASTAVATAR_SET"
+"""Preset overrides as a JSON object (``{"decoder.epochs": 4}``) that :func:`get` applies; ``fastavatar-nb run --set``
+hands its ``--set`` values to the notebooks' kernels this way."""
 
 
 class PresetError(ValueError):
@@ -525,8 +529,8 @@ def get(name: str = "auto", *, allow_cpu: bool | None = None, **overrides: Any) 
             Case and surrounding spaces are ignored.
         allow_cpu: return "full" even without CUDA (on device "cpu", backend "auto") instead
             of raising. ``None`` reads the environment variable ``FASTAVATAR_ALLOW_CPU_FULL``.
-        **overrides: field values replacing the preset's (e.g. ``num_subjects=4``); unknown
-            field names raise.
+        **overrides: field values replacing the preset's (e.g. ``num_subjects=4``, or a stage's field by its
+            dotted name, ``**{"decoder.epochs": 4}``), over those of ``FASTAVATAR_SET``; unknown field names raise.
 
     Returns:
         A :class:`Preset` whose ``run_dir`` is absolute: ``overrides["run_dir"]`` when given,
@@ -570,7 +574,7 @@ def get(name: str = "auto", *, allow_cpu: bool | None = None, **overrides: Any) 
                 stacklevel=2,
             )
             preset = preset.replace(backend="torch")
-    overrides = _data_overrides(preset, overrides)
+    overrides = _data_overrides(preset, {**_env_sets(), **overrides})
     run_dir_env = os.environ.get(RUN_DIR_ENV, "").strip()
     if "run_dir" in overrides:
         run_dir = Path(overrides["run_dir"]).expanduser()
@@ -582,6 +586,40 @@ def get(name: str = "auto", *, allow_cpu: bool | None = None, **overrides: Any) 
         run_dir = project_root() / "runs" / preset.name
     overrides = {**overrides, "run_dir": run_dir.resolve()}
     return preset.replace(**overrides)
+
+
+def parse_sets(items: Iterable[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` strings (the command line's ``--set``) as :func:`get`'s overrides: a value is read as JSON
+    where it parses (``4``, ``0.5``, ``true``, ``null``, ``[25, 17]``), else as text; a stage's field goes by its
+    dotted name (``decoder.epochs=4``). The one parser of ``fastavatar-nb run`` and ``fastavatar_nb.distributed``.
+
+    Raises:
+        PresetError: an item without ``=`` or without a field name.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        field_name, eq, value = str(item).partition("=")
+        if not eq or not field_name.strip():
+            raise PresetError(f"--set needs FIELD=VALUE (e.g. decoder.epochs=4), got {item!r}")
+        try:
+            out[field_name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[field_name.strip()] = value
+    return out
+
+
+def _env_sets() -> dict[str, Any]:
+    text = os.environ.get(SET_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        sets = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PresetError(f"{SET_ENV}={text!r}: not JSON ({e}); expected an object such as "
+                          '{"decoder.epochs": 4}') from None
+    if not isinstance(sets, dict):
+        raise PresetError(f"{SET_ENV}={text!r}: expected a JSON object such as {{\"decoder.epochs\": 4}}")
+    return sets
 
 
 def _data_overrides(preset: Preset, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -172,7 +172,7 @@ def test_a_stored_artifact_of_another_config_is_refused(tiny_run, monkeypatch):
     # the variant's own artifacts: made here unless an earlier test of this module left them (then reused)
     ablations.run(preset, folder, [ablations.variant("w/o CosSim (enc.)")], progress=False, log=lambda s: None)
     assert (folder / other.slug / "encoder.safetensors").is_file()
-    with pytest.raises(ValueError, match=r"was trained with another EncoderConfig \(.*\); delete it"):
+    with pytest.raises(ValueError, match=r"was made with another EncoderConfig \(.*\); delete encoder.safetensors to make it again"):
         ablations.run(preset, folder, [other], progress=False, log=lambda s: None)
 
 

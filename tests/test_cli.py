@@ -295,6 +295,16 @@ def test_run_pass_fail_resume_and_report(tmp_path: Path, capsys: pytest.CaptureF
     assert cli.main([*args, "--dry-run"]) == 2
     assert "run_status.json is not valid JSON" in capsys.readouterr().err
     assert cli.main([*args, "--dry-run", "--force"]) == 0
+    # --set changes a field for the run: the run folder's preset.json and the notebooks' presets.get have it
+    write_notebook(nb_dir / "01_pass.ipynb", "from fastavatar_nb import presets\n"
+                   "p = presets.get('smoke')\nassert (p.decoder.epochs, p.num_subjects) == (3, 20), p.describe()")
+    assert cli.main([*args, "--only", "01", "--force", "--set", "decoder.epochs=3", "--set", "num_subjects=20"]) == 0
+    assert "1 ran ok" in capsys.readouterr().out
+    assert presets.Preset.load(run_dir / "preset.json").decoder.epochs == 3
+    assert cli.main([*args, "--only", "01", "--dry-run", "--set", "decoder.epochs=3", "--set", "num_subjects=20"]) == 0
+    assert "01_pass.ipynb: skip" in capsys.readouterr().out  # the same settings: done
+    assert cli.main([*args, "--only", "01", "--dry-run", "--set", "decoder.epoch=3"]) == 2
+    assert "DecoderConfig: unknown fields ['epoch']" in capsys.readouterr().err
 
 
 def test_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

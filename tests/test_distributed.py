@@ -208,7 +208,9 @@ def test_cli_argument_errors_are_clear(capsys, tmp_path):
     assert main(["fit", "--preset", "smoke", "--set", "bogus=1", "--run-dir", str(tmp_path)]) == 2
     assert "Unknown preset field(s) ['bogus']" in capsys.readouterr().err
     assert main(["fit", "--preset", "smoke", "--set", "num_subjects", "--run-dir", str(tmp_path)]) == 2
-    assert "--set needs FIELD=VALUE, got 'num_subjects'" in capsys.readouterr().err
+    assert "--set needs FIELD=VALUE (e.g. decoder.epochs=4), got 'num_subjects'" in capsys.readouterr().err
+    assert main(["fit", "--preset", "smoke", "--set", "decoder.epoch=3", "--run-dir", str(tmp_path)]) == 2
+    assert "DecoderConfig: unknown fields ['epoch']" in capsys.readouterr().err  # a stage field, by its dotted name
     assert list(tmp_path.iterdir()) == []  # nothing was written
 
 

@@ -62,8 +62,62 @@ def test_ensure_template_refuses_fits_of_other_subjects(tiny):
     pipeline.ensure_template(tiny, SubjectDataset(root, "train"), progress=False)
     for name in ("template.safetensors", "template.ply"):
         (tiny.run_dir / name).unlink()
-    with pytest.raises(ValueError, match="not of the template.s training subjects"):
+    with pytest.raises(ValueError, match=r"fits.safetensors was made with other subjects \(2 stored, 1 in this run's "
+                                         r"split; first difference at position 0.*delete fits.safetensors \(and "
+                                         r"fit_checkpoint/\) to make it again"):
         pipeline.ensure_template(tiny, test, progress=False)
+
+
+def test_a_stored_template_is_checked_before_it_is_reused(tiny, monkeypatch):
+    """The template records the subjects and the FitConfig it was averaged from: another run's template, or one
+    holding other numbers, is refused (it used to be reused unchecked); one written before it recorded its
+    FitConfig is checked on its subjects alone."""
+    from fastavatar_nb.template import TEMPLATE_PLY, TEMPLATE_SAFETENSORS, save_template, template_metadata
+
+    root = pipeline.prepare_dataset(tiny, progress=False)
+    train = SubjectDataset(root, "train")
+    template = pipeline.ensure_template(tiny, train, progress=False)
+    meta = template_metadata(tiny.run_dir)
+    assert meta["subjects"] == ",".join(train.subject_ids) and json.loads(meta["fit_config"]) == json.loads(
+        tiny.fit.to_json())
+    fits = pipeline.ensure_fits(tiny, train, progress=False)  # reused: the same subjects and config
+    assert pipeline.store_template(tiny, template, fits).startswith("kept the template")
+    other = tiny.replace(**{"fit.iterations": 5})
+    with pytest.raises(ValueError, match=r"template.safetensors was made with another FitConfig \(iterations: this "
+                                         r"call 5, the stored one 4\); delete template.safetensors and template.ply"):
+        pipeline.ensure_template(other, train, progress=False)
+    with pytest.raises(ValueError, match=r"fits.safetensors was made with another FitConfig \(iterations: this call 5"):
+        pipeline.ensure_fits(other, train, progress=False)
+    shifted = template.clone()
+    shifted.means += 0.01
+    with pytest.raises(ValueError, match="does not hold the average of these fits"):
+        pipeline.store_template(tiny, shifted, fits)
+    # a template written before templates recorded their FitConfig: its subjects are still checked
+    for name in (TEMPLATE_PLY, TEMPLATE_SAFETENSORS):
+        (tiny.run_dir / name).unlink()
+    save_template(template, tiny.run_dir, metadata={"subjects": ",".join(train.subject_ids), "preset": "smoke"})
+    torch.testing.assert_close(pipeline.ensure_template(other, train, progress=False).means, template.means)
+    with pytest.raises(ValueError, match="was made with other subjects"):
+        pipeline.ensure_template(tiny, SubjectDataset(root, "test"), progress=False)
+    for name in (TEMPLATE_PLY, TEMPLATE_SAFETENSORS):  # leave the folder as the other tests expect it
+        (tiny.run_dir / name).unlink()
+    pipeline.ensure_template(tiny, train, progress=False)
+
+
+def test_check_reuse_names_what_differs(tmp_path):
+    from fastavatar_nb.refine import RefineConfig
+
+    path = tmp_path / "x.safetensors"
+    pipeline.check_reuse(path, ["a", "b"], ["a", "b"], RefineConfig(), RefineConfig(), "x")  # the same: reused
+    pipeline.check_reuse(path, ["a"], ["a"], RefineConfig(), None, "x")  # no stored config: subjects only
+    pipeline.check_reuse(path, None, None, RefineConfig(steps=3), RefineConfig(steps=3), "x")  # no subjects recorded
+    with pytest.raises(ValueError, match=r"x.safetensors was made with other subjects \(3 stored, 2 in this run's "
+                                         r"split; first difference at position 1: stored 'c', this run 'b'\); "
+                                         r"delete x to make it again"):
+        pipeline.check_reuse(path, ["a", "b"], ["a", "c", "d"], RefineConfig(), RefineConfig(), "x")
+    with pytest.raises(ValueError, match=r"another RefineConfig \(schedule: this call 'code', the stored one 'joint'; "
+                                         r"steps: this call 3, the stored one 50\)"):
+        pipeline.check_reuse(path, ["a"], ["a"], RefineConfig(steps=3, schedule="code"), RefineConfig(), "x")
 
 
 def test_ensure_decoder_refusal_names_what_differs(tiny, monkeypatch):

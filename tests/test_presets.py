@@ -287,3 +287,20 @@ def test_base_is_untouched_by_environment(monkeypatch: pytest.MonkeyPatch, tmp_p
     assert presets.base("full").device == "cuda"
     with pytest.raises(PresetError, match="smoke, course, full"):
         presets.base("auto")
+
+
+def test_set_values_are_parsed_once_and_read_from_the_environment(no_cuda: None, monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    assert presets.parse_sets(["decoder.epochs=4", "refine.schedule=code", "encoder.photo_grid=[5, 3]",
+                               "template_subjects=null", "seed=2"]) == {
+        "decoder.epochs": 4, "refine.schedule": "code", "encoder.photo_grid": [5, 3], "template_subjects": None,
+        "seed": 2}
+    with pytest.raises(PresetError, match=r"--set needs FIELD=VALUE \(e.g. decoder.epochs=4\), got 'epochs'"):
+        presets.parse_sets(["epochs"])
+    monkeypatch.setenv(presets.SET_ENV, '{"decoder.epochs": 4, "num_subjects": 20}')
+    p = presets.get("smoke", run_dir=tmp_path)
+    assert (p.decoder.epochs, p.num_subjects, p.encoder.photo_grid) == (4, 20, (0, 0))
+    assert presets.get("smoke", run_dir=tmp_path, num_subjects=30).num_subjects == 30  # an argument wins
+    monkeypatch.setenv(presets.SET_ENV, "decoder.epochs=4")
+    with pytest.raises(PresetError, match="FASTAVATAR_SET='decoder.epochs=4': not JSON"):
+        presets.get("smoke", run_dir=tmp_path)

@@ -43,11 +43,10 @@ import dataclasses
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -67,6 +66,7 @@ from .cameras import Cameras
 from .comm import Comm, make_comm
 from .data.subject import MultiViewSubject
 from .gaussians import Gaussians
+from .loop import StepLoop, load_optimizer_tensors, optimizer_tensors
 from .metrics import lpips_available, psnr
 from .objective import (
     HOLDOUT_VIEW,
@@ -81,7 +81,7 @@ from .render import Backend, render, resolve_backend
 
 __all__ = [
     "AutoDecoder", "DecoderConfig", "DecoderResult", "Residuals", "apply_residuals", "positional_embedding",
-    "train_decoder", "residual_penalty", "step_items", "DECODER_FILE", "LATENTS_FILE", "CHECKPOINT_FILE",
+    "train_decoder", "DecoderStepInfo", "residual_penalty", "step_items", "DECODER_FILE", "LATENTS_FILE", "CHECKPOINT_FILE",
     "checkpoint_state", "MLP_DTYPES", "MLP_DTYPE_CHOICES", "resolve_mlp_dtype", "StepLoss", "decoder_loss",
 ]
 
@@ -94,7 +94,7 @@ _LATENTS_FORMAT = "fastavatar-nb latents v2"
 CHECKPOINT_FILE = "decoder_checkpoint.safetensors"
 """The resumable checkpoint of :func:`train_decoder`, one file in its ``checkpoint`` folder: weights,
 codes, embeddings, Adam state and histories, with config and progress as JSON in its metadata."""
-_CKPT_FORMAT = "fastavatar-nb decoder checkpoint v3"
+_CKPT_FORMAT = "fastavatar-nb decoder checkpoint v4"  # v4: Adam's state as loop.optimizer_tensors names it
 _LEGACY_CHECKPOINT = ("decoder_state.json", "decoder_state.safetensors")  # the two-file layout (v2), refused
 _CKPT_STATE_KEYS = ("config", "subject_ids", "step", "steps", "seconds")
 HEADS: dict[str, int] = {"means": 3, "log_scales": 3, "quats": 4, "opacity_logits": 1, "sh": 48}
@@ -603,19 +603,13 @@ def _save_checkpoint(ckpt: CheckpointFile, state: dict[str, Any], decoder: AutoD
                      embeddings: Tensor, opt: torch.optim.Adam, hist_loss: Tensor, hist_psnr: Tensor,
                      template: Gaussians | None) -> None:
     """Write the resumable checkpoint (read back by :func:`_resume`): weights, codes, embeddings, histories,
-    the jointly learnt template when given, and Adam's state as ``opt.<group>.<param>.*``."""
+    the jointly learnt template when given, and Adam's state (:func:`~fastavatar_nb.loop.optimizer_tensors`)."""
     t = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
     t.update({"codes": codes.detach(), "embeddings": embeddings.detach(), "hist.loss": hist_loss,
               "hist.psnr": hist_psnr})
     if template is not None:
         t.update({f"template.{k}": v.detach() for k, v in template.parameters().items()})
-    for gi, g in enumerate(opt.param_groups):
-        for pi, p in enumerate(g["params"]):
-            st = opt.state.get(p)
-            if st:
-                t[f"opt.{gi}.{pi}.exp_avg"] = st["exp_avg"]
-                t[f"opt.{gi}.{pi}.exp_avg_sq"] = st["exp_avg_sq"]
-                t[f"opt.{gi}.{pi}.step"] = torch.as_tensor(st["step"]).reshape(1)
+    t.update(optimizer_tensors(opt))
     ckpt.save(state, t)
 
 
@@ -660,17 +654,15 @@ def _stage_subjects(subjects: Sequence[MultiViewSubject], ids: list[str], templa
 def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, config: DecoderConfig | None = None,
                   backend: Backend = "auto", device: torch.device | str | None = None,
                   checkpoint: str | os.PathLike | None = None, overwrite: bool = False, progress: bool = True,
-                  callback: Callable[[dict[str, Any]], None] | None = None,
+                  callback: Callable[[DecoderStepInfo], None] | None = None,
                   distributed: bool = False) -> DecoderResult:
     """Train the auto-decoder, the codes ``w_i`` and the embeddings ``e_k`` on the subjects' images.
 
-    Each step decodes ``subjects_per_step`` subjects (see :func:`step_items`), renders
-    ``views_per_step`` of each one's training views and minimises
-    ``l1 L1 + ssim (1 - SSIM) [+ lpips LPIPS]`` over the whole image on white
-    (:func:`~fastavatar_nb.objective.photometric_loss`, as in fitting) plus
-    ``means_reg_weight |d_mu|^2 / scene_scale^2 + scales_reg_weight |d_s|^2`` (means over
-    Gaussians), with Adam, exponentially decaying learning rates and gradient clipping. The template
-    stays fixed unless ``config.template_lr > 0`` (Table 2's joint optimisation).
+    Each step decodes ``subjects_per_step`` subjects (see :func:`step_items`), renders ``views_per_step`` of each
+    one's training views and minimises :func:`decoder_loss` (Eq. 7-8 on the whole image on white) with Adam,
+    exponentially decaying learning rates and gradient clipping (the loop's bar, decay,
+    checkpoints and callback: :class:`~fastavatar_nb.loop.StepLoop`). The template stays fixed unless
+    ``config.template_lr > 0`` (Table 2's joint optimisation).
 
     Args:
         subjects: the N training subjects (a list or a ``SubjectDataset``): equal views, image
@@ -685,8 +677,8 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
             raise a :class:`~fastavatar_nb._io.CheckpointError` unless ``overwrite``.
             With ``config.template_lr > 0`` it also holds the template being learnt.
         progress: show a tqdm progress bar.
-        callback: called after every step with ``step``, ``steps``, ``epoch``, ``loss``, ``psnr``
-            (floats: means over the step's renders) and ``codes`` (the current ``[N, latent_dim]``).
+        callback: called after every step with a :class:`DecoderStepInfo` (``step``, ``steps``, ``epoch``,
+            ``loss``, ``psnr``: means over the step's renders, and the current ``codes``).
         distributed: this process is one rank of an initialised ``torch.distributed`` process
             group, every rank calling with the same arguments: each step's items are split over
             the ranks and the gradients summed (data parallel; only rank 0 writes the checkpoint).
@@ -696,109 +688,101 @@ def train_decoder(subjects: Sequence[MultiViewSubject], template: Gaussians, con
         A :class:`DecoderResult` (its metrics are measured on every subject's training views and
         on the held-out view after training).
     """
-    from ._live import progress_bar as tqdm
-
     config = (config or DecoderConfig()).validate()
     ids = subject_ids(subjects, "train_decoder")
-    n = len(ids)
-    if n == 0:
+    if not ids:
         raise ValueError("train_decoder: no subjects given")
     if config.lpips_weight > 0 and not lpips_available():
         raise ValueError("train_decoder: lpips_weight > 0 needs the LPIPS network weights, which are not on this "
                          "machine (see fastavatar_nb.metrics.lpips_available); set lpips_weight=0")
-    dev = torch.device(device) if device is not None else template.device
-    backend_name = resolve_backend(backend, dev)
-    template = template.detach().to(dev)
-    comm = make_comm(distributed, dev)  # one process: LocalComm, whose part and sums are the identity
-
-    data = _stage_subjects(subjects, ids, template, config.holdout_view, dev)
+    n, dev = len(ids), torch.device(device) if device is not None else template.device
+    backend_name, comm = resolve_backend(backend, dev), make_comm(distributed, dev)  # one process: LocalComm
+    data = _stage_subjects(subjects, ids, template.detach().to(dev), config.holdout_view, dev)
     tv = train_views(data.num_views, config.holdout_view)
-    items_per_epoch = len(step_items(config.seed, 0, n, len(tv), config.views_per_step))
-    steps_per_epoch = math.ceil(items_per_epoch / config.subjects_per_step)
+    bs = config.subjects_per_step
+    steps_per_epoch = math.ceil(len(step_items(config.seed, 0, n, len(tv), config.views_per_step)) / bs)
     total = config.epochs * steps_per_epoch
-
-    decoder, codes, embeddings, template, opt = _training_state(config, template, n, dev)
-    base_lrs = [g["lr"] for g in opt.param_groups]
-
-    def set_lr(step: int) -> None:
-        frac = step / max(1, total - 1)
-        for g, lr in zip(opt.param_groups, base_lrs, strict=True):
-            g["lr"] = lr * config.lr_final ** frac
-
-    hist_loss = torch.full((total,), float("nan"))
-    hist_psnr = torch.full((total,), float("nan"))
-    step0, seconds0 = 0, 0.0
-    ckpt = _checkpoint(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and ckpt.exists():
-        if overwrite:
-            ckpt.discard()
-        else:
-            step0, seconds0 = _resume(ckpt, config, ids, total, decoder, codes, embeddings, opt, hist_loss, hist_psnr,
-                                      dev, template if config.template_lr > 0 else None)
-
-    bar = tqdm(total=total, initial=step0, desc="training the decoder", disable=not progress, unit="step",
-               mininterval=0.5)  # few redraws: a notebook's output channel keeps ~1,000 messages
-    t0 = time.perf_counter()
-    bs, tv_t = config.subjects_per_step, torch.tensor(tv, device=dev)
+    decoder, codes, embeddings, template, opt = _training_state(config, template.detach().to(dev), n, dev)
+    base_lrs, joint = [g["lr"] for g in opt.param_groups], template if config.template_lr > 0 else None
+    hist_loss, hist_psnr = torch.full((total,), float("nan")), torch.full((total,), float("nan"))
+    ckpt, step0, seconds0 = _resume(checkpoint, overwrite, config, ids, total, decoder, codes, embeddings, opt,
+                                    hist_loss, hist_psnr, dev, joint)
     items: tuple[int, list[tuple[int, list[int]]]] = (-1, [])  # (epoch, its items): shuffled once per epoch
-    try:
-        for step in range(step0, total):
+    with StepLoop(total, desc="training the decoder", done=step0, seconds=seconds0, progress=progress,
+                  callback=callback) as loop:
+        for step in loop.steps(step0, total, decay=(opt, base_lrs, config.lr_final)):
             epoch, k = divmod(step, steps_per_epoch)
             if items[0] != epoch:
                 items = (epoch, step_items(config.seed, epoch, n, len(tv), config.views_per_step))
-            batch = items[1][k * bs:(k + 1) * bs]
-            set_lr(step)
-            part = comm.part(batch)  # this rank's items (all of them in one process)
-            params = [p for grp in opt.param_groups for p in grp["params"]]
-            opt.zero_grad(set_to_none=True)
-            # this rank's share of the step's loss (the mean image term over every render of the batch, plus
-            # the residual penalty): summed over the ranks it is the whole; in one process it is the whole.
-            # Subjects with fewer views in their chunk (the last chunk) form a group of their own.
-            loss, psnrs = torch.zeros((), device=dev), []
-            renders = sum(len(v) for _, v in batch)
-            for size in sorted({len(v) for _, v in part}):
-                rows = [(si, v) for si, v in part if len(v) == size]
-                s_t = torch.tensor([si for si, _ in rows], device=dev)
-                vpos = tv_t[torch.tensor([v for _, v in rows], device=dev)]               # [b, V] view indices
-                step_loss = decoder_loss(
-                    decoder, template, codes[s_t], embeddings, data.images_u8[s_t[:, None], vpos].float() / 255.0,
-                    Cameras(data.cameras.viewmats[s_t[:, None], vpos], data.cameras.Ks[s_t[:, None], vpos],
-                            data.width, data.height), config, backend_name)
-                loss = loss + step_loss.image.sum() / renders + step_loss.penalty * (len(rows) / len(batch))
-                psnrs.append(step_loss.psnr)
-            if part:
-                loss.backward()
-            comm.sum_grads_(params)
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            opt.step()
-            p_sum = float(torch.cat(psnrs).double().sum()) if psnrs else 0.0
-            tot_loss, tot_psnr, count = comm.sum_stats([float(loss.detach()), p_sum, sum(len(p) for p in psnrs)])
-            hist_loss[step], hist_psnr[step] = tot_loss, tot_psnr / count
-            bar.update(1)
-            bar.set_postfix(loss=f"{hist_loss[step]:.4f}", psnr=f"{hist_psnr[step]:.2f}", refresh=False)
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == total:
-                if ckpt is not None and comm.rank == 0:
-                    _save_checkpoint(ckpt, {"config": json.loads(config.to_json()), "subject_ids": ids, "step": step + 1,
-                                            "steps": total, "seconds": seconds0 + time.perf_counter() - t0,
-                                            "backend": backend_name}, decoder, codes, embeddings, opt, hist_loss,
-                                     hist_psnr, template if config.template_lr > 0 else None)
-            if callback is not None:
-                callback({"step": step + 1, "steps": total, "epoch": epoch, "loss": float(hist_loss[step]),
-                          "psnr": float(hist_psnr[step]), "codes": codes.detach()})
-    finally:
-        bar.close()
-    seconds = seconds0 + time.perf_counter() - t0
-
-    # ---- evaluate every training subject's decoded Gaussians
+            hist_loss[step], hist_psnr[step] = _train_step(decoder, codes, embeddings, template, opt, data, tv,
+                                                           items[1][k * bs:(k + 1) * bs], comm, config, backend_name)
+            if ckpt is not None and comm.rank == 0 and loop.due(step + 1, config.checkpoint_every, total):
+                _save_checkpoint(ckpt, {"config": json.loads(config.to_json()), "subject_ids": ids, "step": step + 1,
+                                        "steps": total, "seconds": loop.seconds, "backend": backend_name}, decoder,
+                                 codes, embeddings, opt, hist_loss, hist_psnr, joint)
+            loop.record(DecoderStepInfo(step=step + 1, steps=total, epoch=epoch, loss=float(hist_loss[step]),
+                                        psnr=float(hist_psnr[step]), codes=codes.detach()),
+                        loss=float(hist_loss[step]), psnr=float(hist_psnr[step]))
     decoder.eval()
     result = DecoderResult(
         decoder=decoder, embeddings=embeddings.detach(), template=template.detach(), codes=codes.detach(), subject_ids=ids,
         train_psnr=torch.empty(n), train_ssim=torch.empty(n), heldout_psnr=torch.full((n,), float("nan")),
         heldout_ssim=torch.full((n,), float("nan")), heldout_psnr_head=torch.full((n,), float("nan")),
-        loss_history=hist_loss, psnr_history=hist_psnr, config=config, backend=backend_name, seconds=seconds)
+        loss_history=hist_loss, psnr_history=hist_psnr, config=config, backend=backend_name, seconds=loop.seconds)
     _score(result, data, tv, comm)
     return result
+
+
+class DecoderStepInfo(TypedDict):
+    """What :func:`train_decoder` gives its callback after every step (:class:`~fastavatar_nb.loop.StepLoop`)."""
+
+    step: int
+    """Steps done."""
+    steps: int
+    """Steps of the run."""
+    epoch: int
+    """The epoch of this step (from 0)."""
+    loss: float
+    """The step's loss (Eq. 7-8), over every render of the step."""
+    psnr: float
+    """The mean PSNR of the step's renders."""
+    codes: Tensor
+    """The current codes ``w_i``, ``[N, latent_dim]``."""
+
+
+def _train_step(decoder: AutoDecoder, codes: Tensor, embeddings: Tensor, template: Gaussians, opt: torch.optim.Adam,
+                data: _Staged, tv: list[int], batch: list[tuple[int, list[int]]], comm: Comm, config: DecoderConfig,
+                backend: str) -> tuple[float, float]:
+    """One optimiser step of :func:`train_decoder` on this rank's part of ``batch`` (its ``(subject, views)`` items):
+    :func:`decoder_loss` for each group of items with equal view counts (the last chunk of a subject's views may be
+    shorter), weighted so that the ranks' losses sum to the mean image term over every render of the batch plus the
+    residual penalty; the gradients summed over the ranks, clipped, and Adam's step. Returns the step's loss and the
+    mean PSNR of its renders, over all ranks."""
+    dev, tv_t = codes.device, torch.tensor(tv, device=codes.device)
+    part = comm.part(batch)  # this rank's items (all of them in one process)
+    params = [p for grp in opt.param_groups for p in grp["params"]]
+    opt.zero_grad(set_to_none=True)
+    loss, psnrs = torch.zeros((), device=dev), []
+    renders = sum(len(v) for _, v in batch)
+    for size in sorted({len(v) for _, v in part}):
+        rows = [(si, v) for si, v in part if len(v) == size]
+        s_t = torch.tensor([si for si, _ in rows], device=dev)
+        vpos = tv_t[torch.tensor([v for _, v in rows], device=dev)]               # [b, V] view indices
+        step_loss = decoder_loss(
+            decoder, template, codes[s_t], embeddings, data.images_u8[s_t[:, None], vpos].float() / 255.0,
+            Cameras(data.cameras.viewmats[s_t[:, None], vpos], data.cameras.Ks[s_t[:, None], vpos],
+                    data.width, data.height), config, backend)
+        loss = loss + step_loss.image.sum() / renders + step_loss.penalty * (len(rows) / len(batch))
+        psnrs.append(step_loss.psnr)
+    if part:
+        loss.backward()
+    comm.sum_grads_(params)
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+    opt.step()
+    p_sum = float(torch.cat(psnrs).double().sum()) if psnrs else 0.0
+    tot_loss, tot_psnr, count = comm.sum_stats([float(loss.detach()), p_sum, sum(len(p) for p in psnrs)])
+    return tot_loss, tot_psnr / count
 
 
 def _score(result: DecoderResult, data: _Staged, tv: list[int], comm: Comm) -> None:
@@ -844,14 +828,24 @@ def checkpoint_state(folder: str | os.PathLike) -> dict[str, Any]:
     return _checkpoint(folder).state()
 
 
-def _resume(ckpt: CheckpointFile, config: DecoderConfig, ids: list[str], total: int, decoder: AutoDecoder,
-            codes: Tensor, embeddings: Tensor, opt: torch.optim.Adam, hist_loss: Tensor, hist_psnr: Tensor,
-            dev: torch.device, template: Gaussians | None = None) -> tuple[int, float]:
-    """Load a checkpoint into the fresh model and optimiser (and ``template``, when it is trained
-    jointly); returns ``(step, seconds)``.
+def _resume(folder: str | os.PathLike | None, overwrite: bool, config: DecoderConfig, ids: list[str], total: int,
+            decoder: AutoDecoder, codes: Tensor, embeddings: Tensor, opt: torch.optim.Adam, hist_loss: Tensor,
+            hist_psnr: Tensor, dev: torch.device, template: Gaussians | None = None
+            ) -> tuple[CheckpointFile | None, int, float]:
+    """The checkpoint file of ``folder`` (``None``: no checkpointing) and where training starts: ``(file, step,
+    seconds)``. A checkpoint there is loaded into the fresh model and optimiser (and ``template``, when it is
+    trained jointly), or deleted with ``overwrite``.
 
     Refuses (:class:`~fastavatar_nb._io.CheckpointError`) a checkpoint of another config or other
     subjects, and one whose state and tensors disagree (step, shapes, optimiser step counts)."""
+    if folder is None:
+        return None, 0, 0.0
+    ckpt = _checkpoint(folder)
+    if not ckpt.exists():
+        return ckpt, 0, 0.0
+    if overwrite:
+        ckpt.discard()
+        return ckpt, 0, 0.0
     weights = [f"decoder.{k}" for k in decoder.state_dict()]
     own = {} if template is None else {f"template.{k}": v for k, v in template.parameters().items()}
     state, t = ckpt.load(dev, state_keys=_CKPT_STATE_KEYS,
@@ -878,10 +872,5 @@ def _resume(ckpt: CheckpointFile, config: DecoderConfig, ids: list[str], total: 
             v.copy_(t[k])
     hist_loss.copy_(t["hist.loss"].cpu())
     hist_psnr.copy_(t["hist.psnr"].cpu())
-    for gi, g in enumerate(opt.param_groups):
-        for pi, p in enumerate(g["params"]):
-            key = f"opt.{gi}.{pi}"
-            if f"{key}.exp_avg" in t:
-                opt.state[p] = {"step": t[f"{key}.step"].reshape(()).cpu().clone(), "exp_avg": t[f"{key}.exp_avg"],
-                                "exp_avg_sq": t[f"{key}.exp_avg_sq"]}
-    return int(step), float(state.get("seconds", 0.0))
+    load_optimizer_tensors(opt, t)
+    return ckpt, int(step), float(state.get("seconds", 0.0))

@@ -34,11 +34,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +52,10 @@ from ._io import (
     read_artifact,
 )
 from .faces import EMBEDDING_DIM, make_mtcnn, truth_faces
+from .loop import StepLoop
 
 __all__ = ["ENCODER_FILE", "EncoderConfig", "EncoderMLP", "EncoderResult", "encoder_loss", "encoder_batch_loss", "face_embeddings",
-           "dataset_embeddings", "dataset_photos", "training_pairs", "augment_embeddings", "augment_photos", "train_encoder",
+           "dataset_embeddings", "dataset_photos", "training_pairs", "augment_embeddings", "augment_photos", "train_encoder", "EncoderStepInfo",
            "encode_faces"]
 
 ENCODER_FILE = "encoder.safetensors"
@@ -420,7 +420,7 @@ def augment_photos(photos: Tensor, jitter: float, generator: torch.Generator) ->
 
 
 def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | None = None, progress: bool = True,
-                  callback: Callable[[dict[str, Any]], None] | None = None,
+                  callback: Callable[[EncoderStepInfo], None] | None = None,
                   photos: Tensor | None = None) -> EncoderResult:
     """Distil the encoder MLP onto the decoder's codes (Eq. 9): each step minimises :func:`encoder_batch_loss`
     on a batch with Adam (AdamW with ``weight_decay``), the learning rate decaying exponentially.
@@ -429,15 +429,13 @@ def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | N
         embeddings: ``[M, 512]`` face embeddings (one per training view with a face; no NaNs).
         targets: ``[M, latent_dim]`` the code ``w_i`` of each embedding's subject (frozen).
         config: settings (default :class:`EncoderConfig`).
-        callback: called after every step with ``step``, ``steps``, ``loss`` and ``cos`` (floats).
+        callback: called after every step with an :class:`EncoderStepInfo` (``step``, ``steps``, ``loss``, ``cos``).
         photos: ``[M, H, W, 3]`` each embedding's photo (``dataset_photos(...)[found]``); needed when
             ``config.photo_grid`` is set, ignored otherwise.
 
     Returns:
         An :class:`EncoderResult` with the model in eval mode.
     """
-    from ._live import progress_bar as tqdm
-
     config = (config or EncoderConfig()).validate()
     if embeddings.ndim != 2 or targets.ndim != 2 or embeddings.shape[0] != targets.shape[0]:
         raise ValueError(f"train_encoder: need embeddings [M, D] and targets [M, L] with the same M, got "
@@ -469,36 +467,46 @@ def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | N
     gen = torch.Generator().manual_seed(config.seed)
     aug_gen = torch.Generator().manual_seed(config.seed + 1)
     losses, coss = torch.empty(total), torch.empty(total)
-    bar = tqdm(total=total, desc="training the encoder", disable=not progress, unit="step", mininterval=0.5)
-    t0 = time.perf_counter()
-    model.train()
-    step = 0
-    for _ in range(config.epochs):
-        perm = torch.randperm(M, generator=gen).to(dev)
-        for b in range(per_epoch):
-            idx = perm[b * config.batch_size:(b + 1) * config.batch_size]
-            if len(idx) < 2:  # BatchNorm needs two samples
-                continue
-            for g in opt.param_groups:
-                g["lr"] = config.lr * config.lr_final ** (step / max(1, total - 1))
-            x = augment_embeddings(embeddings, subject, idx, config, aug_gen)
-            c = None
-            if colours is not None:
-                c = (colours[idx] if config.photo_jitter == 0 else
-                     model.photo_features(augment_photos(photos[idx.to(photos.device)], config.photo_jitter, aug_gen)))
-            terms = encoder_batch_loss(model, x, targets[idx], config, c)
-            loss = terms["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses[step], coss[step] = float(loss.detach()), float(terms["cos"].detach().mean())
-            step += 1
-            bar.update(1)
-            if callback is not None:
-                callback({"step": step, "steps": total, "loss": float(losses[step - 1]), "cos": float(coss[step - 1])})
-    bar.close()
+    with StepLoop(total, desc="training the encoder", progress=progress, callback=callback) as loop:
+        model.train()
+        step = 0
+        for _ in range(config.epochs):
+            perm = torch.randperm(M, generator=gen).to(dev)
+            for b in range(per_epoch):
+                idx = perm[b * config.batch_size:(b + 1) * config.batch_size]
+                if len(idx) < 2:  # BatchNorm needs two samples
+                    continue
+                for g in opt.param_groups:
+                    g["lr"] = config.lr * config.lr_final ** (step / max(1, total - 1))
+                x = augment_embeddings(embeddings, subject, idx, config, aug_gen)
+                c = None
+                if colours is not None:
+                    c = (colours[idx] if config.photo_jitter == 0 else
+                         model.photo_features(augment_photos(photos[idx.to(photos.device)], config.photo_jitter, aug_gen)))
+                terms = encoder_batch_loss(model, x, targets[idx], config, c)
+                loss = terms["loss"]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses[step], coss[step] = float(loss.detach()), float(terms["cos"].detach().mean())
+                step += 1
+                loop.record(EncoderStepInfo(step=step, steps=total, loss=float(losses[step - 1]), cos=float(coss[step - 1])),
+                            loss=float(losses[step - 1]), cos=float(coss[step - 1]))
     model.eval()
-    return EncoderResult(model, losses[:step], coss[:step], config, time.perf_counter() - t0)
+    return EncoderResult(model, losses[:step], coss[:step], config, loop.seconds)
+
+
+class EncoderStepInfo(TypedDict):
+    """What :func:`train_encoder` gives its callback after every step (:class:`~fastavatar_nb.loop.StepLoop`)."""
+
+    step: int
+    """Steps done."""
+    steps: int
+    """Steps of the run (a batch of fewer than 2 samples, which BatchNorm cannot take, is skipped)."""
+    loss: float
+    """The step's loss (:func:`encoder_batch_loss`)."""
+    cos: float
+    """The mean cosine between the step's predicted codes and their targets."""
 
 
 def encode_faces(embeddings: Tensor, encoder: EncoderResult, photos: Tensor | None = None) -> Tensor:

@@ -40,11 +40,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -62,6 +61,7 @@ from ._io import (
 from .cameras import Cameras
 from .data.subject import MultiViewSubject, stack_subjects
 from .gaussians import Gaussians, knn, knn_spacing
+from .loop import OPTIMIZER_FIELDS, StepLoop, load_optimizer_tensors, optimizer_tensors
 from .metrics import psnr
 from .objective import (
     HOLDOUT_VIEW,
@@ -76,14 +76,14 @@ from .render import Backend, render, resolve_backend
 
 __all__ = [
     "FitConfig", "FitResult", "fit_subjects", "estimate_normals", "sample_point_colors", "init_gaussians",
-    "view_for_step", "SHORT_RUN_LRS", "LONG_RUN_LRS", "SHORT_RUN_STEPS", "CHECKPOINT_FILE", "checkpoint_state",
+    "view_for_step", "FitStepInfo", "SHORT_RUN_LRS", "LONG_RUN_LRS", "SHORT_RUN_STEPS", "CHECKPOINT_FILE", "checkpoint_state",
     "FitLoss", "fit_loss",
 ]
 
 CHECKPOINT_FILE = "fit_checkpoint.safetensors"
 """The resumable checkpoint of :func:`fit_subjects`, one file in its ``checkpoint`` folder."""
 _LEGACY_CHECKPOINT = ("fit_state.json", "fit_state.safetensors")  # the two-file layout (format v2), refused
-_FORMAT = "fastavatar-nb fit checkpoint v3"
+_FORMAT = "fastavatar-nb fit checkpoint v4"  # v4: Adam's state as loop.optimizer_tensors names it
 _RESULT_FORMAT = "fastavatar-nb fits v2"
 _PARAM_NAMES = ("means", "log_scales", "quats", "opacity_logits", "sh0", "shN")
 _METRICS = ("init_train_psnr", *StageScores.score_names())
@@ -461,12 +461,11 @@ def _check_resumable(ckpt: CheckpointFile, st: dict[str, Any], t: dict[str, Tens
     if b0 != num_done or not (isinstance(step, int) and 1 <= step < T):
         raise ckpt.refuse(f"its state says batch_start {b0!r}, step {step!r}; expected batch_start {num_done} (the "
                           f"next unfinished subject) and a step in 1..{T - 1}")
-    need = [f"cur.{k}" for k in (*_PARAM_NAMES, "init_train_psnr")] + [f"opt.means.{k}" for k in
-                                                                        ("step", "exp_avg", "exp_avg_sq")]
+    need = [f"cur.{k}" for k in (*_PARAM_NAMES, "init_train_psnr")] + [f"opt.means.0.{k}" for k in OPTIMIZER_FIELDS]
     missing = [k for k in need if k not in t]
     if missing:
         raise ckpt.refuse(f"the state says step {step} of a batch in progress, but the tensors {missing} are absent")
-    taken = int(t["opt.means.step"].reshape(-1)[0])
+    taken = int(t["opt.means.0.step"].reshape(-1)[0])
     if taken != step:
         raise ckpt.refuse(f"the state and the tensors disagree: the state says step {step} of the batch starting at "
                           f"subject {b0}, but the optimiser state holds {taken} steps")
@@ -487,30 +486,6 @@ def _make_optimizer(params: dict[str, Tensor], config: FitConfig) -> torch.optim
            "opacity_logits": r["opacities_lr"], "sh0": r["sh0_lr"], "shN": r["shN_lr"]}
     # eps as in gsplat: tiny, so steps are normalised even for faint gradients
     return torch.optim.Adam([{"params": [params[n]], "lr": lrs[n], "name": n} for n in _PARAM_NAMES], eps=1e-15)
-
-
-def _optimizer_tensors(opt: torch.optim.Adam) -> dict[str, Tensor]:
-    out = {}
-    sd = opt.state_dict()
-    for i, name in enumerate(_PARAM_NAMES):
-        st = sd["state"].get(i)
-        if st is None:
-            continue
-        for key in ("step", "exp_avg", "exp_avg_sq"):
-            out[f"opt.{name}.{key}"] = torch.as_tensor(st[key]).reshape(-1) if key == "step" else st[key]
-    return out
-
-
-def _load_optimizer(opt: torch.optim.Adam, tensors: dict[str, Tensor], device: torch.device) -> None:
-    sd = opt.state_dict()
-    state = {}
-    for i, name in enumerate(_PARAM_NAMES):
-        if f"opt.{name}.step" in tensors:
-            state[i] = {"step": tensors[f"opt.{name}.step"].reshape(()).clone(),
-                        "exp_avg": tensors[f"opt.{name}.exp_avg"].to(device),
-                        "exp_avg_sq": tensors[f"opt.{name}.exp_avg_sq"].to(device)}
-    sd["state"] = state
-    opt.load_state_dict(sd)
 
 
 @dataclass
@@ -576,7 +551,7 @@ def _save_fit(ckpt: CheckpointFile, config: FitConfig, ids: list[str], shard: di
     tensors = {"hist.loss": hist_loss, "hist.psnr": hist_psnr, **{f"done.{k}": v for k, v in done.items()}}
     if cur is not None:
         tensors.update({f"cur.{k}": v for k, v in cur.items()})
-        tensors.update(_optimizer_tensors(opt))
+        tensors.update(optimizer_tensors(opt))
     ckpt.save({"config": json.loads(config.to_json()), "subject_ids": ids, **shard, "num_done": state["num_done"],
                "batch_start": state["batch_start"], "step": state["step"], "seconds": seconds,
                "backend": backend_name,
@@ -602,7 +577,7 @@ def _start_batch(batch: list[MultiViewSubject], images: Tensor, cams: Cameras, t
         v.requires_grad_(True)
     opt = _make_optimizer(params, config)
     if resuming:
-        _load_optimizer(opt, saved, dev)
+        load_optimizer_tensors(opt, saved)
         for grp in opt.param_groups:
             if grp["name"] == "means":
                 grp["lr"] = config.means_lr_at(step0)
@@ -637,10 +612,73 @@ def _score_batch(fitted: Gaussians, images: Tensor, masks: Tensor, cams: Cameras
             "heldout_psnr_head": ho["psnr_head"][:, 0]}
 
 
+def _subject_order(n: int, subject_indices: Sequence[int] | None) -> list[int]:
+    """Each subject's index in the view schedule: ``subject_indices`` (checked: ``n`` distinct, >= 0) or ``0..n-1``."""
+    order = list(range(n)) if subject_indices is None else [int(i) for i in subject_indices]
+    if len(order) != n or len(set(order)) != n or (order and min(order) < 0):
+        raise ValueError(f"fit_subjects: subject_indices must be {n} distinct indices >= 0 (one per subject), "
+                         f"got {list(subject_indices or [])!r}")
+    return order
+
+
+def _load_batch(subjects: Sequence[MultiViewSubject], want: list[str], idx: list[int],
+                dev: torch.device) -> list[MultiViewSubject]:
+    """The batch's subjects on ``dev``, checked to be the ones the run started with (a lazy dataset may change)."""
+    batch = [subjects[i].to(dev) for i in idx]
+    got = [s.subject_id for s in batch]
+    if got != want:
+        raise ValueError(f"fit_subjects: subjects changed while fitting (expected {want}, got {got})")
+    return batch
+
+
+def _fit_step(params: dict[str, Tensor], opt: torch.optim.Adam, images: Tensor, cams: Cameras, anchors: Tensor,
+              order: list[int], tv: list[int], config: FitConfig, step: int, backend: str) -> tuple[FitLoss, Tensor]:
+    """One step of :func:`fit_subjects` on a batch: each subject's view of this step (:func:`view_for_step` of its
+    index ``order[s]``), :func:`fit_loss`, backward, Adam, then the means' learning rate of the next step.
+    Returns the step's :class:`FitLoss` and the PSNR ``[S]`` of its renders."""
+    ar = torch.arange(images.shape[0], device=images.device)
+    pos = torch.tensor([tv[view_for_step(config.seed, k, step, len(tv))] for k in order], device=images.device)
+    cam = Cameras(cams.viewmats[ar, pos][:, None], cams.Ks[ar, pos][:, None], cams.width, cams.height)
+    gt = images[ar, pos][:, None]                                    # [S, 1, H, W, 3]
+    step_loss = fit_loss(_join_params(params), cam, gt, anchors, config, step, backend)
+    opt.zero_grad(set_to_none=True)
+    step_loss.loss.sum().backward()
+    opt.step()
+    for grp in opt.param_groups:
+        if grp["name"] == "means":
+            grp["lr"] = config.means_lr_at(step + 1)
+    with torch.no_grad():
+        return step_loss, psnr(step_loss.colors.detach().clamp(0, 1), gt)[:, 0]
+
+
+class FitStepInfo(TypedDict):
+    """What :func:`fit_subjects` gives its callback after every step (:class:`~fastavatar_nb.loop.StepLoop`);
+    ``step`` and ``steps`` count the steps of the batch in progress."""
+
+    step: int
+    """Steps done in this batch."""
+    steps: int
+    """Steps of a batch (``config.iterations``)."""
+    batch_start: int
+    """The index of the batch's first subject."""
+    subject_ids: list[str]
+    """The batch's subjects."""
+    loss: Tensor
+    """``[S]`` each subject's loss (:func:`fit_loss`)."""
+    l1: Tensor
+    """``[S]`` the L1 term."""
+    ssim: Tensor
+    """``[S]`` the SSIM of the render."""
+    psnr: Tensor
+    """``[S]`` the PSNR of the render."""
+    sh_degree: int
+    """The SH degree rendered at this step."""
+
+
 def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None = None, backend: Backend = "auto",
                  device: torch.device | str | None = None, checkpoint: str | os.PathLike | None = None,
                  overwrite: bool = False, progress: bool = True,
-                 callback: Callable[[dict[str, Any]], None] | None = None,
+                 callback: Callable[[FitStepInfo], None] | None = None,
                  subject_indices: Sequence[int] | None = None) -> FitResult:
     """Fit K corresponded Gaussians to each subject (fixed K, no densification or pruning).
 
@@ -655,109 +693,65 @@ def fit_subjects(subjects: Sequence[MultiViewSubject], config: FitConfig | None 
             returns at once); a different checkpoint raises unless ``overwrite``.
         overwrite: discard an existing, different checkpoint in ``checkpoint`` and start afresh.
         progress: show a tqdm progress bar.
-        callback: called after every step with a dict: ``step`` (steps done in this batch),
-            ``iterations``, ``batch_start`` (index of the batch's first subject), ``subject_ids``,
-            ``loss``, ``l1``, ``ssim``, ``psnr`` (``[S_batch]`` tensors for the rendered views) and
-            ``sh_degree``.
-        subject_indices: the index of each subject in a larger list it was taken from, used by
-            the view schedule (:func:`view_for_step`) instead of its position in ``subjects``;
-            default ``0 .. S-1``. A part of that list made of whole batches of ``batch_size`` (only
-            the list's last batch may be short, and only at the end) is then fitted exactly as in
-            the whole list: :mod:`fastavatar_nb.distributed` fits such shards on many GPUs. Stored in
-            the checkpoint (when not the default) and checked on resume.
+        callback: called after every step with a :class:`FitStepInfo`: ``step`` and ``steps`` of the batch in
+            progress, ``batch_start``, ``subject_ids``, the ``[S_batch]`` ``loss``, ``l1``, ``ssim`` and ``psnr``
+            of the rendered views, and ``sh_degree``.
+        subject_indices: each subject's index in a larger list it was taken from, used by the view
+            schedule (:func:`view_for_step`) instead of its position (default ``0 .. S-1``): a part of
+            that list made of whole batches is then fitted exactly as in the whole list (the shards of
+            :mod:`fastavatar_nb.distributed`). Stored in the checkpoint and checked on resume.
 
     Returns:
         A :class:`FitResult`.
     """
-    from ._live import progress_bar as tqdm
-
     config = (config or FitConfig()).validate()
     ids = subject_ids(subjects, "fit_subjects")
-    n = len(ids)
+    n, T, bs = len(ids), config.iterations, config.batch_size
     if n == 0:
         raise ValueError("fit_subjects: no subjects given")
-    sched = list(range(n)) if subject_indices is None else [int(i) for i in subject_indices]
-    if len(sched) != n or len(set(sched)) != n or min(sched) < 0:
-        raise ValueError(f"fit_subjects: subject_indices must be {n} distinct indices >= 0 (one per subject), "
-                         f"got {list(subject_indices or [])!r}")
+    sched = _subject_order(n, subject_indices)
     shard = {} if sched == list(range(n)) else {"subject_indices": sched}  # in checkpoints of a shard only
     dev = torch.device(device) if device is not None else subjects[0].device
     backend_name = resolve_backend(backend, dev)
-    T, bs = config.iterations, config.batch_size
-
     ckpt = _checkpoint(checkpoint) if checkpoint is not None else None
     state, saved = _resume_fit(ckpt, overwrite, config, ids, shard)
     hist_loss = saved.get("hist.loss", torch.full((n, T), float("nan")))
     hist_psnr = saved.get("hist.psnr", torch.full((n, T), float("nan")))
     done: dict[str, Tensor] = {k[5:]: v for k, v in saved.items() if k.startswith("done.")}
-
-    def save(cur: dict[str, Tensor] | None, opt: torch.optim.Adam | None, seconds: float) -> None:
-        if ckpt is not None:
-            _save_fit(ckpt, config, ids, shard, state, seconds, backend_name, hist_loss, hist_psnr, done, cur, opt)
-
-    total_steps = (math.ceil(n / bs) * T)
-    first_batch = state["num_done"] // bs
-    bar = tqdm(total=total_steps, initial=first_batch * T + (state["step"] if state["batch_start"] is not None else 0),
-               desc="fitting subjects", disable=not progress, unit="step",
-               mininterval=0.5)  # few redraws: a notebook's output channel keeps ~1,000 messages
-    t_session = time.perf_counter()
-    seconds0 = float(state["seconds"])
-    try:
+    taken = state["num_done"] // bs * T + (state["step"] if state["batch_start"] is not None else 0)
+    with StepLoop(math.ceil(n / bs) * T, desc="fitting subjects", done=taken, seconds=float(state["seconds"]),
+                  progress=progress, callback=callback) as loop:
         for b0 in range(state["num_done"], n, bs):
             idx = list(range(b0, min(n, b0 + bs)))
-            batch = [subjects[i].to(dev) for i in idx]
-            got = [s.subject_id for s in batch]
-            if got != [ids[i] for i in idx]:
-                raise ValueError(f"fit_subjects: subjects changed while fitting (expected {[ids[i] for i in idx]}, got {got})")
+            batch = _load_batch(subjects, [ids[i] for i in idx], idx, dev)
             images, masks, cams, anchors = stack_subjects(batch)
-            S, C = images.shape[:2]
-            tv = train_views(C, config.holdout_view)
+            tv = train_views(images.shape[1], config.holdout_view)
             params, opt, step0, init_psnr = _start_batch(batch, images, cams, tv, config, backend_name, dev,
                                                          saved if state["batch_start"] == b0 else {}, state["step"])
             state["batch_start"] = b0
-            ar = torch.arange(S, device=dev)
-            for step in range(step0, T):
-                pos = torch.tensor([tv[view_for_step(config.seed, sched[i], step, len(tv))] for i in idx], device=dev)
-                cam = Cameras(cams.viewmats[ar, pos][:, None], cams.Ks[ar, pos][:, None], cams.width, cams.height)
-                gt = images[ar, pos][:, None]                                    # [S, 1, H, W, 3]
-                step_loss = fit_loss(_join_params(params), cam, gt, anchors, config, step, backend_name)
-                loss = step_loss.loss
-                opt.zero_grad(set_to_none=True)
-                loss.sum().backward()
-                opt.step()
-                for grp in opt.param_groups:
-                    if grp["name"] == "means":
-                        grp["lr"] = config.means_lr_at(step + 1)
-                with torch.no_grad():
-                    p = psnr(step_loss.colors.detach().clamp(0, 1), gt)[:, 0]
-                hist_loss[idx, step] = loss.detach().cpu()
-                hist_psnr[idx, step] = p.cpu()
+            for step in loop.steps(step0, T):
+                step_loss, p = _fit_step(params, opt, images, cams, anchors, [sched[i] for i in idx], tv, config, step,
+                                         backend_name)
+                hist_loss[idx, step], hist_psnr[idx, step] = step_loss.loss.detach().cpu(), p.cpu()
                 state["step"] = step + 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{float(loss.detach().mean()):.4f}", psnr=f"{float(p.mean()):.2f}", refresh=False)
-                if ckpt is not None and (step + 1) % config.checkpoint_every == 0 and step + 1 < T:
-                    cur = {k: v.detach() for k, v in params.items()}
-                    cur["init_train_psnr"] = init_psnr
-                    save(cur, opt, seconds0 + time.perf_counter() - t_session)
-                if callback is not None:
-                    callback({"step": step + 1, "iterations": T, "batch_start": b0, "subject_ids": [ids[i] for i in idx],
-                              "loss": loss.detach(), "l1": step_loss.l1.detach(),
-                              "ssim": step_loss.ssim.detach(), "psnr": p, "sh_degree": config.degree_at(step)})
+                if ckpt is not None and step + 1 < T and loop.due(step + 1, config.checkpoint_every, T):
+                    cur = {**{k: v.detach() for k, v in params.items()}, "init_train_psnr": init_psnr}
+                    _save_fit(ckpt, config, ids, shard, state, loop.seconds, backend_name, hist_loss, hist_psnr,
+                              done, cur, opt)
+                loop.record(FitStepInfo(step=step + 1, steps=T, batch_start=b0, subject_ids=[ids[i] for i in idx],
+                                        loss=step_loss.loss.detach(), l1=step_loss.l1.detach(),
+                                        ssim=step_loss.ssim.detach(), psnr=p, sh_degree=config.degree_at(step)),
+                            loss=float(step_loss.loss.detach().mean()), psnr=float(p.mean()))
             new = _score_batch(_join_params({k: v.detach() for k, v in params.items()}), images, masks, cams, tv,
                                anchors, init_psnr, config, backend_name)
-            for k, v in new.items():
-                v = v.detach().cpu()
-                done[k] = torch.cat([done[k], v]) if k in done else v
-            state.update(num_done=b0 + S, batch_start=None, step=0)
+            done.update({k: torch.cat([done[k], v.detach().cpu()]) if k in done else v.detach().cpu()
+                         for k, v in new.items()})
+            state.update(num_done=b0 + len(idx), batch_start=None, step=0)
             saved = {}
-            save(None, None, seconds0 + time.perf_counter() - t_session)
-    finally:
-        bar.close()
-
+            if ckpt is not None:
+                _save_fit(ckpt, config, ids, shard, state, loop.seconds, backend_name, hist_loss, hist_psnr, done,
+                          None, None)
     g = Gaussians(**{k: done[f"g.{k}"].to(dev) for k in ("means", "log_scales", "quats", "opacity_logits", "sh")})
-    return FitResult(
-        subject_ids=ids, gaussians=g, anchors=done["anchors"].to(dev),
-        **{m: done[m].to(dev) for m in _METRICS},
-        loss_history=hist_loss, psnr_history=hist_psnr, config=config, backend=backend_name,
-        seconds=seconds0 + time.perf_counter() - t_session,
-    )
+    return FitResult(subject_ids=ids, gaussians=g, anchors=done["anchors"].to(dev),
+                     **{m: done[m].to(dev) for m in _METRICS}, loss_history=hist_loss, psnr_history=hist_psnr,
+                     config=config, backend=backend_name, seconds=loop.seconds)

@@ -32,10 +32,9 @@ takes both from a subject.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -46,11 +45,12 @@ from .cameras import Cameras, rotvec_to_matrix
 from .data.subject import MultiViewSubject
 from .decoder import DecoderResult, apply_residuals, residual_penalty
 from .gaussians import Gaussians
+from .loop import StepLoop
 from .metrics import lpips_available, psnr
 from .objective import check_on_white, photometric_loss
 from .render import Backend, render, resolve_backend
 
-__all__ = ["Schedule", "RefineConfig", "RefineResult", "RefineLoss", "input_view", "refine", "refine_loss", "refine_views"]
+__all__ = ["Schedule", "RefineConfig", "RefineResult", "RefineLoss", "RefineStepInfo", "input_view", "refine", "refine_loss", "refine_views"]
 
 Schedule = Literal["code_then_decoder", "joint", "code", "decoder"]
 
@@ -246,9 +246,24 @@ def refine_loss(decoder: nn.Module, template: Gaussians, w: Tensor, embeddings: 
                       colors=out.colors)
 
 
+class RefineStepInfo(TypedDict):
+    """What :func:`refine` gives its callback after every step (:class:`~fastavatar_nb.loop.StepLoop`)."""
+
+    step: int
+    """Steps done."""
+    steps: int
+    """Steps of the refinement."""
+    loss: float
+    """The step's loss (:func:`refine_loss`)."""
+    psnr: float
+    """The PSNR of the render the step used, against the photo (over ``weights`` when given)."""
+    head: Callable[[], Gaussians]
+    """Returns the current head (decoded on demand: a callback that draws it pays for it)."""
+
+
 def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras, weights: Tensor | None = None,
            config: RefineConfig | None = None, backend: Backend = "auto", progress: bool = True,
-           callback: Callable[[dict[str, Any]], None] | None = None) -> RefineResult:
+           callback: Callable[[RefineStepInfo], None] | None = None) -> RefineResult:
     """Refine the head of ``code`` on one input view (paper section 3.5).
 
     Each step decodes ``w`` with the (copied) MLP, renders the input view on white and minimises
@@ -264,8 +279,8 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
             pixel, after :func:`~fastavatar_nb.objective.check_on_white` has checked the background.
         config: settings (default :class:`RefineConfig`).
         backend: renderer backend; progress: show a tqdm bar.
-        callback: called after every step with ``step``, ``steps``, ``loss``, ``psnr`` (of the
-            render that step used) and ``head``, a function returning the current Gaussians.
+        callback: called after every step with a :class:`RefineStepInfo` (``step``, ``steps``, ``loss``,
+            ``psnr`` of the render that step used, and ``head``, a function returning the current Gaussians).
 
     Returns:
         A :class:`RefineResult`.
@@ -273,8 +288,6 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
     Raises:
         NotOnWhiteError: ``weights`` is ``None`` and the photo is not on white.
     """
-    from ._live import progress_bar as tqdm
-
     config = (config or RefineConfig()).validate()
     dcfg = avatars.config  # the decoder's loss
     if dcfg.lpips_weight > 0 and not lpips_available():
@@ -322,10 +335,8 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
 
     losses = torch.full((config.steps,), float("nan"))
     psnrs = torch.full((config.steps,), float("nan"))
-    bar = tqdm(total=config.steps, desc="refining", disable=not progress, unit="step", mininterval=0.5)
-    t0, t_callback = time.perf_counter(), 0.0
-    try:
-        for step in range(config.steps):
+    with StepLoop(config.steps, desc="refining", progress=progress, callback=callback) as loop:
+        for step in loop.steps(0, config.steps):
             do_code, do_mlp = config.optimises(step)
             w.requires_grad_(do_code)
             for p in mlp:
@@ -350,16 +361,10 @@ def refine(avatars: DecoderResult, code: Tensor, image: Tensor, camera: Cameras,
             losses[step] = float(total.detach())
             with torch.no_grad():
                 psnrs[step] = float(psnr(step_loss.colors.detach().clamp(0, 1)[None], gt, mask=wt).flatten()[0])
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[step]:.4f}", psnr=f"{psnrs[step]:.2f}", refresh=False)
-            if callback is not None:
-                tc = time.perf_counter()
-                callback({"step": step + 1, "steps": config.steps, "loss": float(losses[step]),
-                          "psnr": float(psnrs[step]), "head": current_head})
-                t_callback += time.perf_counter() - tc
-    finally:
-        bar.close()
-    seconds = time.perf_counter() - t0 - t_callback
+            loop.record(RefineStepInfo(step=step + 1, steps=config.steps, loss=float(losses[step]),
+                                       psnr=float(psnrs[step]), head=current_head),
+                        loss=float(losses[step]), psnr=float(psnrs[step]))
+    seconds = loop.seconds
     for p in mlp:
         p.requires_grad_(False)
     head = current_head()

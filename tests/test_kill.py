@@ -45,7 +45,7 @@ DEC_CFG = DecoderConfig(epochs=3, latent_dim=8, embed_dim=15, hidden_dim=32, dep
                         checkpoint_every=1, holdout_view=3)  # 2 subjects x 2 chunks of the 3 training views: 12 steps
 STEPS = {"fit": 2 * 6, "decoder": 3 * 4}
 WRITES = {"fit": 2 * 6, "decoder": 3 * 4}  # checkpoint writes of a whole run
-FMT = {"fit": "fastavatar-nb fit checkpoint v3", "decoder": "fastavatar-nb decoder checkpoint v3"}
+FMT = {"fit": "fastavatar-nb fit checkpoint v4", "decoder": "fastavatar-nb decoder checkpoint v4"}
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +264,7 @@ def test_damaged_or_foreign_checkpoints_are_refused(damage, data, references, tm
     else:  # a decoder checkpoint renamed into the fit's folder
         dec = _stopped_at("decoder", data, tmp_path / "dec", 2)
         path.write_bytes(dec.read_bytes())
-        match = "not a fastavatar-nb fit checkpoint v3 file \\(format 'fastavatar-nb decoder checkpoint v3'\\)"
+        match = "not a fastavatar-nb fit checkpoint v4 file \\(format 'fastavatar-nb decoder checkpoint v4'\\)"
     with pytest.raises(CheckpointError, match=match) as e:
         _run("fit", data, tmp_path / "ck")
     assert str(path) in str(e.value) and "overwrite=True" in str(e.value)

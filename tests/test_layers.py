@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fastavatar_nb"
-CORE = {"fastavatar_nb._checks", "fastavatar_nb._io", "fastavatar_nb._live", "fastavatar_nb._openmp", "fastavatar_nb.cameras",
+CORE = {"fastavatar_nb._checks", "fastavatar_nb._io", "fastavatar_nb._live", "fastavatar_nb.loop", "fastavatar_nb._openmp", "fastavatar_nb.cameras",
         "fastavatar_nb.comm", "fastavatar_nb.gaussians", "fastavatar_nb.metrics", "fastavatar_nb.ply",
         "fastavatar_nb.threads", "fastavatar_nb.render"}
 """Tensors in, tensors out: Gaussians, cameras, the renderers, metrics, files, threads, progress displays,

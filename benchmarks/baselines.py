@@ -53,7 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default="course", help="shipped checkpoint name (default: course)")
     ap.add_argument("--input-views", type=int, default=None,
-                    help="input photos per test subject (default: the checkpoint preset's eval_input_views)")
+                    help="input photos per test subject (default: the checkpoint preset's evaluation.input_views)")
     ap.add_argument("--subjects", default=None, help="folder for the regenerated subjects (default: a temporary one)")
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--out", type=Path, default=None)
@@ -71,7 +71,7 @@ def main() -> None:
         add_to_checkpoint(ck, record["table"], record, args.from_results.resolve())
         return
     preset = ck.preset
-    limit = args.input_views if args.input_views is not None else preset.eval_input_views
+    limit = args.input_views if args.input_views is not None else preset.evaluation.input_views
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.subjects) if args.subjects else Path(tmp)
         t0 = time.perf_counter()

@@ -206,7 +206,7 @@ def main() -> None:
               "preset": preset.name, "run_dir": str(run), "decoder_overrides": args.decoder, "decoder_config": config.to_json(),
               "encoder_config": enc_config.to_json(), "steps_per_epoch": per_epoch,
               "train_subjects": len(train), "val_subjects": len(val), "input_views_per_val_subject":
-              preset.eval_input_views, "snapshots": []}
+              preset.evaluation.input_views, "snapshots": []}
     t_train = [time.perf_counter(), 0.0]
 
     def on_step(info: dict) -> None:
@@ -223,7 +223,7 @@ def main() -> None:
                                 photos=photos)
         t_enc = time.perf_counter() - t0
         table, within, between = score_validation(avatars, encoder, val, val_emb, val_found, train_emb, train_found,
-                                                  preset.eval_input_views, backend,
+                                                  preset.evaluation.input_views, backend,
                                                   preset.refine if args.refine else None)
         snap = {"epoch": snap_steps[step], "step": step, "epochs_done": round(step / per_epoch, 3),
                 "train_seconds": round(t_train[1], 1), "train_step_psnr_last_epoch":

@@ -230,7 +230,7 @@ def main() -> None:
         encoder = encoders[name] = train_encoder(x, y, cfg, progress=False, photos=photos)
         secs = time.perf_counter() - t0
         table, c_within, c_between = score_validation(avatars, encoder, val, val_emb, val_found, train_emb,
-                                                      train_found, preset.eval_input_views, backend)
+                                                      train_found, preset.evaluation.input_views, backend)
         train_cos = float(torch.nn.functional.cosine_similarity(encoder.encode(x, photos), y, dim=-1).mean())
         route = photo_route_psnr(avatars, encoder, val, backend) if args.photo_route else None
         row = {"variant": name, "changes": VARIANTS[name], "encoder_seconds": round(secs, 1),

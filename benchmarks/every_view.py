@@ -1,7 +1,7 @@
 """Feed-forward from every input view with a face, on a run's test subjects, beside the template and render retrieval.
 
 Notebook 07 refines one head per input photo, so the course preset scores two input photos per test subject
-(``Preset.eval_input_views``: camera 8 and a side camera). The feed-forward issue's goals name *every* input view
+(``preset.evaluation.input_views``: camera 8 and a side camera). The feed-forward issue's goals name *every* input view
 with a face; refinement aside, that is cheap. For each test subject and each view in which MTCNN finds a face: the
 run's encoder (and, with ``--paper-encoder FILE``, a second encoder file, e.g. the paper's FaceNet-only encoder on
 the same decoder) -> decoder -> head (and the cosine of its codes within and between subjects), the template,

@@ -268,7 +268,7 @@ def _score(preset: Any, v: Variant, avatars: Any, encoder: Any, test: Any, test_
     steps = round(preset.refine.steps * v.refine_factor)
     for t in range(len(test)):
         s = test[t].to(dev)
-        views = input_views(test_found[t], preset.eval_input_views)
+        views = input_views(test_found[t], preset.evaluation.input_views)
         codes, heads, secs = feed_forward(encoder, avatars, test_emb[t, views].to(dev), s.images[views])
         if steps > 0:
             heads, rsecs = refine_views(avatars, s, codes, views, preset.refine.replace(steps=steps),
@@ -284,7 +284,7 @@ def _score(preset: Any, v: Variant, avatars: Any, encoder: Any, test: Any, test_
     out: dict[str, Any] = means(rows)
     out.update(ms=1000 * sorted(times)[len(times) // 2], K=avatars.template.num_gaussians, refine_steps=steps,
                per_subject={sid: means([r for r in rows if r["subject"] == sid]) for sid in subjects},
-               input_views=preset.eval_input_views, decoded_heldout_psnr=float(avatars.heldout_psnr.nanmean()))
+               input_views=preset.evaluation.input_views, decoded_heldout_psnr=float(avatars.heldout_psnr.nanmean()))
     return out
 
 

@@ -27,13 +27,32 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._io import atomic_write_text
+from ._io import StageConfig, atomic_write_text, check_fields
 
-__all__ = ["DIRECTIONS_FILE", "AttributeDirection", "attribute_direction", "cross_validated_accuracy", "heldout_accuracy", "edit", "interpolate", "save_directions",
+__all__ = ["DIRECTIONS_FILE", "EditingConfig", "AttributeDirection", "attribute_direction", "cross_validated_accuracy", "heldout_accuracy", "edit", "interpolate", "save_directions",
            "load_directions"]
 
 DIRECTIONS_FILE = "directions.json"
 """Attribute directions of a run, in its run folder."""
+
+
+@dataclass(frozen=True)
+class EditingConfig(StageConfig):
+    """Settings of the attribute directions (notebook 05): the linear SVM and how it is cross-validated."""
+
+    C: float = 1.0
+    """The SVM's regularisation (scikit-learn's ``LinearSVC`` C, its default; notebook 05's exercise 4 varies it)."""
+    folds: int = 10
+    """Cross-validation folds (:func:`cross_validated_accuracy`; leave-one-out up to that many subjects)."""
+    seed: int = 0
+    """Seed of the SVM's solver and of the folds."""
+
+    def validate(self) -> EditingConfig:
+        """Raise ``ValueError`` naming a bad field; returns ``self``."""
+        check_fields(self, positive=("C",), positive_int=("folds",))
+        if self.folds < 2:
+            raise ValueError(f"EditingConfig.folds must be at least 2, got {self.folds!r}")
+        return self
 
 
 def interpolate(w_a: Tensor, w_b: Tensor, t: Tensor | float) -> Tensor:

@@ -73,7 +73,7 @@ def input_views(found: Tensor, limit: int | None = None, first: int = HOLDOUT_VI
 
     Args:
         found: ``[C]`` bool, whether MTCNN found the face in each view.
-        limit: at most this many views (``None``: all of them); a preset's ``eval_input_views``.
+        limit: at most this many views (``None``: all of them); a preset's ``evaluation.input_views``.
     """
     ok = [v for v in range(len(found)) if bool(found[v])]
     if limit is None or len(ok) <= limit:

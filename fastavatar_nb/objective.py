@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from ._io import StageConfig, check_fields
 from .cameras import Cameras
 from .data.nersemble import HOLDOUT_VIEW
 from .gaussians import Gaussians
@@ -35,7 +36,7 @@ from .render import Backend, render
 
 __all__ = [
     "HOLDOUT_VIEW", "COLLAR_Y", "WHITE_LEVEL", "MIN_WHITE_BORDER", "NotOnWhiteError", "subject_ids", "train_views",
-    "photometric_loss", "head_region", "check_on_white", "evaluate_views", "StageScores",
+    "photometric_loss", "head_region", "check_on_white", "evaluate_views", "StageScores", "EvaluationConfig",
 ]
 
 COLLAR_Y = -0.19
@@ -51,6 +52,20 @@ MIN_WHITE_BORDER = 0.5
 off the bottom and sides of the frame: measured white shares are 0.82-0.99 on NeRSemble frames
 (subjects 306 and 369, every camera) and 0.70-0.80 on the synthetic heads; a photo on a grey or
 busy background scores near 0."""
+
+
+@dataclass(frozen=True)
+class EvaluationConfig(StageConfig):
+    """Settings of the paper's protocol on the test subjects (notebook 07, :mod:`fastavatar_nb.evaluation`)."""
+
+    input_views: int | None = None
+    """Input views per test subject (:func:`fastavatar_nb.evaluation.input_views`: camera 8 and views spread over
+    the rig); ``None``: every view with a face, as the paper. Each refined head costs the refinement's steps."""
+
+    def validate(self) -> EvaluationConfig:
+        """Raise ``ValueError`` naming a bad field; returns ``self``."""
+        check_fields(self, positive_int=("input_views",), optional=("input_views",))
+        return self
 
 
 class NotOnWhiteError(ValueError):

@@ -160,7 +160,7 @@ def validation_subjects(preset: Preset, root: Path, cache_size: int | None = Non
 
 def template_subjects(preset: Preset, train: SubjectDataset) -> list[MultiViewSubject]:
     """The training subjects fitted and averaged into the template: the first
-    ``preset.num_template_subjects`` of ``train`` (all of them unless the preset sets ``template_subjects``)."""
+    ``preset.num_template_subjects`` of ``train`` (all of them unless the preset sets ``template.subjects``)."""
     return [train[i] for i in range(min(len(train), preset.num_template_subjects))]
 
 

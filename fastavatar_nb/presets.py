@@ -49,10 +49,13 @@ from typing import Any, Literal, get_args
 import torch
 
 from .decoder import DecoderConfig
+from .editing import EditingConfig
 from .encoder import EncoderConfig
 from .fitting import FitConfig
+from .objective import EvaluationConfig
 from .refine import RefineConfig
 from .render import Backend
+from .template import TemplateConfig
 
 __all__ = [
     "Backend",
@@ -111,12 +114,14 @@ class Lesson:
                                   f"int, got {value!r}")
 
 
-STAGES: dict[str, type] = {"fit": FitConfig, "decoder": DecoderConfig, "encoder": EncoderConfig,
-                           "refine": RefineConfig}
+STAGES: dict[str, type] = {"fit": FitConfig, "template": TemplateConfig, "decoder": DecoderConfig,
+                           "encoder": EncoderConfig, "editing": EditingConfig, "refine": RefineConfig,
+                           "evaluation": EvaluationConfig}
 """The preset's stage configs, by field name: each stage module takes its own and never sees the preset."""
 
 _FLAT_STAGE_FIELDS = ("fit_iterations", "fit_batch_size", "decoder_epochs", "encoder_epochs", "refine_iterations",
-                      "latent_dim", "embed_dim", "mlp_dtype", "decoder_settings", "encoder_settings", "refine_settings")
+                      "latent_dim", "embed_dim", "mlp_dtype", "decoder_settings", "encoder_settings", "refine_settings",
+                      "template_subjects", "eval_input_views")
 
 
 def _from_flat(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -131,9 +136,12 @@ def _from_flat(data: Mapping[str, Any]) -> dict[str, Any]:
                     **settings["decoder"]},
         "encoder": {"epochs": d.pop("encoder_epochs", None), "seed": seed, **settings["encoder"]},
         "refine": {"steps": d.pop("refine_iterations", None), **settings["refine"]},
+        "template": {"subjects": d.pop("template_subjects", None)},
+        "evaluation": {"input_views": d.pop("eval_input_views", None)},
+        "editing": {"seed": seed},
     }
-    for name, fields in stages.items():
-        d[name] = {k: v for k, v in fields.items() if v is not None}
+    for name, fields in stages.items():  # a stage stored as a tree already (a partly flat file) is kept
+        d.setdefault(name, {k: v for k, v in fields.items() if v is not None})
     return d
 
 
@@ -161,14 +169,6 @@ class Preset:
     """K, Gaussians per head: head and neck points plus :func:`~fastavatar_nb.data.bust.num_bust_points`
     bust points (a fifth of K) over the shoulders the photos show. Full: 12,680 = FLAME's 10,144
     (one per face of FLAME-with-teeth, the paper's K) + 2,536 bust points."""
-    eval_input_views: int | None = None
-    """Input views per test subject in notebook 07's protocol
-    (:func:`fastavatar_nb.evaluation.input_views`: camera 8 and views spread over the rig); ``None``:
-    every view with a face, as the paper. Each refined head costs ``refine.steps`` steps."""
-    template_subjects: int | None = None
-    """Training subjects fitted and averaged into the template (the first ones of the training split);
-    ``None``: all of them, as the paper does. The average of a few dozen heads is already the average
-    head, and per-subject fits are the slowest stage on a CPU."""
     num_val_subjects: int = 0
     """Validation subjects: never trained on; every choice made by looking at numbers (refinement
     steps and learning rates, the SVM's C) is made on them."""
@@ -193,13 +193,19 @@ class Preset:
     ``None``: each subject's first (``00000`` in VHAP's exports, the authors' choice)."""
     fit: FitConfig = field(default_factory=FitConfig)
     """The per-subject 3DGS fits of template construction (notebook 02): iterations, subjects per batch, rates."""
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    """The template (notebook 02): how many training subjects' fits it averages."""
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     """The auto-decoder, its codes ``w`` and embeddings ``e_k`` (notebook 03): epochs, sizes (``latent_dim``,
     ``embed_dim``), what the MLP multiplies in (``mlp_dtype``), the loss and the schedule."""
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     """The encoder distilled onto the codes (notebook 04)."""
+    editing: EditingConfig = field(default_factory=EditingConfig)
+    """The attribute directions (notebook 05): the SVM's C and its cross-validation folds."""
     refine: RefineConfig = field(default_factory=RefineConfig)
     """Test-time refinement on the single input view (notebooks 06-08): steps (the paper's 300), schedule, rates."""
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    """The paper's protocol on the test subjects (notebook 07): how many input views per subject."""
     lesson: Lesson = field(default_factory=lambda: Lesson())
     """The sizes of notebook 01's demonstrations and which shipped checkpoint notebooks 03-07 show
     beside the run's own numbers."""
@@ -232,11 +238,6 @@ class Preset:
                 f"({self.num_val_subjects}) must be smaller than num_subjects ({self.num_subjects}) so that some "
                 "subjects are left for training"
             )
-        for name, none_means in (("template_subjects", "all training subjects"), ("eval_input_views", "every view")):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise PresetError(f"Preset {self.name!r}: {name} must be a positive int or None ({none_means}), "
-                                  f"got {value!r}")
         object.__setattr__(self, "run_dir", Path(self.run_dir))
         for name in ("data", "data_split", "data_labels"):
             value = getattr(self, name)
@@ -274,9 +275,9 @@ class Preset:
 
     @property
     def num_template_subjects(self) -> int:
-        """Training subjects fitted for the template: ``template_subjects`` capped at the training subjects."""
+        """Training subjects fitted for the template: ``template.subjects`` capped at the training subjects."""
         n = self.num_train_subjects
-        return n if self.template_subjects is None else min(n, self.template_subjects)
+        return n if self.template.subjects is None else min(n, self.template.subjects)
 
     @property
     def torch_device(self) -> torch.device:
@@ -344,16 +345,26 @@ class Preset:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Preset:
-        """Read a preset written by :meth:`save`."""
+        """Read a preset written by :meth:`save` (or one of the earlier flat layout: :meth:`from_dict`)."""
         data = json.loads(Path(path).read_text())
         if not isinstance(data, dict):
             raise PresetError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        try:
+            return cls.from_dict(data)
+        except PresetError as e:
+            raise PresetError(f"{path}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Preset:
+        """The preset of :meth:`to_dict`'s dict (as a results file records it). One of the earlier flat layout (each
+        stage's sizes as preset fields, its other settings in a ``<stage>_settings`` dict) reads as the stage
+        configs it gave then."""
         if any(k in data for k in _FLAT_STAGE_FIELDS):
             data = _from_flat(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise PresetError(f"{path}: unknown preset field(s) {unknown}")
+            raise PresetError(f"unknown preset field(s) {unknown}")
         return cls(**data)
 
     def describe(self) -> str:
@@ -362,7 +373,7 @@ class Preset:
             f"{self.name}: {self.num_subjects} subjects ({self.num_train_subjects} train / "
             f"{self.num_val_subjects} val / {self.num_test_subjects} test) x {self.num_views} views at {self.image_width}x{self.image_height}, "
             f"K={self.num_gaussians:,} Gaussians, fit {self.fit.iterations:,} it (batch {self.fit.batch_size}"
-            + (f", template from {self.num_template_subjects} subjects" if self.template_subjects is not None else "")
+            + (f", template from {self.num_template_subjects} subjects" if self.template.subjects is not None else "")
             + "), "
             f"decoder {self.decoder.epochs} ep, encoder {self.encoder.epochs} ep, "
             f"refine {self.refine.steps} it, device={self.device}, backend={self.backend}, "
@@ -415,13 +426,13 @@ _SMOKE = Preset(
     image_width=69,
     image_height=100,
     num_gaussians=2_500,
-    eval_input_views=SMOKE_EVAL_INPUT_VIEWS,
     fit=FitConfig(iterations=200, batch_size=4),
     # the configs' defaults are the smoke preset's; the MLP multiplies in bfloat16 where the CPU does so natively
     # (1.6x faster training, 0.15 dB lower on the training views: benchmarks/results/cpu-2core/decoder_dtype_smoke.json)
     decoder=DecoderConfig(epochs=20, mlp_dtype="auto"),
     encoder=EncoderConfig(epochs=50),
     refine=RefineConfig(steps=50),
+    evaluation=EvaluationConfig(input_views=SMOKE_EVAL_INPUT_VIEWS),
     run_dir=Path("runs") / "smoke",
 )
 COURSE_PHOTO_GRID = (25, 17)
@@ -459,8 +470,8 @@ _BASE: dict[str, Preset] = {
         num_subjects=300,
         num_test_subjects=16,
         num_val_subjects=16,
-        template_subjects=COURSE_TEMPLATE_SUBJECTS,
-        eval_input_views=COURSE_EVAL_INPUT_VIEWS,
+        template=TemplateConfig(subjects=COURSE_TEMPLATE_SUBJECTS),
+        evaluation=EvaluationConfig(input_views=COURSE_EVAL_INPUT_VIEWS),
         # 4 subjects x 4 views per step: the cheapest (subject, view) pairs on 2 cores (99 ms against 119 ms for 1 x 2)
         decoder=_SMOKE.decoder.replace(epochs=COURSE_DECODER_EPOCHS, subjects_per_step=4, views_per_step=4,
                                        codes_init_std=COURSE_CODES_INIT_STD),
@@ -480,7 +491,7 @@ _BASE: dict[str, Preset] = {
         image_width=275,
         image_height=401,
         num_gaussians=12_680,
-        eval_input_views=None,
+        evaluation=EvaluationConfig(input_views=None),  # every view with a face, as the paper
         fit=_SMOKE.fit.replace(iterations=5_000, batch_size=16),
         # the authors' learning rates and one view per decoded subject (a schedule not run yet)
         decoder=_SMOKE.decoder.replace(epochs=400, subjects_per_step=8, views_per_step=1, decoder_lr=1e-4,

@@ -9,21 +9,45 @@ of each Gaussian.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ._io import ArtifactError, atomic_save_tensors, checked_metadata, read_artifact
+from ._io import (
+    ArtifactError,
+    StageConfig,
+    atomic_save_tensors,
+    check_fields,
+    checked_metadata,
+    read_artifact,
+)
 from .gaussians import NUM_SH, Gaussians, knn_spacing, rgb_to_sh0
 
-__all__ = ["average_quaternions", "build_template", "random_template", "save_template", "load_template",
+__all__ = ["TemplateConfig", "average_quaternions", "build_template", "random_template", "save_template", "load_template",
            "template_metadata"]
 
 TEMPLATE_PLY = "template.ply"
 TEMPLATE_SAFETENSORS = "template.safetensors"
 _TEMPLATE_FORMAT = "fastavatar-nb template"
 _MISSING_HINT = "build one with build_template and save_template (notebook 02)"
+
+
+@dataclass(frozen=True)
+class TemplateConfig(StageConfig):
+    """Settings of the template's construction (paper section 3.2; notebook 02); the fits themselves are
+    :class:`~fastavatar_nb.fitting.FitConfig`'s."""
+
+    subjects: int | None = None
+    """Training subjects fitted and averaged into the template (the first ones of the training split);
+    ``None``: all of them, as the paper does. The average of a few dozen heads is already the average
+    head, and per-subject fits are the slowest stage on a CPU."""
+
+    def validate(self) -> TemplateConfig:
+        """Raise ``ValueError`` naming a bad field; returns ``self``."""
+        check_fields(self, positive_int=("subjects",), optional=("subjects",))
+        return self
 
 
 def average_quaternions(quats: Tensor, dim: int = 0, weights: Tensor | None = None) -> Tensor:

@@ -61,8 +61,8 @@ def test_variants_name_real_switches():
 def tiny_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     preset = presets.get("smoke", num_subjects=4, num_test_subjects=1, num_val_subjects=1, image_width=20,
-                         image_height=29, num_gaussians=300, eval_input_views=2, run_dir=run_dir / "smoke",
-                         **{"fit.iterations": 4, "fit.batch_size": 2, "decoder.epochs": 1, "encoder.epochs": 1,
+                         image_height=29, num_gaussians=300, run_dir=run_dir / "smoke",
+                         **{"evaluation.input_views": 2, "fit.iterations": 4, "fit.batch_size": 2, "decoder.epochs": 1, "encoder.epochs": 1,
                             "refine.steps": 2})
     return preset, run_dir / "ablations"
 

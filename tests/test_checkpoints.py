@@ -18,6 +18,7 @@ from fastavatar_nb.data.synthetic import generate_dataset
 from fastavatar_nb.decoder import DecoderConfig
 from fastavatar_nb.editing import attribute_direction
 from fastavatar_nb.evaluation import input_views
+from fastavatar_nb.template import TemplateConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "data_samples" / "course"
@@ -141,15 +142,16 @@ def test_course_preset_sizes():
     assert p.num_template_subjects == presets.COURSE_TEMPLATE_SUBJECTS < p.num_train_subjects
     assert presets.base("smoke").num_template_subjects == presets.base("smoke").num_train_subjects
     assert "template from 32 subjects" in p.describe()
-    for field, bad in (("template_subjects", 0), ("eval_input_views", -1), ("template_subjects", True)):
-        with pytest.raises(presets.PresetError, match=field):
+    for field, bad in (("template.subjects", 0), ("evaluation.input_views", -1), ("template.subjects", True),
+                       ("editing.folds", 1), ("editing.C", 0.0)):
+        with pytest.raises(presets.PresetError, match=field.split(".")[1]):
             p.replace(**{field: bad})
 
 
 def test_template_subjects_are_the_first_training_subjects(tmp_path):
     generate_dataset(tmp_path, 3, progress=False)
     preset = presets.base("smoke").replace(num_subjects=3, num_test_subjects=0, num_val_subjects=0,
-                                           template_subjects=2, run_dir=tmp_path)
+                                           template=TemplateConfig(subjects=2), run_dir=tmp_path)
     (tmp_path / "split.json").write_text(json.dumps({"train": ["synth_000", "synth_001", "synth_002"], "val": [],
                                                      "test": []}))
     train = SubjectDataset(tmp_path, "train")

@@ -110,3 +110,20 @@ def test_the_checks_read_lazy_imports_and_tell_modules_from_names(source, expect
     modules = _modules()
     found = [(t, n) for _, t, n in _imports(PACKAGE / "photo.py", modules, source) if n is not None and n.startswith("_")]
     assert found == expected
+
+
+def test_the_architecture_picture_places_every_module(tmp_path, capsys):
+    """scripts/draw_architecture.py (docs/architecture.png) puts every module in a layer, and no import runs up
+    its layers; a module it does not place fails, naming it."""
+    from repo_scripts import load_script
+
+    draw = load_script("scripts/draw_architecture.py")
+    assert draw.main(["--check"]) == 0
+    layers = [(name, [m for m in modules if m != "loop"]) for name, modules in draw.LAYERS]
+    original, draw.LAYERS = draw.LAYERS, layers
+    try:
+        assert draw.main(["--check"]) == 1
+    finally:
+        draw.LAYERS = original
+    assert "modules without a layer ['loop']" in capsys.readouterr().err
+    assert draw.main(["--out", str(tmp_path / "a.png")]) == 0 and (tmp_path / "a.png").stat().st_size > 10_000

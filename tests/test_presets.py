@@ -145,7 +145,7 @@ def test_overrides_and_validation(no_cuda: None, tmp_path: Path) -> None:
         p.replace(**{"fit.iterations": 1.5})
     with pytest.raises(PresetError, match=r"decoder: DecoderConfig: unknown fields \['epoch'\]"):
         p.replace(**{"decoder.epoch": 3})
-    with pytest.raises(PresetError, match=r"Unknown stage 'decoders' in 'decoders.epochs'; stages are fit, decoder"):
+    with pytest.raises(PresetError, match=r"Unknown stage 'decoders' in 'decoders.epochs'; stages are fit, template, decoder, encoder, editing, "):
         p.replace(**{"decoders.epochs": 3})
     with pytest.raises(PresetError, match=r"Unknown preset field\(s\) \['decoder_epochs'\].*decoder.FIELD"):
         p.replace(decoder_epochs=3)  # the earlier flat name: the message shows the stage form
@@ -174,7 +174,7 @@ def test_every_field_has_a_docstring() -> None:
     assert fields == documented
     required = {
         "name", "device", "backend", "num_subjects", "num_test_subjects", "image_width", "image_height",
-        "num_gaussians", "fit", "decoder", "encoder", "refine", "seed", "run_dir",
+        "num_gaussians", "fit", "template", "decoder", "encoder", "editing", "refine", "evaluation", "seed", "run_dir",
     }  # fmt: skip
     assert required <= fields
 
@@ -207,9 +207,9 @@ def test_save_load_round_trip(no_cuda: None, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "c" / "preset.json").read_text())["lesson"]["checkpoint"] is None
     # a preset.json of the earlier flat layout (stage sizes as preset fields, the rest in <stage>_settings, or
     # neither, as before the settings existed) reads as the stage configs it gave then
-    flat = {k: v for k, v in p.to_dict().items() if k not in ("fit", "decoder", "encoder", "refine", "lesson")}
+    flat = {k: v for k, v in p.to_dict().items() if k not in (*presets.STAGES, "lesson")}
     flat.update(fit_iterations=200, fit_batch_size=4, decoder_epochs=20, encoder_epochs=50, refine_iterations=50,
-                latent_dim=512, embed_dim=32, mlp_dtype="auto")
+                latent_dim=512, embed_dim=32, mlp_dtype="auto", eval_input_views=4)
     (tmp_path / "old.json").write_text(json.dumps(flat))
     assert Preset.load(tmp_path / "old.json") == p and p.decoder.seed == p.encoder.seed == p.fit.seed == 7
     flat_course = {**flat, "name": "course", "seed": 0, "decoder_epochs": 48, "template_subjects": 32,
@@ -242,6 +242,10 @@ def test_presets_differ_in_listed_settings_only() -> None:
     assert differ(course.decoder, smoke.decoder) == {"epochs", "subjects_per_step", "views_per_step", "codes_init_std"}
     assert differ(course.encoder, smoke.encoder) == {"mse_weight", "photo_grid", "photo_weight", "photo_jitter"}
     assert (differ(course.fit, smoke.fit), differ(course.refine, smoke.refine)) == (set(), {"schedule"})
+    assert (differ(course.template, smoke.template), differ(course.evaluation, smoke.evaluation),
+            differ(course.editing, smoke.editing)) == ({"subjects"}, {"input_views"}, set())
+    assert (course.template.subjects, course.evaluation.input_views, full.evaluation.input_views) == (
+        presets.COURSE_TEMPLATE_SUBJECTS, presets.COURSE_EVAL_INPUT_VIEWS, None)
     assert course.decoder.codes_init_std == presets.COURSE_CODES_INIT_STD
     assert course.encoder.photo_grid == presets.COURSE_PHOTO_GRID
     assert differ(full.decoder, smoke.decoder) == {"epochs", "subjects_per_step", "views_per_step", "decoder_lr",
@@ -251,7 +255,7 @@ def test_presets_differ_in_listed_settings_only() -> None:
     # a stage field by its dotted name (as --set gives it); a new seed reaches every stage
     tweaked = smoke.replace(**{"decoder.epochs": 3, "refine.schedule": "code"}, seed=4)
     assert (tweaked.decoder.epochs, tweaked.refine.schedule, tweaked.decoder.views_per_step) == (3, "code", 2)
-    assert tweaked.seed == tweaked.fit.seed == tweaked.decoder.seed == tweaked.encoder.seed == 4
+    assert tweaked.seed == tweaked.fit.seed == tweaked.decoder.seed == tweaked.encoder.seed == tweaked.editing.seed == 4
     assert smoke.replace(seed=4, decoder=smoke.decoder).decoder.seed == 0  # a stage given whole is kept as given
 
     assert course.refine.schedule == presets.COURSE_REFINE_SCHEDULE != smoke.refine.schedule

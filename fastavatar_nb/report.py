@@ -438,10 +438,12 @@ def write_report(run_dir: PathLike) -> tuple[Path, Path]:
         page.para("No notebook has been run into this folder (`run_status.json` missing).")
     page.close_section()
 
+    rows = [[f"{k}.{kk}" if isinstance(v, dict) else str(k), str(vv)]  # a stage's config: one row per field
+            for k, v in preset.items() for kk, vv in (v.items() if isinstance(v, dict) else [(k, v)])]
     page.open_section("preset", "Preset", f"The preset{' ' + str(preset['name']) if 'name' in preset else ''}: "
-                      f"{len(preset)} fields" if preset else "No preset")
+                      f"{len(rows)} fields" if preset else "No preset")
     if preset:
-        page.table(["field", "value"], [[str(k), str(v)] for k, v in preset.items()])
+        page.table(["field", "value"], rows)
     else:
         page.para("No `preset.json` in the run folder.")
     page.close_section(collapsed=True)

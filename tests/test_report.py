@@ -152,6 +152,8 @@ def test_report_reads_results_first_and_dumps_last(tmp_path: Path) -> None:
     assert "02 Fits: 30.7 dB on the held-out camera (10 subjects, worst 28.0 dB)" in text
     assert "06 Refinement: 50 steps on one validation subject's photo (4.1 s) take its 15 other views from 15.9 to 21.0 dB" in text
     assert "Scale: the smoke preset, 10 training subjects" in text and "cannot show" in text
+    # the preset's table: a stage's config one row per field, by its dotted name
+    assert "| decoder.epochs | 20 |" in text and "| refine.steps | 50 |" in text and "| name | smoke |" in text
 
 
 def test_figures_sit_beside_their_stage_with_captions(tmp_path: Path) -> None:

@@ -24,18 +24,19 @@ fitting and training functions, which run over a process group).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._io import mismatch
+from ._io import AFRESH, CheckpointError, mismatch
 from .data import MultiViewSubject, SubjectDataset, split_subjects, synthetic, write_split
 from .decoder import DECODER_FILE, LATENTS_FILE, DecoderConfig, DecoderResult, train_decoder
 from .encoder import (
@@ -72,6 +73,17 @@ DECODER_CHECKPOINT = "decoder_checkpoint"
 
 class NoValidationSubjectsWarning(UserWarning):
     """The split has no val subjects: choices are made on training subjects (optimistic numbers)."""
+
+
+@contextlib.contextmanager
+def _stage_checkpoint(folder: Path) -> Iterator[None]:
+    """A checkpoint a stage cannot resume, named with the way out a notebook or the CLI has: the pipeline's
+    functions take no ``overwrite``, so the message says which folder to delete."""
+    try:
+        yield
+    except CheckpointError as e:
+        raise CheckpointError(str(e).replace(AFRESH, f"delete {folder}/ to start this stage afresh (or pass "
+                                             "overwrite=True to the training function)")) from None
 
 
 def check_reuse(path: Path, subjects: Sequence[str] | None, stored_subjects: Sequence[str] | None, config: Any,
@@ -190,7 +202,8 @@ def ensure_fits(preset: Preset, train: SubjectDataset, progress: bool = True,
     if fit is None:
         fit = functools.partial(fit_subjects, backend=preset.backend, device=preset.torch_device,
                                 checkpoint=preset.run_dir / FIT_CHECKPOINT)
-    fits = fit(fitted, config=preset.fit, progress=progress, callback=callback)
+    with _stage_checkpoint(preset.run_dir / FIT_CHECKPOINT):
+        fits = fit(fitted, config=preset.fit, progress=progress, callback=callback)
     if save:
         fits.save(path)
     return fits
@@ -275,7 +288,8 @@ def ensure_decoder(preset: Preset, train: SubjectDataset, progress: bool = True,
     if train_fn is None:
         train_fn = functools.partial(train_decoder, backend=preset.backend, device=preset.torch_device,
                                      checkpoint=run / DECODER_CHECKPOINT)
-    result = train_fn(train, template, config=config, progress=progress, callback=callback)
+    with _stage_checkpoint(run / DECODER_CHECKPOINT):
+        result = train_fn(train, template, config=config, progress=progress, callback=callback)
     if save:
         result.save(run)
     return result

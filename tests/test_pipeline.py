@@ -162,3 +162,21 @@ def test_ensure_encoder_distils_once_then_reuses(tiny, monkeypatch):
     torch.testing.assert_close(again.encode(x), encoder.encode(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"another EncoderConfig \(epochs: this call 4, the stored one 3\)"):
         pipeline.ensure_encoder(tiny.replace(**{"encoder.epochs": 4}), train, avatars, (emb, found), progress=False)
+
+
+def test_a_checkpoint_a_stage_cannot_resume_names_the_folder_to_delete(tiny, tmp_path):
+    """The pipeline's functions take no overwrite: a checkpoint of an earlier format (or another run) is refused
+    with the folder a notebook user deletes, not with an argument they cannot pass."""
+    from fastavatar_nb._io import CheckpointError, save_checkpoint
+    from fastavatar_nb.decoder import CHECKPOINT_FILE
+
+    root = pipeline.prepare_dataset(tiny, progress=False)
+    train = SubjectDataset(root, "train")
+    pipeline.ensure_template(tiny, train, progress=False)
+    run = tiny.replace(run_dir=tmp_path / "run")
+    save_checkpoint(run.run_dir / pipeline.DECODER_CHECKPOINT / CHECKPOINT_FILE, "fastavatar-nb decoder checkpoint v3",
+                    {"step": 1}, {"x": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match=r"checkpoint v3'\); delete .*run/decoder_checkpoint/ to start this stage "
+                                              r"afresh \(or pass overwrite=True to the training function\)"):
+        pipeline.ensure_decoder(run, train, progress=False, make_template=lambda: load_template(tiny.run_dir))
+    assert not (run.run_dir / "decoder.safetensors").exists()

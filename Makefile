@@ -141,7 +141,7 @@ test: venv browser-deps
 	  echo "test: $$workers pytest-xdist workers x $$per thread(s) (TEST_WORKERS=1: one process); the notebooks run in order on one of them"; \
 	fi; \
 	rc=0; env "$${threads[@]}" GOMP_SPINCOUNT=$${GOMP_SPINCOUNT:-1000} FASTAVATAR_PRESET=smoke FASTAVATAR_HEADLESS=1 FASTAVATAR_RUN_DIR="$$run_dir" FASTAVATAR_REQUIRE_BROWSER=$$require_browser \
-	  "$(BIN)/python" -m pytest tests "$${notebooks[@]}" "$${nbval[@]}" "$${parallel[@]}" $(PYTEST_ARGS) || rc=$$?; \
+	  "$(BIN)/python" -m pytest tests "$${notebooks[@]}" "$${nbval[@]}" "$${parallel[@]}" --durations=25 $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 0 ]; then rm -rf "$$run_dir"; else echo "test: failed (pytest exit $$rc); run folder kept: $$run_dir"; fi; \
 	exit $$rc
 

@@ -381,8 +381,8 @@ def mismatch(expected: dict[str, Any], found: Any, limit: int = 4, found_name: s
 
 # ---------------------------------------------------------------------------------- configs
 class StageConfig:
-    """What every stage's config shares (``FitConfig``, ``DecoderConfig``, ``EncoderConfig``, ``RefineConfig``:
-    frozen dataclasses, each with its own ``validate()``): a changed copy, JSON out and a dict in.
+    """What every stage's config shares (``FitConfig``, ``DecoderConfig``, ... : ``presets.STAGES``; frozen
+    dataclasses, each with its own ``validate()``): a changed copy, JSON out and a dict in.
 
     A preset holds one config per stage (``preset.decoder``); a variant is ``preset.decoder.replace(epochs=4)``."""
 

@@ -52,7 +52,7 @@ from ._io import (
     read_artifact,
 )
 from .faces import EMBEDDING_DIM, make_mtcnn, truth_faces
-from .loop import StepLoop
+from .loop import StepLoop, decay_lrs
 
 __all__ = ["ENCODER_FILE", "EncoderConfig", "EncoderMLP", "EncoderResult", "encoder_loss", "encoder_batch_loss", "face_embeddings",
            "dataset_embeddings", "dataset_photos", "training_pairs", "augment_embeddings", "augment_photos", "train_encoder", "EncoderStepInfo",
@@ -476,8 +476,7 @@ def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | N
                 idx = perm[b * config.batch_size:(b + 1) * config.batch_size]
                 if len(idx) < 2:  # BatchNorm needs two samples
                     continue
-                for g in opt.param_groups:
-                    g["lr"] = config.lr * config.lr_final ** (step / max(1, total - 1))
+                decay_lrs(opt, [config.lr] * len(opt.param_groups), config.lr_final, step, total)  # skipped ones count
                 x = augment_embeddings(embeddings, subject, idx, config, aug_gen)
                 c = None
                 if colours is not None:

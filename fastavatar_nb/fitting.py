@@ -561,6 +561,13 @@ def _save_fit(ckpt: CheckpointFile, config: FitConfig, ids: list[str], shard: di
               tensors)
 
 
+def _set_means_lr(opt: torch.optim.Adam, config: FitConfig, step: int) -> None:
+    """The means' learning rate of ``step`` (:meth:`FitConfig.means_lr_at`); the other groups keep theirs."""
+    for grp in opt.param_groups:
+        if grp["name"] == "means":
+            grp["lr"] = config.means_lr_at(step)
+
+
 def _start_batch(batch: list[MultiViewSubject], images: Tensor, cams: Cameras, tv: list[int], config: FitConfig,
                  backend_name: str, dev: torch.device, saved: dict[str, Tensor], saved_step: int
                  ) -> tuple[dict[str, Tensor], torch.optim.Adam, int, Tensor]:
@@ -578,9 +585,7 @@ def _start_batch(batch: list[MultiViewSubject], images: Tensor, cams: Cameras, t
     opt = _make_optimizer(params, config)
     if resuming:
         load_optimizer_tensors(opt, saved)
-        for grp in opt.param_groups:
-            if grp["name"] == "means":
-                grp["lr"] = config.means_lr_at(step0)
+        _set_means_lr(opt, config, step0)
     if resuming and "cur.init_train_psnr" in saved:
         init_psnr = saved["cur.init_train_psnr"].to(dev)
     elif not config.evaluate:
@@ -644,9 +649,7 @@ def _fit_step(params: dict[str, Tensor], opt: torch.optim.Adam, images: Tensor, 
     opt.zero_grad(set_to_none=True)
     step_loss.loss.sum().backward()
     opt.step()
-    for grp in opt.param_groups:
-        if grp["name"] == "means":
-            grp["lr"] = config.means_lr_at(step + 1)
+    _set_means_lr(opt, config, step + 1)
     with torch.no_grad():
         return step_loss, psnr(step_loss.colors.detach().clamp(0, 1), gt)[:, 0]
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["StepLoop", "optimizer_tensors", "load_optimizer_tensors", "OPTIMIZER_FIELDS"]
+__all__ = ["StepLoop", "decay_lrs", "optimizer_tensors", "load_optimizer_tensors", "OPTIMIZER_FIELDS"]
 
 OPTIMIZER_FIELDS = ("step", "exp_avg", "exp_avg_sq")
 """What a checkpoint keeps of each parameter's Adam state."""
@@ -78,9 +78,7 @@ class StepLoop:
         base rates to ``final`` times them at the last step."""
         for step in range(start, stop):
             if decay is not None:
-                opt, base, final = decay
-                for group, lr in zip(opt.param_groups, base, strict=True):
-                    group["lr"] = lr * final ** (step / max(1, stop - 1))
+                decay_lrs(*decay, step, stop)
             yield step
 
     @staticmethod
@@ -98,6 +96,13 @@ class StepLoop:
             t = time.perf_counter()
             self.callback(dict(info))
             self._in_callback += time.perf_counter() - t
+
+
+def decay_lrs(opt: torch.optim.Optimizer, base_lrs: Sequence[float], final: float, step: int, total: int) -> None:
+    """Set each group's learning rate for ``step`` of ``total``: ``base_lr * final ** (step / (total - 1))``, an
+    exponential decay from the base rates to ``final`` times them at the last step."""
+    for group, lr in zip(opt.param_groups, base_lrs, strict=True):
+        group["lr"] = lr * final ** (step / max(1, total - 1))
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, Tensor]:

@@ -99,7 +99,7 @@ def check_reuse(path: Path, subjects: Sequence[str] | None, stored_subjects: Seq
         delete: what to delete to make it again (named in the message).
 
     Raises:
-        ValueError: ``"<path> was made from other subjects (...)"`` or ``"<path> was made with another
+        ValueError: ``"<path> was made with other subjects (...)"`` or ``"<path> was made with another
             <Config> (<field>: this call <value>, the stored one <value>; ...)"``, then ``"; delete <delete> to
             make it again"``.
     """
@@ -173,7 +173,13 @@ def validation_subjects(preset: Preset, root: Path, cache_size: int | None = Non
 def template_subjects(preset: Preset, train: SubjectDataset) -> list[MultiViewSubject]:
     """The training subjects fitted and averaged into the template: the first
     ``preset.num_template_subjects`` of ``train`` (all of them unless the preset sets ``template.subjects``)."""
-    return [train[i] for i in range(min(len(train), preset.num_template_subjects))]
+    return [train[i] for i in range(len(_template_ids(preset, train)))]
+
+
+def _template_ids(preset: Preset, train: SubjectDataset) -> list[str]:
+    """The ids of :func:`template_subjects`, read from the split without loading a subject (a reuse check needs
+    only them)."""
+    return list(train.subject_ids[:preset.num_template_subjects])
 
 
 def ensure_fits(preset: Preset, train: SubjectDataset, progress: bool = True,
@@ -193,12 +199,12 @@ def ensure_fits(preset: Preset, train: SubjectDataset, progress: bool = True,
         ValueError: the stored fits are of other subjects or were made with another ``FitConfig``.
     """
     path = preset.run_dir / FITS_FILE
-    fitted = template_subjects(preset, train)
     if path.is_file():
         fits = FitResult.load(path, device=preset.torch_device)
-        check_reuse(path, [s.subject_id for s in fitted], fits.subject_ids, preset.fit, fits.config,
+        check_reuse(path, _template_ids(preset, train), fits.subject_ids, preset.fit, fits.config,
                     f"{FITS_FILE} (and {FIT_CHECKPOINT}/)")
         return fits
+    fitted = template_subjects(preset, train)
     if fit is None:
         fit = functools.partial(fit_subjects, backend=preset.backend, device=preset.torch_device,
                                 checkpoint=preset.run_dir / FIT_CHECKPOINT)
@@ -248,7 +254,7 @@ def ensure_template(preset: Preset, train: SubjectDataset, progress: bool = True
     """
     run = preset.run_dir
     if (run / TEMPLATE_SAFETENSORS).is_file():
-        _check_stored_template(preset, [s.subject_id for s in template_subjects(preset, train)], preset.fit)
+        _check_stored_template(preset, _template_ids(preset, train), preset.fit)
         return load_template(run, device=preset.torch_device)
     fits = ensure_fits(preset, train, progress=progress)
     template = build_template(fits.gaussians)

@@ -43,7 +43,7 @@ from ._checks import check_images
 from ._io import StageConfig, check_fields
 from .cameras import Cameras, rotvec_to_matrix
 from .data.subject import MultiViewSubject
-from .decoder import DecoderResult, apply_residuals, residual_penalty
+from .decoder import DecoderConfig, DecoderResult, apply_residuals, residual_penalty
 from .gaussians import Gaussians
 from .loop import StepLoop
 from .metrics import lpips_available, psnr
@@ -218,7 +218,7 @@ class RefineLoss:
 
 
 def refine_loss(decoder: nn.Module, template: Gaussians, w: Tensor, embeddings: Tensor, image: Tensor, camera: Cameras,
-                decoder_config: Any, weights: Tensor | None = None, code_prior_weight: float = 0.0,
+                decoder_config: DecoderConfig, weights: Tensor | None = None, code_prior_weight: float = 0.0,
                 initial_code: Tensor | None = None, backend: Backend = "auto") -> RefineLoss:
     """The loss of one step of :func:`refine`, the function its loop calls (paper section 3.5: the decoder's
     own loss, Eq. 2-8, on the one input photo).

@@ -46,7 +46,10 @@ def test_ensure_template_fits_averages_and_then_reuses(tiny, monkeypatch):
         raise AssertionError("ensure_template fitted again although the run folder has a template")
 
     monkeypatch.setattr(pipeline, "fit_subjects", no_fitting)
-    again = pipeline.ensure_template(tiny, train, progress=False)
+    with monkeypatch.context() as mp:  # reusing needs the subjects' ids only: no subject is read from disk
+        mp.setattr(SubjectDataset, "__getitem__", lambda *a: pytest.fail("a subject was read to check a reuse"))
+        again = pipeline.ensure_template(tiny, train, progress=False)
+        assert pipeline.ensure_fits(tiny, train, progress=False).subject_ids == train.subject_ids
     torch.testing.assert_close(again.means, template.means, rtol=0, atol=0)
     # without the template, the stored fits are averaged again (still no fitting)
     for name in ("template.safetensors", "template.ply"):

@@ -115,7 +115,7 @@ def train_end_to_end(subjects: Sequence[MultiViewSubject], template: Gaussians, 
     torch.manual_seed(dcfg.seed)
     decoder = dcfg.make_decoder(dev)
     embeddings = positional_embedding(template.means, dcfg.embed_dim).requires_grad_(True)
-    encoder = EncoderMLP(dcfg.latent_dim, face_embeddings.shape[-1], ecfg.hidden, ecfg.dropout).to(dev)
+    encoder = ecfg.make_model(dcfg.latent_dim, face_embeddings.shape[-1], dev)  # embedding only (checked above)
     opt = torch.optim.Adam([{"params": list(decoder.parameters()), "lr": dcfg.decoder_lr},
                             {"params": [embeddings], "lr": dcfg.embeddings_lr},
                             {"params": list(encoder.parameters()), "lr": ecfg.lr}])

@@ -196,6 +196,11 @@ class EncoderConfig(StageConfig):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
 
+    def make_model(self, latent_dim: int, in_dim: int = EMBEDDING_DIM, device: torch.device | str = "cpu") -> EncoderMLP:
+        """A freshly initialised :class:`EncoderMLP` of this config (its widths, dropout and photo grid) from
+        ``in_dim``-long embeddings to ``latent_dim``-long codes, on ``device``."""
+        return EncoderMLP(latent_dim, in_dim, self.hidden, self.dropout, self.photo_grid, self.photo_weight).to(device)
+
     @property
     def reads_photos(self) -> bool:
         """Whether an encoder of this config reads the photo's colours (``photo_grid`` set), so that
@@ -451,8 +456,7 @@ def train_encoder(embeddings: Tensor, targets: Tensor, config: EncoderConfig | N
                          f"{None if photos is None else tuple(photos.shape)}")
     torch.manual_seed(config.seed)
     dev = embeddings.device
-    model = EncoderMLP(targets.shape[1], embeddings.shape[1], config.hidden, config.dropout, config.photo_grid,
-                       config.photo_weight).to(dev)
+    model = config.make_model(targets.shape[1], embeddings.shape[1], dev)
     colours = None
     if model.photo_dim:
         colours = model.photo_features(photos)
